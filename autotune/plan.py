@@ -1,0 +1,56 @@
+"""The one explicit value the ingest path is built from."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class LoaderPlan:
+    """How one job's images flow from the API into the model.
+
+    Ingest memory is roughly ``decoded_image_bytes x (batch_size x (1 + num_workers x prefetch_factor)
+    + num_workers x download_threads)``, doubled for pinned copies; ``tasks_per_reserve`` bounds how
+    many reserved tasks a DataLoader worker holds (and so how many the reservation timeout must cover).
+
+    ``tensor_dtype`` is ``"uint8"`` (decode to uint8 CHW, float conversion on the inference device)
+    or ``"float32"``, which reproduces the ADC worker's host-side float tensors for benchmarks only.
+    ``source`` says where the numbers came from: ``settings``, ``autotune``, ``minimal`` or ``benchmark``.
+    """
+
+    tasks_per_reserve: int
+    batch_size: int
+    num_workers: int
+    prefetch_factor: int
+    pin_memory: bool
+    download_threads: int
+    tensor_dtype: str = "uint8"
+    source: str = "settings"
+
+    def __post_init__(self) -> None:
+        for name in ("tasks_per_reserve", "batch_size", "prefetch_factor", "download_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoaderPlan.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"LoaderPlan.num_workers must be >= 0, got {self.num_workers}")
+        if self.tensor_dtype not in ("uint8", "float32"):
+            raise ValueError(f"LoaderPlan.tensor_dtype must be uint8 or float32, got {self.tensor_dtype!r}")
+
+    def with_changes(self, **changes: object) -> "LoaderPlan":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"tasks_per_reserve={self.tasks_per_reserve} batch_size={self.batch_size} "
+            f"num_workers={self.num_workers} prefetch_factor={self.prefetch_factor} "
+            f"pin_memory={self.pin_memory} download_threads={self.download_threads} "
+            f"dtype={self.tensor_dtype} source={self.source}"
+        )
+
+
+MINIMAL_PLAN = LoaderPlan(
+    tasks_per_reserve=1, batch_size=1, num_workers=0, prefetch_factor=1,
+    pin_memory=False, download_threads=1, source="minimal",
+)

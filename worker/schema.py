@@ -1,0 +1,122 @@
+"""The Antenna wire contract's bodies as pydantic models (API v2, pull mode).
+
+Used on both sides: the worker builds results with them, the local server validates
+posted results with them (all-or-nothing, like the real server).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task(_Model):
+    """One reserved task as the server hands it out."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    id: str
+    image_id: str
+    image_url: str
+    reply_subject: str
+
+
+class AlgorithmReference(_Model):
+    name: str
+    key: str
+
+
+class BoundingBox(_Model):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class ClassificationResponse(_Model):
+    classification: str
+    labels: Optional[list[str]] = None
+    scores: list[float]
+    logits: Optional[list[float]] = None
+    inference_time: Optional[float] = None
+    algorithm: AlgorithmReference
+    terminal: bool = True
+    timestamp: str
+
+
+class DetectionResponse(_Model):
+    source_image_id: str
+    bbox: BoundingBox
+    inference_time: Optional[float] = None
+    algorithm: AlgorithmReference
+    timestamp: str
+    crop_image_url: Optional[str] = None
+    classifications: list[ClassificationResponse] = Field(default_factory=list)
+
+
+class SourceImageResponse(_Model):
+    id: str
+    url: str
+
+
+class PipelineResultsResponse(_Model):
+    pipeline: str
+    algorithms: dict[str, dict] = Field(default_factory=dict)
+    total_time: float
+    source_images: list[SourceImageResponse]
+    detections: list[DetectionResponse]
+    errors: Optional[Union[str, list[str]]] = None
+
+
+class PipelineResultsError(_Model):
+    error: str
+    image_id: str
+
+
+class ResultItem(_Model):
+    reply_subject: str = Field(min_length=1)
+    result: Union[PipelineResultsResponse, PipelineResultsError]
+
+
+class ResultsPost(_Model):
+    results: list[ResultItem]
+
+
+class AlgorithmConfig(_Model):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    key: str
+    task_type: str
+    description: str = ""
+    version: int = 1
+    category_map: Optional[dict] = None
+
+
+class PipelineConfig(_Model):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    slug: str
+    version: int = 1
+    description: str = ""
+    algorithms: list[AlgorithmConfig]
+    stages: list[dict] = Field(default_factory=list)
+
+
+class RegisterPipelines(_Model):
+    processing_service_name: str
+    pipelines: list[PipelineConfig]
+
+
+ResultKind = Literal["ok", "error"]
+
+
+def result_kind(result: Union[PipelineResultsResponse, PipelineResultsError]) -> ResultKind:
+    return "error" if isinstance(result, PipelineResultsError) else "ok"
