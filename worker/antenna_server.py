@@ -1,0 +1,1089 @@
+"""A local Antenna-compatible server on loopback: the contract's semantics, real HTTP.
+
+It speaks API v2 pull mode as /work/shared/antenna-protocol.md describes it: find
+jobs, reserve tasks (a JetStream-like work queue with a reservation timeout and a
+delivery limit), post results (validated all-or-nothing with ``worker.schema``),
+register pipelines. Images are served under ``/media`` with no auth, optionally
+shaped (latency, bandwidth) or broken on purpose (``image_faults``); API endpoints
+can be made to answer error statuses (``set_faults``, ``set_unavailable``).
+
+Tests and the demo use ``LocalAntenna`` in-process; ``worker serve-antenna`` runs it
+as a process (``add_server_arguments`` / ``run_server``) and a loopback-only
+``/_control`` API lets another process add jobs, inject faults and read reports.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from pydantic import ValidationError
+
+from worker.schema import PipelineResultsError, RegisterPipelines, ResultsPost, result_kind
+from worker.synthetic import PRESETS, SyntheticImage, default_cache_dir, generate_preset
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v2"
+MEDIA_PREFIX = "/media"
+CONTROL_PREFIX = "/_control"
+FAULT_ENDPOINTS = ("jobs", "tasks", "result", "pipelines", "projects", "media")
+IMAGE_FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb", "slow")
+DISPATCH_MODES = ("async_api", "sync_api")
+SLOW_STALL_S = 5.0
+BOMB_SIDE_PX = 60000
+TASK_QUEUE_DOWN = {"error": "Task queue temporarily unavailable"}
+_MEDIA_CHUNK_BYTES = 256 * 1024
+_SERVE_POLL_S = 0.05
+_TRUTHY = ("1", "true", "True", "yes")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An image a job points at by URL (served by anyone, not necessarily this server)."""
+
+    image_id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """What happened to one job's tasks, computed at the moment of the call.
+
+    Every task is in exactly one state, so
+    ``tasks == results_ok + results_error + pending + reserved + awaiting_redelivery + lost``.
+
+    - ``pending``: never delivered.
+    - ``reserved``: delivered, no result, last reservation not yet expired.
+    - ``awaiting_redelivery``: no result, last reservation expired, deliveries left.
+    - ``lost``: no result, ``max_deliveries`` deliveries used up AND the last
+      reservation expired. The real server drops such a message from the queue and a
+      later sweep marks the image failed; here a late result for it is still accepted
+      (it then counts as ok/error, no longer lost).
+    - ``delivered``: all deliveries; ``redeliveries``: deliveries beyond each task's first.
+    - ``duplicates``: results posted for a task that already had one (answered 200).
+    - ``rejected_posts``: result POSTs to this job answered 400 (nothing recorded).
+    - ``complete``: every task has an accepted result.
+    - ``settled``: every task has a result or is lost; the job is no longer listed by
+      ``incomplete_only`` (the real server's sweep would have finished it).
+    - ``media_requests_with_auth`` / ``media_bytes_served``: server-wide, not per job.
+    """
+
+    job_id: int
+    tasks: int
+    delivered: int
+    redeliveries: int
+    results_ok: int
+    results_error: int
+    duplicates: int
+    lost: int
+    pending: int
+    reserved: int
+    complete: bool
+    rejected_posts: int
+    media_requests_with_auth: int
+    media_bytes_served: int
+    awaiting_redelivery: int
+    settled: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ApiError(Exception):
+    """An HTTP answer other than success, raised from deep inside a handler."""
+
+    def __init__(self, status: int, payload: dict[str, Any]) -> None:
+        super().__init__(status, payload)
+        self.status = status
+        self.payload = payload
+
+
+# --------------------------------------------------------------------------- job state
+
+
+@dataclass
+class _Task:
+    id: str
+    seq: int
+    image_id: str
+    image_url: str
+    delivered_at_s: list[float] = field(default_factory=list)
+    result: Optional[str] = None  # "ok" | "error" once a result is accepted
+
+    def state(self, now_s: float, timeout_s: float, max_deliveries: int) -> str:
+        if self.result is not None:
+            return self.result
+        if not self.delivered_at_s:
+            return "pending"
+        if now_s < self.delivered_at_s[-1] + timeout_s:
+            return "reserved"
+        return "awaiting_redelivery" if len(self.delivered_at_s) < max_deliveries else "lost"
+
+
+@dataclass
+class _Job:
+    id: int
+    pipeline_slug: str
+    dispatch_mode: str
+    tasks: list[_Task]
+    by_subject: dict[str, _Task] = field(default_factory=dict)
+    consumer_seq: int = 0
+    duplicates: int = 0
+    rejected_posts: int = 0
+
+
+class _Ledger:
+    """All job state behind one lock; reservation expiry is evaluated lazily."""
+
+    def __init__(self, reservation_timeout_s: float, max_deliveries: int, rng_seed: Optional[int]) -> None:
+        self.reservation_timeout_s = reservation_timeout_s
+        self.max_deliveries = max_deliveries
+        self.lock = threading.Lock()
+        self.jobs: dict[int, _Job] = {}
+        self._rng = random.Random(rng_seed)
+        self._last_job_id = 0
+
+    def new_job_id(self) -> int:
+        with self.lock:
+            self._last_job_id += 1
+            return self._last_job_id
+
+    def add(self, job_id: int, pipeline_slug: str, dispatch_mode: str,
+            sources: Sequence[tuple[str, str]]) -> None:
+        tasks = [_Task(id=f"{job_id}-{seq}", seq=seq, image_id=image_id, image_url=url)
+                 for seq, (image_id, url) in enumerate(sources, start=1)]
+        with self.lock:
+            self.jobs[job_id] = _Job(job_id, pipeline_slug, dispatch_mode, tasks)
+
+    def _states(self, job: _Job) -> list[str]:
+        now_s = time.monotonic()
+        return [t.state(now_s, self.reservation_timeout_s, self.max_deliveries) for t in job.tasks]
+
+    def _settled(self, job: _Job) -> bool:
+        return all(s in ("ok", "error", "lost") for s in self._states(job))
+
+    def job(self, job_id: int) -> _Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, {"detail": f"No job with id {job_id}."})
+        return job
+
+    def list_jobs(self, slugs: Optional[set[str]], incomplete_only: bool,
+                  dispatch_mode: Optional[str]) -> list[_Job]:
+        with self.lock:
+            return [job for job in self.jobs.values()
+                    if (slugs is None or job.pipeline_slug in slugs)
+                    and (dispatch_mode is None or job.dispatch_mode == dispatch_mode)
+                    and not (incomplete_only and self._settled(job))]
+
+    def pick(self, jobs: list[_Job]) -> list[_Job]:
+        with self.lock:
+            return [self._rng.choice(jobs)] if jobs else []
+
+    def reserve(self, job_id: int, batch_size: int) -> list[dict[str, str]]:
+        with self.lock:
+            job = self.job(job_id)
+            if job.dispatch_mode != "async_api":
+                raise ApiError(400, {"detail": f"Job {job_id} is not an async_api job "
+                                               f"(dispatch_mode={job.dispatch_mode})."})
+            states = self._states(job)
+            available = [t for t, s in zip(job.tasks, states) if s in ("pending", "awaiting_redelivery")]
+            chosen = available[:batch_size]
+            now_s = time.monotonic()
+            return [self._deliver(job, task, now_s, len(available) - i - 1)
+                    for i, task in enumerate(chosen)]
+
+    @staticmethod
+    def _deliver(job: _Job, task: _Task, now_s: float, pending: int) -> dict[str, str]:
+        task.delivered_at_s.append(now_s)
+        job.consumer_seq += 1
+        # Shaped like a JetStream ack subject:
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream_seq>.<consumer_seq>.<ts_ns>.<pending>
+        subject = (f"$JS.ACK.job_{job.id}.job-{job.id}-workers.{len(task.delivered_at_s)}"
+                   f".{task.seq}.{job.consumer_seq}.{time.time_ns()}.{pending}")
+        job.by_subject[subject] = task
+        return {"id": task.id, "image_id": task.image_id, "image_url": task.image_url,
+                "reply_subject": subject}
+
+    def post_results(self, job_id: int, body: Any) -> dict[str, Any]:
+        with self.lock:
+            job = self.job(job_id)
+            try:
+                accepted = self._validate(job, body)
+            except ApiError:
+                job.rejected_posts += 1
+                raise
+            answers = []
+            for subject, task, kind in accepted:
+                if task.result is None:
+                    task.result = kind
+                else:
+                    job.duplicates += 1
+                answers.append({"reply_subject": subject, "status": "queued", "task_id": task.id})
+            return {"status": "accepted", "job_id": job.id, "results_queued": len(answers),
+                    "tasks": answers}
+
+    @staticmethod
+    def _validate(job: _Job, body: Any) -> list[tuple[str, _Task, str]]:
+        """All-or-nothing: the first bad item rejects the POST, naming its index."""
+        try:
+            parsed = ResultsPost.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(400, {"detail": _describe_validation_error(exc)}) from None
+        accepted = []
+        for index, item in enumerate(parsed.results):
+            task = job.by_subject.get(item.reply_subject)
+            if task is None:
+                raise ApiError(400, {"detail": f"results[{index}]: reply_subject "
+                                               f"{item.reply_subject!r} was not issued by job {job.id}."})
+            _check_image_ids(index, item.result, task)
+            accepted.append((item.reply_subject, task, result_kind(item.result)))
+        return accepted
+
+    def report(self, job_id: int, media_with_auth: int, media_bytes: int) -> JobReport:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise KeyError(f"no job {job_id}")
+            states = self._states(job)
+            delivered = sum(len(t.delivered_at_s) for t in job.tasks)
+            count = states.count
+            return JobReport(
+                job_id=job.id, tasks=len(job.tasks), delivered=delivered,
+                redeliveries=sum(max(0, len(t.delivered_at_s) - 1) for t in job.tasks),
+                results_ok=count("ok"), results_error=count("error"), duplicates=job.duplicates,
+                lost=count("lost"), pending=count("pending"), reserved=count("reserved"),
+                complete=all(s in ("ok", "error") for s in states), rejected_posts=job.rejected_posts,
+                media_requests_with_auth=media_with_auth, media_bytes_served=media_bytes,
+                awaiting_redelivery=count("awaiting_redelivery"),
+                settled=all(s in ("ok", "error", "lost") for s in states),
+            )
+
+
+def _check_image_ids(index: int, result: Any, task: _Task) -> None:
+    if isinstance(result, PipelineResultsError):
+        if result.image_id != task.image_id:
+            raise ApiError(400, {"detail": f"results[{index}]: error image_id {result.image_id!r} "
+                                           f"is not the task's image {task.image_id!r}."})
+        return
+    if not result.source_images or result.source_images[0].id != task.image_id:
+        got = result.source_images[0].id if result.source_images else None
+        raise ApiError(400, {"detail": f"results[{index}]: source_images[0].id {got!r} "
+                                       f"is not the task's image {task.image_id!r}."})
+    for d_index, detection in enumerate(result.detections):
+        if detection.source_image_id != task.image_id:
+            raise ApiError(400, {"detail": f"results[{index}]: detections[{d_index}].source_image_id "
+                                           f"{detection.source_image_id!r} is not the task's image "
+                                           f"{task.image_id!r}."})
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = list(first.get("loc", ()))
+    where = "body"
+    if len(loc) >= 2 and loc[0] == "results" and isinstance(loc[1], int):
+        where = f"results[{loc[1]}]"
+        loc = loc[2:]
+    path = ".".join(str(part) for part in loc)
+    return f"{where}: {first.get('msg', 'invalid')}" + (f" at {path}" if path else "") + \
+        f" ({exc.error_count()} error(s))"
+
+
+# --------------------------------------------------------------------------- media
+
+
+@dataclass(frozen=True)
+class _MediaEntry:
+    path: Optional[Path]  # None: no local bytes (an ImageSource behind a fault)
+    fault: Optional[str] = None
+    image_id: str = ""
+
+
+@lru_cache(maxsize=1)
+def _fallback_jpeg() -> bytes:
+    """A small real JPEG for faults on images whose bytes this server does not have."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(150, 255, size=(240, 320, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=1)
+def _bomb_jpeg() -> bytes:
+    """A valid small JPEG whose frame header claims BOMB_SIDE_PX x BOMB_SIDE_PX."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 200, 200)).save(buffer, format="JPEG", quality=80)
+    data = bytearray(buffer.getvalue())
+    sof = _find_sof(bytes(data))
+    # SOFn payload: length(2) precision(1) height(2) width(2)
+    struct.pack_into(">HH", data, sof + 5, BOMB_SIDE_PX, BOMB_SIDE_PX)
+    return bytes(data)
+
+
+def _find_sof(data: bytes) -> int:
+    pos = 2
+    while pos + 4 <= len(data):
+        marker, length = data[pos + 1], struct.unpack_from(">H", data, pos + 2)[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            return pos
+        pos += 2 + length
+    raise ValueError("no SOF marker in JPEG")
+
+
+def _corrupt_bytes(image_id: str) -> bytes:
+    seed = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big")
+    noise = random.Random(seed).randbytes(32 * 1024)
+    return b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + noise
+
+
+_HTML_ERROR = (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
+               b"<body><h1>Bad Gateway</h1><p>The upstream storage did not answer.</p></body></html>")
+_S3_NOT_FOUND = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NoSuchKey</Code>'
+                 b"<Message>The specified key does not exist.</Message></Error>")
+
+
+class _MediaStore:
+    """URL path -> what to serve; counts media bytes and requests carrying auth."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, _MediaEntry] = {}
+        self.requests_with_auth = 0
+        self.bytes_served = 0
+
+    def register_file(self, path: Path) -> str:
+        path = Path(path).resolve()
+        dir_key = hashlib.sha1(str(path.parent).encode()).hexdigest()[:12]
+        url_path = f"{MEDIA_PREFIX}/{dir_key}/{quote(path.name)}"
+        with self._lock:
+            self._entries[url_path] = _MediaEntry(path=path)
+        return url_path
+
+    def register_fault(self, job_id: int, seq: int, image_id: str, kind: str, path: Optional[Path]) -> str:
+        url_path = f"{MEDIA_PREFIX}/faults/{job_id}/{seq}/{quote(image_id, safe='')}.jpg"
+        with self._lock:
+            self._entries[url_path] = _MediaEntry(path=path, fault=kind, image_id=image_id)
+        return url_path
+
+    def lookup(self, url_path: str) -> Optional[_MediaEntry]:
+        with self._lock:
+            return self._entries.get(url_path)
+
+    def count(self, *, with_auth: bool = False, sent_bytes: int = 0) -> None:
+        with self._lock:
+            self.requests_with_auth += int(with_auth)
+            self.bytes_served += sent_bytes
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+@dataclass(frozen=True)
+class _Network:
+    latency_s: float = 0.0
+    bandwidth_bytes_per_s: Optional[float] = None
+
+
+class _Conditions:
+    """Injected faults and network shaping, consumed by the request handler."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: dict[str, deque[int]] = {name: deque() for name in FAULT_ENDPOINTS}
+        self._retry_after_s: dict[str, Optional[float]] = {}
+        self.network = _Network()
+        self.unavailable = False
+
+    def set_faults(self, endpoint: str, statuses: Sequence[int], retry_after_s: Optional[float]) -> None:
+        if endpoint not in self._faults:
+            raise ValueError(f"unknown fault endpoint {endpoint!r}; choose one of {FAULT_ENDPOINTS}")
+        bad = [s for s in statuses if not 100 <= int(s) <= 599]
+        if bad:
+            raise ValueError(f"not HTTP statuses: {bad}")
+        with self._lock:
+            self._faults[endpoint] = deque(int(s) for s in statuses)
+            self._retry_after_s[endpoint] = retry_after_s
+
+    def next_fault(self, endpoint: str) -> Optional[tuple[int, Optional[float]]]:
+        with self._lock:
+            queue = self._faults[endpoint]
+            if not queue:
+                return None
+            return queue.popleft(), self._retry_after_s.get(endpoint)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class LocalAntenna:
+    """An Antenna API v2 (pull mode) server on loopback, with knobs for faults.
+
+    ``reservation_timeout_s`` and ``max_deliveries`` mirror the real server's NATS
+    consumer (ack wait 300 s, 2 deliveries). ``data_dir`` is where ``/_control/jobs``
+    generates images (default: ``worker.synthetic.default_cache_dir()``).
+    ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
+    """
+
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, token: str = "local-token",
+        reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
+        data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
+        rng_seed: Optional[int] = None,
+    ) -> None:
+        if max_deliveries < 1:
+            raise ValueError("max_deliveries must be >= 1")
+        self.host = host
+        self.port = port
+        self.token = token
+        self.project_id = project_id
+        self.data_dir = Path(data_dir) if data_dir is not None else default_cache_dir()
+        self.max_request_bytes = max_request_bytes
+        self.registered: list[dict] = []
+        self.result_posts: list[dict] = []
+        self.reservations: list[dict] = []
+        self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed)
+        self._media = _MediaStore()
+        self.conditions = _Conditions()
+        self.stopping = threading.Event()
+        self._server: Optional[_HTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    # ---- lifecycle
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.origin + API_PREFIX
+
+    @property
+    def media_url(self) -> str:
+        return self.origin + MEDIA_PREFIX
+
+    def start(self) -> "LocalAntenna":
+        if self._server is not None:
+            return self
+        self._server = _HTTPServer((self.host, self.port), _Handler, self)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(_SERVE_POLL_S,),
+                                        name=f"local-antenna-{self.port}", daemon=True)
+        self._thread.start()
+        logger.info("local Antenna serving %s (reservation timeout %.1f s, %d deliveries)",
+                    self.base_url, self._ledger.reservation_timeout_s, self._ledger.max_deliveries)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and cut open keep-alive connections; idempotent."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        # Set first: stalled and throttled responses wait on it and give up.
+        self.stopping.set()
+        server.shutdown()
+        server.server_close()
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its handler
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        logger.info("local Antenna on port %d stopped", self.port)
+
+    def __enter__(self) -> "LocalAntenna":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def track(self, conn: socket.socket, open_: bool) -> None:
+        with self._connections_lock:
+            (self._connections.add if open_ else self._connections.discard)(conn)
+
+    # ---- jobs
+
+    def add_job(
+        self, images: Sequence[Union[SyntheticImage, ImageSource]], pipeline_slug: str, *,
+        image_faults: Optional[Mapping[str, str]] = None, dispatch_mode: str = "async_api",
+    ) -> int:
+        """Add a job with one task per image; returns the job id.
+
+        ``image_faults`` maps image_id -> one of ``IMAGE_FAULTS``: that image's URL then
+        serves the broken body instead (it is still a task and needs an error result).
+        """
+        faults = dict(image_faults or {})
+        _check_job_args(images, faults, dispatch_mode)
+        job_id = self._ledger.new_job_id()
+        sources = [(image.image_id, self._image_url(job_id, seq, image, faults.get(image.image_id)))
+                   for seq, image in enumerate(images, start=1)]
+        self._ledger.add(job_id, pipeline_slug, dispatch_mode, sources)
+        logger.info("job %d: %d tasks, pipeline %s, %d faulty images", job_id, len(sources),
+                    pipeline_slug, len(faults))
+        return job_id
+
+    def _image_url(self, job_id: int, seq: int, image: Union[SyntheticImage, ImageSource],
+                   fault: Optional[str]) -> str:
+        path = image.path if isinstance(image, SyntheticImage) else None
+        if fault is not None:
+            return self.origin + self._media.register_fault(job_id, seq, image.image_id, fault, path)
+        if path is not None:
+            return self.origin + self._media.register_file(path)
+        return image.url
+
+    def report(self, job_id: int) -> JobReport:
+        return self._ledger.report(job_id, self._media.requests_with_auth, self._media.bytes_served)
+
+    def job_ids(self) -> list[int]:
+        with self._ledger.lock:
+            return list(self._ledger.jobs)
+
+    # ---- knobs
+
+    def set_faults(self, endpoint: str, statuses: Sequence[int], *, retry_after_s: Optional[float] = None) -> None:
+        """The next ``len(statuses)`` calls to ``endpoint`` answer these statuses, then normal."""
+        self.conditions.set_faults(endpoint, statuses, retry_after_s)
+
+    def set_network(self, *, latency_s: float = 0.0, bandwidth_bytes_per_s: Optional[float] = None) -> None:
+        """Latency before every request; bandwidth cap per media response (None: none)."""
+        if latency_s < 0 or (bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s <= 0):
+            raise ValueError("latency_s must be >= 0 and bandwidth_bytes_per_s > 0 or None")
+        self.conditions.network = _Network(latency_s, bandwidth_bytes_per_s)
+
+    def set_unavailable(self, unavailable: bool) -> None:
+        """While set, every API call answers 503 (media is still served)."""
+        self.conditions.unavailable = bool(unavailable)
+
+    # ---- handler entry points (API)
+
+    def api_list_jobs(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        slugs = {s for value in query.get("pipeline__slug__in", []) for s in value.split(",") if s} or None
+        jobs = self._ledger.list_jobs(slugs, _flag(query, "incomplete_only"),
+                                      (query.get("dispatch_mode") or [None])[0])
+        limit = _limit(query)
+        if _flag(query, "ids_only") and limit is None:
+            chosen = self._ledger.pick(jobs)
+        else:
+            chosen = jobs[:limit] if limit is not None else jobs
+        results = [self._job_summary(job, _flag(query, "ids_only")) for job in chosen]
+        return {"count": len(jobs), "next": None, "previous": None, "results": results}
+
+    def _job_summary(self, job: _Job, ids_only: bool) -> dict[str, Any]:
+        summary: dict[str, Any] = {"id": job.id, "pipeline_slug": job.pipeline_slug}
+        if not ids_only:
+            summary.update(dispatch_mode=job.dispatch_mode, project_id=self.project_id,
+                           tasks=len(job.tasks))
+        return summary
+
+    def api_reserve(self, job_id: int, body: Any) -> dict[str, Any]:
+        batch_size = body.get("batch_size") if isinstance(body, dict) else None
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ApiError(400, {"detail": f"batch_size must be an integer >= 1, got {batch_size!r}."})
+        tasks = self._ledger.reserve(job_id, batch_size)
+        with self._ledger.lock:
+            self.reservations.append({"job_id": job_id, "batch_size": batch_size,
+                                      "client_info": body.get("client_info"),
+                                      "task_ids": [t["id"] for t in tasks]})
+        return {"tasks": tasks}
+
+    def api_post_results(self, job_id: int, body: Any) -> dict[str, Any]:
+        with self._ledger.lock:
+            self.result_posts.append(body)
+        return self._ledger.post_results(job_id, body)
+
+    def api_projects(self) -> dict[str, Any]:
+        project = {"id": self.project_id, "name": "Local project"}
+        return {"count": 1, "next": None, "previous": None, "results": [project]}
+
+    def api_register(self, project_id: int, body: Any) -> dict[str, Any]:
+        if project_id != self.project_id:
+            raise ApiError(404, {"detail": f"No project with id {project_id}."})
+        try:
+            parsed = RegisterPipelines.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(400, {"detail": _describe_validation_error(exc)}) from None
+        with self._ledger.lock:
+            known = {p["slug"] for earlier in self.registered for p in earlier["pipelines"]}
+            self.registered.append(body)
+        slugs = [p.slug for p in parsed.pipelines]
+        return {"project_id": project_id, "processing_service_name": parsed.processing_service_name,
+                "pipelines_created": [s for s in slugs if s not in known],
+                "pipelines_updated": [s for s in slugs if s in known]}
+
+    # ---- handler entry points (media, control)
+
+    def media_entry(self, url_path: str) -> Optional[_MediaEntry]:
+        return self._media.lookup(url_path)
+
+    def count_media(self, *, with_auth: bool = False, sent_bytes: int = 0) -> None:
+        self._media.count(with_auth=with_auth, sent_bytes=sent_bytes)
+
+    def control_add_job(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        images = generate_preset(self.data_dir, str(body.get("preset", "tiny")), int(body.get("count", 1)),
+                                 seed=int(body.get("seed", 0)))
+        job_id = self.add_job(images, str(body["pipeline_slug"]), image_faults=body.get("image_faults") or {},
+                              dispatch_mode=str(body.get("dispatch_mode", "async_api")))
+        return {"job_id": job_id, "tasks": len(images)}
+
+
+def _check_job_args(images: Sequence[Any], faults: Mapping[str, str], dispatch_mode: str) -> None:
+    if dispatch_mode not in DISPATCH_MODES:
+        raise ValueError(f"dispatch_mode must be one of {DISPATCH_MODES}, got {dispatch_mode!r}")
+    unknown_kinds = sorted({k for k in faults.values() if k not in IMAGE_FAULTS})
+    if unknown_kinds:
+        raise ValueError(f"unknown image faults {unknown_kinds}; choose from {IMAGE_FAULTS}")
+    missing = sorted(set(faults) - {image.image_id for image in images})
+    if missing:
+        raise ValueError(f"image_faults name images not in the job: {missing}")
+
+
+def _flag(query: Mapping[str, list[str]], name: str) -> bool:
+    return bool(query.get(name)) and query[name][0] in _TRUTHY
+
+
+def _limit(query: Mapping[str, list[str]]) -> Optional[int]:
+    if not query.get("limit"):
+        return None
+    try:
+        limit = int(query["limit"][0])
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ApiError(400, {"detail": f"limit must be an integer >= 1, got {query['limit'][0]!r}."})
+    return limit
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, antenna: LocalAntenna) -> None:
+        self.antenna = antenna
+        super().__init__(address, handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up mid-response is normal here (timeouts, fault tests).
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+            logger.debug("connection from %s ended: %r", client_address, exc)
+        else:
+            logger.exception("error handling a request from %s", client_address)
+
+
+# --------------------------------------------------------------------------- HTTP handler
+
+_ApiRoute = tuple[str, "re.Pattern[str]", str, Callable[..., Any], int]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HTTPServer
+    server_version = "LocalAntenna/1"
+
+    # (method, path regex under /api/v2, fault endpoint, call, success status)
+    ROUTES: list[_ApiRoute] = [
+        ("GET", re.compile(r"/jobs/"), "jobs",
+         lambda a, m, q, b: a.api_list_jobs(q), 200),
+        ("POST", re.compile(r"/jobs/(\d+)/tasks/"), "tasks",
+         lambda a, m, q, b: a.api_reserve(int(m.group(1)), b), 200),
+        ("POST", re.compile(r"/jobs/(\d+)/result/"), "result",
+         lambda a, m, q, b: a.api_post_results(int(m.group(1)), b), 200),
+        ("GET", re.compile(r"/projects/"), "projects",
+         lambda a, m, q, b: a.api_projects(), 200),
+        ("POST", re.compile(r"/projects/(\d+)/pipelines/"), "pipelines",
+         lambda a, m, q, b: a.api_register(int(m.group(1)), b), 201),
+    ]
+
+    @property
+    def antenna(self) -> LocalAntenna:
+        return self.server.antenna
+
+    def setup(self) -> None:
+        super().setup()
+        self.antenna.track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.antenna.track(self.connection, False)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        logger.debug("%s " + format, self.client_address[0], *args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        if path.startswith(CONTROL_PREFIX + "/"):
+            self._control(method, path[len(CONTROL_PREFIX):])
+            return
+        latency_s = self.antenna.conditions.network.latency_s
+        if latency_s > 0:
+            self.antenna.stopping.wait(latency_s)
+        if path.startswith(MEDIA_PREFIX + "/") and method == "GET":
+            self._media(url.path)
+        elif path.startswith(API_PREFIX + "/"):
+            self._api(method, path[len(API_PREFIX):], url.query)
+        else:
+            self._drain_body()
+            self._send_json(404, {"detail": "Not found."})
+
+    # ---- API
+
+    def _api(self, method: str, sub_path: str, query: str) -> None:
+        body_bytes = self._read_body()
+        if body_bytes is None:
+            return
+        route, match = self._route(method, sub_path)
+        if route is None:
+            self._no_route(method, sub_path, query)
+            return
+        if self._injected_failure(route[2]):
+            return
+        if self.headers.get("Authorization") != f"Token {self.antenna.token}":
+            detail = ("Authentication credentials were not provided." if "Authorization" not in self.headers
+                      else "Invalid token.")
+            self._send_json(401, {"detail": detail}, {"WWW-Authenticate": "Token"})
+            return
+        try:
+            body = json.loads(body_bytes) if body_bytes else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._send_json(400, {"detail": f"JSON parse error - {exc}"})
+            return
+        try:
+            payload = route[3](self.antenna, match, parse_qs(query), body)
+        except ApiError as exc:
+            self._send_json(exc.status, exc.payload)
+            return
+        self._send_json(route[4], payload)
+
+    def _route(self, method: str, sub_path: str) -> tuple[Optional[_ApiRoute], Optional[re.Match[str]]]:
+        for route in self.ROUTES:
+            match = route[1].fullmatch(sub_path)
+            if match and route[0] == method:
+                return route, match
+        return None, None
+
+    def _no_route(self, method: str, sub_path: str, query: str) -> None:
+        # Django's APPEND_SLASH: a GET without the trailing slash is redirected, query kept.
+        slashed = sub_path + "/"
+        if method == "GET" and any(r[0] == "GET" and r[1].fullmatch(slashed) for r in self.ROUTES):
+            location = API_PREFIX + slashed + (f"?{query}" if query else "")
+            self._send_bytes(301, b"", "text/plain", {"Location": location})
+            return
+        known_path = any(r[1].fullmatch(sub_path) or r[1].fullmatch(slashed) for r in self.ROUTES)
+        if known_path and not sub_path.endswith("/"):
+            self._send_json(404, {"detail": f"Not found: {method} paths end in '/'."})
+        elif known_path:
+            self._send_json(405, {"detail": f'Method "{method}" not allowed.'})
+        else:
+            self._send_json(404, {"detail": "Not found."})
+
+    def _injected_failure(self, endpoint: str) -> bool:
+        conditions = self.antenna.conditions
+        if conditions.unavailable:
+            self._send_json(503, {"detail": "Service temporarily unavailable."})
+            return True
+        fault = conditions.next_fault(endpoint)
+        if fault is None:
+            return False
+        status, retry_after_s = fault
+        headers = {}
+        if status == 429:
+            headers["Retry-After"] = _retry_after_value(retry_after_s)
+        payload = TASK_QUEUE_DOWN if (endpoint == "tasks" and status == 503) else \
+            {"detail": f"Injected fault: HTTP {status}."}
+        self._send_json(status, payload, headers)
+        return True
+
+    # ---- media
+
+    def _media(self, raw_path: str) -> None:
+        self._drain_body()
+        antenna = self.antenna
+        antenna.count_media(with_auth="Authorization" in self.headers)
+        fault = antenna.conditions.next_fault("media")
+        if fault is not None:
+            self._send_json(fault[0], {"detail": f"Injected fault: HTTP {fault[0]}."},
+                            {"Retry-After": _retry_after_value(fault[1])} if fault[0] == 429 else None)
+            return
+        entry = antenna.media_entry(raw_path)
+        if entry is None:
+            self._send_bytes(404, _S3_NOT_FOUND, "application/xml")
+        elif entry.fault is not None:
+            _serve_fault(self, entry)
+        else:
+            self._serve_file(entry.path)
+
+    def _serve_file(self, path: Optional[Path]) -> None:
+        try:
+            size_bytes = path.stat().st_size if path is not None else -1
+        except FileNotFoundError:
+            size_bytes = -1
+        if path is None or size_bytes < 0:
+            self._send_bytes(404, _S3_NOT_FOUND, "application/xml")
+            return
+        self._start_response(200, "image/jpeg", size_bytes)
+        with open(path, "rb") as handle:
+            self.write_shaped(iter(lambda: handle.read(_MEDIA_CHUNK_BYTES), b""))
+
+    def write_shaped(self, chunks: Any) -> int:
+        """Write media chunks under the bandwidth cap; returns bytes written."""
+        bandwidth = self.antenna.conditions.network.bandwidth_bytes_per_s
+        # Small slices under a cap keep the rate smooth rather than bursty.
+        slice_bytes = _MEDIA_CHUNK_BYTES if bandwidth is None else max(1024, min(_MEDIA_CHUNK_BYTES, int(bandwidth / 20)))
+        started_s, sent = time.monotonic(), 0
+        try:
+            for chunk in chunks:
+                for start in range(0, len(chunk), slice_bytes):
+                    piece = chunk[start:start + slice_bytes]
+                    self.wfile.write(piece)
+                    sent += len(piece)
+                    if bandwidth is not None:
+                        ahead_s = started_s + sent / bandwidth - time.monotonic()
+                        if ahead_s > 0 and self.antenna.stopping.wait(ahead_s):
+                            self.close_connection = True
+                            return sent
+        finally:
+            self.antenna.count_media(sent_bytes=sent)
+        return sent
+
+    # ---- control (loopback only, no auth)
+
+    def _control(self, method: str, sub_path: str) -> None:
+        body_bytes = self._read_body()
+        if body_bytes is None:
+            return
+        if self.client_address[0] not in ("127.0.0.1", "::1"):
+            self._send_json(403, {"detail": "control API is loopback only"})
+            return
+        try:
+            body = json.loads(body_bytes) if body_bytes else {}
+            status, payload = _control_call(self.antenna, method, sub_path, body)
+        except (ValueError, KeyError, TypeError) as exc:
+            status, payload = 400, {"detail": f"{type(exc).__name__}: {exc}"}
+        self._send_json(status, payload)
+
+    # ---- plumbing
+
+    def _read_body(self) -> Optional[bytes]:
+        """The request body, or None after answering 413/400 (connection then closes)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return self._read_chunked()
+        length = int(self.headers.get("Content-Length") or 0)
+        limit = self.antenna.max_request_bytes
+        if limit is not None and length > limit:
+            self.close_connection = True  # the unread body would poison the connection
+            self._send_json(413, {"detail": f"Request body of {length} bytes exceeds {limit} bytes."})
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self) -> Optional[bytes]:
+        parts, total = [], 0
+        limit = self.antenna.max_request_bytes
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            total += size
+            if limit is not None and total > limit:
+                self.close_connection = True
+                self._send_json(413, {"detail": f"Request body exceeds {limit} bytes."})
+                return None
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()
+
+    def _drain_body(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+
+    def _start_response(self, status: int, content_type: str, length_bytes: int,
+                        headers: Optional[Mapping[str, str]] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length_bytes))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str,
+                    headers: Optional[Mapping[str, str]] = None) -> None:
+        self._start_response(status, content_type, len(data), headers)
+        self.wfile.write(data)
+
+    def _send_json(self, status: int, payload: Any, headers: Optional[Mapping[str, str]] = None) -> None:
+        self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+
+def _retry_after_value(retry_after_s: Optional[float]) -> str:
+    """Whole seconds as HTTP says; a fractional value is sent as a decimal (tests use them)."""
+    value = 1.0 if retry_after_s is None else float(retry_after_s)
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+def _serve_fault(handler: _Handler, entry: _MediaEntry) -> None:
+    """Answer a media request with the broken body ``entry.fault`` names."""
+    kind = entry.fault
+
+    def real() -> bytes:
+        return entry.path.read_bytes() if entry.path is not None else _fallback_jpeg()
+
+    if kind == "404":
+        handler._send_bytes(404, _S3_NOT_FOUND, "application/xml")
+    elif kind == "html":
+        handler._send_bytes(200, _HTML_ERROR, "text/html; charset=utf-8")
+    elif kind == "empty":
+        handler._send_bytes(200, b"", "image/jpeg")
+    elif kind in ("corrupt", "truncated", "bomb"):
+        data = {"corrupt": lambda: _corrupt_bytes(entry.image_id),
+                "truncated": lambda: real()[: len(real()) // 2], "bomb": _bomb_jpeg}[kind]()
+        handler._start_response(200, "image/jpeg", len(data))
+        handler.write_shaped([data])
+    elif kind == "slow":
+        data = real()
+        handler._start_response(200, "image/jpeg", len(data))
+        handler.wfile.flush()
+        if handler.antenna.stopping.wait(SLOW_STALL_S):
+            handler.close_connection = True
+            return
+        handler.write_shaped([data])
+    elif kind == "reset":
+        _reset_mid_body(handler, real())
+
+
+def _reset_mid_body(handler: _Handler, real: bytes) -> None:
+    handler._start_response(200, "image/jpeg", len(real))
+    handler.wfile.write(real[: max(1, min(len(real) // 2, 64 * 1024))])
+    handler.close_connection = True
+    # Linger 0 turns the close into a TCP RST, the "connection reset by peer" of the field.
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.connection.close()
+
+
+def _control_call(antenna: LocalAntenna, method: str, sub_path: str, body: Any) -> tuple[int, Any]:
+    if method == "POST" and sub_path == "/jobs":
+        return 200, antenna.control_add_job(body)
+    if method == "GET" and sub_path == "/jobs":
+        return 200, {"jobs": [antenna.report(job_id).as_dict() for job_id in antenna.job_ids()]}
+    match = re.fullmatch(r"/jobs/(\d+)/report", sub_path)
+    if method == "GET" and match:
+        try:
+            return 200, antenna.report(int(match.group(1))).as_dict()
+        except KeyError:
+            return 404, {"detail": f"No job with id {match.group(1)}."}
+    if method == "GET" and sub_path == "/registered":
+        return 200, {"registered": antenna.registered}
+    if method == "POST" and sub_path == "/faults":
+        antenna.set_faults(str(body["endpoint"]), [int(s) for s in body.get("statuses", [])],
+                           retry_after_s=body.get("retry_after_s"))
+        return 200, {"ok": True}
+    if method == "POST" and sub_path == "/network":
+        antenna.set_network(latency_s=float(body.get("latency_s", 0.0)),
+                            bandwidth_bytes_per_s=body.get("bandwidth_bytes_per_s"))
+        return 200, {"ok": True}
+    if method == "POST" and sub_path == "/unavailable":
+        antenna.set_unavailable(bool(body.get("unavailable", True)))
+        return 200, {"ok": True}
+    return 404, {"detail": "Not found."}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``worker serve-antenna``."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--token", default="local-token", help="the API token clients must send")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"where generated images are cached (default {default_cache_dir()})")
+    parser.add_argument("--reservation-timeout-s", type=float, default=300.0)
+    parser.add_argument("--max-deliveries", type=int, default=2)
+    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT",
+                        help="add a job of COUNT generated images of PRESET (tiny, small, large); repeatable")
+    parser.add_argument("--pipeline", default="quebec_vermont_moths_2023",
+                        help="pipeline slug of the jobs added with --job")
+    parser.add_argument("--latency-s", type=float, default=0.0)
+    parser.add_argument("--bandwidth-bytes-per-s", type=float, default=None)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Start the server with ``args`` from ``add_server_arguments``; block until SIGINT/SIGTERM."""
+    jobs = [_parse_job_spec(spec) for spec in args.job]
+    antenna = LocalAntenna(host=args.host, port=args.port, token=args.token, data_dir=args.data_dir,
+                           reservation_timeout_s=args.reservation_timeout_s,
+                           max_deliveries=args.max_deliveries)
+    antenna.set_network(latency_s=args.latency_s, bandwidth_bytes_per_s=args.bandwidth_bytes_per_s)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()  # the main thread below does the stopping
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        antenna.start()
+        for preset, count in jobs:
+            images = generate_preset(antenna.data_dir, preset, count)
+            job_id = antenna.add_job(images, args.pipeline)
+            logger.info("job %d: %d %s images for pipeline %s", job_id, count, preset, args.pipeline)
+        # One plain line on stdout so scripts can find the port when --port 0.
+        print(f"serving {antenna.base_url} jobs={antenna.job_ids()}", flush=True)
+        while not stop.wait(0.5):
+            pass
+        logger.info("signal received, stopping")
+    finally:
+        antenna.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _parse_job_spec(spec: str) -> tuple[str, int]:
+    preset, _, count = spec.partition(":")
+    try:
+        count_n = int(count)
+    except ValueError:
+        count_n = 0
+    if count_n < 1 or preset not in PRESETS:
+        raise ValueError(f"--job {spec!r}: expected PRESET:COUNT with PRESET one of "
+                         f"{sorted(PRESETS)} and COUNT >= 1, e.g. small:20")
+    return preset, count_n

@@ -1,0 +1,125 @@
+"""The ``worker`` command: thin. Builds settings, then the object to run, then runs it.
+
+Exit codes: 0 done, 1 a check or run failed, 2 a bad setting or argument (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from worker.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(env_file=args.env_file)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.app import build_worker
+
+    settings = _settings(args)
+    _logging(settings)
+    worker = build_worker(settings, burst=args.burst)
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from worker.app import make_client, offered_slugs, pipeline_loader
+    from worker.pipeline import select_device
+
+    settings = _settings(args)
+    _logging(settings)
+    settings.require_token()
+    client = make_client(settings)
+    load = pipeline_loader(settings, select_device(settings.device))
+    configs = [load(slug).config() for slug in offered_slugs(settings)]
+    projects = [args.project] if args.project else [int(p["id"]) for p in client.list_projects()]
+    for project_id in projects:
+        client.register_pipelines(project_id, settings.antenna_service_name, configs)
+        print(f"registered {len(configs)} pipelines with project {project_id}: "
+              + ", ".join(c["slug"] for c in configs))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from worker.antenna_server import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    return run_server(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    return run_demo(small=args.small, large=args.large, data_dir=args.data_dir, extra_env=dict(args.env or []))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from worker.report import print_config
+
+    return print_config(_settings(args), env_file=args.env_file)
+
+
+def _logging(settings: Settings) -> None:
+    from worker.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, secrets=[settings.token])
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    return name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worker", description="Self-tuning Antenna image-inference worker.")
+    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="poll the Antenna API and process jobs until stopped")
+    run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
+    run.set_defaults(func=cmd_run)
+
+    register = sub.add_parser("register", help="register this worker's pipelines with Antenna projects")
+    register.add_argument("--project", type=int, help="project id (default: every project the token sees)")
+    register.set_defaults(func=cmd_register)
+
+    demo = sub.add_parser("demo", help="generate images, start a local server, run the worker, summarise")
+    demo.add_argument("--small", type=int, default=24, help="small (~1.5 MB) images (default 24)")
+    demo.add_argument("--large", type=int, default=8, help="large (~24 MB, 4096x3072) images (default 8)")
+    demo.add_argument("--data-dir", default=None, help="where generated images are cached")
+    demo.add_argument("--env", action="append", type=_env_pair, help="extra AMI_ setting for the worker, NAME=VALUE")
+    demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve-antenna", help="run the local Antenna-compatible server")
+    from worker.antenna_server import add_server_arguments
+
+    add_server_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="print the effective settings and where each came from")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as error:
+        print(f"worker: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The hooks the daemon loop calls, and the per-job context they share (dramatiq-style middleware).
+
+Policy plugs in here (autotune, watchdog, metrics, systemd notify) so the loop grows no special
+cases. Every hook has a no-op default; a hook that raises is logged and does not stop the loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from autotune.plan import LoaderPlan
+
+if TYPE_CHECKING:
+    from worker.antenna import JobRef
+    from worker.daemon import Worker
+    from worker.ingest import Batch, Loader
+
+
+@dataclass
+class JobStats:
+    images_ok: int = 0
+    images_failed: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    tasks_stranded: int = 0
+    download_bytes: int = 0
+    started_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def images(self) -> int:
+        return self.images_ok + self.images_failed
+
+    def images_per_s(self) -> float:
+        elapsed_s = time.monotonic() - self.started_s
+        return self.images / elapsed_s if elapsed_s > 0 else 0.0
+
+
+@dataclass
+class JobContext:
+    job: "JobRef"
+    plan: LoaderPlan
+    stats: JobStats = field(default_factory=JobStats)
+    loader: Optional["Loader"] = None
+    rebuild_requested: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Middleware:
+    """Override what you need. ``worker`` gives access to settings, client, pipeline and poster."""
+
+    def on_start(self, worker: "Worker") -> None: ...
+
+    def on_idle(self, worker: "Worker") -> None: ...
+
+    def on_job_start(self, worker: "Worker", ctx: JobContext) -> None: ...
+
+    def on_loader_start(self, worker: "Worker", ctx: JobContext) -> None: ...
+
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: list[dict]) -> None: ...
+
+    def on_job_end(self, worker: "Worker", ctx: JobContext) -> None: ...
+
+    def on_stop(self, worker: "Worker") -> None: ...

@@ -1,0 +1,120 @@
+"""Download and decode one image, safely: size caps, decompression-bomb guard, no auth header.
+
+JPEGs decode with simplejpeg (libjpeg-turbo); anything else, or a JPEG simplejpeg refuses, goes
+through Pillow. Decoding never applies EXIF rotation: the contract wants boxes in the original
+pixel grid. The decoder choice was measured: see docs/benchmarks.md ("JPEG decode").
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+import numpy as np
+import requests
+import simplejpeg
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+JPEG_MAGIC = b"\xff\xd8"
+CHUNK_BYTES = 1 << 20
+
+
+class ImageError(Exception):
+    """One image cannot be used; the message becomes that image's error result."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    tensor: torch.Tensor  # uint8, shape (3, height, width); a view, may be non-contiguous
+    width: int
+    height: int
+    decode_s: float
+
+
+def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float) -> bytes:
+    """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``."""
+    try:
+        with session.get(url, stream=True, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                raise ImageError(f"download failed: HTTP {response.status_code} for {url}")
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}")
+            body = bytearray()
+            for chunk in response.iter_content(CHUNK_BYTES):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}")
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
+        raise ImageError(f"download failed: {type(error).__name__} for {url}") from None
+    if not body:
+        raise ImageError(f"download returned an empty body for {url}")
+    return bytes(body)
+
+
+def decode(data: bytes, *, max_pixels: int, shared: bool = False) -> DecodedImage:
+    """Decode to a uint8 CHW tensor; refuses images over ``max_pixels`` before allocating them.
+
+    With ``shared=True`` (inside DataLoader worker processes) JPEGs decode straight into a
+    shared-memory buffer, so handing the tensor to the main process copies nothing.
+    """
+    started_s = time.perf_counter()
+    if data[:2] == JPEG_MAGIC:
+        hwc = _decode_jpeg(data, max_pixels, shared)
+    else:
+        hwc = torch.from_numpy(_decode_pillow(data, max_pixels))
+    height, width = hwc.shape[:2]
+    return DecodedImage(hwc.permute(2, 0, 1), width, height, time.perf_counter() - started_s)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image declares an impossible size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, over AMI_MAX_IMAGE_PIXELS={max_pixels} "
+            "(decompression-bomb guard)"
+        )
+
+
+def _decode_jpeg(data: bytes, max_pixels: int, shared: bool) -> torch.Tensor:
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as error:
+        raise ImageError(f"not a decodable JPEG: {error}") from None
+    _check_pixels(width, height, max_pixels)
+    hwc = torch.empty((height, width, 3), dtype=torch.uint8)
+    if shared:
+        hwc.share_memory_()
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=hwc.numpy())
+        return hwc
+    except ValueError as error:
+        # Corrupt or truncated data; Pillow is no better at it, so this image fails alone.
+        raise ImageError(f"corrupt JPEG: {error}") from None
+
+
+def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            _check_pixels(image.width, image.height, max_pixels)
+            return np.asarray(image.convert("RGB"))
+    except ImageError:
+        raise
+    except Exception as error:  # Pillow raises many types for bad input
+        hint = " (looks like an HTML page)" if data.lstrip()[:1] == b"<" else ""
+        raise ImageError(f"not a decodable image{hint}: {type(error).__name__}: {error}") from None
+
+
+def image_session(pool_connections: int = 8) -> requests.Session:
+    """A session for image hosts: never carries the API token."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_connections, pool_maxsize=pool_connections)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+

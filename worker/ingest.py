@@ -1,0 +1,296 @@
+"""Ingest: a torch DataLoader whose workers reserve tasks, download and decode images.
+
+Built from ONE ``LoaderPlan``. Each loader worker process (or the main process when
+``num_workers == 0``) loops: wait for credit, reserve ``tasks_per_reserve`` tasks (read from
+shared state at each reserve, so the watchdog can shrink it without a restart), download up to
+``download_threads`` at a time, decode to uint8 CHW (float conversion happens on the inference
+device) and yield one ``LoadedImage`` per task. A failed download or decode yields an item with
+``error`` set: it never fails the batch.
+
+Credit: a worker starts a new batch only while fewer than ``prefetch_depth x batch_size`` of its
+images wait unconsumed; that bounds decoded images in flight below the DataLoader's own prefetch
+and is the knob the watchdog shrinks. Workers are spawned (never forked: a forked copy of a
+process holding a model and CUDA state is unsafe) and torn down explicitly at job end.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from autotune.plan import LoaderPlan
+from worker.antenna import AntennaClient, AntennaError
+from worker.imaging import ImageError, decode, download, image_session
+from worker.schema import Task
+
+log = logging.getLogger(__name__)
+
+MAX_LOADER_WORKERS = 64
+WAIT_POLL_S = 0.02
+
+# control.stop values: RUN reserves; DRAIN reserves no more but finishes what it holds;
+# ABANDON yields nothing more (held, unloaded tasks are stranded and then released).
+RUN, DRAIN, ABANDON = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class IngestSource:
+    """What a loader worker needs to reach the API and the images (picklable)."""
+
+    base_url: str
+    token: str
+    job_id: int
+    api_timeout_s: float = 30.0
+    api_max_attempts: int = 6
+    image_timeout_s: float = 60.0
+    max_image_bytes: int = 100_000_000
+    max_image_pixels: int = 80_000_000
+    client_info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # keep the token out of any repr that reaches a log
+        return f"IngestSource(base_url={self.base_url!r}, job_id={self.job_id})"
+
+
+@dataclass
+class LoadedImage:
+    """One task's image, or the reason it has none."""
+
+    task: Task
+    image: Optional[torch.Tensor]  # uint8 (3, H, W), or float32 when the plan says so
+    error: Optional[str] = None
+    jpeg_bytes: int = 0
+    width: int = 0
+    height: int = 0
+    download_s: float = 0.0
+    decode_s: float = 0.0
+    worker_id: int = -1
+
+
+@dataclass
+class Batch:
+    items: list[LoadedImage]
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin-memory thread (CUDA only)."""
+        for item in self.items:
+            if item.image is not None:
+                item.image = item.image.pin_memory()
+        return self
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(i.image.numel() * i.image.element_size() for i in self.items if i.image is not None)
+
+
+def collate(items: list[LoadedImage]) -> Batch:
+    return Batch(list(items))
+
+
+class SharedControl:
+    """Shared state between the main process and its loader workers (a few shared integers).
+
+    The watchdog writes ``tasks_per_reserve``, ``prefetch_depth`` and ``admit``; ``stop`` ends
+    reserving (drain). Workers count images produced, the main process counts images consumed.
+    """
+
+    def __init__(self, plan: LoaderPlan, context: Any) -> None:
+        self.tasks_per_reserve = context.Value("i", plan.tasks_per_reserve, lock=False)
+        self.prefetch_depth = context.Value("i", plan.prefetch_factor, lock=False)
+        self.admit = context.Value("b", 1, lock=False)
+        self.stop = context.Value("b", 0, lock=False)
+        self.produced = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)
+        self.consumed = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)
+        self.reserved_total = context.Value("q", 0)
+        self.ledger: Any = context.Queue()
+
+    def set_limits(self, *, tasks_per_reserve: int, prefetch_depth: int, admit: bool) -> None:
+        self.tasks_per_reserve.value = max(1, tasks_per_reserve)
+        self.prefetch_depth.value = max(1, prefetch_depth)
+        self.admit.value = 1 if admit else 0
+
+    def mark_consumed(self, batch: Batch) -> None:
+        for item in batch.items:
+            slot = item.worker_id + 1  # slot 0: the main process (num_workers=0)
+            self.consumed[slot] += 1
+
+    def drain_ledger(self) -> list[Task]:
+        """Tasks workers reported as reserved since the last call."""
+        tasks: list[Task] = []
+        while True:
+            try:
+                tasks.extend(self.ledger.get_nowait())
+            except queue.Empty:
+                return tasks
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.ledger.join_thread()
+
+
+class TaskStream(IterableDataset):
+    """The IterableDataset each loader worker runs; see the module docstring."""
+
+    def __init__(self, source: IngestSource, plan: LoaderPlan, control: SharedControl) -> None:
+        self.source = source
+        self.plan = plan
+        self.control = control
+
+    def __iter__(self) -> Iterator[LoadedImage]:
+        info = get_worker_info()
+        worker_id = info.id if info is not None else -1
+        in_worker = info is not None
+        client = AntennaClient(
+            self.source.base_url, self.source.token,
+            timeout_s=self.source.api_timeout_s, max_attempts=self.source.api_max_attempts,
+        )
+        session = image_session(self.plan.download_threads)
+        pool = ThreadPoolExecutor(self.plan.download_threads, thread_name_prefix="download")
+        try:
+            yield from self._stream(client, session, pool, worker_id, in_worker)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            session.close()
+            client.close()
+
+    def _stream(self, client, session, pool, worker_id: int, in_worker: bool) -> Iterator[LoadedImage]:
+        produced_in_batch = 0
+        while self.control.stop.value == RUN:
+            tasks = self._reserve(client)
+            if not tasks:
+                return
+            pending: deque[tuple[Task, Future]] = deque()
+            todo = deque(tasks)
+            while todo or pending:
+                while todo and len(pending) < self.plan.download_threads:
+                    task = todo.popleft()
+                    pending.append((task, pool.submit(self._fetch, session, task)))
+                if produced_in_batch == 0 and in_worker:
+                    self._wait_for_credit(worker_id)
+                if self.control.stop.value == ABANDON:
+                    return
+                task, future = pending.popleft()
+                yield self._load(task, future, worker_id, in_worker)
+                self.control.produced[worker_id + 1] += 1
+                produced_in_batch = (produced_in_batch + 1) % self.plan.batch_size
+
+    def _reserve(self, client: AntennaClient) -> list[Task]:
+        while not self.control.admit.value and self.control.stop.value == RUN:
+            time.sleep(0.1)  # the watchdog paused reserving: memory is at the hard cap
+        if self.control.stop.value != RUN:
+            return []
+        wanted = max(1, int(self.control.tasks_per_reserve.value))
+        try:
+            tasks = client.reserve_tasks(self.source.job_id, wanted, self.source.client_info)
+        except AntennaError as error:
+            log.warning("job %d: reserve failed, this loader worker stops: %s", self.source.job_id, error)
+            return []
+        if tasks:
+            with self.control.reserved_total.get_lock():
+                self.control.reserved_total.value += len(tasks)
+            self.control.ledger.put(tasks)
+        return tasks
+
+    def _wait_for_credit(self, worker_id: int) -> None:
+        slot = worker_id + 1
+        while self.control.stop.value != ABANDON:
+            waiting = self.control.produced[slot] - self.control.consumed[slot]
+            if waiting < self.control.prefetch_depth.value * self.plan.batch_size:
+                return
+            time.sleep(WAIT_POLL_S)
+
+    def _fetch(self, session, task: Task) -> tuple[bytes, float]:
+        started_s = time.perf_counter()
+        data = download(
+            session, task.image_url, max_bytes=self.source.max_image_bytes, timeout_s=self.source.image_timeout_s
+        )
+        return data, time.perf_counter() - started_s
+
+    def _load(self, task: Task, future: Future, worker_id: int, shared: bool) -> LoadedImage:
+        try:
+            data, download_s = future.result()
+            decoded = decode(data, max_pixels=self.source.max_image_pixels, shared=shared)
+        except ImageError as error:
+            return LoadedImage(task, None, str(error), worker_id=worker_id)
+        except Exception as error:  # a bug in a decoder must cost one image, not the job
+            log.exception("job %d: image %s failed unexpectedly", self.source.job_id, task.image_id)
+            return LoadedImage(task, None, f"{type(error).__name__}: {error}", worker_id=worker_id)
+        image = decoded.tensor
+        if self.plan.tensor_dtype == "float32":  # legacy ADC behaviour, benchmarks only
+            image = image.float().div_(255.0)
+            if shared:
+                image.share_memory_()
+        return LoadedImage(
+            task, image, None, len(data), decoded.width, decoded.height, download_s, decoded.decode_s, worker_id
+        )
+
+
+class Loader:
+    """A DataLoader for one job, with explicit teardown. Use as a context manager."""
+
+    def __init__(self, source: IngestSource, plan: LoaderPlan, *, start_method: str = "spawn") -> None:
+        if plan.num_workers > MAX_LOADER_WORKERS:
+            raise ValueError(f"num_workers={plan.num_workers} is over {MAX_LOADER_WORKERS}")
+        self.plan = plan
+        self.source = source
+        self._context = multiprocessing.get_context(start_method)
+        self.control = SharedControl(plan, self._context)
+        self.dataset = TaskStream(source, plan, self.control)
+        extra: dict[str, Any] = {}
+        if plan.num_workers > 0:
+            extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor}
+        self.dataloader = DataLoader(
+            self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
+            collate_fn=collate, pin_memory=plan.pin_memory, **extra,
+        )
+        self._iterator: Optional[Iterator[Batch]] = None
+        self.received: dict[str, Task] = {}
+        self.reserved: dict[str, Task] = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._iterator = iter(self.dataloader)
+        for batch in self._iterator:
+            self.control.mark_consumed(batch)
+            for item in batch.items:
+                self.received[item.task.reply_subject] = item.task
+            yield batch
+
+    def stop_reserving(self) -> None:
+        """Drain: workers finish what they hold and stop; iteration then ends by itself."""
+        self.control.stop.value = max(self.control.stop.value, DRAIN)
+
+    def abandon(self) -> None:
+        """Workers yield nothing more; batches already decoded still arrive and should be used."""
+        self.control.stop.value = ABANDON
+
+    def stranded(self) -> list[Task]:
+        """Tasks a worker reserved that never reached the main process (after a crash or abort)."""
+        self._collect_ledger()
+        return [task for key, task in self.reserved.items() if key not in self.received]
+
+    def _collect_ledger(self) -> None:
+        for task in self.control.drain_ledger():
+            self.reserved[task.reply_subject] = task
+
+    def close(self) -> None:
+        """Stop and join every loader worker process, then release shared state."""
+        self.control.stop.value = ABANDON
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        del iterator
+        self._collect_ledger()
+        self.control.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

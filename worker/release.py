@@ -1,0 +1,53 @@
+"""Giving back reserved tasks the worker will not finish.
+
+Through the HTTP API only a posted result completes a task; an unfinished task is redelivered
+after the reservation timeout and costs one of its (default two) deliveries. Where the worker can
+reach the server's NATS (``AMI_NATS_URL``), publishing ``-NAK`` to the task's reply subject
+releases it for immediate redelivery. Either way each task is logged by id.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional, Sequence
+
+from worker.schema import Task
+
+log = logging.getLogger(__name__)
+
+
+class TaskReleaser:
+    def __init__(self, nats_url: Optional[str] = None, *, timeout_s: float = 5.0) -> None:
+        self.nats_url = nats_url
+        self.timeout_s = timeout_s
+        self.released_total = 0
+        self.left_total = 0
+
+    def release(self, job_id: int, tasks: Sequence[Task], reason: str) -> int:
+        """NAK ``tasks`` when NATS is configured; returns how many were released (the rest wait)."""
+        if not tasks:
+            return 0
+        released = 0
+        if self.nats_url:
+            try:
+                released = asyncio.run(self._nak_all(tasks))
+            except Exception as error:  # NATS down: the reservation timeout still redelivers them
+                log.warning("job %d: could not NAK %d tasks over NATS: %s", job_id, len(tasks), error)
+        for task in tasks:
+            how = "released (-NAK)" if released else "left for redelivery after the reservation timeout"
+            log.warning("job %d: task %s (image %s) %s: %s", job_id, task.id, task.image_id, how, reason)
+        self.released_total += released
+        self.left_total += len(tasks) - released
+        return released
+
+    async def _nak_all(self, tasks: Sequence[Task]) -> int:
+        import nats  # imported here: only deployments with AMI_NATS_URL need it loaded
+
+        connection = await nats.connect(self.nats_url, connect_timeout=self.timeout_s, max_reconnect_attempts=0)
+        try:
+            for task in tasks:
+                await connection.publish(task.reply_subject, b"-NAK")
+            await connection.flush(timeout=self.timeout_s)
+        finally:
+            await connection.close()
+        return len(tasks)
