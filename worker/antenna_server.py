@@ -992,7 +992,9 @@ def _serve_fault(handler: _Handler, entry: _MediaEntry) -> None:
 
 def _reset_mid_body(handler: _Handler, real: bytes) -> None:
     handler._start_response(200, "image/jpeg", len(real))
-    handler.wfile.write(real[: max(1, min(len(real) // 2, 64 * 1024))])
+    part = real[: max(1, min(len(real) // 2, 64 * 1024))]
+    handler.wfile.write(part)
+    handler.antenna.count_media(sent_bytes=len(part))
     handler.close_connection = True
     # Linger 0 turns the close into a TCP RST, the "connection reset by peer" of the field.
     handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
