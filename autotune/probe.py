@@ -1,0 +1,290 @@
+"""The measured facts of one job, from a small sample of its images and a few timed batches.
+
+A ``Probe`` is what the models read: image sizes (the largest for memory, the median for rates),
+how the network serves one connection (latency plus bytes/s), decode seconds per image, the
+inference cost split into a per-batch overhead and a per-image cost, and the machine (baseline
+memory with the model loaded, CPU count, CUDA). Build one with ``Probe.from_samples``.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+from autotune.memory_model import MemoryCalibration, load_calibration
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# A per-connection rate we cannot tell from "unbounded" (1 TB/s): keeps the value finite for JSON.
+UNBOUNDED_BYTES_PER_S = 1e12
+# Sizes must differ by this ratio before a latency + bytes/bandwidth line is fitted through them.
+MIN_SIZE_SPREAD_FOR_FIT = 1.5
+# Typical host->device copy rates (PCIe 3/4 x16) used when CUDA is present but the copy was not timed.
+ASSUMED_PAGEABLE_H2D_BYTES_PER_S = 6e9
+ASSUMED_PINNED_H2D_BYTES_PER_S = 12e9
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """One probed image: compressed size, decoded size, and how long each step took.
+
+    ``download_s`` is the whole GET (first byte to last); ``first_byte_s``, when the caller
+    measured it, is the time to the first byte and lets latency and bandwidth separate even when
+    every sampled image has the same size.
+    """
+
+    jpeg_bytes: int
+    width: int
+    height: int
+    download_s: float
+    decode_s: float
+    first_byte_s: Optional[float] = None
+
+    @property
+    def decoded_bytes(self) -> int:
+        """uint8 CHW bytes: width x height x 3."""
+        return self.width * self.height * 3
+
+
+@dataclass(frozen=True)
+class InferenceSample:
+    """Wall seconds for one batch of ``batch_size`` host uint8 images through the pipeline.
+
+    Includes the (pageable) host->device copy and float conversion, as the worker will run it.
+    """
+
+    batch_size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Measured facts of a job sample; all sizes in bytes, all times in seconds.
+
+    ``decoded_bytes_per_image`` is the uint8 size of the LARGEST sampled image (memory is sized
+    conservatively); rates use the median image. ``worker_process_bytes`` comes from the
+    calibration unless it was measured. ``notes`` say how each derived number was obtained.
+    """
+
+    sample_count: int
+    median_jpeg_bytes: int
+    max_jpeg_bytes: int
+    median_width: int
+    max_width: int
+    median_height: int
+    max_height: int
+    decoded_bytes_per_image: int
+    median_decoded_bytes: int
+    download_latency_s: float
+    download_bytes_per_s: float
+    decode_s_per_image: float
+    inference_overhead_s: float
+    inference_per_image_s: float
+    baseline_bytes: int
+    worker_process_bytes: int
+    cpu_count: int
+    cuda: bool
+    reservation_timeout_s: float = 300.0
+    api_round_trip_s: float = 0.0
+    host_to_device_bytes_per_s: float = 0.0
+    pinned_host_to_device_bytes_per_s: float = 0.0
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sample_count < 1:
+            raise ValueError("Probe needs at least one image sample")
+        if self.cpu_count < 1:
+            raise ValueError(f"Probe.cpu_count must be >= 1, got {self.cpu_count}")
+        if self.download_bytes_per_s <= 0:
+            raise ValueError(f"Probe.download_bytes_per_s must be > 0, got {self.download_bytes_per_s}")
+        for name in ("download_latency_s", "decode_s_per_image", "inference_overhead_s",
+                     "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Probe.{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_samples(
+        cls,
+        images: Sequence[ImageSample],
+        inference: Sequence[InferenceSample],
+        *,
+        baseline_bytes: int,
+        cpu_count: int,
+        cuda: bool,
+        reservation_timeout_s: float = 300.0,
+        worker_process_bytes: Optional[int] = None,
+        download_latency_s: Optional[float] = None,
+        api_round_trip_s: Optional[float] = None,
+        host_to_device_bytes_per_s: Optional[float] = None,
+        pinned_host_to_device_bytes_per_s: Optional[float] = None,
+        calibration: Optional[MemoryCalibration] = None,
+    ) -> "Probe":
+        """Summarise samples into a Probe.
+
+        ``download_latency_s``: a separately timed small request; otherwise latency comes from
+        ``first_byte_s`` or a fit over differing sizes (see ``fit_download``). ``api_round_trip_s``
+        (one reserve POST) defaults to the download latency. Host->device rates default to typical
+        PCIe values when ``cuda`` and to 0 without CUDA. ``worker_process_bytes`` defaults to the
+        calibration's (``calibration`` defaults to ``autotune/calibration.json``).
+        """
+        if not images:
+            raise ValueError("Probe.from_samples needs at least one ImageSample")
+        if not inference:
+            raise ValueError("Probe.from_samples needs at least one InferenceSample")
+        notes: list[str] = []
+        latency_s, bytes_per_s, how = fit_download(images, download_latency_s)
+        notes.append(how)
+        overhead_s, per_image_s = fit_inference(inference)
+        if len({sample.batch_size for sample in inference}) < 2:
+            notes.append("inference timed at one batch size: per-batch overhead taken as 0")
+        if worker_process_bytes is None:
+            worker_process_bytes = (calibration or load_calibration()).worker_process_bytes
+            notes.append("worker_process_bytes from calibration")
+        pageable, pinned = _transfer_rates(cuda, host_to_device_bytes_per_s, pinned_host_to_device_bytes_per_s, notes)
+        widths = [image.width for image in images]
+        heights = [image.height for image in images]
+        return cls(
+            sample_count=len(images),
+            median_jpeg_bytes=_median_int([image.jpeg_bytes for image in images]),
+            max_jpeg_bytes=max(image.jpeg_bytes for image in images),
+            median_width=_median_int(widths),
+            max_width=max(widths),
+            median_height=_median_int(heights),
+            max_height=max(heights),
+            decoded_bytes_per_image=max(image.decoded_bytes for image in images),
+            median_decoded_bytes=_median_int([image.decoded_bytes for image in images]),
+            download_latency_s=latency_s,
+            download_bytes_per_s=bytes_per_s,
+            decode_s_per_image=statistics.median(image.decode_s for image in images),
+            inference_overhead_s=overhead_s,
+            inference_per_image_s=per_image_s,
+            baseline_bytes=int(baseline_bytes),
+            worker_process_bytes=int(worker_process_bytes),
+            cpu_count=int(cpu_count),
+            cuda=bool(cuda),
+            reservation_timeout_s=float(reservation_timeout_s),
+            api_round_trip_s=latency_s if api_round_trip_s is None else float(api_round_trip_s),
+            host_to_device_bytes_per_s=pageable,
+            pinned_host_to_device_bytes_per_s=pinned,
+            notes=tuple(notes),
+        )
+
+    def download_s_per_image(self) -> float:
+        """Seconds one connection takes for the median image: latency + bytes / bandwidth."""
+        return self.download_latency_s + self.median_jpeg_bytes / self.download_bytes_per_s
+
+    def inference_s(self, batch_size: int) -> float:
+        """Predicted seconds for one batch: overhead + per_image x batch_size."""
+        return self.inference_overhead_s + self.inference_per_image_s * batch_size
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready (notes become a list)."""
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    def describe(self) -> str:
+        """Multi-line text with the numbers, for logs and ``worker tune``."""
+        lines = [
+            f"probe of {self.sample_count} images "
+            f"({'CUDA' if self.cuda else 'CPU'}, {self.cpu_count} CPUs, reservation timeout {self.reservation_timeout_s:.0f} s)",
+            f"  jpeg bytes      median {self.median_jpeg_bytes / MiB:.2f} MiB, max {self.max_jpeg_bytes / MiB:.2f} MiB",
+            f"  image size      median {self.median_width}x{self.median_height}, max {self.max_width}x{self.max_height}; "
+            f"decoded uint8 {self.decoded_bytes_per_image / MiB:.1f} MiB (largest)",
+            f"  download        latency {self.download_latency_s:.3f} s + {self.download_bytes_per_s / MiB:.2f} MiB/s "
+            f"per connection = {self.download_s_per_image():.3f} s per median image; API round trip {self.api_round_trip_s:.3f} s",
+            f"  decode          {self.decode_s_per_image:.4f} s per image (median, one core)",
+            f"  inference       {self.inference_overhead_s:.4f} s per batch + {self.inference_per_image_s:.4f} s per image",
+            f"  memory          baseline {self.baseline_bytes / MiB:.0f} MiB (model loaded), "
+            f"{self.worker_process_bytes / MiB:.0f} MiB per loader worker process",
+        ]
+        if self.cuda:
+            lines.append(
+                f"  host->device    {self.host_to_device_bytes_per_s / 1e9:.1f} GB/s pageable, "
+                f"{self.pinned_host_to_device_bytes_per_s / 1e9:.1f} GB/s pinned"
+            )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``y = intercept + slope x`` with both clamped to >= 0 (a constrained refit).
+
+    If the free fit gives a negative slope, the slope is 0 and the intercept the mean of ``ys``;
+    a negative intercept gives a line through the origin. Needs >= 2 distinct ``xs``.
+    """
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("fit_line needs at least two distinct x values")
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    intercept = mean_y - slope * mean_x
+    if slope < 0:
+        return max(0.0, mean_y), 0.0
+    if intercept < 0:
+        return 0.0, max(0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs))
+    return intercept, slope
+
+
+def fit_inference(samples: Sequence[InferenceSample]) -> tuple[float, float]:
+    """(overhead_s, per_image_s) from ``seconds = overhead + per_image x batch_size``.
+
+    With one distinct batch size the overhead cannot be separated: it is 0 and every second is
+    charged per image (pessimistic for large batches' benefit).
+    """
+    xs = [float(sample.batch_size) for sample in samples]
+    ys = [float(sample.seconds) for sample in samples]
+    if len(set(xs)) < 2:
+        return 0.0, max(0.0, sum(ys) / sum(xs))
+    return fit_line(xs, ys)
+
+
+def fit_download(
+    images: Sequence[ImageSample], latency_s: Optional[float] = None
+) -> tuple[float, float, str]:
+    """(latency_s, bytes_per_s per connection, how) from image download timings.
+
+    In order of preference: a given latency; the median ``first_byte_s``; a line fit over sizes
+    that differ by >= 1.5x; else latency 0 with all time charged to bandwidth (the same time for
+    the median image, so rates are unaffected; only larger images are then over-estimated).
+    """
+    first_bytes = [image.first_byte_s for image in images if image.first_byte_s is not None]
+    if latency_s is not None:
+        return latency_s, _bandwidth(images, latency_s), "download latency from a separate small request"
+    if first_bytes:
+        latency = statistics.median(first_bytes)
+        return latency, _bandwidth(images, latency), "download latency = median time to first byte"
+    sizes = [image.jpeg_bytes for image in images]
+    if len(images) >= 2 and min(sizes) > 0 and max(sizes) / min(sizes) >= MIN_SIZE_SPREAD_FOR_FIT:
+        intercept, slope = fit_line([float(s) for s in sizes], [image.download_s for image in images])
+        bandwidth = 1.0 / slope if slope > 0 else UNBOUNDED_BYTES_PER_S
+        return intercept, min(bandwidth, UNBOUNDED_BYTES_PER_S), "download latency and bandwidth fitted over sizes"
+    return 0.0, _bandwidth(images, 0.0), "download latency not separable (similar sizes): all time charged to bandwidth"
+
+
+def _bandwidth(images: Sequence[ImageSample], latency_s: float) -> float:
+    transfer_s = sum(max(0.0, image.download_s - latency_s) for image in images)
+    total_bytes = sum(image.jpeg_bytes for image in images)
+    if transfer_s <= 0:
+        return UNBOUNDED_BYTES_PER_S
+    return min(UNBOUNDED_BYTES_PER_S, max(1.0, total_bytes / transfer_s))
+
+
+def _transfer_rates(
+    cuda: bool, pageable: Optional[float], pinned: Optional[float], notes: list[str]
+) -> tuple[float, float]:
+    if not cuda:
+        return 0.0, 0.0
+    if pageable is None or pinned is None:
+        notes.append("host->device rates not timed: typical PCIe values assumed")
+    return (
+        ASSUMED_PAGEABLE_H2D_BYTES_PER_S if pageable is None else float(pageable),
+        ASSUMED_PINNED_H2D_BYTES_PER_S if pinned is None else float(pinned),
+    )
+
+
+def _median_int(values: Sequence[int]) -> int:
+    return int(round(statistics.median(values)))
