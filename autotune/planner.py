@@ -1,0 +1,337 @@
+"""Choose the LoaderPlan with the highest predicted rate whose predicted peak fits the budget.
+
+A grid over batch_size, num_workers, prefetch_factor, download_threads, tasks_per_reserve and
+pin_memory; each candidate is priced by ``predict_peak`` and ``predict_rate``. Among those that
+fit, every plan within 2% of the best rate is a tie and the smallest peak wins (then fewer
+workers, fewer reserved tasks, fewer threads, shallower prefetch, smaller batch). Fields the
+operator pinned are kept as given. If nothing fits, the minimal plan comes back with
+``fits=False`` and a reason saying by how much it is over.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Iterator, Mapping, Optional, Sequence
+
+from autotune.memory_model import MemoryCalibration, MemoryEstimate, predict_peak
+from autotune.plan import MINIMAL_PLAN, LoaderPlan
+from autotune.probe import Probe
+from autotune.throughput_model import RateEstimate, predict_rate, transfer_share
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+PREFETCH_FACTORS = (1, 2, 4)
+DOWNLOAD_THREADS = (1, 2, 4, 8, 16, 32)
+TASKS_PER_RESERVE = (1, 2, 4, 8, 16, 32, 64, 128)
+TIE_TOLERANCE = 0.02
+PLAN_FIELDS = (
+    "tasks_per_reserve", "batch_size", "num_workers", "prefetch_factor",
+    "pin_memory", "download_threads", "tensor_dtype",
+)
+
+
+def budget_bytes(effective_limit_bytes: int, reserve_bytes: int = GiB, safety_factor: float = 0.85) -> int:
+    """``(limit - reserve) x safety``, never below 0. Defaults: reserve 1 GiB, safety 0.85."""
+    return max(0, int((effective_limit_bytes - reserve_bytes) * safety_factor))
+
+
+def max_tasks_per_reserve(
+    worker_images_per_s: float,
+    reservation_timeout_s: float,
+    timeout_margin: float = 0.5,
+    queue_wait_s: float = 0.0,
+) -> int:
+    """Most tasks one loader worker may reserve at once and still see done in time.
+
+    A worker holds its reserved tasks until it has yielded them (at ``worker_images_per_s``) and
+    each then waits ``queue_wait_s`` to be inferred, all inside ``timeout_margin x
+    reservation_timeout_s``. Returns 0 when not even one task fits (callers still need 1).
+    """
+    usable_s = reservation_timeout_s * timeout_margin - queue_wait_s
+    if usable_s <= 0 or worker_images_per_s <= 0:
+        return 0
+    return int(math.floor(usable_s * worker_images_per_s + 1e-9))
+
+
+def queue_wait_s(plan: LoaderPlan, rate: RateEstimate) -> float:
+    """Seconds a yielded image waits to be inferred: its batch fills, then the queue ahead drains.
+
+    Filling takes ``batch_size`` images at one worker's rate; ahead of it are up to
+    ``num_workers x prefetch_factor`` queued batches plus the one being inferred.
+    """
+    pipeline = rate.pipeline_images_per_s
+    if pipeline <= 0:
+        return math.inf
+    worker = pipeline / max(1, plan.num_workers)
+    ahead_batches = plan.num_workers * plan.prefetch_factor + 1
+    return plan.batch_size / worker + ahead_batches * plan.batch_size / pipeline
+
+
+@dataclass(frozen=True)
+class PlanConstraints:
+    """What the plan must respect. ``pinned``: LoaderPlan fields the operator set explicitly.
+
+    ``max_workers`` defaults to ``min(8, cpu_count x 2)``. ``timeout_margin``: use at most this
+    fraction of the reservation timeout. ``min_transfer_share_for_pin``: pin_memory only when the
+    pageable host->device copy is at least this share of a batch's inference time.
+    """
+
+    budget_bytes: int
+    reservation_timeout_s: float
+    cuda: bool
+    cpu_count: int
+    pinned: Mapping[str, object] = field(default_factory=dict)
+    max_workers: Optional[int] = None
+    timeout_margin: float = 0.5
+    min_transfer_share_for_pin: float = 0.1
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.pinned) - set(PLAN_FIELDS))
+        if unknown:
+            raise ValueError(f"PlanConstraints.pinned has unknown LoaderPlan fields {unknown}; known: {PLAN_FIELDS}")
+        object.__setattr__(self, "pinned", MappingProxyType(dict(self.pinned)))
+        if self.max_workers is None:
+            object.__setattr__(self, "max_workers", min(8, self.cpu_count * 2))
+        if self.cpu_count < 1 or self.max_workers < 0:
+            raise ValueError(f"PlanConstraints needs cpu_count >= 1 and max_workers >= 0, got "
+                             f"{self.cpu_count} and {self.max_workers}")
+        if not 0 < self.timeout_margin <= 1:
+            raise ValueError(f"PlanConstraints.timeout_margin must be in (0, 1], got {self.timeout_margin}")
+
+    @classmethod
+    def from_probe(cls, probe: Probe, budget_bytes: int, **options: object) -> "PlanConstraints":
+        """Constraints with the probe's timeout, CUDA and CPU count."""
+        return cls(budget_bytes=budget_bytes, reservation_timeout_s=probe.reservation_timeout_s,
+                   cuda=probe.cuda, cpu_count=probe.cpu_count, **options)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PlanOption:
+    """One priced plan: for the advisory's alternatives and ``worker tune``."""
+
+    plan: LoaderPlan
+    predicted_peak_bytes: int
+    predicted_images_per_s: float
+
+
+@dataclass(frozen=True)
+class PlanDecision:
+    """The chosen plan and the numbers behind it."""
+
+    plan: LoaderPlan
+    memory: MemoryEstimate
+    rate: RateEstimate
+    candidates_considered: int
+    fits: bool
+    reasons: tuple[str, ...]
+    budget_bytes: int
+
+    def log_line(self) -> str:
+        """One line: the plan, its predicted peak against the budget, its rate, the search size."""
+        share = self.memory.total_bytes / self.budget_bytes if self.budget_bytes > 0 else math.inf
+        verdict = "fits" if self.fits else "OVER BUDGET"
+        return (
+            f"autotune plan: {self.plan.describe()} | predicted peak {self.memory.total_bytes / MiB:.0f} MiB "
+            f"of budget {self.budget_bytes / MiB:.0f} MiB ({share:.0%}, {verdict}, correction "
+            f"x{self.memory.correction:.2f}) | {self.rate.describe()} | {self.candidates_considered} candidates"
+            + "".join(f" | {reason}" for reason in self.reasons if reason.startswith("pinned"))
+        )
+
+    def option(self) -> PlanOption:
+        return PlanOption(self.plan, self.memory.total_bytes, self.rate.pipeline_images_per_s)
+
+    def as_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["reasons"] = list(self.reasons)
+        return data
+
+
+@dataclass(frozen=True)
+class _Priced:
+    plan: LoaderPlan
+    memory: MemoryEstimate
+    rate: Optional[RateEstimate]  # None when over budget (not worth pricing)
+
+
+def choose_plan(
+    probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float = 1.0
+) -> PlanDecision:
+    """The fastest predicted plan that fits ``constraints.budget_bytes``; see the module docstring."""
+    priced, count = _price_grid(probe, constraints, calibration, correction, budget=constraints.budget_bytes)
+    feasible = [p for p in priced if p.rate is not None]
+    if not feasible:
+        return _minimal_decision(probe, constraints, calibration, correction, count)
+    best_rate = max(p.rate.pipeline_images_per_s for p in feasible)
+    window = [p for p in feasible if p.rate.pipeline_images_per_s >= (1.0 - TIE_TOLERANCE) * best_rate]
+    chosen = min(window, key=_tie_key)
+    plan = chosen.plan.with_changes(source="autotune")
+    reasons = _reasons(plan, chosen.memory, chosen.rate, probe, constraints, len(window), best_rate)
+    decision = PlanDecision(plan, chosen.memory, chosen.rate, count, True, reasons, constraints.budget_bytes)
+    log.debug("%s", decision.log_line())
+    return decision
+
+
+def plan_options(
+    probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float = 1.0
+) -> tuple[PlanOption, ...]:
+    """The memory/rate Pareto front of the grid, budget ignored, smallest peak first.
+
+    Each option is the fastest plan at or below its peak: what the advisory sizes against an
+    observed peak. Timeout and pinned fields still apply.
+    """
+    priced, _ = _price_grid(probe, constraints, calibration, correction, budget=None)
+    front: list[PlanOption] = []
+    for item in sorted(priced, key=lambda p: (_tie_key(p), -p.rate.pipeline_images_per_s)):
+        rate = item.rate.pipeline_images_per_s
+        if not front or rate > front[-1].predicted_images_per_s * (1.0 + TIE_TOLERANCE):
+            front.append(PlanOption(item.plan.with_changes(source="autotune"), item.memory.total_bytes, rate))
+    return tuple(front)
+
+
+def _price_grid(
+    probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float,
+    budget: Optional[int],
+) -> tuple[list[_Priced], int]:
+    """Price every grid plan; drop those over the timeout allowance. Rates only for those in budget."""
+    priced: list[_Priced] = []
+    count = 0
+    reserve_pinned = "tasks_per_reserve" in constraints.pinned
+    for plan in _grid(probe, constraints):
+        count += 1
+        memory = predict_peak(plan, probe, calibration, correction)
+        if budget is not None and memory.total_bytes > budget:
+            priced.append(_Priced(plan, memory, None))
+            continue
+        rate = predict_rate(plan, probe)
+        if not reserve_pinned and plan.tasks_per_reserve > _reserve_allowance(plan, rate, constraints):
+            continue
+        priced.append(_Priced(plan, memory, rate))
+    return priced, count
+
+
+def _reserve_allowance(plan: LoaderPlan, rate: RateEstimate, constraints: PlanConstraints) -> int:
+    worker_rate = rate.pipeline_images_per_s / max(1, plan.num_workers)
+    allowed = max_tasks_per_reserve(
+        worker_rate, constraints.reservation_timeout_s, constraints.timeout_margin, queue_wait_s(plan, rate)
+    )
+    return max(1, allowed)  # one task at a time is the floor: a worker cannot reserve fewer
+
+
+def _grid(probe: Probe, constraints: PlanConstraints) -> Iterator[LoaderPlan]:
+    """Grid plans, pinned fields fixed. Skips equivalents: more threads than reserved tasks (only
+    the smallest such thread count), prefetch > 1 without workers, pin where it cannot help."""
+    values = _grid_values(constraints)
+    pinned = constraints.pinned
+    for workers in values["num_workers"]:
+        prefetches = values["prefetch_factor"] if workers > 0 or "prefetch_factor" in pinned else (1,)
+        for prefetch in prefetches:
+            for batch in values["batch_size"]:
+                for reserve in values["tasks_per_reserve"]:
+                    for threads in _thread_choices(values["download_threads"], reserve, pinned):
+                        for pin in values["pin_memory"]:
+                            plan = LoaderPlan(reserve, batch, workers, prefetch, pin, threads,
+                                              values["tensor_dtype"][0], "autotune")
+                            if pin and "pin_memory" not in pinned and not _pin_helps(plan, probe, constraints):
+                                continue
+                            yield plan
+
+
+def _grid_values(constraints: PlanConstraints) -> dict[str, tuple]:
+    values: dict[str, tuple] = {
+        "batch_size": BATCH_SIZES,
+        "num_workers": tuple(range(constraints.max_workers + 1)),
+        "prefetch_factor": PREFETCH_FACTORS,
+        "download_threads": DOWNLOAD_THREADS,
+        "tasks_per_reserve": TASKS_PER_RESERVE,
+        "pin_memory": (False, True) if constraints.cuda else (False,),
+        "tensor_dtype": ("uint8",),
+    }
+    for name, value in constraints.pinned.items():
+        values[name] = (value,)
+    return values
+
+
+def _thread_choices(threads: Sequence[int], reserve: int, pinned: Mapping[str, object]) -> Sequence[int]:
+    """Threads beyond the reserved tasks never run: keep only the smallest count >= ``reserve``."""
+    if "download_threads" in pinned:
+        return threads
+    below = [t for t in threads if t < reserve]
+    at_or_above = [t for t in threads if t >= reserve]
+    return below + at_or_above[:1]
+
+
+def _pin_helps(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) -> bool:
+    """CUDA, and the pageable copy is a meaningful share of the batch's inference time."""
+    return constraints.cuda and probe.cuda and transfer_share(plan, probe) >= constraints.min_transfer_share_for_pin
+
+
+def _tie_key(item: _Priced) -> tuple:
+    plan = item.plan
+    return (item.memory.total_bytes, plan.num_workers, plan.tasks_per_reserve, plan.download_threads,
+            plan.prefetch_factor, plan.batch_size, plan.pin_memory)
+
+
+def _minimal_decision(
+    probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float, count: int
+) -> PlanDecision:
+    plan = MINIMAL_PLAN.with_changes(**constraints.pinned, source="minimal")
+    memory = predict_peak(plan, probe, calibration, correction)
+    rate = predict_rate(plan, probe)
+    over = memory.total_bytes - constraints.budget_bytes
+    reasons = [
+        f"nothing fits: the minimal plan's predicted peak {memory.total_bytes / MiB:.0f} MiB is over the "
+        f"budget {constraints.budget_bytes / MiB:.0f} MiB by {over / MiB:.0f} MiB"
+        + (f" ({over / constraints.budget_bytes:.0%})" if constraints.budget_bytes > 0 else ""),
+        f"baseline alone (model loaded) is {probe.baseline_bytes / MiB:.0f} MiB; one decoded image "
+        f"{probe.decoded_bytes_per_image / MiB:.1f} MiB",
+    ]
+    reasons.extend(_pinned_reasons(constraints))
+    decision = PlanDecision(plan, memory, rate, count, False, tuple(reasons), constraints.budget_bytes)
+    log.warning("%s", decision.log_line())
+    return decision
+
+
+def _reasons(
+    plan: LoaderPlan, memory: MemoryEstimate, rate: RateEstimate, probe: Probe,
+    constraints: PlanConstraints, ties: int, best_rate: float,
+) -> tuple[str, ...]:
+    reasons = [
+        f"highest predicted rate that fits: {rate.pipeline_images_per_s:.2f} images/s, bottleneck {rate.bottleneck}",
+        f"predicted peak {memory.total_bytes / MiB:.0f} MiB <= budget {constraints.budget_bytes / MiB:.0f} MiB",
+    ]
+    if ties > 1:
+        reasons.append(f"smallest peak among {ties} plans within {TIE_TOLERANCE:.0%} of the best {best_rate:.2f} images/s")
+    reasons.append(_pin_reason(plan, probe, constraints))
+    allowed = _reserve_allowance(plan, rate, constraints)
+    reasons.append(
+        f"tasks_per_reserve {plan.tasks_per_reserve} (timeout allows {allowed}: "
+        f"{constraints.timeout_margin:.0%} of {constraints.reservation_timeout_s:.0f} s at "
+        f"{rate.pipeline_images_per_s / max(1, plan.num_workers):.2f} images/s per loader worker)"
+    )
+    if plan.tasks_per_reserve > allowed:
+        reasons.append("WARNING: pinned tasks_per_reserve exceeds what the reservation timeout allows")
+    reasons.extend(_pinned_reasons(constraints))
+    return tuple(reasons)
+
+
+def _pin_reason(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) -> str:
+    if "pin_memory" in constraints.pinned:
+        return f"pin_memory={plan.pin_memory} as pinned by the operator"
+    if not (constraints.cuda and probe.cuda):
+        return "pin_memory off: no CUDA"
+    share = transfer_share(plan, probe)
+    if share < constraints.min_transfer_share_for_pin:
+        return f"pin_memory off: host->device copy is {share:.0%} of inference time (< {constraints.min_transfer_share_for_pin:.0%})"
+    return f"pin_memory {'on' if plan.pin_memory else 'off (did not pay for its memory)'}: copy is {share:.0%} of inference time"
+
+
+def _pinned_reasons(constraints: PlanConstraints) -> list[str]:
+    if not constraints.pinned:
+        return []
+    fields_ = ", ".join(f"{name}={value}" for name, value in sorted(constraints.pinned.items()))
+    return [f"pinned by the operator, kept as given: {fields_}"]

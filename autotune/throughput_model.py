@@ -1,0 +1,134 @@
+"""Predicted steady-state images/s of a LoaderPlan: the loader against the inference.
+
+The loader model follows ``worker/ingest.py``. Each loader worker (one "lane"; the main process
+when ``num_workers == 0``) repeats: one reserve round trip, then streams its ``tasks_per_reserve``
+images through ``c = min(download_threads, tasks_per_reserve)`` connections and ONE decoder. The
+stream refills at each reservation, so a reservation of R images takes
+
+    round_trip + download_s + decode_s (the first image) + (R - 1) x max(download_s / c, decode_s)
+
+where one download is ``latency + bytes / bandwidth`` for the median image. Decoding lanes beyond
+``cpu_count`` share cores (decode_s grows by lanes / cpu_count). Inference of a batch of b takes
+``overhead + per_image x b``; pin_memory on CUDA replaces the pageable host->device copy in
+``per_image`` by the pinned one.
+
+Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
+inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) inference is
+timed using all cores, and decoding at the pipeline's rate r takes r x decode_s core-seconds per
+second away from it: inference runs at full x (1 - r x decode_s / cpu_count). All reported rates
+are these effective rates, so ``pipeline = min(loader, inference)`` always holds. Prefetch depth
+does not change a steady-state rate: it only smooths bursts, which this model does not see.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from autotune.plan import LoaderPlan
+from autotune.probe import Probe
+
+log = logging.getLogger(__name__)
+
+# A finite stand-in for "no limit" (a zero-cost step), so every value stays JSON-safe.
+UNLIMITED_PER_S = 1e9
+BOTTLENECKS = ("reserve", "download", "decode", "inference", "cpu", "main_process")
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """Predicted images/s by stage; ``pipeline_images_per_s = min(loader, inference)``.
+
+    ``download`` and ``decode`` are ceilings of that stage alone; ``loader`` combines them with
+    reservation round trips. ``bottleneck`` is one of ``BOTTLENECKS``.
+    """
+
+    download_images_per_s: float
+    decode_images_per_s: float
+    loader_images_per_s: float
+    inference_images_per_s: float
+    pipeline_images_per_s: float
+    bottleneck: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.pipeline_images_per_s:.2f} images/s (bottleneck {self.bottleneck}: "
+            f"download {self.download_images_per_s:.1f}, decode {self.decode_images_per_s:.1f}, "
+            f"loader {self.loader_images_per_s:.1f}, inference {self.inference_images_per_s:.1f})"
+        )
+
+
+def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
+    """Predicted steady-state rates of ``plan`` on ``probe``'s job; see the module docstring."""
+    lanes = max(1, plan.num_workers)
+    connections = min(plan.download_threads, plan.tasks_per_reserve)
+    download_s = probe.download_s_per_image()
+    decode_s = probe.decode_s_per_image * max(1.0, lanes / probe.cpu_count)
+    stream_s = max(download_s / connections, decode_s)
+    fill_s = probe.api_round_trip_s + download_s + decode_s
+    streaming_s = (plan.tasks_per_reserve - 1) * stream_s
+    loader = _per_s(lanes * plan.tasks_per_reserve, fill_s + streaming_s)
+    download = _per_s(lanes * connections, download_s)
+    decode = _per_s(min(lanes, probe.cpu_count), probe.decode_s_per_image)
+    full_inference = _per_s(plan.batch_size, inference_batch_s(plan, probe))
+    if plan.num_workers == 0:
+        inference = 1.0 / (1.0 / loader + 1.0 / full_inference)
+        bottleneck = "main_process"
+    elif not probe.cuda:
+        inference, bottleneck = _cpu_shared_inference(loader, full_inference, probe)
+    else:
+        inference, bottleneck = full_inference, "inference"
+    pipeline = min(loader, inference)
+    if plan.num_workers > 0 and loader < inference:
+        bottleneck = _loader_bottleneck(fill_s, streaming_s, download_s / connections, decode_s)
+    return RateEstimate(download, decode, loader, inference, pipeline, bottleneck)
+
+
+def inference_batch_s(plan: LoaderPlan, probe: Probe) -> float:
+    """Seconds per batch; with pin_memory on CUDA the pinned copy replaces the pageable one."""
+    per_image_s = probe.inference_per_image_s
+    if plan.pin_memory and probe.cuda and probe.pinned_host_to_device_bytes_per_s > 0:
+        saved_s = transfer_s_per_image(plan, probe) - _tensor_bytes(plan, probe) / probe.pinned_host_to_device_bytes_per_s
+        per_image_s = max(0.0, per_image_s - saved_s)
+    return probe.inference_overhead_s + per_image_s * plan.batch_size
+
+
+def transfer_s_per_image(plan: LoaderPlan, probe: Probe) -> float:
+    """Pageable host->device seconds for the median image's tensor (0 without CUDA or a rate)."""
+    if not probe.cuda or probe.host_to_device_bytes_per_s <= 0:
+        return 0.0
+    return _tensor_bytes(plan, probe) / probe.host_to_device_bytes_per_s
+
+
+def transfer_share(plan: LoaderPlan, probe: Probe) -> float:
+    """Fraction of a batch's (unpinned) inference seconds spent on the pageable host->device copy."""
+    batch_s = probe.inference_s(plan.batch_size)
+    copy_s = transfer_s_per_image(plan, probe) * plan.batch_size
+    if copy_s <= 0:
+        return 0.0
+    return min(1.0, copy_s / batch_s) if batch_s > 0 else 1.0
+
+
+def _cpu_shared_inference(loader: float, full_inference: float, probe: Probe) -> tuple[float, str]:
+    """Inference's rate with decoding taking its cores at the pipeline's rate; see module docstring."""
+    core_s = probe.decode_s_per_image / probe.cpu_count
+    shared = 1.0 / (1.0 / full_inference + core_s)
+    rate = min(loader, shared)
+    inference = full_inference * max(0.0, 1.0 - rate * core_s)
+    return inference, ("inference" if inference >= 0.95 * full_inference else "cpu")
+
+
+def _loader_bottleneck(fill_s: float, stream_s: float, download_step_s: float, decode_s: float) -> str:
+    if fill_s > stream_s:
+        return "reserve"  # round trip + refill per reservation outweighs streaming its images
+    return "download" if download_step_s >= decode_s else "decode"
+
+
+def _tensor_bytes(plan: LoaderPlan, probe: Probe) -> int:
+    return probe.median_decoded_bytes * (4 if plan.tensor_dtype == "float32" else 1)
+
+
+def _per_s(count: float, seconds: float) -> float:
+    return min(UNLIMITED_PER_S, count / seconds) if seconds > 0 else UNLIMITED_PER_S
