@@ -6,6 +6,8 @@ pixel grid. The decoder choice was measured: see docs/benchmarks.md ("JPEG decod
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import logging
 import time
@@ -22,6 +24,30 @@ JPEG_MAGIC = b"\xff\xd8"
 CHUNK_BYTES = 1 << 20
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+_mmap_threshold_fixed = False
+
+
+def fix_mmap_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Make glibc serve allocations over ``threshold_bytes`` with mmap, always.
+
+    By default glibc raises its mmap threshold after the first large free (up to 32 MiB), so
+    later 24 MB JPEG buffers and 36 MiB decoded images land on the heap, and freed heap is only
+    trimmed past twice that: tens of MiB per process stay resident after each large image.
+    A fixed threshold returns each large buffer to the OS when it is freed. No-op off glibc.
+    """
+    global _mmap_threshold_fixed
+    if _mmap_threshold_fixed:
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _mmap_threshold_fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
+    return _mmap_threshold_fixed
+
+
 class ImageError(Exception):
     """One image cannot be used; the message becomes that image's error result."""
 
@@ -34,7 +60,7 @@ class DecodedImage:
     decode_s: float
 
 
-def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float) -> bytes:
+def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float) -> bytearray:
     """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``."""
     try:
         with session.get(url, stream=True, timeout=timeout_s) as response:
@@ -48,14 +74,15 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
                 body += chunk
                 if len(body) > max_bytes:
                     raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}")
+                del chunk
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
         raise ImageError(f"download failed: {type(error).__name__} for {url}") from None
     if not body:
         raise ImageError(f"download returned an empty body for {url}")
-    return bytes(body)
+    return body  # a bytearray: decoders take it as is, and a bytes() copy would double the peak
 
 
-def decode(data: bytes, *, max_pixels: int, shared: bool = False) -> DecodedImage:
+def decode(data: bytes | bytearray, *, max_pixels: int, shared: bool = False) -> DecodedImage:
     """Decode to a uint8 CHW tensor; refuses images over ``max_pixels`` before allocating them.
 
     With ``shared=True`` (inside DataLoader worker processes) JPEGs decode straight into a

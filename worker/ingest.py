@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autotune.plan import LoaderPlan
 from worker.antenna import AntennaClient, AntennaError
-from worker.imaging import ImageError, decode, download, image_session
+from worker.imaging import ImageError, decode, download, fix_mmap_threshold, image_session
 from worker.schema import Task
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class TaskStream(IterableDataset):
     def __iter__(self) -> Iterator[LoadedImage]:
         info = get_worker_info()
         worker_id = info.id if info is not None else -1
+        fix_mmap_threshold()
         in_worker = info is not None
         client = AntennaClient(
             self.source.base_url, self.source.token,
@@ -177,7 +178,12 @@ class TaskStream(IterableDataset):
                 if self.control.stop.value == ABANDON:
                     return
                 task, future = pending.popleft()
-                yield self._load(task, future, worker_id, in_worker)
+                item = self._load(task, future, worker_id, in_worker)
+                # Drop our references before suspending: a suspended generator frame would
+                # otherwise keep the last compressed JPEG (24 MB for a large image) alive.
+                del future
+                yield item
+                del item
                 self.control.produced[worker_id + 1] += 1
                 produced_in_batch = (produced_in_batch + 1) % self.plan.batch_size
 
@@ -241,6 +247,7 @@ class Loader:
         self.plan = plan
         self.source = source
         self._context = multiprocessing.get_context(start_method)
+        fix_mmap_threshold()
         self.control = SharedControl(plan, self._context)
         self.dataset = TaskStream(source, plan, self.control)
         extra: dict[str, Any] = {}

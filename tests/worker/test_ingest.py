@@ -1,0 +1,116 @@
+"""Ingest against the real local server: real DataLoader workers, real downloads, real decode."""
+from __future__ import annotations
+
+import gc
+import os
+
+import psutil
+import pytest
+import torch
+
+from autotune.plan import LoaderPlan
+from tests.conftest import TOKEN
+from worker.ingest import IngestSource, Loader
+
+FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
+
+
+def plan(**changes) -> LoaderPlan:
+    base = LoaderPlan(tasks_per_reserve=4, batch_size=4, num_workers=0, prefetch_factor=2,
+                      pin_memory=False, download_threads=2)
+    return base.with_changes(**changes)
+
+
+def source(server, job_id: int, **kwargs) -> IngestSource:
+    return IngestSource(base_url=server.base_url, token=TOKEN, job_id=job_id, api_max_attempts=3,
+                        image_timeout_s=10.0, **kwargs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_task_arrives_once_and_faults_become_error_items(antenna, tiny_images, num_workers):
+    images = tiny_images[:16]
+    faults = {images[i].image_id: kind for i, kind in enumerate(FAULTS)}
+    job = antenna.add_job(images, "synthetic-moths", image_faults=faults)
+    with Loader(source(antenna, job, max_image_pixels=50_000_000), plan(num_workers=num_workers)) as loader:
+        items = [item for batch in loader for item in batch.items]
+        stranded = loader.stranded()
+    assert sorted(i.task.image_id for i in items) == sorted(i.image_id for i in images)
+    errors = {i.task.image_id: i.error for i in items if i.image is not None and False or i.error}
+    assert set(errors) == set(faults)
+    assert "HTTP 404" in errors[images[0].image_id]
+    assert "decompression-bomb" in errors[images[6].image_id]
+    assert "HTML" in errors[images[4].image_id]
+    ok = [i for i in items if i.error is None]
+    assert all(i.image.dtype == torch.uint8 and i.image.shape == (3, 480, 640) for i in ok)
+    assert stranded == []
+    assert {i.worker_id for i in items} == ({-1} if num_workers == 0 else {0, 1})
+
+
+@pytest.mark.timeout(120)
+def test_loader_workers_reserve_at_most_tasks_per_reserve(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:12], "synthetic-moths")
+    with Loader(source(antenna, job), plan(num_workers=2, tasks_per_reserve=3, batch_size=2)) as loader:
+        count = sum(len(batch.items) for batch in loader)
+    sizes = [r["batch_size"] for r in antenna.reservations if r["job_id"] == job]
+    assert count == 12 and sizes and set(sizes) == {3}
+
+
+@pytest.mark.timeout(120)
+def test_credit_bounds_decoded_images_waiting(antenna, tiny_images):
+    """With prefetch depth 1, a worker never has more than one batch waiting unconsumed."""
+    job = antenna.add_job(tiny_images[:24], "synthetic-moths")
+    with Loader(source(antenna, job), plan(num_workers=1, tasks_per_reserve=24, batch_size=2,
+                                           prefetch_factor=4)) as loader:
+        loader.control.prefetch_depth.value = 1
+        waiting = []
+        for batch in loader:
+            waiting.append(loader.control.produced[1] - loader.control.consumed[1])
+            import time
+            time.sleep(0.05)  # let the worker run ahead as far as credit allows
+    assert sum(1 for _ in waiting) == 12
+    assert max(waiting) <= 2 * 1  # batch_size x depth
+
+
+@pytest.mark.timeout(120)
+def test_stop_reserving_drains_without_stranding(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:30], "synthetic-moths")
+    with Loader(source(antenna, job), plan(num_workers=2, tasks_per_reserve=2, batch_size=2)) as loader:
+        received = 0
+        for batch in loader:
+            received += len(batch.items)
+            loader.stop_reserving()
+        stranded = loader.stranded()
+    report = antenna.report(job)
+    assert stranded == []
+    assert received == report.delivered < 30
+
+
+def _tree_pss_bytes() -> int:
+    me = psutil.Process()
+    total = 0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total
+
+
+@pytest.mark.timeout(300)
+def test_one_batch_of_four_large_images_costs_at_most_4x40_mib(antenna, large_images):
+    """uint8 decode: a held batch of 4 decoded 4096x3072 images stays under 4 x 40 MiB of PSS."""
+    job = antenna.add_job(large_images, "synthetic-moths")
+    with Loader(source(antenna, job), plan(num_workers=0, batch_size=4, tasks_per_reserve=4,
+                                           download_threads=1)) as loader:
+        gc.collect()
+        baseline_bytes = _tree_pss_bytes()
+        batch = next(iter(loader))
+        gc.collect()
+        held_bytes = _tree_pss_bytes() - baseline_bytes
+        assert len(batch.items) == 4 and all(i.error is None for i in batch.items)
+        decoded_bytes = batch.image_bytes
+        assert decoded_bytes == 4 * 4096 * 3072 * 3
+        print(f"held {held_bytes / 2**20:.1f} MiB for {decoded_bytes / 2**20:.1f} MiB decoded")
+        assert held_bytes <= 4 * 40 * 1024 * 1024, f"held {held_bytes / 2**20:.1f} MiB"
+        del batch
