@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -284,7 +285,11 @@ class TorchScriptPipeline(Pipeline):
         super().__init__(device, **kwargs)  # type: ignore[arg-type]
         self.slug = slug
         self.path = path
-        self.model = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():
+            # torch >= 2.13 deprecates TorchScript in favour of torch.export, but deployed
+            # models are TorchScript files; loading them is still supported.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=DeprecationWarning)
+            self.model = torch.jit.load(str(path), map_location=device).eval()
 
     @torch.no_grad()
     def infer(self, images: Sequence[torch.Tensor]) -> list[list[Detection]]:

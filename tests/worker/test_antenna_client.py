@@ -1,0 +1,96 @@
+"""The API client against the real local server: contract calls, retries, token hygiene."""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from tests.conftest import TOKEN
+from worker.antenna import AntennaClient, AntennaRejected, AntennaUnavailable
+from worker.backoff import backoff_delay_s
+
+
+def client_for(server, sleeps: list[float] | None = None, **kwargs) -> AntennaClient:
+    sleep = sleeps.append if sleeps is not None else (lambda s: None)
+    return AntennaClient(server.base_url, TOKEN, timeout_s=5.0, sleep=sleep, **kwargs)
+
+
+def test_backoff_is_bounded_exponential_with_jitter_and_honours_retry_after():
+    rng = random.Random(1)
+    delays = [backoff_delay_s(n, base_s=0.5, cap_s=8.0, rng=rng) for n in range(1, 12)]
+    assert all(0 <= d <= min(8.0, 0.5 * 2 ** (n - 1)) for n, d in zip(range(1, 12), delays))
+    assert len(set(delays)) == len(delays)
+    assert backoff_delay_s(3, retry_after_s=2.5) == 2.5
+    assert backoff_delay_s(3, retry_after_s=99.0, cap_s=30.0) == 30.0
+
+
+@pytest.mark.timeout(30)
+def test_list_reserve_post_register(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:3], "synthetic-moths")
+    client = client_for(antenna)
+    jobs = client.list_jobs(["synthetic-moths"])
+    assert [(j.id, j.pipeline_slug) for j in jobs] == [(job, "synthetic-moths")]
+    assert client.list_jobs(["other"]) == []
+    tasks = client.reserve_tasks(job, 2, {"hostname": "h"})
+    assert len(tasks) == 2 and tasks[0].reply_subject.startswith("$JS.ACK.")
+    assert antenna.reservations[-1]["client_info"] == {"hostname": "h"}
+    items = [{"reply_subject": t.reply_subject, "result": {"error": "x", "image_id": t.image_id}} for t in tasks]
+    body = client.post_results(job, items)
+    assert body["status"] == "accepted" and body["results_queued"] == 2
+    projects = client.list_projects()
+    client.register_pipelines(int(projects[0]["id"]), "svc", [{
+        "name": "n", "slug": "s", "version": 1, "algorithms": [{"name": "a", "key": "k", "task_type": "detection"}]}])
+    assert antenna.registered and antenna.registered[0]["processing_service_name"].startswith("svc (")
+
+
+@pytest.mark.timeout(30)
+def test_429_and_503_bursts_are_retried_with_retry_after(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:2], "synthetic-moths")
+    sleeps: list[float] = []
+    client = client_for(antenna, sleeps, max_attempts=5)
+    antenna.set_faults("tasks", [503, 429, 503], retry_after_s=0.7)
+    tasks = client.reserve_tasks(job, 2)
+    assert len(tasks) == 2 and len(sleeps) == 3 and 0.7 in sleeps
+    antenna.set_faults("result", [502, 429], retry_after_s=0.2)
+    client.post_results(job, [{"reply_subject": t.reply_subject,
+                               "result": {"error": "e", "image_id": t.image_id}} for t in tasks])
+    assert len(sleeps) == 5 and antenna.report(job).results_error == 2
+
+
+@pytest.mark.timeout(30)
+def test_gives_up_after_max_attempts_and_400_is_not_retried(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:1], "synthetic-moths")
+    sleeps: list[float] = []
+    client = client_for(antenna, sleeps, max_attempts=3)
+    antenna.set_faults("tasks", [503] * 3)
+    with pytest.raises(AntennaUnavailable):
+        client.reserve_tasks(job, 1)
+    assert len(sleeps) == 2
+    with pytest.raises(AntennaRejected) as rejected:
+        client.reserve_tasks(job, 0)
+    assert rejected.value.status == 400 and len(sleeps) == 2
+
+
+@pytest.mark.timeout(30)
+def test_connection_refused_is_retried_then_unavailable(antenna):
+    port = antenna.port
+    antenna.stop()
+    sleeps: list[float] = []
+    client = AntennaClient(f"http://127.0.0.1:{port}/api/v2", TOKEN, timeout_s=1.0, max_attempts=3,
+                           sleep=sleeps.append)
+    with pytest.raises(AntennaUnavailable):
+        client.list_jobs(["x"])
+    assert len(sleeps) == 2
+
+
+@pytest.mark.timeout(30)
+def test_wrong_token_is_rejected_401_and_token_never_logged(antenna, caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(AntennaRejected) as rejected:
+        AntennaClient(antenna.base_url, "wrong-token-value", sleep=lambda s: None).list_jobs(["x"])
+    assert rejected.value.status == 401
+    antenna.set_faults("jobs", [503, 503])
+    client_for(antenna).list_jobs(["x"])
+    assert "wrong-token-value" not in caplog.text and TOKEN not in caplog.text
+    assert "retry in" in caplog.text
