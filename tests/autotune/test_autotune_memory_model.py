@@ -1,0 +1,205 @@
+"""The memory model's components, its calibration file and the per-pipeline correction store."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from autotune import memory_model
+from autotune.memory_model import (
+    CorrectionStore,
+    MemoryCalibration,
+    compare_table,
+    load_calibration,
+    predict_peak,
+    save_calibration,
+)
+from autotune.plan import LoaderPlan
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+BATCH_TERMS = ("prefetch_queue_bytes", "pinned_bytes", "inference_batch_bytes")
+FIXED_TERMS = ("baseline_bytes", "loader_workers_bytes", "inflight_downloads_bytes", "decode_scratch_bytes")
+
+
+def plan(**changes) -> LoaderPlan:
+    values = dict(tasks_per_reserve=8, batch_size=4, num_workers=2, prefetch_factor=2,
+                  pin_memory=True, download_threads=4)
+    values.update(changes)
+    return LoaderPlan(**values)
+
+
+def test_components_add_up_to_the_total(make_probe, calibration):
+    estimate = predict_peak(plan(), make_probe(cuda=True), calibration, correction=1.25)
+    parts = [getattr(estimate, name) for name in FIXED_TERMS + BATCH_TERMS]
+    assert estimate.raw_total_bytes == sum(parts)
+    assert estimate.total_bytes == round(sum(parts) * 1.25)
+    assert estimate.correction == 1.25
+
+
+def test_components_by_hand(make_probe, calibration):
+    probe = make_probe(cuda=True)
+    image = probe.decoded_bytes_per_image
+    e = predict_peak(plan(), probe, calibration)
+    assert e.baseline_bytes == probe.baseline_bytes
+    assert e.loader_workers_bytes == 2 * probe.worker_process_bytes
+    assert e.inflight_downloads_bytes == 2 * 4 * probe.max_jpeg_bytes * 2
+    assert e.decode_scratch_bytes == 2 * image
+    assert e.prefetch_queue_bytes == 2 * (2 + 1) * 4 * image
+    assert e.pinned_bytes == (2 * 2 + 1) * 4 * image
+    assert e.inference_batch_bytes == 4 * image  # CUDA: float copy and activations live on the device
+
+
+def test_batch_terms_scale_linearly_with_batch(make_probe, calibration):
+    for probe in (make_probe(), make_probe(cuda=True)):
+        small = predict_peak(plan(batch_size=4), probe, calibration)
+        large = predict_peak(plan(batch_size=8), probe, calibration)
+        for name in BATCH_TERMS:
+            assert getattr(large, name) == 2 * getattr(small, name), name
+        for name in FIXED_TERMS:
+            assert getattr(large, name) == getattr(small, name), name
+
+
+def test_each_prefetch_step_adds_one_batch_per_worker(make_probe, calibration):
+    probe = make_probe(cuda=True)
+    batch_bytes = 4 * probe.decoded_bytes_per_image
+    by_prefetch = [predict_peak(plan(prefetch_factor=p, num_workers=3), probe, calibration) for p in (1, 2, 3, 4)]
+    for before, after in zip(by_prefetch, by_prefetch[1:]):
+        assert after.prefetch_queue_bytes - before.prefetch_queue_bytes == 3 * batch_bytes
+        assert after.pinned_bytes - before.pinned_bytes == 3 * batch_bytes
+        assert after.inference_batch_bytes == before.inference_batch_bytes
+
+
+def test_no_workers_means_no_processes_and_no_queue(make_probe, calibration):
+    e = predict_peak(plan(num_workers=0, prefetch_factor=4), make_probe(), calibration)
+    assert e.loader_workers_bytes == 0
+    assert e.prefetch_queue_bytes == 0
+    assert e.decode_scratch_bytes == make_probe().decoded_bytes_per_image  # the main process decodes
+
+
+def test_pin_memory_costs_nothing_without_cuda(make_probe, calibration):
+    assert predict_peak(plan(pin_memory=True), make_probe(), calibration).pinned_bytes == 0
+    assert predict_peak(plan(pin_memory=True), make_probe(cuda=True), calibration).pinned_bytes > 0
+
+
+def test_cpu_inference_holds_float_copy_and_activations(make_probe, calibration):
+    cpu = predict_peak(plan(), make_probe(), calibration)
+    gpu = predict_peak(plan(), make_probe(cuda=True), calibration)
+    extra = cpu.inference_batch_bytes - gpu.inference_batch_bytes
+    assert extra == 4 * calibration.model_input_pixels * calibration.inference_bytes_per_input_pixel
+
+
+def test_float32_tensors_are_four_times_larger(make_probe, calibration):
+    probe = make_probe(cuda=True)
+    u8 = predict_peak(plan(), probe, calibration)
+    f32 = predict_peak(plan(tensor_dtype="float32"), probe, calibration)
+    for name in BATCH_TERMS:
+        assert getattr(f32, name) == 4 * getattr(u8, name)
+
+
+def test_adc_defaults_on_large_images_blow_past_the_reported_oom(make_probe, calibration, large_images):
+    # The failure story: 24 MB 4096x3072 JPEGs, float32, 24 per fetch, prefetch 4, pinned, 4 workers,
+    # OOM-killed on a 68 GB host. The model must predict more than that.
+    adc = LoaderPlan(24, 24, 4, 4, True, 8, tensor_dtype="float32")
+    estimate = predict_peak(adc, make_probe(cuda=True, **large_images), calibration)
+    assert estimate.total_bytes > 68e9
+    assert estimate.prefetch_queue_bytes / 4 > 15 * GiB  # per loader worker, before pinned copies
+
+
+def test_table_lists_components_mib_and_share(make_probe, calibration):
+    estimate = predict_peak(plan(), make_probe(cuda=True), calibration)
+    table = estimate.table()
+    lines = table.splitlines()
+    assert len(lines) == 1 + 7 + 1
+    assert len({len(line.rstrip()) for line in lines[1:-1]}) == 1  # fixed width
+    assert f"{estimate.baseline_bytes / MiB:.1f}" in lines[1]
+    assert f"{estimate.total_bytes / MiB:.1f}" in lines[-1]
+    shares = [float(line.split()[-1].rstrip("%")) for line in lines[1:-1]]
+    assert sum(shares) == pytest.approx(100.0, abs=0.5)
+
+
+def test_compare_table_shows_both_side_by_side(make_probe, calibration):
+    probe = make_probe(cuda=True)
+    a = predict_peak(plan(), probe, calibration)
+    b = predict_peak(plan(batch_size=24, prefetch_factor=4), probe, calibration)
+    text = compare_table(a, b, ("recommended", "current"))
+    assert "recommended MiB" in text.splitlines()[0] and "current MiB" in text.splitlines()[0]
+    last = text.splitlines()[-1]
+    assert f"{a.total_bytes / MiB:.1f}" in last and f"{b.total_bytes / MiB:.1f}" in last
+
+
+def test_committed_calibration_keys_are_the_dataclass_fields():
+    data = json.loads(memory_model.DEFAULT_CALIBRATION_PATH.read_text())
+    assert set(data) == {f.name for f in fields(MemoryCalibration)}
+    assert {"measured_by", "measured_on"} <= set(data)
+    calibration = load_calibration()
+    assert calibration.worker_process_bytes > 0 and calibration.model_input_pixels > 0
+
+
+def test_calibration_round_trip_and_strict_keys(tmp_path, calibration):
+    path = save_calibration(calibration, tmp_path / "calibration.json")
+    assert load_calibration(path) == calibration
+    data = calibration.as_dict()
+    with pytest.raises(ValueError, match="missing \\['worker_process_bytes'\\]"):
+        MemoryCalibration.from_dict({k: v for k, v in data.items() if k != "worker_process_bytes"})
+    with pytest.raises(ValueError, match="unknown \\['surprise'\\]"):
+        MemoryCalibration.from_dict({**data, "surprise": 1})
+
+
+def test_correction_store_defaults_then_learns_by_ema(tmp_path):
+    store = CorrectionStore(tmp_path / "c.json", alpha=0.3)
+    assert store.get("moths") == 1.0
+    assert store.update("moths", predicted_bytes=1000, observed_bytes=1200) == pytest.approx(1.2)  # first job sets it
+    assert store.update("moths", predicted_bytes=1000, observed_bytes=800) == pytest.approx(0.7 * 1.2 + 0.3 * 0.8)
+    assert store.get("moths") == pytest.approx(1.08)
+    assert store.jobs("moths") == 2
+    assert store.get("other") == 1.0
+
+
+def test_correction_store_clamps(tmp_path):
+    store = CorrectionStore(tmp_path / "c.json")
+    assert store.update("a", 100, 1000) == 3.0
+    assert store.update("b", 1000, 100) == 0.5
+    for _ in range(5):
+        store.update("a", 100, 10_000)
+    assert store.get("a") == 3.0
+
+
+def test_correction_store_persists_atomically(tmp_path):
+    path = tmp_path / "nested" / "corrections.json"
+    CorrectionStore(path).update("moths", 1000, 1500)
+    assert CorrectionStore(path).get("moths") == pytest.approx(1.5)
+    assert json.loads(path.read_text()) == {"pipelines": {"moths": {"correction": 1.5, "jobs": 1}}}
+    assert [p.name for p in path.parent.iterdir()] == ["corrections.json"]  # no temporary left
+
+
+def test_correction_store_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "corrections.json"
+    store = CorrectionStore(path)
+    store.update("moths", 1000, 1500)
+    before = path.read_text()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(memory_model.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        store.update("moths", 1000, 500)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["corrections.json"]
+
+
+def test_correction_store_survives_a_corrupt_file_and_ignores_bad_inputs(tmp_path):
+    path = tmp_path / "corrections.json"
+    path.write_text("{not json")
+    store = CorrectionStore(path)
+    assert store.get("moths") == 1.0
+    assert store.update("moths", 0, 100) == 1.0
+    assert store.update("moths", 1000, 2000) == pytest.approx(2.0)
+    assert CorrectionStore(path).get("moths") == pytest.approx(2.0)
+
+
+def test_default_correction_path_is_under_user_data():
+    assert memory_model.default_correction_path(Path("/data/AMI")) == Path("/data/AMI/autotune/memory_corrections.json")

@@ -1,0 +1,141 @@
+"""Probe.from_samples: summaries and the inference / download fits, from synthetic timings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autotune.probe import ImageSample, InferenceSample, Probe, fit_download, fit_inference, fit_line
+
+MiB = 1024 * 1024
+
+
+def images(*sizes: tuple[int, int, int], latency_s: float = 0.3, bytes_per_s: float = 1e6,
+           first_byte: bool = True) -> list[ImageSample]:
+    return [
+        ImageSample(jpeg, w, h, latency_s + jpeg / bytes_per_s, 0.01 * (i + 1),
+                    first_byte_s=latency_s if first_byte else None)
+        for i, (jpeg, w, h) in enumerate(sizes)
+    ]
+
+
+def probe_from(image_samples, inference_samples, **options) -> Probe:
+    options.setdefault("worker_process_bytes", 250 * MiB)
+    return Probe.from_samples(image_samples, inference_samples, baseline_bytes=2 * 1024 * MiB,
+                              cpu_count=2, cuda=False, **options)
+
+
+def test_inference_fit_recovers_overhead_and_per_image_cost():
+    samples = [InferenceSample(b, 0.05 + 0.02 * b) for b in (1, 2, 4, 8)]
+    overhead_s, per_image_s = fit_inference(samples)
+    assert overhead_s == pytest.approx(0.05)
+    assert per_image_s == pytest.approx(0.02)
+
+
+def test_inference_fit_is_least_squares_on_noisy_timings():
+    # noisy timings around 0.1 + 0.03 b; by hand: Sxy = 0.13, Sxx = 5 -> slope 0.026, intercept 0.175 - 2.5 x 0.026
+    samples = [InferenceSample(1, 0.14), InferenceSample(2, 0.15), InferenceSample(3, 0.20), InferenceSample(4, 0.21)]
+    overhead_s, per_image_s = fit_inference(samples)
+    assert per_image_s == pytest.approx(0.026, abs=1e-9)
+    assert overhead_s == pytest.approx(0.11, abs=1e-9)
+
+
+def test_one_batch_size_gives_zero_overhead():
+    overhead_s, per_image_s = fit_inference([InferenceSample(4, 0.8), InferenceSample(4, 1.2)])
+    assert overhead_s == 0.0
+    assert per_image_s == pytest.approx(0.25)
+
+
+def test_fit_clamps_negative_slope_and_negative_intercept():
+    # bigger batches measured faster (noise): per-image 0, overhead the mean
+    assert fit_line([1.0, 2.0], [0.5, 0.3]) == (pytest.approx(0.4), 0.0)
+    # a free fit would give intercept -0.1: refit through the origin instead
+    intercept, slope = fit_line([1.0, 2.0, 3.0], [0.1, 0.3, 0.5])
+    assert intercept == 0.0
+    assert slope == pytest.approx((0.1 + 0.6 + 1.5) / 14)
+
+
+def test_image_summary_is_conservative_for_memory():
+    sample = images((1_000_000, 4000, 1000), (3_000_000, 1000, 4000), (2_000_000, 2000, 2000))
+    probe = probe_from(sample, [InferenceSample(1, 0.1)])
+    assert probe.sample_count == 3
+    assert (probe.median_jpeg_bytes, probe.max_jpeg_bytes) == (2_000_000, 3_000_000)
+    assert (probe.median_width, probe.max_width) == (2000, 4000)
+    assert (probe.median_height, probe.max_height) == (2000, 4000)
+    # the largest IMAGE (12 Mpx), not max width x max height (16 Mpx)
+    assert probe.decoded_bytes_per_image == 4000 * 1000 * 3
+    assert probe.decode_s_per_image == pytest.approx(0.02)  # median
+
+
+def test_download_from_time_to_first_byte():
+    sample = images((1_500_000, 2048, 1536), (1_500_000, 2048, 1536), latency_s=0.3, bytes_per_s=1e6)
+    probe = probe_from(sample, [InferenceSample(1, 0.1)])
+    assert probe.download_latency_s == pytest.approx(0.3)
+    assert probe.download_bytes_per_s == pytest.approx(1e6)
+    assert probe.download_s_per_image() == pytest.approx(1.8)
+    assert probe.api_round_trip_s == pytest.approx(0.3)  # defaults to the download latency
+
+
+def test_download_fitted_over_sizes_without_first_byte():
+    sample = images((500_000, 1, 1), (1_500_000, 1, 1), (3_000_000, 1, 1), latency_s=0.2, bytes_per_s=2e6,
+                    first_byte=False)
+    latency_s, bytes_per_s, how = fit_download(sample)
+    assert latency_s == pytest.approx(0.2)
+    assert bytes_per_s == pytest.approx(2e6)
+    assert "fitted" in how
+
+
+def test_download_with_similar_sizes_charges_all_time_to_bandwidth():
+    sample = images((1_500_000, 1, 1), (1_600_000, 1, 1), latency_s=0.2, bytes_per_s=2e6, first_byte=False)
+    latency_s, bytes_per_s, how = fit_download(sample)
+    assert latency_s == 0.0
+    assert bytes_per_s == pytest.approx(3_100_000 / (0.4 + 3_100_000 / 2e6))
+    assert "not separable" in how
+
+
+def test_a_separately_measured_latency_wins():
+    sample = images((1_000_000, 1, 1), latency_s=0.5, bytes_per_s=1e6, first_byte=True)
+    probe = probe_from(sample, [InferenceSample(1, 0.1)], download_latency_s=0.25, api_round_trip_s=0.05)
+    assert probe.download_latency_s == 0.25
+    assert probe.download_bytes_per_s == pytest.approx(1_000_000 / 1.25)
+    assert probe.api_round_trip_s == 0.05
+
+
+def test_worker_process_bytes_from_calibration_unless_measured(calibration):
+    sample = images((1_000_000, 10, 10))
+    measured = probe_from(sample, [InferenceSample(1, 0.1)], worker_process_bytes=123)
+    assert measured.worker_process_bytes == 123
+    calibrated = Probe.from_samples(sample, [InferenceSample(1, 0.1)], baseline_bytes=1, cpu_count=1,
+                                    cuda=False, calibration=calibration)
+    assert calibrated.worker_process_bytes == calibration.worker_process_bytes
+    assert any("calibration" in note for note in calibrated.notes)
+
+
+def test_transfer_rates_only_with_cuda():
+    sample = images((1_000_000, 10, 10))
+    cpu = probe_from(sample, [InferenceSample(1, 0.1)])
+    assert (cpu.host_to_device_bytes_per_s, cpu.pinned_host_to_device_bytes_per_s) == (0.0, 0.0)
+    gpu = Probe.from_samples(sample, [InferenceSample(1, 0.1)], baseline_bytes=1, cpu_count=1, cuda=True,
+                             worker_process_bytes=1, host_to_device_bytes_per_s=5e9)
+    assert gpu.host_to_device_bytes_per_s == 5e9
+    assert gpu.pinned_host_to_device_bytes_per_s > 5e9  # assumed typical pinned rate
+
+
+def test_as_dict_is_json_and_describe_shows_the_numbers():
+    sample = images((24_000_000, 4096, 3072), (24_000_000, 4096, 3072))
+    inference = [InferenceSample(1, 0.25), InferenceSample(4, 0.85)]
+    probe = probe_from(sample, inference, reservation_timeout_s=120.0)
+    data = json.loads(json.dumps(probe.as_dict()))
+    assert data["decoded_bytes_per_image"] == 4096 * 3072 * 3
+    assert data["reservation_timeout_s"] == 120.0
+    assert Probe(**{**data, "notes": tuple(data["notes"])}) == probe
+    text = probe.describe()
+    assert "4096x3072" in text and "0.0500 s per batch + 0.2000 s per image" in text
+    assert "36.0 MiB" in text and "0.300 s" in text
+
+
+def test_empty_samples_are_refused():
+    with pytest.raises(ValueError, match="ImageSample"):
+        probe_from([], [InferenceSample(1, 0.1)])
+    with pytest.raises(ValueError, match="InferenceSample"):
+        probe_from(images((1, 1, 1)), [])
