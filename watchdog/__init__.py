@@ -2,3 +2,23 @@
 
 Imports nothing from ``worker`` or ``autotune``.
 """
+from watchdog.governor import Decision, FetchLimits, Governor, GovernorConfig
+from watchdog.heap import trim_heap
+from watchdog.limits import CgroupPaths, Limits, find_cgroup, owns_cgroup, read_limits
+from watchdog.sampler import MemorySnapshot, Sampler, sample_tree
+
+__all__ = [
+    "CgroupPaths",
+    "Decision",
+    "FetchLimits",
+    "Governor",
+    "GovernorConfig",
+    "Limits",
+    "MemorySnapshot",
+    "Sampler",
+    "find_cgroup",
+    "owns_cgroup",
+    "read_limits",
+    "sample_tree",
+    "trim_heap",
+]
