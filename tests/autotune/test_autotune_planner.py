@@ -1,0 +1,230 @@
+"""Planner properties: within budget, monotone in budget, pin only with CUDA, timeout-bounded reserves."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from autotune.memory_model import predict_peak
+from autotune.plan import MINIMAL_PLAN, LoaderPlan
+from autotune.planner import (
+    BATCH_SIZES,
+    DOWNLOAD_THREADS,
+    PREFETCH_FACTORS,
+    TASKS_PER_RESERVE,
+    TIE_TOLERANCE,
+    PlanConstraints,
+    budget_bytes,
+    choose_plan,
+    max_tasks_per_reserve,
+    plan_options,
+    queue_wait_s,
+)
+from autotune.throughput_model import predict_rate
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def constraints_for(probe, budget: int, **options) -> PlanConstraints:
+    return PlanConstraints.from_probe(probe, budget, **options)
+
+
+def allowed_reserve(plan: LoaderPlan, probe, constraints: PlanConstraints) -> int:
+    rate = predict_rate(plan, probe)
+    worker_rate = rate.pipeline_images_per_s / max(1, plan.num_workers)
+    return max(1, max_tasks_per_reserve(worker_rate, constraints.reservation_timeout_s,
+                                        constraints.timeout_margin, queue_wait_s(plan, rate)))
+
+
+def random_probe(rng: random.Random, make_probe):
+    width, height = rng.choice([(1024, 768), (2048, 1536), (4096, 3072), (6000, 4000)])
+    jpeg = int(width * height * 3 * rng.uniform(0.05, 0.7))
+    cuda = rng.random() < 0.5
+    return make_probe(
+        cuda=cuda, cpu_count=rng.randint(1, 4),
+        median_width=width, max_width=width, median_height=height, max_height=height,
+        decoded_bytes_per_image=width * height * 3, median_decoded_bytes=width * height * 3,
+        median_jpeg_bytes=jpeg, max_jpeg_bytes=jpeg,
+        download_latency_s=rng.uniform(0.0, 0.5), download_bytes_per_s=rng.uniform(3e5, 2e8),
+        decode_s_per_image=rng.uniform(0.002, 0.2), inference_overhead_s=rng.uniform(0.0, 0.3),
+        inference_per_image_s=rng.uniform(0.002, 0.5), api_round_trip_s=rng.uniform(0.0, 0.5),
+        baseline_bytes=int(rng.uniform(0.3, 3.0) * GiB), reservation_timeout_s=rng.choice([30.0, 120.0, 300.0]),
+    )
+
+
+def test_budget_is_limit_minus_reserve_times_safety():
+    assert budget_bytes(8 * GiB) == int(7 * GiB * 0.85)
+    assert budget_bytes(8 * GiB, reserve_bytes=2 * GiB, safety_factor=0.5) == 3 * GiB
+    assert budget_bytes(512 * MiB) == 0
+
+
+def test_tasks_per_reserve_rule():
+    assert max_tasks_per_reserve(2.0, 300.0) == 300  # 150 s x 2 images/s
+    assert max_tasks_per_reserve(2.0, 300.0, timeout_margin=0.5, queue_wait_s=50.0) == 200
+    assert max_tasks_per_reserve(0.5, 300.0, timeout_margin=0.25) == 37
+    assert max_tasks_per_reserve(0.001, 300.0) == 0  # not even one fits
+    assert max_tasks_per_reserve(5.0, 10.0, queue_wait_s=10.0) == 0
+
+
+def test_random_probes_respect_budget_timeout_pin_and_monotonicity(make_probe, calibration):
+    rng = random.Random(20261125)
+    for _ in range(25):
+        probe = random_probe(rng, make_probe)
+        budgets = sorted(int(probe.baseline_bytes + rng.uniform(-0.5, 12) * GiB) for _ in range(4))
+        previous_rate = 0.0
+        for budget in budgets:
+            constraints = constraints_for(probe, max(0, budget))
+            decision = choose_plan(probe, constraints, calibration)
+            plan = decision.plan
+            if decision.fits:
+                assert decision.memory.total_bytes <= constraints.budget_bytes
+                assert decision.memory == predict_peak(plan, probe, calibration)
+            else:
+                assert plan == MINIMAL_PLAN
+                assert decision.memory.total_bytes > constraints.budget_bytes
+            if not probe.cuda:
+                assert not plan.pin_memory
+            assert plan.tasks_per_reserve <= allowed_reserve(plan, probe, constraints)
+            rate = decision.rate.pipeline_images_per_s
+            assert rate >= previous_rate * (1 - 1e-9), (budgets, probe)
+            previous_rate = rate
+            assert_no_sampled_plan_beats(decision, probe, constraints, calibration, rng)
+
+
+def assert_no_sampled_plan_beats(decision, probe, constraints, calibration, rng) -> None:
+    """Random grid plans that fit and respect the timeout are never > 2% faster than the choice."""
+    if not decision.fits:
+        return
+    for _ in range(20):
+        other = LoaderPlan(
+            rng.choice(TASKS_PER_RESERVE), rng.choice(BATCH_SIZES), rng.randint(0, constraints.max_workers),
+            rng.choice(PREFETCH_FACTORS), False, rng.choice(DOWNLOAD_THREADS),
+        )
+        if predict_peak(other, probe, calibration).total_bytes > constraints.budget_bytes:
+            continue
+        if other.tasks_per_reserve > allowed_reserve(other, probe, constraints):
+            continue
+        best = decision.rate.pipeline_images_per_s
+        assert predict_rate(other, probe).pipeline_images_per_s <= best / (1 - TIE_TOLERANCE) + 1e-9
+
+
+def test_no_pin_memory_without_cuda_even_when_copies_are_cheap(make_probe, calibration, large_images):
+    probe = make_probe(cuda=False, **large_images)
+    decision = choose_plan(probe, constraints_for(probe, 500 * GiB), calibration)
+    assert not decision.plan.pin_memory
+    assert "no CUDA" in " ".join(decision.reasons)
+
+
+def test_pin_memory_when_cuda_copy_dominates_and_it_fits(make_probe, calibration, large_images):
+    # inference-bound CUDA job whose host->device copy is most of the inference time
+    probe = make_probe(**{**large_images, **dict(
+        cuda=True, cpu_count=16, inference_overhead_s=0.0, inference_per_image_s=0.01,
+        download_latency_s=0.0, download_bytes_per_s=1e10, decode_s_per_image=0.001,
+    )})
+    roomy = choose_plan(probe, constraints_for(probe, 200 * GiB), calibration)
+    assert roomy.plan.pin_memory
+    share_reason = [r for r in roomy.reasons if r.startswith("pin_memory on")]
+    assert share_reason, roomy.reasons
+    unhelpful = make_probe(cuda=True, inference_per_image_s=1.0)  # copy is ~0.3% of inference time
+    assert not choose_plan(unhelpful, constraints_for(unhelpful, 200 * GiB), calibration).plan.pin_memory
+
+
+def test_reserved_tasks_never_exceed_the_timeout(make_probe, calibration):
+    slow = make_probe(inference_overhead_s=0.0, inference_per_image_s=1.0, api_round_trip_s=2.0)
+    decision = choose_plan(slow, constraints_for(slow, 64 * GiB), calibration)
+    assert decision.plan.tasks_per_reserve <= allowed_reserve(decision.plan, slow, constraints_for(slow, 64 * GiB))
+    assert decision.plan.tasks_per_reserve < max(TASKS_PER_RESERVE)
+    tight = make_probe(inference_per_image_s=1.0, reservation_timeout_s=6.0)
+    assert choose_plan(tight, constraints_for(tight, 64 * GiB), calibration).plan.tasks_per_reserve == 1
+
+
+def test_pinned_fields_are_kept(make_probe, calibration):
+    probe = make_probe()
+    pinned = {"batch_size": 3, "num_workers": 2, "pin_memory": True, "tasks_per_reserve": 5000}
+    decision = choose_plan(probe, constraints_for(probe, 64 * GiB, pinned=pinned), calibration)
+    for name, value in pinned.items():
+        assert getattr(decision.plan, name) == value
+    assert any("pinned by the operator" in reason for reason in decision.reasons)
+    assert any("exceeds what the reservation timeout allows" in reason for reason in decision.reasons)
+    assert "pinned by the operator" in decision.log_line()
+
+
+def test_pinned_fields_survive_the_minimal_fallback(make_probe, calibration):
+    probe = make_probe()
+    decision = choose_plan(probe, constraints_for(probe, 1, pinned={"batch_size": 6}), calibration)
+    assert not decision.fits
+    assert decision.plan.batch_size == 6
+    assert decision.plan.num_workers == 0
+
+
+def test_unknown_pinned_field_is_refused(make_probe):
+    with pytest.raises(ValueError, match="batchsize"):
+        constraints_for(make_probe(), GiB, pinned={"batchsize": 4})
+
+
+def test_tiny_budget_gives_the_minimal_plan_and_says_by_how_much(make_probe, calibration):
+    probe = make_probe(baseline_bytes=2 * GiB)
+    decision = choose_plan(probe, constraints_for(probe, GiB), calibration)
+    assert not decision.fits
+    assert decision.plan == MINIMAL_PLAN
+    assert decision.plan.source == "minimal"
+    over_mib = (decision.memory.total_bytes - GiB) / MiB
+    assert f"by {over_mib:.0f} MiB" in decision.reasons[0]
+    assert "OVER BUDGET" in decision.log_line()
+
+
+def test_large_images_at_4_gib_get_a_small_plan(make_probe, calibration, large_images):
+    probe = make_probe(cuda=True, cpu_count=2, **large_images)
+    decision = choose_plan(probe, constraints_for(probe, budget_bytes(4 * GiB)), calibration)
+    plan = decision.plan
+    assert decision.fits
+    assert plan.batch_size <= 4 and plan.prefetch_factor == 1 and plan.num_workers <= 2
+    adc = LoaderPlan(24, 24, 4, 4, True, 8)
+    assert predict_peak(adc, probe, calibration).total_bytes > 4 * budget_bytes(4 * GiB)
+
+
+def test_small_images_on_a_slow_network_get_more_concurrency(make_probe, calibration, large_images):
+    gpu = dict(cuda=True, cpu_count=2, inference_overhead_s=0.02, inference_per_image_s=0.01)
+    large = make_probe(**gpu, **large_images)
+    slow_small = make_probe(**gpu, download_latency_s=0.3, download_bytes_per_s=1e6, api_round_trip_s=0.3)
+    budget = budget_bytes(4 * GiB)
+    large_plan = choose_plan(large, constraints_for(large, budget), calibration).plan
+    small_plan = choose_plan(slow_small, constraints_for(slow_small, budget), calibration).plan
+
+    def connections(plan: LoaderPlan) -> int:
+        return max(1, plan.num_workers) * min(plan.download_threads, plan.tasks_per_reserve)
+
+    assert connections(small_plan) >= 16
+    assert connections(small_plan) > 2 * connections(large_plan)
+
+
+def test_grid_size_is_bounded(make_probe, calibration):
+    # 2 CPUs, no CUDA: workers 0..4 (prefetch 1 only without workers) x 7 batches x 33 (threads, reserve)
+    # pairs with threads <= reserve, plus one threads >= reserve. About 0.05 s here; the CUDA grid at 16
+    # CPUs (9 worker counts, pin on and off) is the largest and must stay under ~12k (about 0.15 s).
+    probe = make_probe(cpu_count=2)
+    decision = choose_plan(probe, constraints_for(probe, 8 * GiB), calibration)
+    assert decision.candidates_considered == (1 + 4 * 3) * 7 * 33 == 3003
+    big = make_probe(cuda=True, cpu_count=16, inference_per_image_s=0.001)
+    assert choose_plan(big, constraints_for(big, 64 * GiB), calibration).candidates_considered <= 12_000
+
+
+def test_plan_options_form_a_pareto_front(make_probe, calibration):
+    probe = make_probe(download_latency_s=0.3, download_bytes_per_s=1e6)
+    options = plan_options(probe, constraints_for(probe, 0), calibration)
+    assert len(options) >= 3
+    for smaller, larger in zip(options, options[1:]):
+        assert larger.predicted_peak_bytes >= smaller.predicted_peak_bytes
+        assert larger.predicted_images_per_s > smaller.predicted_images_per_s
+
+
+def test_log_line_is_one_line_with_the_numbers(make_probe, calibration):
+    probe = make_probe()
+    decision = choose_plan(probe, constraints_for(probe, 8 * GiB), calibration)
+    line = decision.log_line()
+    assert "\n" not in line
+    assert decision.plan.describe() in line
+    assert f"{decision.memory.total_bytes / MiB:.0f} MiB" in line
+    assert f"{decision.rate.pipeline_images_per_s:.2f} images/s" in line
+    assert decision.plan.source == "autotune"

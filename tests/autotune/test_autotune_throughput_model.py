@@ -1,0 +1,105 @@
+"""predict_rate: the loader against the inference, with the contention cases."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from autotune.plan import LoaderPlan
+from autotune.throughput_model import predict_rate, transfer_share
+
+
+def plan(**changes) -> LoaderPlan:
+    values = dict(tasks_per_reserve=32, batch_size=8, num_workers=2, prefetch_factor=2,
+                  pin_memory=False, download_threads=8)
+    values.update(changes)
+    return LoaderPlan(**values)
+
+
+def test_inference_rate_is_batch_over_batch_seconds(make_probe):
+    probe = make_probe(cuda=True, inference_overhead_s=0.04, inference_per_image_s=0.01, host_to_device_bytes_per_s=0.0)
+    for batch in (1, 4, 16):
+        rate = predict_rate(plan(batch_size=batch), probe)
+        assert rate.inference_images_per_s == pytest.approx(batch / (0.04 + 0.01 * batch))
+
+
+def test_loader_follows_the_reservation_cycle(make_probe):
+    # one image per connection takes 0.3 + 1.5 = 1.8 s; 2 workers x 8 connections; decode 0.015 s
+    probe = make_probe(cuda=True, download_latency_s=0.3, download_bytes_per_s=1e6, api_round_trip_s=0.2)
+    rate = predict_rate(plan(), probe)
+    cycle_s = 0.2 + 1.8 + 0.015 + 31 * (1.8 / 8)
+    assert rate.loader_images_per_s == pytest.approx(2 * 32 / cycle_s)
+    assert rate.download_images_per_s == pytest.approx(2 * 8 / 1.8)
+    assert rate.bottleneck == "download"
+    faster = predict_rate(plan(download_threads=16), probe)
+    assert faster.loader_images_per_s > rate.loader_images_per_s
+
+
+def test_small_reservations_pay_the_round_trip(make_probe):
+    probe = make_probe(cuda=True, api_round_trip_s=0.5)
+    one = predict_rate(plan(tasks_per_reserve=1), probe)
+    many = predict_rate(plan(tasks_per_reserve=64), probe)
+    assert one.bottleneck == "reserve"
+    assert many.loader_images_per_s > 5 * one.loader_images_per_s
+
+
+def test_decode_parallelism_is_capped_by_cpu_count(make_probe):
+    probe = make_probe(cuda=True, cpu_count=2, decode_s_per_image=0.1, download_latency_s=0.0,
+                       download_bytes_per_s=1e12, inference_per_image_s=0.0001)
+    two = predict_rate(plan(num_workers=2), probe)
+    eight = predict_rate(plan(num_workers=8), probe)
+    assert two.decode_images_per_s == eight.decode_images_per_s == pytest.approx(20.0)
+    assert eight.loader_images_per_s <= 20.0 + 1e-9
+    assert eight.bottleneck == "decode"
+
+
+def test_no_workers_loads_and_infers_in_turn(make_probe):
+    probe = make_probe(cuda=True)
+    rate = predict_rate(plan(num_workers=0), probe)
+    loader = rate.loader_images_per_s
+    inference = 8 / (probe.inference_overhead_s + probe.inference_per_image_s * 8)
+    assert rate.pipeline_images_per_s == pytest.approx(1 / (1 / loader + 1 / inference))
+    assert rate.bottleneck == "main_process"
+    assert predict_rate(plan(num_workers=1), probe).pipeline_images_per_s > rate.pipeline_images_per_s
+
+
+def test_on_cpu_decoding_takes_cores_from_inference(make_probe):
+    kwargs = dict(decode_s_per_image=0.2, inference_overhead_s=0.0, inference_per_image_s=0.1, cpu_count=2,
+                  download_latency_s=0.0, download_bytes_per_s=1e12, api_round_trip_s=0.0)
+    cpu = predict_rate(plan(num_workers=4), make_probe(cuda=False, **kwargs))
+    gpu = predict_rate(plan(num_workers=4), make_probe(cuda=True, **kwargs))
+    assert gpu.pipeline_images_per_s == pytest.approx(10.0)  # inference alone
+    # each image: 0.1 s of all cores for inference + 0.2 core-s of decode on 2 cores
+    assert cpu.pipeline_images_per_s == pytest.approx(1 / (0.1 + 0.2 / 2))
+    assert cpu.bottleneck == "cpu"
+
+
+def test_pin_memory_speeds_up_a_transfer_heavy_cuda_batch(make_probe, large_images):
+    probe = make_probe(cuda=True, inference_overhead_s=0.0, inference_per_image_s=0.02, **large_images)
+    share = transfer_share(plan(), probe)
+    assert share == pytest.approx((4096 * 3072 * 3 / 6e9) / 0.02)
+    unpinned = predict_rate(plan(pin_memory=False), probe).inference_images_per_s
+    pinned = predict_rate(plan(pin_memory=True), probe).inference_images_per_s
+    saved_s = 4096 * 3072 * 3 / 6e9 - 4096 * 3072 * 3 / 12e9
+    assert pinned == pytest.approx(1 / (0.02 - saved_s))
+    assert pinned > unpinned
+    cpu_probe = make_probe(cuda=False, **large_images)
+    assert transfer_share(plan(), cpu_probe) == 0.0
+    assert predict_rate(plan(pin_memory=True), cpu_probe) == predict_rate(plan(pin_memory=False), cpu_probe)
+
+
+def test_pipeline_is_min_of_loader_and_inference(make_probe):
+    rng = random.Random(7)
+    for _ in range(300):
+        probe = make_probe(
+            cuda=rng.random() < 0.5, cpu_count=rng.randint(1, 16),
+            download_latency_s=rng.uniform(0, 0.5), download_bytes_per_s=rng.uniform(5e5, 1e8),
+            decode_s_per_image=rng.uniform(0.001, 0.2), inference_overhead_s=rng.uniform(0, 0.2),
+            inference_per_image_s=rng.uniform(0.001, 0.5), api_round_trip_s=rng.uniform(0, 0.5),
+        )
+        candidate = plan(num_workers=rng.randint(0, 8), batch_size=rng.choice([1, 4, 16, 64]),
+                         tasks_per_reserve=rng.choice([1, 8, 64]), download_threads=rng.choice([1, 4, 32]))
+        rate = predict_rate(candidate, probe)
+        assert rate.pipeline_images_per_s == pytest.approx(min(rate.loader_images_per_s, rate.inference_images_per_s))
+        assert 0 < rate.pipeline_images_per_s <= rate.loader_images_per_s * (1 + 1e-9)
+        assert rate.loader_images_per_s <= min(rate.download_images_per_s, rate.decode_images_per_s) * (1 + 1e-9)
