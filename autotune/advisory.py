@@ -112,7 +112,7 @@ class Advisory:
         lines.extend(_stats_lines(self.end_of_batch))
         lines.extend([
             f"  peak             {_mib(self.peak_bytes)} ({self.peak_bytes / max(1, self.usable_bytes):.0%} of usable)",
-            f"  observed/predicted {self.observed_over_predicted:.2f}",
+            f"  obs/predicted    {self.observed_over_predicted:.2f} (peak / predicted peak)",
             "",
             "Recommended plan",
         ])

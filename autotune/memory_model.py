@@ -63,6 +63,12 @@ class MemoryCalibration:
     measured_on: str
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        for field_ in fields(self):
+            value = getattr(self, field_.name)
+            if field_.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"MemoryCalibration.{field_.name} must be a number >= 0, got {value!r}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MemoryCalibration":
         """Strict: every field must be present and no other key (so the script and model agree)."""

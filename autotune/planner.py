@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -103,6 +103,9 @@ class PlanConstraints:
         if not 0 < self.timeout_margin <= 1:
             raise ValueError(f"PlanConstraints.timeout_margin must be in (0, 1], got {self.timeout_margin}")
 
+    def as_dict(self) -> dict[str, object]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "pinned": dict(self.pinned)}
+
     @classmethod
     def from_probe(cls, probe: Probe, budget_bytes: int, **options: object) -> "PlanConstraints":
         """Constraints with the probe's timeout, CUDA and CPU count."""
@@ -161,7 +164,11 @@ class _Priced:
 def choose_plan(
     probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float = 1.0
 ) -> PlanDecision:
-    """The fastest predicted plan that fits ``constraints.budget_bytes``; see the module docstring."""
+    """The fastest predicted plan that fits ``constraints.budget_bytes``; see the module docstring.
+
+    ``correction`` (from ``CorrectionStore.get``) multiplies every predicted peak. Nothing is
+    logged above DEBUG: the caller logs ``decision.log_line()`` once.
+    """
     priced, count = _price_grid(probe, constraints, calibration, correction, budget=constraints.budget_bytes)
     feasible = [p for p in priced if p.rate is not None]
     if not feasible:
@@ -172,7 +179,7 @@ def choose_plan(
     plan = chosen.plan.with_changes(source="autotune")
     reasons = _reasons(plan, chosen.memory, chosen.rate, probe, constraints, len(window), best_rate)
     decision = PlanDecision(plan, chosen.memory, chosen.rate, count, True, reasons, constraints.budget_bytes)
-    log.debug("%s", decision.log_line())
+    log.debug("%s", decision.log_line())  # the caller logs log_line() once, at INFO
     return decision
 
 
@@ -292,7 +299,7 @@ def _minimal_decision(
     ]
     reasons.extend(_pinned_reasons(constraints))
     decision = PlanDecision(plan, memory, rate, count, False, tuple(reasons), constraints.budget_bytes)
-    log.warning("%s", decision.log_line())
+    log.debug("%s", decision.log_line())
     return decision
 
 
@@ -307,6 +314,8 @@ def _reasons(
     if ties > 1:
         reasons.append(f"smallest peak among {ties} plans within {TIE_TOLERANCE:.0%} of the best {best_rate:.2f} images/s")
     reasons.append(_pin_reason(plan, probe, constraints))
+    if plan.num_workers > 0 and plan.prefetch_factor == 1 and "prefetch_factor" not in constraints.pinned:
+        reasons.append("prefetch_factor 1: deeper queues cost memory and do not raise the steady-state rate")
     allowed = _reserve_allowance(plan, rate, constraints)
     reasons.append(
         f"tasks_per_reserve {plan.tasks_per_reserve} (timeout allows {allowed}: "

@@ -203,3 +203,10 @@ def test_correction_store_survives_a_corrupt_file_and_ignores_bad_inputs(tmp_pat
 
 def test_default_correction_path_is_under_user_data():
     assert memory_model.default_correction_path(Path("/data/AMI")) == Path("/data/AMI/autotune/memory_corrections.json")
+
+
+def test_calibration_refuses_negative_or_non_numeric_constants(calibration):
+    with pytest.raises(ValueError, match="decode_scratch_factor"):
+        MemoryCalibration.from_dict({**calibration.as_dict(), "decode_scratch_factor": -1.0})
+    with pytest.raises(ValueError, match="worker_process_bytes"):
+        MemoryCalibration.from_dict({**calibration.as_dict(), "worker_process_bytes": "300 MiB"})
