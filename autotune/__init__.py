@@ -20,6 +20,7 @@ from autotune.planner import (
     choose_plan,
     max_tasks_per_reserve,
     plan_options,
+    price_plan,
 )
 from autotune.probe import ImageSample, InferenceSample, Probe
 from autotune.throughput_model import RateEstimate, predict_rate
@@ -28,5 +29,5 @@ __all__ = [
     "Advisory", "CorrectionStore", "ImageSample", "InferenceSample", "LoaderPlan", "MINIMAL_PLAN",
     "MemoryCalibration", "MemoryEstimate", "PlanConstraints", "PlanDecision", "PlanOption", "Probe",
     "RateEstimate", "budget_bytes", "build_advisory", "choose_plan", "compare_table", "load_calibration",
-    "max_tasks_per_reserve", "plan_options", "predict_peak", "predict_rate", "write_advisory",
+    "max_tasks_per_reserve", "plan_options", "predict_peak", "price_plan", "predict_rate", "write_advisory",
 ]

@@ -183,6 +183,30 @@ def choose_plan(
     return decision
 
 
+def price_plan(
+    plan: LoaderPlan, probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration,
+    correction: float = 1.0,
+) -> PlanDecision:
+    """Price one given plan (e.g. the current settings, for ``worker tune``) against the constraints.
+
+    ``fits`` says whether its predicted peak is within budget; reasons say by how much it is over
+    and whether its ``tasks_per_reserve`` is more than the reservation timeout allows.
+    """
+    memory = predict_peak(plan, probe, calibration, correction)
+    rate = predict_rate(plan, probe)
+    over = memory.total_bytes - constraints.budget_bytes
+    reasons = [
+        f"predicted peak {memory.total_bytes / MiB:.0f} MiB "
+        + (f"is over the budget {constraints.budget_bytes / MiB:.0f} MiB by {over / MiB:.0f} MiB" if over > 0
+           else f"<= budget {constraints.budget_bytes / MiB:.0f} MiB"),
+        f"{rate.pipeline_images_per_s:.2f} images/s, bottleneck {rate.bottleneck}",
+    ]
+    allowed = _reserve_allowance(plan, rate, constraints)
+    if plan.tasks_per_reserve > allowed:
+        reasons.append(f"tasks_per_reserve {plan.tasks_per_reserve} is over the {allowed} the reservation timeout allows")
+    return PlanDecision(plan, memory, rate, 1, over <= 0, tuple(reasons), constraints.budget_bytes)
+
+
 def plan_options(
     probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float = 1.0
 ) -> tuple[PlanOption, ...]:

@@ -18,6 +18,7 @@ from autotune.planner import (
     choose_plan,
     max_tasks_per_reserve,
     plan_options,
+    price_plan,
     queue_wait_s,
 )
 from autotune.throughput_model import predict_rate
@@ -228,3 +229,15 @@ def test_log_line_is_one_line_with_the_numbers(make_probe, calibration):
     assert f"{decision.memory.total_bytes / MiB:.0f} MiB" in line
     assert f"{decision.rate.pipeline_images_per_s:.2f} images/s" in line
     assert decision.plan.source == "autotune"
+
+
+def test_price_plan_says_how_far_the_current_settings_are_over(make_probe, calibration, large_images):
+    probe = make_probe(cuda=True, **large_images)
+    constraints = constraints_for(probe, budget_bytes(4 * GiB))
+    adc = LoaderPlan(24, 24, 4, 4, True, 8, tensor_dtype="float32")
+    priced = price_plan(adc, probe, constraints, calibration)
+    assert not priced.fits
+    over_mib = (priced.memory.total_bytes - constraints.budget_bytes) / MiB
+    assert f"by {over_mib:.0f} MiB" in priced.reasons[0]
+    chosen = choose_plan(probe, constraints, calibration)
+    assert price_plan(chosen.plan, probe, constraints, calibration).fits
