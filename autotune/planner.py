@@ -217,7 +217,7 @@ def plan_options(
     """
     priced, _ = _price_grid(probe, constraints, calibration, correction, budget=None)
     front: list[PlanOption] = []
-    for item in sorted(priced, key=lambda p: (_tie_key(p), -p.rate.pipeline_images_per_s)):
+    for item in sorted(priced, key=lambda p: (p.memory.total_bytes, -p.rate.pipeline_images_per_s, _tie_key(p))):
         rate = item.rate.pipeline_images_per_s
         if not front or rate > front[-1].predicted_images_per_s * (1.0 + TIE_TOLERANCE):
             front.append(PlanOption(item.plan.with_changes(source="autotune"), item.memory.total_bytes, rate))
