@@ -14,6 +14,7 @@ process holding a model and CUDA state is unsafe) and torn down explicitly at jo
 """
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import queue
@@ -295,6 +296,10 @@ class Loader:
         del iterator
         self._collect_ledger()
         self.control.close()
+        # The DataLoader's queues and our ledger hold POSIX semaphores in /dev/shm; they are
+        # freed when collected, and reference cycles inside the DataLoader delay that.
+        self.dataloader = None  # type: ignore[assignment]
+        gc.collect()
 
     def __enter__(self) -> "Loader":
         return self

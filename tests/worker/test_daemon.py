@@ -1,0 +1,117 @@
+"""The daemon loop end to end against the real local server, in-process and as a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import TOKEN, worker_env
+from worker.app import build_worker
+
+FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_burst_run_posts_a_result_for_every_task_including_each_failure_kind(
+        antenna, settings_for, tiny_images, num_workers):
+    images = tiny_images[:20]
+    faults = {images[i * 2].image_id: kind for i, kind in enumerate(FAULTS)}
+    job = antenna.add_job(images, "synthetic-moths", image_faults=faults)
+    null_job = antenna.add_job(tiny_images[20:26], "null")
+    antenna.set_faults("tasks", [503, 429, 503], retry_after_s=0.1)
+    antenna.set_faults("result", [429, 503], retry_after_s=0.1)
+    settings = settings_for(antenna, antenna_api_dataloader_num_workers=num_workers, antenna_api_batch_size=4,
+                            max_image_pixels=50_000_000)
+    worker = build_worker(settings, burst=True, middlewares=[])
+    assert worker.run() == 0
+    report = antenna.report(job)
+    assert (report.results_ok, report.results_error, report.lost, report.complete) == (13, 7, 0, True)
+    assert report.media_requests_with_auth == 0
+    assert antenna.report(null_job).results_ok == 6
+    errors = {item["result"]["image_id"]: item["result"]["error"]
+              for post in antenna.result_posts for item in post["results"] if "error" in item["result"]}
+    assert set(errors) == set(faults)
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    """Children, less multiprocessing's resource tracker: one per process lifetime, by design."""
+    return [c for c in process.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def _shm_held(pid: int) -> set[str]:
+    held = set()
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            held.update(m.path for m in process.memory_maps(grouped=True) if m.path.startswith("/dev/shm"))
+            held.update(f.path for f in process.open_files() if f.path.startswith("/dev/shm"))
+        except psutil.Error:
+            pass
+    return held
+
+
+@pytest.mark.timeout(300)
+def test_five_consecutive_jobs_leak_no_processes_shm_or_fds(antenna, settings_for, tiny_images):
+    settings = settings_for(antenna, antenna_api_dataloader_num_workers=2, antenna_api_batch_size=3)
+    worker = build_worker(settings, burst=True, middlewares=[])
+    me = psutil.Process()
+    worker.process_job(_job(antenna, tiny_images, 0))  # warm-up: sessions, model, imports
+    before = (len(_children(me)), me.num_fds(), _shm_held(me.pid))
+    for n in range(1, 6):
+        assert worker.process_job(_job(antenna, tiny_images, n)) == 6
+    after = (len(_children(me)), me.num_fds(), _shm_held(me.pid))
+    assert after[0] == before[0] == 0
+    assert after[1] <= before[1], f"fds {before[1]} -> {after[1]}"
+    # multiprocessing's shared heap arena (pym-*) is created once per process and reused.
+    assert after[2] <= before[2] and not [p for p in after[2] if "/sem." in p], after[2]
+    assert all(antenna.report(j).complete for j in antenna.job_ids())
+
+
+def _job(antenna, images, n: int):
+    from worker.antenna import JobRef
+
+    return JobRef(antenna.add_job(images[n * 6:(n + 1) * 6], "synthetic-moths"), "synthetic-moths")
+
+
+@pytest.mark.timeout(240)
+def test_worker_subprocess_logs_never_contain_the_token(antenna, tiny_images, tmp_path):
+    antenna.add_job(tiny_images[:6], "synthetic-moths", image_faults={tiny_images[0].image_id: "404"})
+    antenna.set_faults("tasks", [503])
+    env = worker_env(antenna, tmp_path, AMI_LOG_LEVEL="DEBUG", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="1",
+                     AMI_AUTOTUNE="false")
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "--env-file", "/nonexistent", "run", "--burst"],
+                          env=env, capture_output=True, text=True, timeout=200, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "job 1: 6 images (5 ok, 1 failed)" in output
+    assert TOKEN not in output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("variable,value", [
+    ("AMI_ANTENNA_API_BATCH_SIZE", "0"),
+    ("AMI_ANTENNA_API_BASE_URL", "ftp://example.org/api"),
+    ("AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR", "-1"),
+    ("AMI_WATCHDOG_SOFT_CAP_FRACTION", "lots"),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(tmp_path, variable, value):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}
+    env.update({"AMI_ANTENNA_API_AUTH_TOKEN": TOKEN, variable: value})
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "run", "--burst"], env=env,
+                          capture_output=True, text=True, timeout=50, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"worker: {variable}=") and "fix" in lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_settings_come_from_a_dotenv_file(tmp_path):
+    (tmp_path / ".env").write_text("AMI_ANTENNA_API_BATCH_SIZE=0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, capture_output=True,
+                          text=True, timeout=50, cwd=tmp_path)
+    assert done.returncode == 2 and "AMI_ANTENNA_API_BATCH_SIZE=0" in done.stderr
