@@ -328,23 +328,33 @@ class CostReport:
         )
 
 
-def measure_cost(root_pid: int, *, seconds: float = 10.0, interval_s: float = 0.25) -> CostReport:
-    """Run a Sampler on ``root_pid``'s tree for ``seconds`` and report its CPU cost."""
+def measure_cost(
+    root_pid: int, *, seconds: float = 10.0, interval_s: float = 0.25, warmup_s: float = 1.0
+) -> CostReport:
+    """Run a Sampler on ``root_pid``'s tree and report its CPU cost over ``seconds`` of steady
+    state, after ``warmup_s`` (which holds the first, forced deep pass)."""
     sampler = Sampler(root_pid, interval_s=interval_s)
-    started_s = time.monotonic()
     sampler.start()
-    time.sleep(seconds)
-    sampler.stop()
+    try:
+        time.sleep(warmup_s)
+        start = (time.monotonic(), sampler.cpu_seconds, sampler.samples_taken, sampler.meter.deep_passes,
+                 sampler.meter.deep_cpu_seconds)
+        time.sleep(seconds)
+        end = (time.monotonic(), sampler.cpu_seconds, sampler.samples_taken, sampler.meter.deep_passes,
+               sampler.meter.deep_cpu_seconds)
+    finally:
+        sampler.stop()
+    wall_s, cpu_s, samples, deep_passes, deep_cpu_s = (b - a for a, b in zip(start, end))
     latest = sampler.latest
     return CostReport(
         process_count=latest.process_count if latest else 0,
         tree_pss_bytes=latest.tree_pss_bytes if latest else 0,
         interval_s=interval_s,
-        wall_s=time.monotonic() - started_s,
-        samples_taken=sampler.samples_taken,
-        deep_passes=sampler.meter.deep_passes,
-        deep_cpu_seconds=sampler.meter.deep_cpu_seconds,
-        cpu_seconds=sampler.cpu_seconds,
+        wall_s=wall_s,
+        samples_taken=int(samples),
+        deep_passes=int(deep_passes),
+        deep_cpu_seconds=deep_cpu_s,
+        cpu_seconds=cpu_s,
     )
 
 
