@@ -76,7 +76,7 @@ class ProcessTree:
     Processes that exited since are still listed then: readers skip pids they cannot read.
     Parent pids of known pids are trusted until ``full_refresh_s`` (default 5 s) has passed,
     then the index is rebuilt: that bounds how long a reused pid or a reparented orphan can be
-    misattributed. ``added`` tells whether the last ``members`` call found pids not seen before.
+    misattributed.
     """
 
     def __init__(self, *, proc_root: Path = Path("/proc"), full_refresh_s: float = 5.0) -> None:
@@ -87,7 +87,6 @@ class ProcessTree:
         self._last_pid: int | None = None
         self._root_pid: int | None = None
         self._members: tuple[int, ...] = ()
-        self.added = False
 
     def members(self, root_pid: int) -> tuple[int, ...]:
         """``root_pid`` first, then its descendants; ProcessLookupError if the root is gone
@@ -96,7 +95,6 @@ class ProcessTree:
         now_s = time.monotonic()
         refresh_due = now_s - self._refreshed_at_s >= self._full_refresh_s
         if not refresh_due and last_pid is not None and last_pid == self._last_pid and root_pid == self._root_pid:
-            self.added = False
             return self._members
         if refresh_due:
             self._parents.clear()
@@ -105,7 +103,6 @@ class ProcessTree:
         if root_pid not in self._parents:
             raise ProcessLookupError(f"process {root_pid} not found under {self._proc_root}")
         members = _descendants(root_pid, self._parents)
-        self.added = not set(members) <= set(self._members)
         self._members, self._last_pid, self._root_pid = members, last_pid, root_pid
         return members
 

@@ -3,7 +3,7 @@
 PSS is the right tree total (a page shared by N processes counts 1/N in each, so the sum counts
 it once) but smaps_rollup walks page tables: ~8 us per MiB of RSS, so a 6 GiB tree costs ~50 ms
 per read. ``TreeMeter`` therefore reads RSS (statm, ~5 us) every sample and re-reads PSS, fds and
-/dev/shm in a "deep" pass only when a process joined the tree or a CPU budget allows; in between,
+/dev/shm in a "deep" pass only when a process joined or left the tree or a CPU budget allows; in between,
 each process's PSS is carried forward with its RSS change (new private pages count fully).
 """
 from __future__ import annotations
@@ -60,10 +60,10 @@ class _DeepReading:
     shm_sizes: dict[int, int]
 
 
-def _deep_read(pid: int, rss_bytes: int, proc_root: Path) -> _DeepReading | None:
-    fds = procfs.read_fds(pid, proc_root)
-    if fds is None:
-        return None  # vanished
+def _deep_read(pid: int, rss_bytes: int, proc_root: Path) -> _DeepReading:
+    # A process that vanished (or a zombie, whose fd table is gone) reads as no fds, no shm and
+    # no PSS; it drops out at the next sample when its RSS can no longer be read.
+    fds = procfs.read_fds(pid, proc_root) or procfs.FdReading(open_fds=0, shm_sizes={})
     shm_sizes = dict(fds.shm_sizes)
     for inode, size in procfs.read_maps_shm(pid, proc_root).items():
         shm_sizes[inode] = max(shm_sizes.get(inode, 0), size)
@@ -74,11 +74,12 @@ def _deep_read(pid: int, rss_bytes: int, proc_root: Path) -> _DeepReading | None
 class TreeMeter:
     """Reads snapshots of one process tree, keeping the expensive part within a CPU budget.
 
-    A deep pass (smaps_rollup, fd links, maps) runs on the first read, whenever a process joins
-    the tree (a fresh fork's RSS counts every page it shares with its parent, which would look
-    like a huge spike), and otherwise once its own measured CPU cost divided by
-    ``deep_budget_fraction`` (default 0.25% of a core) has passed, but at least every
-    ``max_deep_interval_s`` (default 10 s). ``deep_budget_fraction=None`` deepens every read.
+    A deep pass (smaps_rollup, fd links, maps) runs on the first read and whenever a process
+    joins or leaves the tree: a fresh fork's RSS counts every page it shares with its parent
+    (a phantom spike), and when a sharer exits the survivors' PSS rises with no RSS change.
+    Otherwise it runs once its own measured CPU cost divided by ``deep_budget_fraction``
+    (default 0.25% of a core) has passed, and at least every ``max_deep_interval_s`` (10 s).
+    ``deep_budget_fraction=None`` makes every read a deep pass.
     """
 
     def __init__(
@@ -109,14 +110,14 @@ class TreeMeter:
         if self.root_pid not in rss:
             raise ProcessLookupError(f"process {self.root_pid} is gone")
         now_s = time.monotonic()
-        if self._budget is None or self._tree.added or now_s >= self._next_deep_s:
+        membership_changed = rss.keys() != self._deep.keys()
+        if self._budget is None or membership_changed or now_s >= self._next_deep_s:
             self._deep_pass(rss, now_s)
         return self._snapshot(rss, time.monotonic())
 
     def _deep_pass(self, rss: dict[int, int], now_s: float) -> None:
         started_cpu_s = time.thread_time()
-        readings = ((pid, _deep_read(pid, value, self._proc_root)) for pid, value in rss.items())
-        self._deep = {pid: reading for pid, reading in readings if reading is not None}
+        self._deep = {pid: _deep_read(pid, value, self._proc_root) for pid, value in rss.items()}
         cost_s = time.thread_time() - started_cpu_s
         self._deep_at_s = now_s
         if self._budget is not None:
@@ -139,7 +140,7 @@ class TreeMeter:
 
     def _snapshot(self, rss: dict[int, int], now_s: float) -> MemorySnapshot:
         tree_pss_bytes, pss_source = self._tree_pss(rss)
-        live_deep = [self._deep[pid] for pid in rss if pid in self._deep]
+        live_deep = [self._deep[pid] for pid in rss]  # a deep pass ran if the pids changed
         shm_sizes: dict[int, int] = {}
         for deep in live_deep:
             shm_sizes.update(deep.shm_sizes)  # same inode in several processes: one file

@@ -194,3 +194,21 @@ def test_sampling_costs_well_under_one_percent_of_a_core() -> None:
     assert report.samples_taken >= 35
     assert report.deep_passes >= 1
     assert report.cpu_fraction < 0.01, report.describe()
+
+
+def test_a_process_joining_or_leaving_forces_a_deep_pass(fake_host: FakeHost) -> None:
+    fake_host.process(10, 1, rss_pages=100, pss_kib=200)
+    meter = TreeMeter(10, proc_root=fake_host.proc, max_deep_interval_s=3600.0)
+    meter.read()
+    meter.read()
+    assert meter.deep_passes == 1
+    fake_host.process(11, 10, rss_pages=1000, pss_kib=40)  # a fork: RSS counts shared pages
+    fake_host.put("proc/loadavg", "0.00 0.00 0.00 1/100 4243\n")  # a new pid was created
+    joined = meter.read()
+    assert meter.deep_passes == 2
+    assert joined.tree_pss_bytes == 240 * 1024 and joined.process_count == 2
+    for name in ("stat", "statm", "smaps_rollup", "maps"):
+        (fake_host.proc / "11" / name).unlink()  # it exited; loadavg unchanged, listing cached
+    left = meter.read()
+    assert meter.deep_passes == 3
+    assert (left.tree_pss_bytes, left.process_count) == (200 * 1024, 1)
