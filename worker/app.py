@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 
 import torch
@@ -12,6 +13,8 @@ from worker.hooks import Middleware
 from worker.pipeline import NullPipeline, ReferencePipeline, load_pipeline, select_device
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings
+from watchdog.limits import Limits, find_cgroup, owns_cgroup, read_limits
+from watchdog.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,24 @@ def _load(slug: str, **kwargs):
 
 
 def default_middlewares(settings: Settings) -> list[Middleware]:
-    middlewares: list[Middleware] = []
-    try:
-        from worker.middlewares import build_middlewares
-    except ImportError:
-        return middlewares
+    from worker.middlewares import build_middlewares
+
     return build_middlewares(settings)
+
+
+def read_worker_limits(settings: Settings) -> Limits:
+    return read_limits(
+        configured_max_bytes=settings.max_memory_bytes,
+        soft_cap_fraction=settings.watchdog_soft_cap_fraction,
+        hard_cap_fraction=settings.watchdog_hard_cap_fraction,
+    )
+
+
+def make_sampler(settings: Settings, on_sample) -> Sampler:
+    """One sampler of this process tree; it uses the cgroup's usage when the worker owns its cgroup."""
+    paths = find_cgroup()
+    owned = paths if paths is not None and owns_cgroup(paths) else None
+    return Sampler(os.getpid(), interval_s=settings.watchdog_interval_s, cgroup=owned, on_sample=on_sample)
 
 
 def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None) -> Worker:
@@ -64,9 +79,11 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
         make_client(settings), Spool(settings.user_data_path / "spool"),
         max_pending_posts=settings.antenna_max_pending_posts, max_post_bytes=settings.antenna_max_post_bytes,
     )
-    return Worker(
+    worker = Worker(
         settings, client=client, poster=poster, pipelines=pipeline_loader(settings, device),
         pipeline_slugs=offered_slugs(settings),
         middlewares=default_middlewares(settings) if middlewares is None else middlewares,
-        burst=burst, cuda=device.type == "cuda",
+        burst=burst, cuda=device.type == "cuda", limits=read_worker_limits(settings),
     )
+    worker.sampler = make_sampler(settings, worker._on_sample)
+    return worker

@@ -22,6 +22,8 @@ from worker.pipeline import Pipeline, run_batch
 from worker.posting import ResultPoster
 from worker.release import TaskReleaser
 from worker.settings import Settings
+from watchdog.limits import Limits
+from watchdog.sampler import MemorySnapshot, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class Worker:
         middlewares: Sequence[Middleware] = (),
         burst: bool = False,
         cuda: bool = False,
+        limits: Optional[Limits] = None,
+        sampler: Optional[Sampler] = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -78,6 +82,18 @@ class Worker:
         self.wake = threading.Event()
         self.jobs_done = 0
         self.client_info = client_info(self.pipeline_slugs)
+        self.limits = limits
+        self.sampler = sampler
+        self._sample_listeners: list[Callable[[MemorySnapshot], None]] = []
+        self.current: Optional[JobContext] = None
+
+    def add_sample_listener(self, listener: Callable[[MemorySnapshot], None]) -> None:
+        """Call ``listener(snapshot)`` on the sampler thread after every memory sample."""
+        self._sample_listeners.append(listener)
+
+    def _on_sample(self, snapshot: MemorySnapshot) -> None:
+        for listener in self._sample_listeners:
+            listener(snapshot)
 
     # --- signals: handlers only set flags ---
 
@@ -107,6 +123,8 @@ class Worker:
     def run(self) -> int:
         """Run until stopped (or, in burst mode, until no job yields tasks). Returns the exit code."""
         self._call("on_start")
+        if self.sampler is not None:
+            self.sampler.start()
         self.poster.replay_spool()
         try:
             while not self.stopping and not self.stop.after_job:
@@ -140,6 +158,7 @@ class Worker:
         pipeline = self.pipelines(job.pipeline_slug)
         ctx = JobContext(job=job, plan=plan_from_settings(self.settings, cuda=self.cuda))
         ctx.notes["pipeline"] = pipeline
+        self.current = ctx
         self._call("on_job_start", ctx)
         while True:
             self._run_loader(ctx, pipeline)
@@ -150,6 +169,7 @@ class Worker:
             ctx.rebuild_requested = False
             ctx.plan = MINIMAL_PLAN
         self._call("on_job_end", ctx)
+        self.current = None
         self.jobs_done += 1
         log.info("job %d: %d images (%d ok, %d failed), %.2f images/s, %d stranded",
                  job.id, ctx.stats.images, ctx.stats.images_ok, ctx.stats.images_failed,
@@ -187,7 +207,9 @@ class Worker:
         return False
 
     def _handle_batch(self, ctx: JobContext, pipeline: Pipeline, batch: Batch) -> None:
+        started_s = time.perf_counter()
         outcomes = run_batch(pipeline, batch.items, ctx.job.pipeline_slug)
+        ctx.stats.last_inference_s = time.perf_counter() - started_s
         items = [{"reply_subject": task.reply_subject, "result": result} for task, result in outcomes]
         self.poster.submit(ctx.job.id, items)
         for item in batch.items:
@@ -219,6 +241,8 @@ class Worker:
         if not self.poster.flush(timeout_s=remaining_s):
             log.error("shutdown: result posts still pending at the deadline")
         self._call("on_stop")
+        if self.sampler is not None:
+            self.sampler.stop()
         self.poster.close()
         self.client.close()
         log.info("shutdown complete: %d jobs, %d results posted, %d spooled",

@@ -25,6 +25,7 @@ class JobStats:
     batches: int = 0
     tasks_stranded: int = 0
     download_bytes: int = 0
+    last_inference_s: float = 0.0
     started_s: float = field(default_factory=time.monotonic)
 
     @property

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "AMI_"
@@ -102,6 +102,15 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _caps_ordered(self) -> "Settings":
+        if not self.watchdog_soft_cap_fraction < self.watchdog_hard_cap_fraction:
+            raise ValueError(
+                "AMI_WATCHDOG_SOFT_CAP_FRACTION must be below AMI_WATCHDOG_HARD_CAP_FRACTION "
+                f"(got {self.watchdog_soft_cap_fraction} >= {self.watchdog_hard_cap_fraction})"
+            )
+        return self
+
     @property
     def dataloader_num_workers(self) -> int:
         """AMI_ANTENNA_API_DATALOADER_NUM_WORKERS wins; else ADC's AMI_NUM_WORKERS."""
@@ -139,7 +148,9 @@ def load_settings(env_file: Optional[str] = ".env", **overrides: object) -> Sett
 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "?"
+    if not first["loc"]:  # a cross-field check: its message names the variables itself
+        return f"{first['msg'].removeprefix('Value error, ')}; fix it in the environment or .env"
+    field = str(first["loc"][0])
     variable = ENV_PREFIX + field.upper()
     given = first.get("input")
     message = first["msg"].removeprefix("Value error, ")
