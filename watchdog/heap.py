@@ -40,7 +40,7 @@ def trim_heap() -> int:
         trim = _malloc_trim()
         released = trim(0) if trim is not None else 0
         after_bytes = procfs.read_rss_bytes(os.getpid())
-    except Exception:  # noqa: BLE001 - called under memory pressure, it must not add a failure
+    except Exception:  # called under memory pressure, it must not add a failure
         logger.exception("trim_heap failed")
         return 0
     freed_bytes = max(0, before_bytes - after_bytes) if before_bytes and after_bytes else 0

@@ -184,7 +184,8 @@ class Sampler:
     """A daemon thread reading a ``TreeMeter`` every ``interval_s`` (default 0.25 s).
 
     ``on_sample(snapshot)`` runs on the sampler thread after each sample; its exceptions are
-    logged and sampling goes on. ``cpu_seconds`` is the thread CPU time spent reading (not in the
+    logged and sampling goes on. ``deep_budget_fraction`` and ``max_deep_interval_s`` are passed
+    to the ``TreeMeter`` (``meter``). ``cpu_seconds`` is the thread CPU time spent reading (not in the
     callback). ``history`` keeps the last ``history_len`` (taken_at_s, used_bytes) pairs.
     """
 
@@ -198,9 +199,13 @@ class Sampler:
         history_len: int = 10_000,
         proc_root: Path = Path("/proc"),
         deep_budget_fraction: float | None = 0.0025,
+        max_deep_interval_s: float = 10.0,
     ) -> None:
         self.interval_s = interval_s
-        self.meter = TreeMeter(root_pid, cgroup=cgroup, proc_root=proc_root, deep_budget_fraction=deep_budget_fraction)
+        self.meter = TreeMeter(
+            root_pid, cgroup=cgroup, proc_root=proc_root,
+            deep_budget_fraction=deep_budget_fraction, max_deep_interval_s=max_deep_interval_s,
+        )
         self._on_sample = on_sample
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -272,7 +277,7 @@ class Sampler:
         started_cpu_s = time.thread_time()
         try:
             snapshot = self.meter.read()
-        except Exception as exc:  # noqa: BLE001 - the thread must outlive any one bad read
+        except Exception as exc:  # the thread must outlive any one bad read
             log = logger.debug if self._failing else logger.warning
             log("memory sample of pid %d failed: %s", self.meter.root_pid, exc)
             self._failing = True
@@ -295,7 +300,7 @@ class Sampler:
             return
         try:
             self._on_sample(snapshot)
-        except Exception:  # noqa: BLE001 - a policy bug must not stop the measuring
+        except Exception:  # a policy bug must not stop the measuring
             logger.exception("on_sample callback failed; sampling continues")
 
 
