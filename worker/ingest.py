@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import queue
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -263,7 +264,11 @@ class Loader:
         self.reserved: dict[str, Task] = {}
 
     def __iter__(self) -> Iterator[Batch]:
-        self._iterator = iter(self.dataloader)
+        with warnings.catch_warnings():
+            # torch warns when workers exceed its suggested count; the plan is logged with its
+            # reasons already, and download-bound jobs legitimately use more workers than cores.
+            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+            self._iterator = iter(self.dataloader)
         for batch in self._iterator:
             self.control.mark_consumed(batch)
             for item in batch.items:
