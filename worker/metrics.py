@@ -77,5 +77,8 @@ current_job = Gauge("antenna_worker_current_job_id", "Id of the job being proces
                     registry=REGISTRY)
 job_images_done = Gauge("antenna_worker_job_images_done", "Images with a result in the current job.",
                         registry=REGISTRY)
+job_tasks_queued = Gauge("antenna_worker_job_tasks_queued",
+                         "Tasks of the current job still queued on the server when the last processed task "
+                         "was delivered (from its reply subject; NaN when unknown).", registry=REGISTRY)
 jobs = Counter("antenna_worker_jobs_total", "Jobs entered.", registry=REGISTRY)
 state = Gauge("antenna_worker_state", "1 for the worker's current state.", ["state"], registry=REGISTRY)
