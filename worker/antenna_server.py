@@ -1049,7 +1049,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-deliveries", type=int, default=2)
     parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT",
                         help="add a job of COUNT generated images of PRESET (tiny, small, large); repeatable")
-    parser.add_argument("--pipeline", default="quebec_vermont_moths_2023",
+    parser.add_argument("--pipeline", default="synthetic-moths",
                         help="pipeline slug of the jobs added with --job")
     parser.add_argument("--latency-s", type=float, default=0.0)
     parser.add_argument("--bandwidth-bytes-per-s", type=float, default=None)
