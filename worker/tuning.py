@@ -1,0 +1,389 @@
+"""Autotune mechanism: probe a job's first few tasks, then plan the job's loader from the numbers.
+
+Policy (the models, the planner, the advisory) lives in ``autotune``; this module only measures
+and wires. On entering a job ``TuningMiddleware`` reserves a small sample of tasks
+(``AMI_AUTOTUNE_PROBE_TASKS``, default 3), downloads and decodes them in the main process (timing
+time to first byte, whole download and decode), runs the job's pipeline on them at two batch
+sizes, reads the tree's baseline memory, builds a ``Probe`` and lets ``choose_plan`` pick the
+``LoaderPlan``. The probed images are inferred and posted like any others (never stranded); an
+image that fails to download or decode becomes its error result.
+
+After the job it compares the observed peak of the process tree with the raw predicted peak
+(the per-pipeline correction learns from it) and writes a memory advisory under
+``AMI_USER_DATA_PATH/advisories/``.
+
+``AMI_BENCHMARK_PLAN_JSON`` (benchmarks only, see ``benchmark_plan_from_env``) forces one full
+``LoaderPlan`` for every job, ``tensor_dtype`` included, so the benchmark can reproduce the ADC
+worker's float32 ingest. It is not an operator setting.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+from autotune import (
+    CorrectionStore,
+    ImageSample,
+    InferenceSample,
+    LoaderPlan,
+    MemoryCalibration,
+    PlanConstraints,
+    PlanDecision,
+    Probe,
+    budget_bytes,
+    build_advisory,
+    choose_plan,
+    load_calibration,
+    plan_options,
+    write_advisory,
+)
+from autotune.memory_model import default_correction_path, write_json_atomically
+from worker import metrics
+from worker.hooks import JobContext, Middleware
+from worker.imaging import ImageError, decode, download, image_session
+from worker.ingest import Batch, LoadedImage
+from worker.pipeline import Pipeline, run_batch
+from worker.schema import Task
+from worker.settings import Settings
+from watchdog.sampler import MemorySnapshot, sample_tree
+
+if TYPE_CHECKING:
+    from worker.daemon import Worker
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+BENCHMARK_PLAN_ENV = "AMI_BENCHMARK_PLAN_JSON"
+
+# Operator settings (env names) -> the LoaderPlan fields they pin. AMI_ANTENNA_API_BATCH_SIZE is
+# ADC's one number for both the reserve size and the inference batch, so it pins both.
+PINNING_SETTINGS: dict[str, tuple[str, ...]] = {
+    "AMI_ANTENNA_API_BATCH_SIZE": ("tasks_per_reserve", "batch_size"),
+    "AMI_ANTENNA_API_DATALOADER_NUM_WORKERS": ("num_workers",),
+    "AMI_NUM_WORKERS": ("num_workers",),
+    "AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR": ("prefetch_factor",),
+    "AMI_ANTENNA_API_DATALOADER_PIN_MEMORY": ("pin_memory",),
+    "AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS": ("download_threads",),
+}
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """What one probe measured and what it did with its tasks.
+
+    ``probe`` is None when no sampled image could be used (nothing reserved, or all failed).
+    ``items`` are the loaded images (errors included); their results are posted by the caller.
+    """
+
+    probe: Optional[Probe]
+    tasks: int
+    images_ok: int
+    wall_s: float
+    items: tuple[LoadedImage, ...] = ()
+
+
+# --- measuring ---
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedImage], list[ImageSample]]:
+    """Download and decode ``tasks`` one by one in this process, timing each step.
+
+    Time to first byte is when the response headers arrived (a ``requests`` response hook runs
+    then, before the streamed body is read). Failures become error items, never exceptions.
+    """
+    session = image_session(1)
+    headers_at: list[float] = []
+    session.hooks["response"].append(lambda response, *args, **kwargs: headers_at.append(time.perf_counter()))
+    loaded: list[LoadedImage] = []
+    samples: list[ImageSample] = []
+    try:
+        for task in tasks:
+            headers_at.clear()
+            started_s = time.perf_counter()
+            try:
+                data = download(session, task.image_url, max_bytes=settings.max_image_bytes,
+                                timeout_s=settings.antenna_api_timeout_s * 2)
+                download_s = time.perf_counter() - started_s
+                first_byte_s = (headers_at[0] - started_s) if headers_at else None
+                decoded = decode(data, max_pixels=settings.max_image_pixels)
+            except ImageError as error:
+                loaded.append(LoadedImage(task, None, str(error)))
+                continue
+            samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s,
+                                       decoded.decode_s, first_byte_s))
+            loaded.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
+                                      download_s, decoded.decode_s))
+            del data
+    finally:
+        session.close()
+    return loaded, samples
+
+
+def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str) -> list[InferenceSample]:
+    """Seconds per batch at batch size 1 and at ``len(items)`` (same images; nothing posted).
+
+    The first call is a warm-up (lazy kernel selection would otherwise read as per-batch cost).
+    """
+    good = [item for item in items if item.image is not None]
+    if not good:
+        return []
+    run_batch(pipeline, good[:1], slug)
+    samples = []
+    for size in sorted({1, len(good)}):
+        started_s = time.perf_counter()
+        run_batch(pipeline, good[:size], slug)
+        samples.append(InferenceSample(size, time.perf_counter() - started_s))
+    return samples
+
+
+def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
+    """This process tree's PSS now (model loaded, no loader) less the sample images it still holds.
+
+    The decoded sample tensors are private, fully resident allocations (large ones are mmapped,
+    see ``imaging.fix_mmap_threshold``), so subtracting their size leaves the baseline.
+    """
+    gc.collect()
+    held = sum(item.image.numel() * item.image.element_size() for item in items if item.image is not None)
+    return max(0, sample_tree(os.getpid()).tree_pss_bytes - held)
+
+
+def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wanted: int,
+              calibration: MemoryCalibration) -> ProbeRun:
+    """Reserve ``tasks_wanted`` tasks of ``ctx.job``, measure them, return a ``ProbeRun``.
+
+    The caller must post results for ``run.items`` (they hold reserved tasks).
+    """
+    settings = worker.settings
+    started_s = time.perf_counter()
+    tasks = worker.client.reserve_tasks(ctx.job.id, tasks_wanted, worker.client_info)
+    round_trip_s = time.perf_counter() - started_s
+    if not tasks:
+        return ProbeRun(None, 0, 0, time.perf_counter() - started_s)
+    items, images = load_sample(tasks, settings)
+    inference = time_inference(pipeline, items, ctx.job.pipeline_slug)
+    if not images or not inference:
+        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, tuple(items))
+    probe = Probe.from_samples(
+        images, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(), cuda=worker.cuda,
+        reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
+        calibration=calibration,
+    )
+    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, tuple(items))
+
+
+# --- planning ---
+
+
+def pinned_fields(settings: Settings, *, cuda: bool) -> dict[str, object]:
+    """LoaderPlan fields the operator set explicitly, with the values their settings give."""
+    values: dict[str, object] = {
+        "tasks_per_reserve": settings.antenna_api_batch_size,
+        "batch_size": settings.antenna_api_batch_size,
+        "num_workers": settings.dataloader_num_workers,
+        "prefetch_factor": settings.antenna_api_dataloader_prefetch_factor,
+        # Pinned host memory needs an accelerator: a pinned "true" on CPU means "off".
+        "pin_memory": settings.antenna_api_dataloader_pin_memory and cuda,
+        "download_threads": settings.antenna_api_dataloader_download_threads,
+    }
+    pinned: dict[str, object] = {}
+    for name in sorted(settings.explicitly_set()):
+        for field_name in PINNING_SETTINGS.get(name, ()):
+            pinned[field_name] = values[field_name]
+    return pinned
+
+
+def planning_budget_bytes(worker: "Worker") -> int:
+    """(effective limit - AMI_MEMORY_RESERVE_BYTES) x AMI_MEMORY_SAFETY_FACTOR."""
+    settings = worker.settings
+    limits = worker.limits
+    if limits is None:
+        from worker.app import read_worker_limits
+
+        limits = worker.limits = read_worker_limits(settings)
+    return budget_bytes(limits.effective_limit_bytes, settings.memory_reserve_bytes, settings.memory_safety_factor)
+
+
+def constraints_for(worker: "Worker", probe: Probe) -> PlanConstraints:
+    return PlanConstraints(
+        budget_bytes=planning_budget_bytes(worker),
+        reservation_timeout_s=worker.settings.antenna_reservation_timeout_s,
+        cuda=worker.cuda, cpu_count=probe.cpu_count,
+        pinned=pinned_fields(worker.settings, cuda=worker.cuda),
+    )
+
+
+def record_plan_metrics(plan: LoaderPlan, decision: Optional[PlanDecision] = None) -> None:
+    for knob in ("tasks_per_reserve", "batch_size", "num_workers", "prefetch_factor", "download_threads"):
+        metrics.plan_value.labels(knob).set(getattr(plan, knob))
+    metrics.plan_value.labels("pin_memory").set(1 if plan.pin_memory else 0)
+    metrics.plan_changes.labels(plan.source).inc()
+    if decision is not None:
+        metrics.plan_predicted_peak_bytes.set(decision.memory.total_bytes)
+        metrics.plan_predicted_images_per_second.set(decision.rate.pipeline_images_per_s)
+
+
+# --- the middleware ---
+
+
+@dataclass
+class _JobTuning:
+    """Per-job state kept between on_job_start and on_job_end."""
+
+    probe: Probe
+    decision: PlanDecision
+    constraints: PlanConstraints
+    correction: float
+    probe_wall_s: float
+
+
+class TuningMiddleware(Middleware):
+    """Probe, plan, and after the job learn the correction and write the advisory."""
+
+    def __init__(self, settings: Settings, calibration: Optional[MemoryCalibration] = None) -> None:
+        self.calibration = calibration or load_calibration()
+        self.corrections = CorrectionStore(default_correction_path(settings.user_data_path))
+        self.advisory_dir = Path(settings.user_data_path) / "advisories"
+        self._lock = threading.Lock()
+        self._peak_bytes = 0
+        self._end_of_batch_bytes: list[int] = []
+        self._listening = False
+        self._latest: Optional[MemorySnapshot] = None
+
+    def on_start(self, worker: "Worker") -> None:
+        if not self._listening:
+            worker.add_sample_listener(self._on_sample)
+            self._listening = True
+
+    def _on_sample(self, snapshot: MemorySnapshot) -> None:
+        with self._lock:
+            self._latest = snapshot
+            self._peak_bytes = max(self._peak_bytes, snapshot.tree_pss_bytes)
+
+    def on_job_start(self, worker: "Worker", ctx: JobContext) -> None:
+        with self._lock:
+            self._peak_bytes, self._end_of_batch_bytes = 0, []
+        pipeline: Pipeline = ctx.notes["pipeline"]
+        run = probe_job(worker, ctx, pipeline, tasks_wanted=worker.settings.autotune_probe_tasks,
+                        calibration=self.calibration)
+        if run.items:
+            # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
+            worker._handle_batch(ctx, pipeline, Batch(list(run.items)))
+        if run.probe is None:
+            log.info("job %d: autotune probe got %d tasks, %d usable images in %.2f s: keeping the settings plan",
+                     ctx.job.id, run.tasks, run.images_ok, run.wall_s)
+            return
+        correction = self.corrections.get(ctx.job.pipeline_slug)
+        constraints = constraints_for(worker, run.probe)
+        decision = choose_plan(run.probe, constraints, self.calibration, correction)
+        ctx.plan = decision.plan
+        ctx.notes["autotune"] = _JobTuning(run.probe, decision, constraints, correction, run.wall_s)
+        log.info("job %d: %s | probe %d images in %.2f s: %.2f MiB jpeg, %dx%d, download %.3f s + %.1f MiB/s, "
+                 "decode %.4f s, inference %.4f s/batch + %.4f s/image, baseline %.0f MiB%s",
+                 ctx.job.id, decision.log_line(), run.probe.sample_count, run.wall_s,
+                 run.probe.median_jpeg_bytes / MiB, run.probe.max_width, run.probe.max_height,
+                 run.probe.download_latency_s, run.probe.download_bytes_per_s / MiB,
+                 run.probe.decode_s_per_image, run.probe.inference_overhead_s, run.probe.inference_per_image_s,
+                 run.probe.baseline_bytes / MiB, _pinned_text(constraints.pinned))
+        record_plan_metrics(decision.plan, decision)
+
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: Batch, results: list[dict]) -> None:
+        with self._lock:
+            latest = self._latest
+        if latest is not None:
+            self._end_of_batch_bytes.append(latest.tree_pss_bytes)
+
+    def on_job_end(self, worker: "Worker", ctx: JobContext) -> None:
+        tuning: Optional[_JobTuning] = ctx.notes.get("autotune")
+        if tuning is None:
+            return
+        with self._lock:
+            observed_bytes = self._peak_bytes
+            end_of_batch = list(self._end_of_batch_bytes)
+        if observed_bytes <= 0:  # no sampler running: one exact reading is better than none
+            observed_bytes = sample_tree(os.getpid()).tree_pss_bytes
+        slug = ctx.job.pipeline_slug
+        self.corrections.update(slug, tuning.decision.memory.raw_total_bytes, observed_bytes)
+        self._write_advisory(worker, ctx, tuning, observed_bytes, end_of_batch)
+
+    def _write_advisory(self, worker: "Worker", ctx: JobContext, tuning: _JobTuning,
+                        observed_bytes: int, end_of_batch: list[int]) -> None:
+        settings = worker.settings
+        alternatives = plan_options(tuning.probe, tuning.constraints, self.calibration, tuning.correction)
+        advisory = build_advisory(
+            ctx.job.pipeline_slug, ctx.job.id,
+            limit_bytes=worker.limits.effective_limit_bytes if worker.limits else 0,
+            reserve_bytes=settings.memory_reserve_bytes, safety_factor=settings.memory_safety_factor,
+            memory_samples_bytes=end_of_batch, peak_bytes=observed_bytes,
+            predicted_bytes=tuning.decision.memory.total_bytes, plan=tuning.decision.plan,
+            alternatives=alternatives,
+        )
+        path = write_advisory(advisory, self.advisory_dir)
+        write_json_atomically(path.with_name(path.stem + ".plan.json"), {
+            "probe": tuning.probe.as_dict(), "decision": tuning.decision.as_dict(),
+            "probe_wall_s": tuning.probe_wall_s, "observed_peak_bytes": observed_bytes,
+            "images": ctx.stats.images,
+        })
+        log.info("job %d: memory advisory written to %s", ctx.job.id, path)
+
+
+def _pinned_text(pinned: Mapping[str, object]) -> str:
+    if not pinned:
+        return " | no knob pinned by the operator"
+    return " | pinned by the operator: " + ", ".join(f"{k}={v}" for k, v in sorted(pinned.items()))
+
+
+# --- benchmarks only ---
+
+
+class BenchmarkPlanMiddleware(Middleware):
+    """Forces one LoaderPlan on every job (benchmarks only: see ``benchmark_plan_from_env``)."""
+
+    def __init__(self, plan: LoaderPlan) -> None:
+        self.plan = plan
+
+    def on_job_start(self, worker: "Worker", ctx: JobContext) -> None:
+        ctx.plan = self.plan
+        log.info("job %d: benchmark plan forced by %s: %s", ctx.job.id, BENCHMARK_PLAN_ENV, self.plan.describe())
+        record_plan_metrics(self.plan)
+
+
+def benchmark_plan_from_env(environ: Mapping[str, str] = os.environ) -> Optional[LoaderPlan]:
+    """The plan in ``AMI_BENCHMARK_PLAN_JSON`` (a JSON object of LoaderPlan fields), if set.
+
+    Read once when the middleware stack is built. Not an operator knob: it exists so
+    ``benchmarks/run.py`` can reproduce configurations settings cannot express (float32 tensors).
+    """
+    text = environ.get(BENCHMARK_PLAN_ENV)
+    if not text:
+        return None
+    try:
+        fields_ = json.loads(text)
+        return LoaderPlan(**{**fields_, "source": "benchmark"})
+    except (ValueError, TypeError) as error:
+        from worker.settings import SettingsError
+
+        raise SettingsError(f"{BENCHMARK_PLAN_ENV} is invalid: {error}; it takes a JSON object of LoaderPlan "
+                            "fields (benchmarks only)") from None
+
+
+def tuning_middlewares(settings: Settings) -> list[Middleware]:
+    """The autotune entries of the middleware stack: a forced benchmark plan, or the tuner, or none."""
+    forced = benchmark_plan_from_env()
+    if forced is not None:
+        return [BenchmarkPlanMiddleware(forced)]
+    return [TuningMiddleware(settings)] if settings.autotune else []
