@@ -11,4 +11,28 @@ def build_middlewares(settings: Settings) -> list[Middleware]:
     from worker.tuning import tuning_middlewares
 
     stack.extend(tuning_middlewares(settings))
+    stack.extend(observability_middlewares(settings))
+    return stack
+
+
+def observability_middlewares(settings: Settings) -> list[Middleware]:
+    """Metrics (AMI_METRICS_ADDR; empty disables), the TTY progress line, then systemd/FD limit.
+
+    Last in the stack so their on_start runs after the others' (READY=1 means ready) and their
+    hooks see the plan the earlier entries chose. systemd's variables (NOTIFY_SOCKET,
+    WATCHDOG_USEC) are the service manager's, not AMI_ settings, so they are read here at wiring.
+    """
+    import os
+    import sys
+
+    from worker.observability import MetricsMiddleware
+    from worker.progress import ProgressMiddleware
+    from worker.service import ServiceMiddleware
+
+    stack: list[Middleware] = []
+    if settings.metrics_addr:
+        stack.append(MetricsMiddleware(settings.metrics_addr))
+    if sys.stderr.isatty():
+        stack.append(ProgressMiddleware(sys.stderr))
+    stack.append(ServiceMiddleware.from_environ(os.environ, stall_limit_s=settings.antenna_reservation_timeout_s))
     return stack

@@ -1,0 +1,103 @@
+"""A per-job progress line on a terminal: done/total, images/s, memory vs the soft cap.
+
+Only when the stream is a TTY (journald and pipes get the log lines alone). The line is redrawn
+in place with ``\\r``; a logging filter clears it before any log record is written to the same
+terminal, so log lines never end up glued to a half-drawn bar. The total is the server's queue
+count read from the last processed task's reply subject (``observability.queued_after``), so it
+shows as ``~total`` and only when the subject carries it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import IO, TYPE_CHECKING, Optional
+
+from worker.hooks import JobContext, Middleware
+from worker.observability import queued_after
+
+if TYPE_CHECKING:
+    from worker.daemon import Worker
+    from worker.ingest import Batch
+
+GIB = 1024**3
+REDRAW_INTERVAL_S = 0.5
+
+
+def format_progress(job_id: int, done: int, total: Optional[int], images_per_s: float,
+                    used_bytes: Optional[int], cap_bytes: Optional[int]) -> str:
+    """One line, e.g. ``job 3: 120/~400 images  12.3 images/s  mem 1.20/4.00 GiB (30% of soft cap)``."""
+    count = f"{done}/~{total}" if total is not None else f"{done}"
+    line = f"job {job_id}: {count} images  {images_per_s:.1f} images/s"
+    if used_bytes is not None:
+        line += f"  mem {used_bytes / GIB:.2f}"
+        if cap_bytes:
+            line += f"/{cap_bytes / GIB:.2f} GiB ({used_bytes / cap_bytes:.0%} of soft cap)"
+        else:
+            line += " GiB"
+    return line
+
+
+class _ClearLine(logging.Filter):
+    def __init__(self, progress: "ProgressMiddleware") -> None:
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.clear()
+        return True
+
+
+class ProgressMiddleware(Middleware):
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._shown = False
+        self._drawn_s = 0.0
+        self._filter = _ClearLine(self)
+
+    def on_start(self, worker: "Worker") -> None:
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "stream", None) is self.stream:
+                handler.addFilter(self._filter)
+
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: list[dict]) -> None:
+        now_s = time.monotonic()
+        if now_s - self._drawn_s < REDRAW_INTERVAL_S:
+            return
+        self._drawn_s = now_s
+        self.draw(worker, ctx, batch)
+
+    def on_job_end(self, worker: "Worker", ctx: JobContext) -> None:
+        self.draw(worker, ctx, None)
+        with self._lock:
+            if self._shown:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._shown = False
+
+    def on_stop(self, worker: "Worker") -> None:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._filter)
+
+    def draw(self, worker: "Worker", ctx: JobContext, batch: Optional["Batch"]) -> None:
+        if batch is not None and batch.items:
+            queued = queued_after(batch.items[-1].task.reply_subject)
+            ctx.notes["progress_total"] = None if queued is None else ctx.stats.images + queued
+        snapshot = worker.sampler.latest if worker.sampler is not None else None
+        line = format_progress(
+            ctx.job.id, ctx.stats.images, ctx.notes.get("progress_total"), ctx.stats.images_per_s(),
+            snapshot.used_bytes if snapshot is not None else None,
+            worker.limits.soft_cap_bytes if worker.limits is not None else None,
+        )
+        with self._lock:
+            self.stream.write("\r\x1b[K" + line)
+            self.stream.flush()
+            self._shown = True
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._shown:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+                self._shown = False
