@@ -115,3 +115,35 @@ def test_settings_come_from_a_dotenv_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, capture_output=True,
                           text=True, timeout=50, cwd=tmp_path)
     assert done.returncode == 2 and "AMI_ANTENNA_API_BATCH_SIZE=0" in done.stderr
+
+
+@pytest.mark.timeout(240)
+def test_results_spooled_while_the_api_is_down_are_replayed_first_at_the_next_start(
+        antenna, settings_for, tiny_images):
+    job = antenna.add_job(tiny_images[:6], "synthetic-moths")
+    # Two result bodies (batch 3) x two attempts each: every result POST of the first run fails.
+    antenna.set_faults("result", [503] * 4)
+    settings = settings_for(antenna, antenna_api_dataloader_num_workers=0, antenna_api_batch_size=3,
+                            antenna_api_max_attempts=2)
+    first = build_worker(settings, burst=True, middlewares=[])
+    assert first.run() == 0
+    assert first.poster.counters.spooled_items == 6
+    report = antenna.report(job)
+    assert report.results_ok == 0 and report.reserved == 6 and not report.complete
+    second = build_worker(settings, burst=True, middlewares=[])
+    assert second.run() == 0
+    assert second.poster.counters.replayed_items == 6
+    report = antenna.report(job)
+    assert report.results_ok == 6 and report.complete and report.redeliveries == 0 and report.lost == 0
+
+
+@pytest.mark.timeout(120)
+def test_register_sends_every_offered_pipeline(antenna, tmp_path):
+    env = worker_env(antenna, tmp_path)
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "register"], env=env,
+                          capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "registered 2 pipelines with project 1" in done.stdout
+    slugs = [p["slug"] for p in antenna.registered[0]["pipelines"]]
+    assert slugs == ["synthetic-moths", "null"]
+    assert TOKEN not in done.stdout + done.stderr
