@@ -30,7 +30,7 @@ class TaskReleaser:
         released = 0
         if self.nats_url:
             try:
-                released = asyncio.run(self._nak_all(tasks))
+                released = asyncio.run(asyncio.wait_for(self._nak_all(tasks), timeout=self.timeout_s * 2))
             except Exception as error:  # NATS down: the reservation timeout still redelivers them
                 log.warning("job %d: could not NAK %d tasks over NATS: %s", job_id, len(tasks), error)
         for task in tasks:
@@ -43,7 +43,10 @@ class TaskReleaser:
     async def _nak_all(self, tasks: Sequence[Task]) -> int:
         import nats  # imported here: only deployments with AMI_NATS_URL need it loaded
 
-        connection = await nats.connect(self.nats_url, connect_timeout=self.timeout_s, max_reconnect_attempts=0)
+        connection = await nats.connect(
+            self.nats_url, connect_timeout=self.timeout_s, allow_reconnect=False, max_reconnect_attempts=0,
+            error_cb=_quiet,
+        )
         try:
             for task in tasks:
                 await connection.publish(task.reply_subject, b"-NAK")
@@ -51,3 +54,7 @@ class TaskReleaser:
         finally:
             await connection.close()
         return len(tasks)
+
+
+async def _quiet(error: Exception) -> None:
+    log.debug("nats: %s", error)
