@@ -12,7 +12,7 @@ from worker.daemon import Worker
 from worker.hooks import Middleware
 from worker.pipeline import NullPipeline, ReferencePipeline, load_pipeline, select_device
 from worker.posting import ResultPoster, Spool
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from watchdog.limits import Limits, find_cgroup, owns_cgroup, read_limits
 from watchdog.sampler import Sampler
 
@@ -56,6 +56,16 @@ def default_middlewares(settings: Settings) -> list[Middleware]:
     return build_middlewares(settings)
 
 
+def preload_pipelines(settings: Settings, pipelines) -> None:
+    """Load every offered pipeline now: a broken model fails the start, not the first job."""
+    for slug in offered_slugs(settings):
+        try:
+            pipelines(slug)
+        except (OSError, RuntimeError, ValueError) as error:
+            variable = "AMI_PIPELINE_TORCHSCRIPT_PATH" if slug == settings.pipeline_torchscript_slug else "AMI_ANTENNA_PIPELINES"
+            raise SettingsError(f"{variable}: pipeline {slug!r} cannot be loaded: {str(error).splitlines()[0][:300]}") from None
+
+
 def read_worker_limits(settings: Settings) -> Limits:
     return read_limits(
         configured_max_bytes=settings.max_memory_bytes,
@@ -79,8 +89,10 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
         make_client(settings), Spool(settings.user_data_path / "spool"),
         max_pending_posts=settings.antenna_max_pending_posts, max_post_bytes=settings.antenna_max_post_bytes,
     )
+    pipelines = pipeline_loader(settings, device)
+    preload_pipelines(settings, pipelines)
     worker = Worker(
-        settings, client=client, poster=poster, pipelines=pipeline_loader(settings, device),
+        settings, client=client, poster=poster, pipelines=pipelines,
         pipeline_slugs=offered_slugs(settings),
         middlewares=default_middlewares(settings) if middlewares is None else middlewares,
         burst=burst, cuda=device.type == "cuda", limits=read_worker_limits(settings),

@@ -28,6 +28,7 @@ from watchdog.sampler import MemorySnapshot, Sampler
 log = logging.getLogger(__name__)
 
 BURST_LIST_LIMIT = 1000
+MAX_LOADER_REBUILDS_PER_JOB = 3
 
 
 @dataclass
@@ -160,12 +161,12 @@ class Worker:
         ctx.notes["pipeline"] = pipeline
         self.current = ctx
         self._call("on_job_start", ctx)
-        while True:
+        for attempt in range(MAX_LOADER_REBUILDS_PER_JOB + 1):
             self._run_loader(ctx, pipeline)
-            if not (ctx.rebuild_requested and not self.stopping):
+            if not ctx.rebuild_requested or self.stopping or attempt == MAX_LOADER_REBUILDS_PER_JOB:
                 break
-            log.warning("job %d: rebuilding the loader with the minimal plan after memory stayed over the hard cap",
-                        job.id)
+            log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id,
+                        ctx.notes.get("rebuild_reason", "requested"))
             ctx.rebuild_requested = False
             ctx.plan = MINIMAL_PLAN
         self._call("on_job_end", ctx)
@@ -182,10 +183,17 @@ class Worker:
         with Loader(source, ctx.plan) as loader:
             ctx.loader = loader
             self._call("on_loader_start", ctx)
-            for batch in loader:
-                self._handle_batch(ctx, pipeline, batch)
-                if self._check_stop(ctx, loader):
-                    break
+            try:
+                for batch in loader:
+                    self._handle_batch(ctx, pipeline, batch)
+                    if self._check_stop(ctx, loader):
+                        break
+            except RuntimeError as error:
+                # A loader worker died (the kernel's OOM killer, a segfault in a decoder): what it
+                # held is stranded below; the job goes on with a fresh, minimal loader.
+                log.error("job %d: loader failed: %s", ctx.job.id, error)
+                ctx.rebuild_requested = True
+                ctx.notes["rebuild_reason"] = f"loader failed: {str(error)[:200]}"
             stranded = loader.stranded()
             ctx.loader = None
         if stranded:

@@ -147,3 +147,43 @@ def test_register_sends_every_offered_pipeline(antenna, tmp_path):
     slugs = [p["slug"] for p in antenna.registered[0]["pipelines"]]
     assert slugs == ["synthetic-moths", "null"]
     assert TOKEN not in done.stdout + done.stderr
+
+
+class KillOneLoaderWorker:
+    """Test middleware: SIGKILLs one DataLoader worker process after the first batch, once."""
+
+    def __init__(self) -> None:
+        self.killed: list[int] = []
+
+    def __getattr__(self, name):  # every other hook: no-op
+        return lambda *args, **kwargs: None
+
+    def after_batch(self, worker, ctx, batch, results) -> None:
+        if self.killed:
+            return
+        loaders = [p for p in psutil.Process().children() if "resource_tracker" not in " ".join(p.cmdline())]
+        if loaders:
+            loaders[0].kill()
+            self.killed.append(loaders[0].pid)
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_loader_worker_costs_only_a_redelivery_of_what_the_loader_held(antenna_factory, settings_for, tiny_images):
+    server = antenna_factory(reservation_timeout_s=3.0)
+    job = server.add_job(tiny_images[:24], "synthetic-moths")
+    settings = settings_for(server, antenna_api_dataloader_num_workers=2, antenna_api_batch_size=2)
+    killer = KillOneLoaderWorker()
+    first = build_worker(settings, burst=True, middlewares=[killer])
+    assert first.run() == 0 and killer.killed
+    report = server.report(job)
+    assert report.lost == 0 and report.results_ok + report.reserved == 24
+    import time
+
+    time.sleep(3.5)  # the dead worker's reservations expire and are redelivered
+    second = build_worker(settings, burst=True, middlewares=[])
+    assert second.run() == 0
+    report = server.report(job)
+    assert report.results_ok == 24 and report.complete and report.lost == 0
+    # A dead worker breaks the DataLoader, so what both workers held is redelivered: at most
+    # workers x (prefetch x batch + tasks per reserve) = 2 x (4 x 2 + 2), never more.
+    assert 0 < report.redeliveries <= 2 * (4 * 2 + 2)
