@@ -116,15 +116,17 @@ class _Deltas:
 
 
 def queued_after(reply_subject: str) -> Optional[int]:
-    """Tasks still queued when this task was delivered, from a JetStream ack subject's last token.
+    """Tasks still queued when this task was delivered, from a JetStream ack subject's pending count.
 
-    The contract calls the subject opaque, so anything not shaped like ``$JS.ACK.…`` with at
-    least 9 tokens and a numeric last one gives None (unknown) rather than a guess.
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (9 tokens) or the
+    newer ``$JS.ACK.<domain>.<account>.<stream>.….<pending>.<token>`` (12). The contract calls the
+    subject opaque, so any other shape gives None (unknown) rather than a guess.
     """
     tokens = reply_subject.split(".")
-    if len(tokens) >= 9 and tokens[0] == "$JS" and tokens[1] == "ACK" and tokens[-1].isdigit():
-        return int(tokens[-1])
-    return None
+    if tokens[:2] != ["$JS", "ACK"]:
+        return None
+    pending = tokens[8] if len(tokens) == 9 else tokens[10] if len(tokens) >= 12 else ""
+    return int(pending) if pending.isdigit() else None
 
 
 class MetricsMiddleware(Middleware):
