@@ -186,6 +186,7 @@ class Worker:
             try:
                 for batch in loader:
                     self._handle_batch(ctx, pipeline, batch)
+                    del batch  # not held while the next batch is awaited (one batch of images)
                     if self._check_stop(ctx, loader):
                         break
             except RuntimeError as error:

@@ -7,10 +7,12 @@ shared state at each reserve, so the watchdog can shrink it without a restart), 
 device) and yield one ``LoadedImage`` per task. A failed download or decode yields an item with
 ``error`` set: it never fails the batch.
 
-Credit: a worker starts a new batch only while fewer than ``prefetch_depth x batch_size`` of its
-images wait unconsumed; that bounds decoded images in flight below the DataLoader's own prefetch
-and is the knob the watchdog shrinks. Workers are spawned (never forked: a forked copy of a
-process holding a model and CUDA state is unsafe) and torn down explicitly at job end.
+Credit: a worker decodes its next image only while fewer than ``prefetch_depth x batch_size`` of
+its decoded images (the batch being filled included) have not reached the main process; that
+bounds decoded images in flight below the DataLoader's own prefetch and is the knob the watchdog
+shrinks. Downloads ahead are bounded by ``min(download_threads, tasks_per_reserve)``. Workers are
+spawned (never forked: a forked copy of a process holding a model and CUDA state is unsafe) and
+torn down explicitly at job end.
 """
 from __future__ import annotations
 
@@ -164,7 +166,6 @@ class TaskStream(IterableDataset):
             client.close()
 
     def _stream(self, client, session, pool, worker_id: int, in_worker: bool) -> Iterator[LoadedImage]:
-        produced_in_batch = 0
         while self.control.stop.value == RUN:
             tasks = self._reserve(client)
             if not tasks:
@@ -172,10 +173,13 @@ class TaskStream(IterableDataset):
             pending: deque[tuple[Task, Future]] = deque()
             todo = deque(tasks)
             while todo or pending:
-                while todo and len(pending) < self.plan.download_threads:
+                # Downloads ahead are also bounded by the live tasks_per_reserve: a shrink then cuts
+                # the compressed JPEGs held now (24 MB each when large), not only at the next reserve.
+                ahead = min(self.plan.download_threads, max(1, self.control.tasks_per_reserve.value))
+                while todo and len(pending) < ahead:
                     task = todo.popleft()
                     pending.append((task, pool.submit(self._fetch, session, task)))
-                if produced_in_batch == 0 and in_worker:
+                if in_worker:
                     self._wait_for_credit(worker_id)
                 if self.control.stop.value == ABANDON:
                     return
@@ -184,10 +188,11 @@ class TaskStream(IterableDataset):
                 # Drop our references before suspending: a suspended generator frame would
                 # otherwise keep the last compressed JPEG (24 MB for a large image) alive.
                 del future
+                # Counted before the yield: the decoded image is held from now on, while the
+                # DataLoader ships it only once its batch is full.
+                self.control.produced[worker_id + 1] += 1
                 yield item
                 del item
-                self.control.produced[worker_id + 1] += 1
-                produced_in_batch = (produced_in_batch + 1) % self.plan.batch_size
 
     def _reserve(self, client: AntennaClient) -> list[Task]:
         while not self.control.admit.value and self.control.stop.value == RUN:
@@ -207,6 +212,13 @@ class TaskStream(IterableDataset):
         return tasks
 
     def _wait_for_credit(self, worker_id: int) -> None:
+        """Before each image: wait until this worker holds fewer than ``prefetch_depth x batch_size``
+        decoded images the main process has not received, the batch being filled included.
+
+        Checked per image (not per batch) so a shrink takes effect at the next image. No deadlock:
+        a partial batch is under ``batch_size``, so a worker only waits while it has a full batch
+        out, which the main process will receive.
+        """
         slot = worker_id + 1
         while self.control.stop.value != ABANDON:
             waiting = self.control.produced[slot] - self.control.consumed[slot]
@@ -271,9 +283,9 @@ class Loader:
             self._iterator = iter(self.dataloader)
         for batch in self._iterator:
             self.control.mark_consumed(batch)
-            for item in batch.items:
-                self.received[item.task.reply_subject] = item.task
+            self.received.update((item.task.reply_subject, item.task) for item in batch.items)
             yield batch
+            del batch  # not held while the next batch is awaited: that is one batch of images
 
     def stop_reserving(self) -> None:
         """Drain: workers finish what they hold and stop; iteration then ends by itself."""
