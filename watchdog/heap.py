@@ -27,16 +27,18 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-def trim_heap() -> int:
+def trim_heap(*, collect: bool = True) -> int:
     """``gc.collect()`` then glibc ``malloc_trim(0)``; returns bytes freed (RSS before - after,
     0 when RSS did not drop or cannot be read). Never raises.
 
     Large decoded images are freed back to glibc arenas, which keep them (per-thread arenas,
     fragmentation above the top chunk) until trimmed; that is memory the OOM killer still counts.
+    ``collect=False`` only trims: for a helper thread, where a collection would run whatever
+    finalizers the collected cycles hold (a DataLoader iterator joining its workers) on that thread.
     """
     try:
         before_bytes = procfs.read_rss_bytes(os.getpid())
-        collected = gc.collect()
+        collected = gc.collect() if collect else 0
         trim = _malloc_trim()
         released = trim(0) if trim is not None else 0
         after_bytes = procfs.read_rss_bytes(os.getpid())

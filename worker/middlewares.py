@@ -11,6 +11,10 @@ def build_middlewares(settings: Settings) -> list[Middleware]:
     from worker.tuning import tuning_middlewares
 
     stack.extend(tuning_middlewares(settings))
+    if settings.watchdog_enabled:  # AMI_WATCHDOG_ENABLED: the memory governor (worker/guard.py)
+        from worker.guard import WatchdogMiddleware
+
+        stack.append(WatchdogMiddleware(settings))
     stack.extend(observability_middlewares(settings))
     return stack
 
