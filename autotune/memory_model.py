@@ -169,7 +169,8 @@ def predict_peak(
     ``num_workers == 0`` loads in the main process: no worker processes, no queue (the batch
     being assembled becomes the batch inferred). Queue and pinned terms count the DataLoader's
     ``prefetch_factor`` batches per worker plus ``collate_copy_factor`` batches being assembled;
-    every batch-sized term is linear in ``batch_size``. float32 plans make tensors 4x larger.
+    every batch-sized term is linear in ``batch_size``. float32 plans make tensors 4x larger and
+    add the conversion's scratch per lane.
     pin_memory without CUDA costs nothing (torch skips pinning without an accelerator).
     """
     workers = plan.num_workers
@@ -182,13 +183,22 @@ def predict_peak(
         probe.baseline_bytes,
         workers * probe.worker_process_bytes,
         lanes * connections * probe.max_jpeg_bytes * calibration.download_buffer_factor,
-        lanes * probe.decoded_bytes_per_image * calibration.decode_scratch_factor,
+        lanes * probe.decoded_bytes_per_image * (calibration.decode_scratch_factor + _conversion_scratch(plan)),
         workers * (plan.prefetch_factor + calibration.collate_copy_factor) * batch_bytes,
         (queued_batches + 1) * batch_bytes * calibration.pinned_copy_factor if plan.pin_memory and probe.cuda else 0,
         batch_bytes + _host_inference_bytes(plan, probe, calibration),
     )
     ints = tuple(int(round(value)) for value in components)
     return MemoryEstimate(*ints, total_bytes=int(round(sum(ints) * correction)), correction=correction)
+
+
+def _conversion_scratch(plan: "LoaderPlan") -> float:
+    """Decoded-image units a lane holds while converting to float32 (ADC's legacy ingest).
+
+    ``worker/ingest.py`` keeps the uint8 decode (1) and the private float copy (4) alive while
+    ``share_memory_()`` copies the float into shared memory; the shared copy is the queued tensor.
+    """
+    return 1.0 + BYTES_PER_FLOAT32 if plan.tensor_dtype == "float32" else 0.0
 
 
 def _host_inference_bytes(plan: "LoaderPlan", probe: "Probe", calibration: MemoryCalibration) -> float:

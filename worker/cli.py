@@ -25,7 +25,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     _logging(settings)
     worker = build_worker(settings, burst=args.burst)
     worker.install_signal_handlers()
+    if args.memray:
+        from worker.profiling import memray_tracking
+
+        with memray_tracking(args.memray, native=args.memray_native):
+            return worker.run()
     return worker.run()
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker.tune import run_tune
+
+    settings = _settings(args)
+    _logging(settings)
+    return run_tune(settings, job_id=args.job, images=args.images or [], pipeline=args.pipeline,
+                    write_env=Path(args.write_env) if args.write_env else None, out=sys.stdout,
+                    probe_tasks=args.probe_tasks)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -86,7 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="poll the Antenna API and process jobs until stopped")
     run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
+    run.add_argument("--memray", metavar="OUT.bin", help="record this process's allocations with memray "
+                     "(loader workers are spawned processes and are not recorded; see docs/benchmarks.md)")
+    run.add_argument("--memray-native", action="store_true", help="with --memray: also record native stacks")
     run.set_defaults(func=cmd_run)
+
+    tune = sub.add_parser("tune", help="dry run of autotune: probe a job or sample images, print the plan")
+    target = tune.add_mutually_exclusive_group()
+    target.add_argument("--job", type=int, help="job id to probe (default: the next job of the configured pipelines)")
+    target.add_argument("--images", nargs="+", metavar="DIR|URL", help="sample images: a folder, files or URLs "
+                        "(nothing is reserved)")
+    tune.add_argument("--pipeline", help="pipeline slug for --images (default: the first offered)")
+    tune.add_argument("--probe-tasks", type=int, help="tasks to probe (default AMI_AUTOTUNE_PROBE_TASKS)")
+    tune.add_argument("--write-env", metavar="FILE", help="also write the recommended env lines to FILE")
+    tune.set_defaults(func=cmd_tune)
 
     register = sub.add_parser("register", help="register this worker's pipelines with Antenna projects")
     register.add_argument("--project", type=int, help="project id (default: every project the token sees)")

@@ -1,0 +1,282 @@
+"""``worker tune``: a dry run of autotune for operators.
+
+Probes a sample of a job (``--job ID``), of the next job of the configured pipelines (no
+argument), or of sample images (``--images DIR|URL...``: downloaded or read and decoded here, no
+task reserved), then prints the measured numbers, the memory table of the recommended plan next
+to the current settings', the predicted images/s of each, what in the current settings exceeds
+the budget and by how much, and the env lines to pin a good static plan (``--write-env FILE``
+writes them). Probed tasks are inferred and their results posted like the worker's own: a tune
+run never strands a task, and says so. The API token never reaches the output.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
+
+from autotune import (
+    LoaderPlan,
+    MemoryCalibration,
+    PlanConstraints,
+    PlanDecision,
+    Probe,
+    choose_plan,
+    compare_table,
+    load_calibration,
+    price_plan,
+)
+from autotune.memory_model import CorrectionStore, default_correction_path
+from autotune.planner import BATCH_SIZES
+from worker.antenna import JobRef
+from worker.daemon import plan_from_settings
+from worker.hooks import JobContext
+from worker.imaging import ImageError, decode, download, image_session
+from worker.ingest import Batch, LoadedImage
+from worker.schema import Task
+from worker.settings import Settings, SettingsError
+from worker.tuning import (
+    baseline_bytes,
+    constraints_for,
+    cpu_count,
+    pinned_fields,
+    probe_job,
+    time_inference,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+MAX_LOCAL_IMAGES = 8
+
+# Env names per LoaderPlan field that a static setting can express (one batch size for both).
+ENV_NAMES = (
+    ("AMI_ANTENNA_API_BATCH_SIZE", "batch_size"),
+    ("AMI_ANTENNA_API_DATALOADER_NUM_WORKERS", "num_workers"),
+    ("AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR", "prefetch_factor"),
+    ("AMI_ANTENNA_API_DATALOADER_PIN_MEMORY", "pin_memory"),
+    ("AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS", "download_threads"),
+)
+# Which settings drive each memory component (for "what exceeds the budget").
+COMPONENT_SETTINGS = {
+    "loader worker processes": "AMI_ANTENNA_API_DATALOADER_NUM_WORKERS",
+    "in-flight downloads": "AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS x AMI_ANTENNA_API_DATALOADER_NUM_WORKERS",
+    "decode scratch": "AMI_ANTENNA_API_DATALOADER_NUM_WORKERS",
+    "batches assembling/queued": "AMI_ANTENNA_API_BATCH_SIZE x AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR "
+                                 "x AMI_ANTENNA_API_DATALOADER_NUM_WORKERS",
+    "pinned copies": "AMI_ANTENNA_API_DATALOADER_PIN_MEMORY",
+    "batch being inferred": "AMI_ANTENNA_API_BATCH_SIZE",
+}
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    """Everything ``worker tune`` prints."""
+
+    source: str
+    probe: Probe
+    recommended: PlanDecision
+    static: PlanDecision
+    current: PlanDecision
+    constraints: PlanConstraints
+    tasks_probed: int
+    results_posted: int
+
+    def env_lines(self) -> list[str]:
+        plan = self.static.plan
+        lines = [f"{name}={str(getattr(plan, field)).lower() if isinstance(getattr(plan, field), bool) else getattr(plan, field)}"
+                 for name, field in ENV_NAMES]
+        return lines
+
+    def text(self) -> str:
+        c = self.constraints
+        out = [f"worker tune: {self.source}", "", "Measured", self.probe.describe(), "",
+               f"Budget: {c.budget_bytes / MiB:,.0f} MiB ((effective limit - reserve) x safety), "
+               f"reservation timeout {c.reservation_timeout_s:.0f} s", "",
+               "Predicted peak memory: recommended plan vs current settings",
+               compare_table(self.recommended.memory, self.current.memory, ("recommended", "current")), "",
+               f"recommended  {self.recommended.plan.describe()}",
+               f"             {self.recommended.rate.describe()}",
+               f"current      {self.current.plan.describe()}",
+               f"             {self.current.rate.describe()}", ""]
+        out.extend(self._over_budget_lines())
+        out.extend(["", "Recommended env lines (a static plan settings can express: one batch size for reserve "
+                    f"and inference; predicted {self.static.rate.pipeline_images_per_s:.2f} images/s, "
+                    f"peak {self.static.memory.total_bytes / MiB:,.0f} MiB)"])
+        out.extend(self.env_lines())
+        out.append("# or keep AMI_AUTOTUNE=true (the default) and leave these unset: the worker then plans per job")
+        if c.pinned:
+            out.append("# note: your settings pin " + ", ".join(f"{k}={v}" for k, v in sorted(c.pinned.items()))
+                       + "; at run time autotune keeps those as given")
+        out.extend(["", self._tasks_line()])
+        return "\n".join(out) + "\n"
+
+    def _over_budget_lines(self) -> list[str]:
+        over = self.current.memory.total_bytes - self.constraints.budget_bytes
+        if over <= 0:
+            return [f"Current settings fit the budget: predicted peak {self.current.memory.total_bytes / MiB:,.0f} MiB "
+                    f"<= {self.constraints.budget_bytes / MiB:,.0f} MiB"]
+        lines = [f"Current settings EXCEED the budget by {over / MiB:,.0f} MiB "
+                 f"({self.current.memory.total_bytes / MiB:,.0f} MiB predicted vs {self.constraints.budget_bytes / MiB:,.0f} MiB):"]
+        for (label, current), (_, recommended) in zip(self.current.memory.components(),
+                                                      self.recommended.memory.components()):
+            if current > recommended and label in COMPONENT_SETTINGS:
+                lines.append(f"  {label}: {current / MiB:,.0f} MiB (+{(current - recommended) / MiB:,.0f} MiB "
+                             f"over the recommended plan), set by {COMPONENT_SETTINGS[label]}")
+        return lines
+
+    def _tasks_line(self) -> str:
+        if self.tasks_probed == 0:
+            return "No task was reserved (sample images only): nothing to post, nothing stranded."
+        return (f"{self.tasks_probed} tasks were reserved for the probe; {self.results_posted} results were "
+                "posted to the API (inferred like any others): no task stranded.")
+
+
+def static_decision(probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration,
+                    correction: float) -> PlanDecision:
+    """Best plan with tasks_per_reserve == batch_size (what AMI_ANTENNA_API_BATCH_SIZE expresses)."""
+    best: Optional[PlanDecision] = None
+    for size in BATCH_SIZES:
+        pinned = {**constraints.pinned, "tasks_per_reserve": size, "batch_size": size}
+        option = choose_plan(probe, PlanConstraints(
+            constraints.budget_bytes, constraints.reservation_timeout_s, constraints.cuda,
+            constraints.cpu_count, pinned, constraints.max_workers, constraints.timeout_margin,
+        ), calibration, correction)
+        if not option.fits:
+            continue
+        if best is None or option.rate.pipeline_images_per_s > best.rate.pipeline_images_per_s * 1.02:
+            best = option
+    return best or choose_plan(probe, constraints, calibration, correction)
+
+
+def tune_report(worker, probe: Probe, source: str, tasks_probed: int, results_posted: int,
+                pipeline_slug: str) -> TuneReport:
+    settings: Settings = worker.settings
+    calibration = load_calibration()
+    correction = CorrectionStore(default_correction_path(settings.user_data_path)).get(pipeline_slug)
+    constraints = constraints_for(worker, probe)
+    free = PlanConstraints(constraints.budget_bytes, constraints.reservation_timeout_s, constraints.cuda,
+                           constraints.cpu_count)
+    recommended = choose_plan(probe, free, calibration, correction)
+    current = price_plan(plan_from_settings(settings, cuda=worker.cuda), probe, free, calibration, correction)
+    static = static_decision(probe, free, calibration, correction)
+    return TuneReport(source, probe, recommended, static, current, constraints, tasks_probed, results_posted)
+
+
+def tune_job(worker, job: JobRef, probe_tasks: int) -> Optional[TuneReport]:
+    """Probe ``job`` through the worker's own path, post the probed results, report."""
+    pipeline = worker.pipelines(job.pipeline_slug)
+    ctx = JobContext(job=job, plan=plan_from_settings(worker.settings, cuda=worker.cuda))
+    run = probe_job(worker, ctx, pipeline, tasks_wanted=probe_tasks, calibration=load_calibration())
+    if run.items:
+        worker._handle_batch(ctx, pipeline, Batch(list(run.items)))
+    if not worker.poster.flush(timeout_s=worker.settings.shutdown_grace_s):
+        log.error("tune: result posts still pending; they were spooled or will be redelivered")
+    if run.probe is None:
+        return None
+    source = (f"job {job.id} (pipeline {job.pipeline_slug}), probe of {run.tasks} tasks in {run.wall_s:.2f} s")
+    return tune_report(worker, run.probe, source, run.tasks, ctx.stats.images, job.pipeline_slug)
+
+
+def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[TuneReport]:
+    """Probe local files or URLs: nothing is reserved or posted."""
+    pipeline = worker.pipelines(pipeline_slug)
+    items, samples = _load_images(_expand(sources), worker.settings)
+    inference = time_inference(pipeline, items, pipeline_slug)
+    if not samples or not inference:
+        return None
+    probe = Probe.from_samples(samples, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(),
+                               cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s)
+    del items  # before planning: the sample images are not part of any plan's memory
+    return tune_report(worker, probe, f"{len(samples)} sample images (pipeline {pipeline_slug}); "
+                       "local files time as a fast network", 0, 0, pipeline_slug)
+
+
+def _expand(sources: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if source.startswith(("http://", "https://")):
+            out.append(source)
+        elif path.is_dir():
+            out.extend(str(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            out.append(str(path))
+        else:
+            raise SettingsError(f"--images {source}: not a folder, a file or an http(s) URL")
+    if not out:
+        raise SettingsError("--images: no images found (looked for " + ", ".join(IMAGE_SUFFIXES) + ")")
+    return out[:MAX_LOCAL_IMAGES]
+
+
+def _load_images(sources: Sequence[str], settings: Settings) -> tuple[list[LoadedImage], list]:
+    from autotune import ImageSample
+
+    session = image_session(1)
+    items: list[LoadedImage] = []
+    samples: list = []
+    try:
+        for index, source in enumerate(sources):
+            task = Task(id=f"tune-{index}", image_id=Path(source).name, image_url=source, reply_subject="tune")
+            started_s = time.perf_counter()
+            try:
+                if source.startswith(("http://", "https://")):
+                    data = download(session, source, max_bytes=settings.max_image_bytes,
+                                    timeout_s=settings.antenna_api_timeout_s * 2)
+                else:
+                    data = bytearray(Path(source).read_bytes())
+                download_s = time.perf_counter() - started_s
+                decoded = decode(data, max_pixels=settings.max_image_pixels)
+            except ImageError as error:
+                log.warning("tune: %s unusable: %s", source, error)
+                continue
+            samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s, decoded.decode_s))
+            items.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
+                                     download_s, decoded.decode_s))
+    finally:
+        session.close()
+    return items, samples
+
+
+def run_tune(settings: Settings, *, job_id: Optional[int], images: Sequence[str], pipeline: Optional[str],
+             write_env: Optional[Path], out: TextIO, probe_tasks: Optional[int] = None) -> int:
+    """The ``worker tune`` command; returns the exit code."""
+    from worker.app import build_worker, offered_slugs
+
+    worker = build_worker(settings, burst=True, middlewares=[])
+    try:
+        slugs = offered_slugs(settings)
+        tasks = probe_tasks or settings.autotune_probe_tasks
+        if images:
+            report = tune_images(worker, images, pipeline or slugs[0])
+        else:
+            job = _pick_job(worker, job_id, slugs)
+            if job is None:
+                print("worker tune: no incomplete job for pipelines " + ", ".join(slugs)
+                      + "; pass --job ID or --images DIR", file=out)
+                return 1
+            report = tune_job(worker, job, tasks)
+        if report is None:
+            print("worker tune: no usable image in the sample (see the log); nothing to recommend", file=out)
+            return 1
+        out.write(report.text())
+        if write_env is not None:
+            write_env.write_text("\n".join(report.env_lines()) + "\n", encoding="utf-8")
+            print(f"wrote {len(report.env_lines())} env lines to {write_env}", file=out)
+        return 0
+    finally:
+        worker.poster.close()
+        worker.client.close()
+
+
+def _pick_job(worker, job_id: Optional[int], slugs: Sequence[str]) -> Optional[JobRef]:
+    jobs = worker.client.list_jobs(slugs, limit=100)
+    if job_id is None:
+        return jobs[0] if jobs else None
+    for job in jobs:
+        if job.id == job_id:
+            return job
+    # Not listed (complete, or another pipeline): still probe it with the first offered pipeline.
+    return JobRef(job_id, slugs[0])
