@@ -36,7 +36,6 @@ def observability_middlewares(settings: Settings) -> list[Middleware]:
     stack: list[Middleware] = []
     if settings.metrics_addr:
         stack.append(MetricsMiddleware(settings.metrics_addr))
-    if sys.stderr.isatty():
-        stack.append(ProgressMiddleware(sys.stderr))
+    stack.append(ProgressMiddleware(sys.stderr))  # a redrawn line on a TTY, else DEBUG log lines
     stack.append(ServiceMiddleware.from_environ(os.environ, stall_limit_s=settings.antenna_reservation_timeout_s))
     return stack

@@ -1,6 +1,7 @@
-"""A per-job progress line on a terminal: done/total, images/s, memory vs the soft cap.
+"""A per-job progress line: done/total, images/s, memory vs the soft cap.
 
-Only when the stream is a TTY (journald and pipes get the log lines alone). The line is redrawn
+On a TTY the line is redrawn in place; elsewhere (journald, pipes) the same line is a DEBUG log
+record at most every ``REDRAW_INTERVAL_S``, so INFO logs stay one line per decision. The line is redrawn
 in place with ``\\r``; a logging filter clears it before any log record is written to the same
 terminal, so log lines never end up glued to a half-drawn bar. The total is the server's queue
 count read from the last processed task's reply subject (``observability.queued_after``), so it
@@ -9,6 +10,7 @@ shows as ``~total`` and only when the subject carries it.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import IO, TYPE_CHECKING, Optional
@@ -19,6 +21,8 @@ from worker.observability import queued_after
 if TYPE_CHECKING:
     from worker.daemon import Worker
     from worker.ingest import Batch
+
+log = logging.getLogger(__name__)
 
 GIB = 1024**3
 REDRAW_INTERVAL_S = 0.5
@@ -49,14 +53,17 @@ class _ClearLine(logging.Filter):
 
 
 class ProgressMiddleware(Middleware):
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str] = sys.stderr, *, tty: Optional[bool] = None) -> None:
         self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
         self._lock = threading.Lock()
         self._shown = False
         self._drawn_s = 0.0
         self._filter = _ClearLine(self)
 
     def on_start(self, worker: "Worker") -> None:
+        if not self.tty:
+            return
         for handler in logging.getLogger().handlers:
             if getattr(handler, "stream", None) is self.stream:
                 handler.addFilter(self._filter)
@@ -90,6 +97,9 @@ class ProgressMiddleware(Middleware):
             snapshot.used_bytes if snapshot is not None else None,
             worker.limits.soft_cap_bytes if worker.limits is not None else None,
         )
+        if not self.tty:
+            log.debug("%s", line)
+            return
         with self._lock:
             self.stream.write("\r\x1b[K" + line)
             self.stream.flush()

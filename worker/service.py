@@ -119,14 +119,14 @@ class ServiceMiddleware(Middleware):
     def on_start(self, worker: "Worker") -> None:
         self.fd_limit = raise_fd_limit()
         self._beat()
+        self._thread = threading.Thread(target=self._run, args=(worker,), name="service", daemon=True)
+        self._thread.start()
         if self.notifier is None:
             return
         self.notifier.send("READY=1", f"STATUS=polling {worker.settings.antenna_api_base_url}",
                            f"MAINPID={os.getpid()}")
         log.info("systemd notified READY=1%s", "" if self.watchdog_interval_s is None
                  else f"; watchdog ping every {self.watchdog_interval_s:.1f} s")
-        self._thread = threading.Thread(target=self._run, args=(worker,), name="sd-notify", daemon=True)
-        self._thread.start()
 
     def on_idle(self, worker: "Worker") -> None:
         self._beat()
@@ -168,19 +168,35 @@ class ServiceMiddleware(Middleware):
         self._status_sent_s = now_s
         self.notifier.send(f"STATUS={text}")
 
+    def _report_flags(self, worker: "Worker", before: tuple[bool, bool, bool], now: tuple[bool, bool, bool]) -> None:
+        draining, forced, after_job = now
+        if draining and not before[0]:
+            log.info("stop requested: draining (no new reserves; finish, post, exit within %.0f s; "
+                     "a second signal forces)", worker.settings.shutdown_grace_s)
+        if forced and not before[1]:
+            log.warning("stop forced: abandoning held tasks (they are redelivered after the reservation timeout)")
+        if after_job and not before[2]:
+            log.info("recycle requested (SIGUSR1): exiting after the current job")
+        if draining or forced:
+            self._send_stopping()
+
     def _send_stopping(self) -> None:
         if self.notifier is not None and not self._stopping_sent:
             self._stopping_sent = True
             self.notifier.send("STOPPING=1", "STATUS=draining: finishing in-flight work and flushing posts")
 
     def _run(self, worker: "Worker") -> None:
-        """Acts on the loop's stop flags (STOPPING=1 within FLAG_POLL_S) and pings the watchdog."""
+        """Reports the stop flags the signal handlers set (a log line and STOPPING=1 within
+        FLAG_POLL_S: handlers themselves must not log) and pings the watchdog."""
         next_ping_s = time.monotonic()
         stalled_logged = False
+        seen = (False, False, False)
         while not self._done.wait(FLAG_POLL_S):
-            if worker.stopping:
-                self._send_stopping()
-            if self.watchdog_interval_s is None or time.monotonic() < next_ping_s:
+            flags = (worker.stop.draining, worker.stop.forced, worker.stop.after_job)
+            if flags != seen:
+                self._report_flags(worker, seen, flags)
+                seen = flags
+            if self.notifier is None or self.watchdog_interval_s is None or time.monotonic() < next_ping_s:
                 continue
             next_ping_s = time.monotonic() + self.watchdog_interval_s
             stalled_s = time.monotonic() - self._heartbeat_s

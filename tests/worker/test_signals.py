@@ -1,0 +1,116 @@
+"""Real signals to a real ``worker run`` subprocess against the local server.
+
+The job is shaped (latency per request, one download at a time per loader worker, two loader
+workers, prefetch 1) so it lasts seconds; each test signals after a progress log line shows the
+first images done. Signals go to the main process only, as systemd's KillMode=mixed and
+supervisor's stopasgroup=false send them: the loader workers must live through the drain.
+
+What "no task lost" means here, from the server's own ledger (``LocalAntenna.report``):
+- ``lost == 0``: no task used up its deliveries without a result;
+- drain (SIGTERM once, SIGUSR1): ``results_ok + results_error == delivered`` and
+  ``reserved == awaiting_redelivery == redeliveries == 0``: every delivery this worker took got
+  a result, so no task burnt one of its two deliveries; tasks never delivered stay ``pending``;
+- forced (second SIGTERM): the worker abandons held tasks, so some may be ``reserved`` (they will
+  be redelivered after the reservation timeout: one delivery spent, one left); still
+  ``lost == 0`` and every image the worker counted as done has its result on the server.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+
+from tests.conftest import TOKEN, worker_env
+from tests.worker.worker_process import WorkerProcess
+
+GRACE_S = 20.0
+
+
+def _start(antenna, tmp_path, *, latency_s: float, **extra: str) -> WorkerProcess:
+    antenna.set_network(latency_s=latency_s)
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_LOG_LEVEL="DEBUG",
+                     AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="2",
+                     AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR="1",
+                     AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS="1",
+                     AMI_SHUTDOWN_GRACE_S=str(GRACE_S), **extra)
+    return WorkerProcess(["run"], env, tmp_path)
+
+
+def _images_done(worker: WorkerProcess, job_id: int) -> int:
+    """The worker's own count from its end-of-job line: ``job N: K images (...)``."""
+    return int(worker.wait_for(rf"job {job_id}: (\d+) images \(", 5).group(1))
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_mid_job_drains_posts_everything_and_exits_0_within_the_grace(antenna, tiny_images, tmp_path):
+    job_id = antenna.add_job(tiny_images[:36], "synthetic-moths",
+                             image_faults={tiny_images[1].image_id: "404"})
+    worker = _start(antenna, tmp_path, latency_s=0.25)
+    try:
+        worker.wait_for(rf"job {job_id}: [1-9]\d*/", 90)  # a progress line: the first batch is done
+        sent_s = worker.send(signal.SIGTERM)
+        code = worker.wait(GRACE_S + 30)
+        took_s = time.monotonic() - sent_s
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    assert took_s < GRACE_S, f"exit took {took_s:.1f} s"
+    report = antenna.report(job_id)
+    done = _images_done(worker, job_id)
+    assert report.lost == 0
+    assert report.results_ok + report.results_error == report.delivered == done
+    assert (report.reserved, report.awaiting_redelivery, report.redeliveries, report.duplicates) == (0, 0, 0, 0)
+    assert report.pending > 0, "the drain should have stopped reserving before the job ran out"
+    assert re.search(rf"job {job_id}: {done} images .*, 0 stranded", worker.output)
+    assert "stop requested: draining" in worker.output and "shutdown complete" in worker.output
+    assert "drain grace" not in worker.output and "stop forced" not in worker.output
+    assert TOKEN not in worker.output
+
+
+@pytest.mark.timeout(180)
+def test_a_second_sigterm_forces_a_prompt_exit_without_losing_posted_results(antenna, tiny_images, tmp_path):
+    job_id = antenna.add_job(tiny_images[:36], "synthetic-moths")
+    # A slow network makes the drain long: each held task costs a second to download.
+    worker = _start(antenna, tmp_path, latency_s=1.0)
+    try:
+        worker.wait_for(rf"job {job_id}: [1-9]\d*/", 120)
+        worker.send(signal.SIGTERM)
+        worker.wait_for(r"stop requested: draining", 10)  # the first was handled: two distinct signals
+        second_s = worker.send(signal.SIGTERM)
+        code = worker.wait(GRACE_S + 30)
+        took_s = time.monotonic() - second_s
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    report = antenna.report(job_id)
+    done = _images_done(worker, job_id)
+    assert took_s < 6.0, f"forced exit took {took_s:.1f} s"  # measured ~2.2 s: one 1 s download + teardown
+    stranded = int(re.search(rf"job {job_id}: {done} images .*, (\d+) stranded", worker.output).group(1))
+    assert report.lost == 0
+    assert report.results_ok + report.results_error == done
+    assert report.reserved == stranded  # abandoned tasks wait for redelivery, and were logged
+    assert report.delivered == done + stranded
+    assert report.pending > 0
+    assert "stop forced: abandoning held tasks" in worker.output
+
+
+@pytest.mark.timeout(240)
+def test_sigusr1_finishes_the_current_job_then_exits_0_without_taking_another(antenna, tiny_images, tmp_path):
+    jobs = [antenna.add_job(tiny_images[:10], "synthetic-moths"), antenna.add_job(tiny_images[10:20], "synthetic-moths")]
+    worker = _start(antenna, tmp_path, latency_s=0.2)
+    try:
+        current = int(worker.wait_for(r"job (\d+): loader plan", 90).group(1))
+        worker.wait_for(rf"job {current}: [1-9]\d*/", 90)
+        worker.send(signal.SIGUSR1)
+        code = worker.wait(120)
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    other = next(j for j in jobs if j != current)
+    finished, untouched = antenna.report(current), antenna.report(other)
+    assert finished.complete and finished.results_ok == 10 and finished.redeliveries == 0
+    assert untouched.delivered == 0
+    assert _images_done(worker, current) == 10
+    assert "recycle requested (SIGUSR1): exiting after the current job" in worker.output
