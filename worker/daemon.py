@@ -110,6 +110,22 @@ class Worker:
             self.stop.draining = True
             self.stop.drain_deadline_s = time.monotonic() + self.settings.shutdown_grace_s
         self.wake.set()
+        self._flag_loader()
+
+    def _flag_loader(self) -> None:
+        """Copy the stop flags into the live loader's shared control block now.
+
+        Loader workers read it before every reserve and image; waiting for the loop to do this
+        after the next batch let them keep reserving (lengthening the drain) meanwhile.
+        """
+        ctx = self.current
+        loader = ctx.loader if ctx is not None else None
+        if loader is None:
+            return
+        if self.stop.forced:
+            loader.abandon()
+        elif self.stop.draining:
+            loader.stop_reserving()
 
     def _on_recycle(self, signum: int, _frame: object) -> None:
         self.stop.after_job = True
@@ -195,8 +211,10 @@ class Worker:
                 log.error("job %d: loader failed: %s", ctx.job.id, error)
                 ctx.rebuild_requested = True
                 ctx.notes["rebuild_reason"] = f"loader failed: {str(error)[:200]}"
-            stranded = loader.stranded()
             ctx.loader = None
+        # After close, not before: an abandoned loader's workers may still be inside a reserve
+        # call or have ledger entries in flight; close() joins them and collects the ledger.
+        stranded = [task for key, task in loader.reserved.items() if key not in loader.received]
         if stranded:
             ctx.stats.tasks_stranded += len(stranded)
             self.releaser.release(ctx.job.id, stranded, "reserved but not processed before the loader stopped")
