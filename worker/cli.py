@@ -83,6 +83,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     return print_config(_settings(args), env_file=args.env_file)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from worker.logs import configure_logging
+    from worker.report import print_checks
+
+    settings = _settings(args)
+    configure_logging("WARNING", settings.log_format, secrets=[settings.token])
+    return print_checks(settings)
+
+
 def _logging(settings: Settings) -> None:
     from worker.logs import configure_logging
 
@@ -137,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective settings and where each came from")
     config.set_defaults(func=cmd_config)
+
+    check = sub.add_parser("check", help="check API reachability and auth, FD limit, memory limit, /dev/shm; "
+                                         "exit 0 when all pass, 1 otherwise")
+    check.set_defaults(func=cmd_check)
     return parser
 
 
