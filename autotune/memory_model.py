@@ -202,10 +202,15 @@ def _conversion_scratch(plan: "LoaderPlan") -> float:
 
 
 def _host_inference_bytes(plan: "LoaderPlan", probe: "Probe", calibration: MemoryCalibration) -> float:
-    """On CPU the float copy and activations are host memory; on CUDA they live on the device."""
+    """On CPU the float copy and activations are host memory; on CUDA they live on the device.
+
+    Pipelines split an ingest batch into forward batches of ``probe.forward_batch_size`` images
+    (AMI_LOCALIZATION_BATCH_SIZE for the built-in ones): activations scale with that, not more.
+    """
     if probe.cuda:
         return 0.0
-    return plan.batch_size * calibration.model_input_pixels * calibration.inference_bytes_per_input_pixel
+    images = plan.batch_size if probe.forward_batch_size <= 0 else min(plan.batch_size, probe.forward_batch_size)
+    return images * calibration.model_input_pixels * calibration.inference_bytes_per_input_pixel
 
 
 class CorrectionStore:

@@ -90,6 +90,7 @@ class Probe:
     api_round_trip_s: float = 0.0
     host_to_device_bytes_per_s: float = 0.0
     pinned_host_to_device_bytes_per_s: float = 0.0
+    forward_batch_size: int = 0
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -120,6 +121,7 @@ class Probe:
         host_to_device_bytes_per_s: Optional[float] = None,
         pinned_host_to_device_bytes_per_s: Optional[float] = None,
         calibration: Optional[MemoryCalibration] = None,
+        forward_batch_size: int = 0,
     ) -> "Probe":
         """Summarise samples into a Probe.
 
@@ -168,6 +170,7 @@ class Probe:
             api_round_trip_s=latency_s if api_round_trip_s is None else float(api_round_trip_s),
             host_to_device_bytes_per_s=pageable,
             pinned_host_to_device_bytes_per_s=pinned,
+            forward_batch_size=max(0, int(forward_batch_size)),
             notes=tuple(notes),
         )
 
@@ -176,8 +179,14 @@ class Probe:
         return self.download_latency_s + self.median_jpeg_bytes / self.download_bytes_per_s
 
     def inference_s(self, batch_size: int) -> float:
-        """Predicted seconds for one batch: overhead + per_image x batch_size."""
-        return self.inference_overhead_s + self.inference_per_image_s * batch_size
+        """Predicted seconds for one batch: overhead per forward batch + per_image x batch_size.
+
+        The pipeline splits an ingest batch into forward batches of ``forward_batch_size``
+        images, so the per-batch overhead is paid once per forward batch: ingest batches beyond
+        the forward batch buy no speed.
+        """
+        forwards = 1 if self.forward_batch_size <= 0 else -(-batch_size // self.forward_batch_size)
+        return self.inference_overhead_s * forwards + self.inference_per_image_s * batch_size
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready (notes become a list)."""

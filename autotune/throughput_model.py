@@ -9,7 +9,8 @@ stream refills at each reservation, so a reservation of R images takes
 
 where one download is ``latency + bytes / bandwidth`` for the median image. Decoding lanes beyond
 ``cpu_count`` share cores (decode_s grows by lanes / cpu_count). Inference of a batch of b takes
-``overhead + per_image x b``; pin_memory on CUDA replaces the pageable host->device copy in
+``overhead x ceil(b / forward_batch_size) + per_image x b`` (pipelines split ingest batches into
+forward batches); pin_memory on CUDA replaces the pageable host->device copy in
 ``per_image`` by the pinned one.
 
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
@@ -92,7 +93,8 @@ def inference_batch_s(plan: LoaderPlan, probe: Probe) -> float:
     if plan.pin_memory and probe.cuda and probe.pinned_host_to_device_bytes_per_s > 0:
         saved_s = transfer_s_per_image(plan, probe) - _tensor_bytes(plan, probe) / probe.pinned_host_to_device_bytes_per_s
         per_image_s = max(0.0, per_image_s - saved_s)
-    return probe.inference_overhead_s + per_image_s * plan.batch_size
+    saved_s = (probe.inference_per_image_s - per_image_s) * plan.batch_size
+    return probe.inference_s(plan.batch_size) - saved_s
 
 
 def transfer_s_per_image(plan: LoaderPlan, probe: Probe) -> float:

@@ -188,7 +188,8 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
     if not samples or not inference:
         return None
     probe = Probe.from_samples(samples, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(),
-                               cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s)
+                               cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s,
+                               forward_batch_size=pipeline.localization_batch_size)
     del items  # before planning: the sample images are not part of any plan's memory
     return tune_report(worker, probe, f"{len(samples)} sample images (pipeline {pipeline_slug}); "
                        "local files time as a fast network", 0, 0, pipeline_slug)

@@ -1,0 +1,180 @@
+"""Render ``benchmarks/run.py`` results into docs/benchmarks.md (our section only) and a PNG.
+
+The autotune section sits between ``<!-- autotune-benchmark:start -->`` and
+``<!-- autotune-benchmark:end -->``; everything else in the file (other people's sections) is
+kept as it is. A file without the markers gets the section appended.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+START_MARK = "<!-- autotune-benchmark:start -->"
+END_MARK = "<!-- autotune-benchmark:end -->"
+
+
+def _mib(value: float) -> str:
+    return f"{value / MiB:,.0f}"
+
+
+def _outcome(result) -> str:
+    if result.completed:
+        return "all done"
+    if result.oom_killed:
+        return f"**OOM-killed** ({result.results_ok + result.results_error}/{result.images} done)"
+    return f"exit {result.exit_code} ({result.results_ok + result.results_error}/{result.images} done)"
+
+
+def workload_table(entry: dict[str, Any]) -> list[str]:
+    w = entry["workload"]
+    shaping = "" if not w.latency_s else f", {w.latency_s * 1000:.0f} ms latency, {w.bandwidth_bytes_per_s / 1e6:.0f} MB/s per connection"
+    lines = [f"#### {w.name}: {w.count} x {w.preset} images{shaping}", "",
+             "| config | plan | images/s | steady images/s | peak MiB (PSS+shm) | peak PSS MiB | predicted MiB | outcome |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in entry["results"]:
+        predicted = _mib(r.predicted_peak_bytes) if r.predicted_peak_bytes else ""
+        lines.append(f"| ({r.config}) {r.label} | {r.plan} | {r.images_per_s:.2f} | {r.steady_images_per_s:.2f} | "
+                     f"{_mib(r.peak_bytes)} | {_mib(r.peak_pss_bytes)} | {predicted} | {_outcome(r)} |")
+    if entry["ceiling"]:
+        c = entry["ceiling"]
+        r = c["result"]
+        lines.append(f"| ingest ceiling (null, autotune) | {r.plan} | {r.images_per_s:.2f} | {r.steady_images_per_s:.2f} | "
+                     f"{_mib(r.peak_bytes)} | {_mib(r.peak_pss_bytes)} | | {_outcome(r)} |")
+    return lines + [""]
+
+
+def verdicts(entry: dict[str, Any]) -> list[str]:
+    results = {r.config: r for r in entry["results"]}
+    auto, hand = results["c"], results["b"]
+    grid = [r for key, r in results.items() if key.startswith("d") and r.completed]
+    best = max(grid, key=lambda r: r.images_per_s, default=None)
+    name = entry["workload"].name
+    lines = []
+    if best is not None:
+        ratio = auto.images_per_s / best.images_per_s if best.images_per_s else 0.0
+        lines.append(f"- {name}: autotune {auto.images_per_s:.2f} images/s = {ratio:.2f} x grid best "
+                     f"({best.plan}, {best.images_per_s:.2f}) -> {'PASS' if ratio >= 0.9 else 'MISS'} (>= 0.9); "
+                     f"vs hand workaround {hand.images_per_s:.2f} -> "
+                     f"{'PASS' if auto.images_per_s >= hand.images_per_s else 'MISS'}")
+    if auto.predicted_peak_bytes and auto.peak_bytes:
+        error = auto.predicted_peak_bytes / auto.peak_bytes - 1.0
+        lines.append(f"- {name}: autotune predicted peak {_mib(auto.predicted_peak_bytes)} MiB vs measured "
+                     f"{_mib(auto.peak_bytes)} MiB ({error:+.0%}) -> {'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%)")
+    if name == "small" and auto.job_wall_s:
+        share = auto.probe_wall_s / auto.job_wall_s
+        lines.append(f"- {name}: probe {auto.probe_wall_s:.2f} s of the job's {auto.job_wall_s:.1f} s = {share:.1%} "
+                     f"-> {'PASS' if share <= 0.05 else 'MISS'} (<= 5%)")
+    if entry["ceiling"]:
+        c = entry["ceiling"]
+        target = 0.6 * c["cores"] * c["single_core_decode_per_s"]
+        r = c["result"]
+        lines.append(f"- {name}: ingest ceiling {r.images_per_s:.1f} images/s whole job, {r.steady_images_per_s:.1f} "
+                     f"steady, vs 0.6 x {c['cores']} cores x {c['single_core_decode_per_s']:.1f} decodes/s = {target:.1f} "
+                     f"-> whole job {'PASS' if r.images_per_s >= target else 'MISS'}, steady "
+                     f"{'PASS' if r.steady_images_per_s >= target else 'MISS'}")
+    return lines
+
+
+def oom_lines(results: list, limit_bytes: int) -> list[str]:
+    if not results:
+        return []
+    lines = [f"### Under a real {limit_bytes / GiB:.0f} GiB memory limit (cgroup v1), large workload", "",
+             "| config | outcome | results | exit code | cgroup oom_kill | cgroup failcnt | cgroup max usage MiB | peak MiB (PSS+shm) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| ({r.config}) {r.label} | {_outcome(r)} | {r.results_ok + r.results_error}/{r.images} | "
+                     f"{r.exit_code} | {r.cgroup.get('oom_kill', '-')} | {r.cgroup.get('failcnt', '-')} | "
+                     f"{_mib(r.cgroup.get('max_usage_bytes', 0))} | {_mib(r.peak_bytes)} |")
+    return lines + [""]
+
+
+def memray_lines(memray: Optional[dict]) -> list[str]:
+    if not memray:
+        return []
+    lines = ["### What holds the peak (memray, large workload)", "",
+             f"`worker run --burst --memray {memray['file']}` with the forced plan `{memray['plan']}` on "
+             f"{memray['images']} large images (num_workers=0, so download, decode and inference all run in the "
+             "recorded process). Top allocation sites alive at the high-water mark "
+             "(`memray.FileReader(...).get_high_watermark_allocation_records()`, grouped by the innermost "
+             "frame in this project):", "",
+             "| MiB at peak | allocations | site |", "|---:|---:|---|"]
+    for location, size, count in memray["sites"]:
+        lines.append(f"| {size / MiB:,.1f} | {count} | `{location}` |")
+    return lines + [""]
+
+
+def plot_large(entry: dict[str, Any], limit_bytes: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 4.8))
+    results = {r.config: r for r in entry["results"]}
+    grid = [r for key, r in results.items() if key.startswith("d") and r.completed]
+    best = max(grid, key=lambda r: r.images_per_s, default=None)
+    chosen = [("a", results.get("a")), ("b", results.get("b")), ("c", results.get("c")), ("d", best)]
+    for key, r in chosen:
+        if r is None or not r.history:
+            continue
+        xs = [t for t, _ in r.history]
+        ys = [v / GiB for _, v in r.history]
+        label = f"({key}) {r.label if key != 'd' else 'grid best ' + r.plan}"
+        axes.plot(xs, ys, label=label + (" - OOM-killed" if r.oom_killed else ""))
+    axes.axhline(limit_bytes / GiB, color="red", linestyle="--", label=f"cgroup limit {limit_bytes / GiB:.0f} GiB")
+    axes.set_xlabel("seconds since worker start")
+    axes.set_ylabel("process-tree memory, GiB (PSS + shm)")
+    axes.set_title(f"large workload ({entry['workload'].count} x 4096x3072 JPEGs): memory over time")
+    axes.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def section(meta: dict, sections: dict) -> str:
+    lines = [START_MARK, "## Autotune benchmark", "",
+             "Command (a quiet machine is assumed; see load below):", "", "```", meta["command"], "```", "",
+             f"Run {meta['started']} on {meta['cores']} cores; load average before {meta['load_before'][0]:.2f}, "
+             f"after {meta['load_after'][0]:.2f}. Every worker ran in its own cgroup v1 memory cgroup limited to "
+             f"{meta['limit_bytes'] / GiB:.0f} GiB (autotune plans against that limit: budget = (limit - 1 GiB) x 0.85). "
+             "Memory is the worker's process tree sampled from outside every 0.2 s: PSS of all mappings except "
+             "/dev/shm segments, plus each /dev/shm segment once at its size (`benchmarks/meter.py`): plain PSS "
+             "(also shown) misses decoded batches queued in shared memory, which a cgroup does charge. images/s is "
+             "the server's view: first reserve to last accepted result (probe, loader spawn and the job's tail "
+             "included); steady images/s starts once 25% of the job has results. The watchdog is off in these runs "
+             "so each plan is measured as planned. On CPU, ADC's pin_memory=True cannot pin (no accelerator), so "
+             "(a) runs unpinned; its float32 host tensors are reproduced with the benchmark-only "
+             "`AMI_BENCHMARK_PLAN_JSON`. (b) is applied to this worker (uint8 tensors, 4 DataLoader workers, "
+             "8 download threads). Grid (d): DataLoader workers {1, 2} x batch = tasks per reserve {4, 16} x "
+             "download threads {4, 16}, prefetch 2. Plan notation: w workers, b batch, r tasks per reserve, "
+             "p prefetch, t download threads.", ""]
+    for entry in sections["workloads"]:
+        lines.extend(workload_table(entry))
+    lines.extend(["### Done-when checks", ""])
+    for entry in sections["workloads"]:
+        lines.extend(verdicts(entry))
+    lines.append("")
+    large = next((e for e in sections["workloads"] if e["workload"].name == "large"), None)
+    if large is not None:
+        lines.extend(["![memory over time, large workload](benchmarks-large-memory.png)", ""])
+    lines.extend(oom_lines(sections["oom"], meta["oom_limit_bytes"]))
+    lines.extend(memray_lines(sections["memray"]))
+    lines.append(END_MARK)
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(meta: dict, sections: dict, doc: Path, plot: Path) -> None:
+    large = next((e for e in sections["workloads"] if e["workload"].name == "large"), None)
+    if large is not None:
+        plot_large(large, meta["limit_bytes"], plot)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
+    new = section(meta, sections)
+    if START_MARK in text and END_MARK in text:
+        head, rest = text.split(START_MARK, 1)
+        _, tail = rest.split(END_MARK, 1)
+        text = head + new.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + new
+    doc.write_text(text)

@@ -1,0 +1,487 @@
+"""The autotune benchmark: three workloads, four ways to configure ingest, one table.
+
+    python benchmarks/run.py                     # everything; writes docs/benchmarks.md + PNG
+    python benchmarks/run.py --quick --no-write  # a small trial of the same code paths
+
+Workloads (served by the local Antenna server in this process, over loopback):
+  small  200 x ~1.5 MB 2048x1536 JPEGs
+  large   60 x ~24 MB 4096x3072 JPEGs
+  slow   200 small JPEGs, 300 ms latency per request, 2 MB/s per media connection
+Configurations (each a ``worker run --burst`` subprocess, reference pipeline on CPU):
+  (a) ADC defaults: 24 tasks per reserve, batch 24, 4 DataLoader workers, prefetch 4, 8 download
+      threads, float32 host tensors (forced through the benchmark-only AMI_BENCHMARK_PLAN_JSON;
+      pin_memory is requested by ADC but impossible without CUDA, so it is off here)
+  (b) the hand workaround: AMI_ANTENNA_API_BATCH_SIZE=4, prefetch 1, no pin (other knobs default)
+  (c) autotune (the default: probe, plan per job)
+  (d) the best of a small grid (GRID below), each point a forced plan
+plus the ingest ceiling: the null pipeline, autotuned, against cores x single-core decode rate
+measured in this process right before.
+
+Every worker runs in its own cgroup v1 memory cgroup (``--limit-gib``, default 8): the worker
+sees the limit (autotune plans against it) and the host is safe from (a). Memory is sampled from
+outside every 0.2 s with ``benchmarks.meter`` (PSS of the tree with /dev/shm tensors counted at
+their size; plain PSS misses queued batches). images/s is the server's view: from the job's
+first reserve to its last accepted result (probe, loader spawn and tail included). The OOM check
+runs (a) and (c) on the large workload under a 4 GiB cgroup. ``--memray`` records one run under
+memray and lists the top allocation sites at its peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from autotune.plan import LoaderPlan  # noqa: E402
+from benchmarks.meter import TreeMeterThread  # noqa: E402
+from worker.antenna_server import LocalAntenna  # noqa: E402
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+V1_MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "benchmarks-large-memory.png"
+START_MARK = "<!-- autotune-benchmark:start -->"
+END_MARK = "<!-- autotune-benchmark:end -->"
+RUN_TIMEOUT_S = 900
+LOG_DIR = Path(tempfile.gettempdir()) / "antenna-bench-logs"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    preset: str
+    count: int
+    latency_s: float = 0.0
+    bandwidth_bytes_per_s: Optional[float] = None
+
+
+WORKLOADS = (
+    Workload("small", "small", 200),
+    Workload("large", "large", 60),
+    Workload("slow", "small", 200, latency_s=0.3, bandwidth_bytes_per_s=2e6),
+)
+ADC_PLAN = LoaderPlan(24, 24, 4, 4, False, 8, "float32", "benchmark")
+# The grid: DataLoader workers x (batch = tasks per reserve) x download threads, prefetch 2.
+GRID = tuple(LoaderPlan(batch, batch, workers, 2, False, threads, "uint8", "benchmark")
+             for workers in (1, 2) for batch in (4, 16) for threads in (4, 16))
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    env: dict[str, str]
+    pipeline: str = "synthetic-moths"
+
+
+def plan_env(plan: LoaderPlan) -> dict[str, str]:
+    fields_ = {k: v for k, v in plan.as_dict().items() if k != "source"}
+    return {"AMI_AUTOTUNE": "false", "AMI_BENCHMARK_PLAN_JSON": json.dumps(fields_)}
+
+
+def configs(quick: bool) -> list[Config]:
+    grid = GRID[:2] if quick else GRID
+    out = [
+        Config("a", "ADC defaults (float32, 4 workers, 24/reserve, prefetch 4)", plan_env(ADC_PLAN)),
+        Config("b", "hand workaround (4/reserve, prefetch 1, no pin)", {
+            "AMI_AUTOTUNE": "false", "AMI_ANTENNA_API_BATCH_SIZE": "4",
+            "AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR": "1", "AMI_ANTENNA_API_DATALOADER_PIN_MEMORY": "false"}),
+        Config("c", "autotune", {"AMI_AUTOTUNE": "true"}),
+    ]
+    for index, plan in enumerate(grid):
+        out.append(Config(f"d{index}", "grid " + short_plan(plan), plan_env(plan)))
+    return out
+
+
+def short_plan(plan: LoaderPlan) -> str:
+    return (f"w{plan.num_workers} b{plan.batch_size} r{plan.tasks_per_reserve} p{plan.prefetch_factor} "
+            f"t{plan.download_threads}" + (" f32" if plan.tensor_dtype == "float32" else ""))
+
+
+# ---------------------------------------------------------------- server with timestamps
+
+
+class TimedAntenna(LocalAntenna):
+    """The local server, recording when reserves and accepted results happened (monotonic s)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reserve_times_s: list[float] = []
+        self.result_times_s: list[tuple[float, int]] = []
+
+    def api_reserve(self, job_id: int, body: Any) -> dict[str, Any]:
+        answer = super().api_reserve(job_id, body)
+        if answer.get("tasks"):
+            self.reserve_times_s.append(time.monotonic())
+        return answer
+
+    def api_post_results(self, job_id: int, body: Any) -> dict[str, Any]:
+        answer = super().api_post_results(job_id, body)
+        self.result_times_s.append((time.monotonic(), len(body.get("results", []))))
+        return answer
+
+
+# ---------------------------------------------------------------- cgroup
+
+
+class MemoryCgroup:
+    """A cgroup v1 memory cgroup with a limit; ``join_command`` puts a command in it before exec."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.path = V1_MEMORY_ROOT / f"antenna-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        self.limit_bytes = int((self.path / "memory.limit_in_bytes").read_text())
+
+    @staticmethod
+    def available() -> bool:
+        return (V1_MEMORY_ROOT / "memory.limit_in_bytes").exists() and os.access(V1_MEMORY_ROOT, os.W_OK)
+
+    def join_command(self, command: list[str]) -> list[str]:
+        join = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
+                "os.execv(sys.argv[2], sys.argv[2:])")
+        return [sys.executable, "-c", join, str(self.path / "cgroup.procs"), *command]
+
+    def stats(self) -> dict[str, int]:
+        oom = dict(line.split() for line in (self.path / "memory.oom_control").read_text().splitlines())
+        return {"max_usage_bytes": int((self.path / "memory.max_usage_in_bytes").read_text()),
+                "failcnt": int((self.path / "memory.failcnt").read_text()),
+                "oom_kill": int(oom.get("oom_kill", 0))}
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                for pid in (self.path / "cgroup.procs").read_text().split():
+                    (V1_MEMORY_ROOT / "cgroup.procs").write_text(pid)
+                time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    workload: str
+    config: str
+    label: str
+    exit_code: int
+    images: int
+    results_ok: int
+    results_error: int
+    lost: int
+    job_wall_s: float
+    images_per_s: float
+    steady_images_per_s: float
+    peak_bytes: int
+    peak_pss_bytes: int
+    cgroup: dict[str, int]
+    limit_bytes: int
+    plan: str = ""
+    predicted_peak_bytes: int = 0
+    probe_wall_s: float = 0.0
+    history: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def oom_killed(self) -> bool:
+        return self.cgroup.get("oom_kill", 0) > 0 or self.exit_code in (-9, 137)
+
+    @property
+    def completed(self) -> bool:
+        return self.exit_code == 0 and self.results_ok + self.results_error == self.images and self.lost == 0
+
+
+def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
+            memray_out: Optional[Path] = None) -> RunResult:
+    token = secrets.token_hex(12)
+    with TimedAntenna(token=token) as server, tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        server.set_network(latency_s=workload.latency_s, bandwidth_bytes_per_s=workload.bandwidth_bytes_per_s)
+        job_id = server.add_job(images, config.pipeline)
+        env = worker_env(server.base_url, token, Path(scratch), config)
+        command = [sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "run", "--burst"]
+        if memray_out is not None:
+            command += ["--memray", str(memray_out)]
+        cgroup = MemoryCgroup(limit_bytes) if MemoryCgroup.available() else None
+        if cgroup is None:
+            env["AMI_MAX_MEMORY_BYTES"] = str(limit_bytes)
+        log_path = Path(scratch) / "worker.log"
+        try:
+            exit_code, meter = _run_process(cgroup.join_command(command) if cgroup else command, env, log_path)
+            cgroup_stats = cgroup.stats() if cgroup else {}
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
+        report = server.report(job_id)
+        advisory = _plan_record(Path(scratch))
+        result = RunResult(
+            workload.name, config.key, config.label, exit_code, report.tasks, report.results_ok,
+            report.results_error, report.lost, *_rates(server, report.tasks),
+            meter.peak_total_bytes, meter.peak_pss_bytes, cgroup_stats,
+            cgroup.limit_bytes if cgroup else limit_bytes,
+            plan=advisory.get("plan", "") or _logged_plan(log_path),
+            predicted_peak_bytes=advisory.get("predicted", 0), probe_wall_s=advisory.get("probe_wall_s", 0.0),
+            history=[(m.taken_at_s - meter.history[0].taken_at_s, m.total_bytes) for m in meter.history],
+        )
+        if log_path.exists():
+            LOG_DIR.mkdir(parents=True, exist_ok=True)
+            (LOG_DIR / f"{workload.name}-{config.key}.log").write_text(log_path.read_text(errors="replace"))
+        if not result.completed:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:] if log_path.exists() else []
+            print(f"  ! {workload.name}/{config.key} exit {exit_code}; log tail: " + " | ".join(tail), flush=True)
+    return result
+
+
+def worker_env(base_url: str, token: str, scratch: Path, config: Config) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}
+    env.update({
+        "AMI_ANTENNA_API_BASE_URL": base_url, "AMI_ANTENNA_API_AUTH_TOKEN": token,
+        "AMI_USER_DATA_PATH": str(scratch / "user-data"), "AMI_ANTENNA_PIPELINES": config.pipeline,
+        "AMI_METRICS_ADDR": "", "AMI_ANTENNA_IDLE_SLEEP_SECONDS": "0.2", "PYTHONUNBUFFERED": "1",
+        # Plans are measured as planned: the watchdog would shrink (a) and blur the comparison.
+        "AMI_WATCHDOG_ENABLED": "false",
+    })
+    env.update(config.env)
+    return env
+
+
+def _run_process(command: list[str], env: dict[str, str], log_path: Path) -> tuple[int, TreeMeterThread]:
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        meter = TreeMeterThread(process.pid, interval_s=0.2).start()
+        try:
+            exit_code = process.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            exit_code = process.wait()
+        finally:
+            meter.stop()
+    return exit_code, meter
+
+
+def _rates(server: TimedAntenna, tasks: int) -> tuple[float, float, float]:
+    """(job wall s, images/s, steady images/s) from the server's timestamps.
+
+    Steady: from the result that brought the count past 25% of the job (well after the probe
+    and the loader's spawn) to the last one.
+    """
+    if not server.reserve_times_s or not server.result_times_s:
+        return 0.0, 0.0, 0.0
+    done = sum(n for _, n in server.result_times_s)
+    wall_s = server.result_times_s[-1][0] - server.reserve_times_s[0]
+    count, steady_from_s, steady_from_count = 0, None, 0
+    for at_s, n in server.result_times_s:
+        count += n
+        if steady_from_s is None and count >= 0.25 * tasks:
+            steady_from_s, steady_from_count = at_s, count
+    steady_s = server.result_times_s[-1][0] - (steady_from_s or 0.0)
+    steady = (done - steady_from_count) / steady_s if steady_s > 0 else 0.0
+    return wall_s, (done / wall_s if wall_s > 0 else 0.0), steady
+
+
+def _plan_record(scratch: Path) -> dict[str, Any]:
+    records = sorted((scratch / "user-data" / "advisories").glob("*.plan.json"))
+    advisories = sorted(p for p in (scratch / "user-data" / "advisories").glob("*.json")
+                        if not p.name.endswith(".plan.json"))
+    if not records or not advisories:
+        return {}
+    record = json.loads(records[0].read_text())
+    advisory = json.loads(advisories[0].read_text())
+    plan = LoaderPlan(**record["decision"]["plan"])
+    return {"plan": short_plan(plan), "predicted": int(advisory["predicted_bytes"]),
+            "probe_wall_s": float(record["probe_wall_s"])}
+
+
+def _logged_plan(log_path: Path) -> str:
+    if not log_path.exists():
+        return ""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "loader plan tasks_per_reserve=" in line:
+            values = dict(part.split("=", 1) for part in line.split("loader plan ", 1)[1].split() if "=" in part)
+            return short_plan(LoaderPlan(
+                int(values["tasks_per_reserve"]), int(values["batch_size"]), int(values["num_workers"]),
+                int(values["prefetch_factor"]), values["pin_memory"] == "True", int(values["download_threads"]),
+                values["dtype"]))
+    return ""
+
+
+# ---------------------------------------------------------------- decode rate
+
+
+def single_core_decode_rate(images: list) -> float:
+    """Images/s one core decodes (median of the sample), as the ingest ceiling's yardstick."""
+    from worker.imaging import decode
+
+    seconds = []
+    for image in images[:5]:
+        data = bytearray(image.path.read_bytes())
+        started_s = time.perf_counter()
+        decode(data, max_pixels=80_000_000)
+        seconds.append(time.perf_counter() - started_s)
+    return 1.0 / statistics.median(seconds)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# ---------------------------------------------------------------- memray
+
+
+def memray_top_sites(path: Path, top: int = 8) -> list[tuple[str, int, int]]:
+    """(location, bytes, allocations) at the high-water mark, biggest first, by innermost frame."""
+    import memray
+
+    reader = memray.FileReader(str(path))
+    sites: dict[str, list[int]] = {}
+    for record in reader.get_high_watermark_allocation_records(merge_threads=True):
+        stack = record.stack_trace(max_stacks=6)
+        location = _site(stack)
+        entry = sites.setdefault(location, [0, 0])
+        entry[0] += record.size
+        entry[1] += record.n_allocations
+    ranked = sorted(sites.items(), key=lambda item: -item[1][0])[:top]
+    return [(location, size, count) for location, (size, count) in ranked]
+
+
+def _site(stack: list) -> str:
+    """Innermost frame in this project (else the innermost frame), with its caller for context."""
+    ours = [frame for frame in stack if "/worker/" in frame[1] or "/autotune/" in frame[1]]
+    frame = ours[0] if ours else (stack[0] if stack else ("?", "?", 0))
+    function, filename, line = frame
+    short = filename.split("/site-packages/")[-1].replace(str(ROOT) + "/", "")
+    return f"{function} ({short}:{line})"
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def run_workload(workload: Workload, all_configs: list[Config], limit_bytes: int) -> dict[str, Any]:
+    from worker.synthetic import default_cache_dir, generate_preset
+
+    images = generate_preset(default_cache_dir(), workload.preset, workload.count, seed=0)
+    results = []
+    for config in all_configs:
+        result = run_one(workload, images, config, limit_bytes)
+        print(f"  {workload.name:<6}{config.key:<4}{result.images_per_s:>7.2f} img/s  peak {result.peak_bytes / MiB:>7.0f} MiB"
+              f"  (pss {result.peak_pss_bytes / MiB:.0f})  exit {result.exit_code}  {result.plan}", flush=True)
+        results.append(result)
+    ceiling = None
+    if workload.latency_s == 0:
+        rate = single_core_decode_rate(images)
+        null = run_one(workload, images, Config("null", "ingest ceiling (null pipeline, autotune)",
+                                                {"AMI_AUTOTUNE": "true"}, pipeline="null"), limit_bytes)
+        ceiling = {"single_core_decode_per_s": rate, "cores": cores(), "result": null}
+        print(f"  {workload.name:<6}null {null.plan} {null.images_per_s:.2f} img/s (steady {null.steady_images_per_s:.2f}) vs "
+              f"0.6 x {cores()} x {rate:.1f} = {0.6 * cores() * rate:.1f}", flush=True)
+    return {"workload": workload, "results": results, "ceiling": ceiling}
+
+
+def oom_check(images: list, limit_bytes: int) -> list[RunResult]:
+    workload = next(w for w in WORKLOADS if w.name == "large")
+    out = []
+    for config in configs(quick=True)[0:3:2]:  # (a) and (c)
+        result = run_one(workload, images, config, limit_bytes)
+        print(f"  oom   {config.key:<4} exit {result.exit_code} oom_kill {result.cgroup.get('oom_kill')} "
+              f"results {result.results_ok}/{result.images} peak {result.peak_bytes / MiB:.0f} MiB", flush=True)
+        out.append(result)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="small,large,slow")
+    parser.add_argument("--quick", action="store_true", help="few images and 2 grid points: a trial run")
+    parser.add_argument("--limit-gib", type=float, default=8.0, help="cgroup limit of every table run")
+    parser.add_argument("--oom-limit-gib", type=float, default=4.0)
+    parser.add_argument("--skip-oom", action="store_true")
+    parser.add_argument("--memray", metavar="CONFIG_JSON", nargs="?", const="default",
+                        help="record a large-workload run under memray (a LoaderPlan JSON, default: the "
+                             "hand workaround at num_workers=0 so loading is in the recorded process)")
+    parser.add_argument("--only-memray", action="store_true", help="just the memray run")
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json")
+    args = parser.parse_args()
+    started = datetime.now(timezone.utc)
+    load_before = os.getloadavg()
+    wanted = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
+    if args.quick:
+        wanted = [Workload(w.name, w.preset, {"small": 30, "large": 8, "slow": 30}[w.name], w.latency_s,
+                           w.bandwidth_bytes_per_s) for w in wanted]
+    limit_bytes = int(args.limit_gib * GiB)
+    sections: dict[str, Any] = {"workloads": [], "oom": [], "memray": None}
+    if not args.only_memray:
+        for workload in wanted:
+            print(f"workload {workload.name} ({workload.count} images)", flush=True)
+            sections["workloads"].append(run_workload(workload, configs(args.quick), limit_bytes))
+        if not args.skip_oom:
+            from worker.synthetic import default_cache_dir, generate_preset
+
+            large = generate_preset(default_cache_dir(), "large", 8 if args.quick else 60, seed=0)
+            sections["oom"] = oom_check(large, int(args.oom_limit_gib * GiB))
+    if args.memray:
+        sections["memray"] = memray_run(args.memray, args.quick, limit_bytes)
+    meta = {"started": started.isoformat(timespec="seconds"), "load_before": load_before,
+            "load_after": os.getloadavg(), "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+            "cores": cores(), "limit_bytes": limit_bytes, "oom_limit_bytes": int(args.oom_limit_gib * GiB)}
+    args.json.write_text(json.dumps(to_jsonable(meta, sections), indent=1, default=str))
+    if not args.no_write:
+        from benchmarks.report import write_docs
+
+        write_docs(meta, sections, DOC, PLOT)
+    return 0
+
+
+def memray_run(spec: str, quick: bool, limit_bytes: int) -> dict[str, Any]:
+    from worker.synthetic import default_cache_dir, generate_preset
+
+    workload = next(w for w in WORKLOADS if w.name == "large")
+    plan = LoaderPlan(4, 4, 0, 1, False, 4, "uint8", "benchmark") if spec == "default" else \
+        LoaderPlan(**{**json.loads(spec), "source": "benchmark"})
+    images = generate_preset(default_cache_dir(), "large", 8 if quick else 20, seed=0)
+    out = ROOT / "benchmarks" / "memray-large.bin"
+    result = run_one(workload, images, Config("memray", "memray " + short_plan(plan), plan_env(plan)),
+                     limit_bytes, memray_out=out)
+    sites = memray_top_sites(out)
+    print(f"  memray {short_plan(plan)}: exit {result.exit_code}, {out}", flush=True)
+    for location, size, count in sites:
+        print(f"    {size / MiB:8.1f} MiB  {count:5d}  {location}", flush=True)
+    return {"plan": short_plan(plan), "images": len(images), "file": str(out.relative_to(ROOT)),
+            "sites": sites, "result": result}
+
+
+def to_jsonable(meta: dict, sections: dict) -> dict:
+    def result_dict(result: RunResult) -> dict:
+        data = asdict(result)
+        data["history"] = data["history"][::5]
+        return data
+
+    return {
+        "meta": meta,
+        "workloads": [{"workload": asdict(w["workload"]), "results": [result_dict(r) for r in w["results"]],
+                       "ceiling": None if w["ceiling"] is None else {**w["ceiling"], "result": result_dict(w["ceiling"]["result"])}}
+                      for w in sections["workloads"]],
+        "oom": [result_dict(r) for r in sections["oom"]],
+        "memray": None if sections["memray"] is None else {**sections["memray"], "result": result_dict(sections["memray"]["result"])},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
