@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -21,7 +22,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, TOKEN, worker_env
-from tests.worker.worker_process import WorkerProcess
+from tests.worker.worker_process import WorkerProcess, worker_command
 from worker.antenna_server import LocalAntenna
 from worker.observability import MetricsServer, parse_addr, queued_after
 from worker.synthetic import generate_preset
@@ -251,3 +252,50 @@ def test_address_and_reply_subject_parsing():
     assert queued_after("$JS.ACK.dom.acc.job_1.job-1-workers.1.5.5.1700000000000000000.3.tok") == 3
     assert queued_after("$JS.ACK.job_1.job-1-workers.1.5.5") is None
     assert queued_after("opaque-subject") is None
+
+
+@pytest.mark.timeout(120)
+def test_json_log_lines_for_journald(antenna, tiny_images, tmp_path):
+    job_id = antenna.add_job(tiny_images[:4], "synthetic-moths", image_faults={tiny_images[0].image_id: "404"})
+    env = worker_env(antenna, tmp_path, AMI_LOG_FORMAT="json", AMI_AUTOTUNE="false", AMI_LOG_LEVEL="DEBUG",
+                     AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0")
+    done = subprocess.run(worker_command("run", "--burst"), env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON object
+    assert all({"ts", "level", "logger", "message", "pid"} <= set(r) for r in records)
+    messages = [r["message"] for r in records]
+    assert f"job {job_id}: 4 images (3 ok, 1 failed)" in " ".join(messages)
+    assert any(r["logger"] == "worker.progress" and r["level"] == "debug" for r in records)
+    assert "\r" not in done.stderr  # no progress redraws off a TTY
+    assert TOKEN not in done.stderr + done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_progress_line_is_redrawn_on_a_tty(antenna, tiny_images, tmp_path):
+    job_id = antenna.add_job(tiny_images[:8], "synthetic-moths")
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_ANTENNA_API_BATCH_SIZE="2",
+                     AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0")
+    master, slave = pty.openpty()
+    process = subprocess.Popen(worker_command("run", "--burst"), env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                               stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert process.wait(timeout=60) == 0
+    output = b"".join(chunks).decode(errors="replace")
+    redraws = re.findall(rf"\r\x1b\[Kjob {job_id}: (\d+)/~(\d+) images  [\d.]+ images/s  "
+                         r"mem [\d.]+/[\d.]+ GiB \(\d+% of soft cap\)", output)
+    assert redraws and redraws[-1] == ("8", "8"), output[-2000:]
+    # The finished line ends with a newline, and log lines never start glued to a bar.
+    assert re.search(rf"job {job_id}: 8/~8 images[^\r\n]*\r?\n", output)
+    assert not re.search(r"images/s[^\r\n]*\d{4}-\d\d-\d\d \d\d:\d\d", output)
+    assert TOKEN not in output
