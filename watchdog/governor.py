@@ -44,6 +44,8 @@ class GovernorConfig:
     ``shrink_factor`` (0.5): multiplicative shrink, floor 1. ``grow_step`` (1): additive grow.
     ``cooldown_s`` (1.0): least time between two shrinks, so one spike (whose memory is already
     allocated and shrinking again cannot free) does not collapse the knobs to 1.
+    ``rise_override_fraction`` (0.03): within the cooldown, shrink anyway once memory has risen
+    by this fraction of the limit since the last shrink: that shrink did not stop the growth.
     ``grow_interval_s`` (2.0): least time after any grow or shrink before the next grow.
     ``hard_cap_deadline_s`` (20.0): how long at/above the hard cap before asking for a rebuild.
     """
@@ -52,6 +54,7 @@ class GovernorConfig:
     shrink_factor: float = 0.5
     grow_step: int = 1
     cooldown_s: float = 1.0
+    rise_override_fraction: float = 0.03
     grow_interval_s: float = 2.0
     hard_cap_deadline_s: float = 20.0
 
@@ -62,6 +65,8 @@ class GovernorConfig:
             raise ValueError(f"shrink_factor must be in (0, 1), got {self.shrink_factor}")
         if self.grow_step < 1:
             raise ValueError(f"grow_step must be >= 1, got {self.grow_step}")
+        if not 0 < self.rise_override_fraction <= 1:
+            raise ValueError(f"rise_override_fraction must be in (0, 1], got {self.rise_override_fraction}")
         if min(self.cooldown_s, self.grow_interval_s) < 0 or self.hard_cap_deadline_s <= 0:
             raise ValueError(f"governor intervals must be >= 0 and the deadline > 0, got {self}")
 
@@ -100,7 +105,8 @@ class Governor:
     """Shrinks fast above the soft cap, grows slowly below low water, pauses at the hard cap.
 
     Starts at ``ceiling`` (the plan's knobs). Above the soft cap both knobs are multiplied by
-    ``shrink_factor`` (floor 1) at most once per ``cooldown_s``. Below low water they grow by
+    ``shrink_factor`` (floor 1) at most once per ``cooldown_s``, sooner only while memory keeps
+    rising past the level of the last shrink (``rise_override_fraction``). Below low water they grow by
     ``grow_step`` toward the ceiling at most once per ``grow_interval_s``. At/above the hard cap
     reserves are paused (and the knobs still shrink); the first snapshot back below it resumes.
     Paused longer than ``hard_cap_deadline_s`` gives one ``rebuild`` (knobs to 1) and re-arms
@@ -118,6 +124,7 @@ class Governor:
         self.ceiling = replace(ceiling, admit_reserves=True)
         self.current = self.ceiling
         self._last_shrink_s: float | None = None
+        self._last_shrink_used_bytes = 0
         self._last_change_s: float | None = None
         self._hard_since_s: float | None = None
         self._restart_grow_clock = False
@@ -137,11 +144,11 @@ class Governor:
         if self._restart_grow_clock:
             self._last_change_s, self._restart_grow_clock = now_s, False
         if used_bytes >= self.limits.hard_cap_bytes:
-            action, after, reason = self._at_hard_cap(now_s)
+            action, after, reason = self._at_hard_cap(now_s, used_bytes)
         elif self.paused:
             action, after, reason = self._resume()
         elif used_bytes >= self.limits.soft_cap_bytes:
-            action, after, reason = self._above_soft_cap(now_s)
+            action, after, reason = self._above_soft_cap(now_s, used_bytes)
         elif used_bytes < self.low_water_bytes:
             action, after, reason = self._below_low_water(now_s)
         else:
@@ -172,13 +179,19 @@ class Governor:
         self.current = replace(MINIMAL_FETCH, admit_reserves=self.current.admit_reserves)
         self._restart_grow_clock = True
 
-    def _shrunk(self, now_s: float) -> FetchLimits | None:
-        """The shrunk knobs, or None when in cooldown or already at the floor."""
-        in_cooldown = self._last_shrink_s is not None and now_s - self._last_shrink_s < self.config.cooldown_s
+    def _shrunk(self, now_s: float, used_bytes: int) -> FetchLimits | None:
+        """The shrunk knobs, or None when in cooldown (and memory is not still rising) or already
+        at the floor."""
+        rise_bytes = int(self.limits.effective_limit_bytes * self.config.rise_override_fraction)
+        in_cooldown = (
+            self._last_shrink_s is not None and now_s - self._last_shrink_s < self.config.cooldown_s
+            and used_bytes < self._last_shrink_used_bytes + rise_bytes
+        )
         if in_cooldown or self.current.knobs() == MINIMAL_FETCH.knobs():
             return None
         factor = self.config.shrink_factor
         self._last_shrink_s = self._last_change_s = now_s
+        self._last_shrink_used_bytes = used_bytes
         return replace(
             self.current,
             tasks_per_reserve=max(1, int(self.current.tasks_per_reserve * factor)),
@@ -192,16 +205,18 @@ class Governor:
         left_s = self.config.cooldown_s - (now_s - self._last_shrink_s)
         return f"shrink cooldown, {left_s:.2f} s left"
 
-    def _above_soft_cap(self, now_s: float) -> tuple[str, FetchLimits, str]:
-        shrunk = self._shrunk(now_s)
+    def _above_soft_cap(self, now_s: float, used_bytes: int) -> tuple[str, FetchLimits, str]:
+        within_cooldown = self._last_shrink_s is not None and now_s - self._last_shrink_s < self.config.cooldown_s
+        shrunk = self._shrunk(now_s, used_bytes)
         if shrunk is None:
             return "hold", self.current, f"above soft cap; {self._hold_reason(now_s)}"
-        return "shrink", shrunk, f"above soft cap, x{self.config.shrink_factor}"
+        still_rising = " (still rising within the cooldown)" if within_cooldown else ""
+        return "shrink", shrunk, f"above soft cap, x{self.config.shrink_factor}{still_rising}"
 
-    def _at_hard_cap(self, now_s: float) -> tuple[str, FetchLimits, str]:
+    def _at_hard_cap(self, now_s: float, used_bytes: int) -> tuple[str, FetchLimits, str]:
         if not self.paused:
             self._hard_since_s = now_s
-            shrunk = self._shrunk(now_s) or self.current
+            shrunk = self._shrunk(now_s, used_bytes) or self.current
             return "pause", replace(shrunk, admit_reserves=False), "at/above hard cap: stop reserving, trim heap"
         assert self._hard_since_s is not None
         held_s = now_s - self._hard_since_s
@@ -211,7 +226,7 @@ class Governor:
                 f"at/above hard cap for {held_s:.1f} s > {self.config.hard_cap_deadline_s} s: "
                 "end the loader, rebuild minimal"
             )
-        shrunk = self._shrunk(now_s)
+        shrunk = self._shrunk(now_s, used_bytes)
         if shrunk is None:
             return "hold", self.current, f"paused at hard cap {held_s:.1f} s; {self._hold_reason(now_s)}"
         return "shrink", shrunk, f"paused at hard cap {held_s:.1f} s, x{self.config.shrink_factor}"

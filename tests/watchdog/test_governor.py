@@ -168,3 +168,12 @@ def test_real_sampler_drives_a_shrink() -> None:
     shrinks = [d for d in decisions if d.action == "shrink"]
     assert [knobs(d)[:2] for d in shrinks] == [(4, 2), (2, 1), (1, 1)]
     assert all(b.after.admit_reserves for b in decisions)
+
+
+def test_memory_still_rising_after_a_shrink_overrides_the_cooldown() -> None:
+    """3% of the 1000 MiB limit: a rise of 30 MiB or more since the last shrink shrinks again."""
+    governor = Governor(CEILING, LIMITS)
+    decisions = walk(governor, (0.0, 710 * MIB), (0.2, 735 * MIB), (0.4, 745 * MIB), (0.6, 770 * MIB))
+    assert [d.action for d in decisions] == ["shrink", "hold", "shrink", "hold"]
+    assert [knobs(d)[:2] for d in decisions] == [(4, 2), (4, 2), (2, 1), (2, 1)]
+    assert "still rising" in decisions[2].reason and "cooldown" in decisions[3].reason
