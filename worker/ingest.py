@@ -20,6 +20,7 @@ import gc
 import logging
 import multiprocessing
 import queue
+import signal
 import time
 import warnings
 from collections import deque
@@ -252,6 +253,15 @@ class TaskStream(IterableDataset):
         )
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers ignore SIGINT/SIGTERM: Ctrl-C in a terminal, systemd's control-group kill
+    or supervisor's stopasgroup signal the whole process group, and a loader worker dying there
+    would strand what it holds. The main process drains and then shuts them down itself; if the
+    main process dies, the DataLoader's own watchdog ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader:
     """A DataLoader for one job, with explicit teardown. Use as a context manager."""
 
@@ -266,7 +276,8 @@ class Loader:
         self.dataset = TaskStream(source, plan, self.control)
         extra: dict[str, Any] = {}
         if plan.num_workers > 0:
-            extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor}
+            extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor,
+                     "worker_init_fn": ignore_stop_signals}
         self.dataloader = DataLoader(
             self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
             collate_fn=collate, pin_memory=plan.pin_memory, **extra,

@@ -114,3 +114,31 @@ def test_sigusr1_finishes_the_current_job_then_exits_0_without_taking_another(an
     assert untouched.delivered == 0
     assert _images_done(worker, current) == 10
     assert "recycle requested (SIGUSR1): exiting after the current job" in worker.output
+
+
+@pytest.mark.timeout(180)
+def test_sigint_to_the_whole_process_group_still_drains_cleanly(antenna, tiny_images, tmp_path):
+    """Ctrl-C in a terminal (and systemd's control-group kill) signals every process of the group:
+    loader workers ignore it, so the main process drains them as with SIGTERM."""
+    import os
+
+    job_id = antenna.add_job(tiny_images[:36], "synthetic-moths")
+    antenna.set_network(latency_s=0.25)
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_LOG_LEVEL="DEBUG",
+                     AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="2",
+                     AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR="1",
+                     AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS="1", AMI_SHUTDOWN_GRACE_S=str(GRACE_S))
+    worker = WorkerProcess(["run"], env, tmp_path, start_new_session=True)
+    try:
+        worker.wait_for(rf"job {job_id}: [1-9]\d*/", 90)
+        os.killpg(worker.proc.pid, signal.SIGINT)
+        code = worker.wait(GRACE_S + 30)
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    report = antenna.report(job_id)
+    done = _images_done(worker, job_id)
+    assert "exited unexpectedly" not in worker.output
+    assert report.lost == 0 and report.results_ok + report.results_error == report.delivered == done
+    assert (report.reserved, report.redeliveries) == (0, 0)
+    assert re.search(rf"job {job_id}: {done} images .*, 0 stranded", worker.output)
