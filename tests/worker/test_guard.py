@@ -142,8 +142,8 @@ def test_shrink_pause_resume_grow_reach_the_live_loader_and_bound_each_reserve(
 @pytest.mark.timeout(180)
 def test_after_a_shrink_each_loader_worker_holds_at_most_depth_x_batch_decoded_images(
         antenna, settings_for, tiny_images):
-    """Credit is checked before each image: after the shrink to depth 1 a worker never has more
-    than one batch (3 images) decoded and not yet received, the batch being filled included."""
+    """The credit gate reads the live prefetch_depth: after the shrink from 2 to 1 a worker never
+    holds more than one batch (3 images) decoded and not yet received (6 with the plan's depth)."""
     antenna.add_job(tiny_images[:36], "synthetic-moths")
     settings = settings_for(antenna)
     guard = WatchdogMiddleware(settings)
