@@ -210,7 +210,7 @@ class RunResult:
 
 
 def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
-            memray_out: Optional[Path] = None) -> RunResult:
+            memray_out: Optional[Path] = None, tag: str = "") -> RunResult:
     token = secrets.token_hex(12)
     with TimedAntenna(token=token) as server, tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         server.set_network(latency_s=workload.latency_s, bandwidth_bytes_per_s=workload.bandwidth_bytes_per_s)
@@ -242,7 +242,7 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
         )
         if log_path.exists():
             LOG_DIR.mkdir(parents=True, exist_ok=True)
-            (LOG_DIR / f"{workload.name}-{config.key}.log").write_text(log_path.read_text(errors="replace"))
+            (LOG_DIR / f"{tag}{workload.name}-{config.key}.log").write_text(log_path.read_text(errors="replace"))
         if not result.completed:
             tail = log_path.read_text(errors="replace").splitlines()[-5:] if log_path.exists() else []
             print(f"  ! {workload.name}/{config.key} exit {exit_code}; log tail: " + " | ".join(tail), flush=True)
@@ -398,7 +398,7 @@ def oom_check(images: list, limit_bytes: int) -> list[RunResult]:
     workload = next(w for w in WORKLOADS if w.name == "large")
     out = []
     for config in configs(quick=True)[0:3:2]:  # (a) and (c)
-        result = run_one(workload, images, config, limit_bytes)
+        result = run_one(workload, images, config, limit_bytes, tag="oom-")
         print(f"  oom   {config.key:<4} exit {result.exit_code} oom_kill {result.cgroup.get('oom_kill')} "
               f"results {result.results_ok}/{result.images} peak {result.peak_bytes / MiB:.0f} MiB", flush=True)
         out.append(result)

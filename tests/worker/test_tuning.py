@@ -1,0 +1,130 @@
+"""Autotune in the worker: the probe posts its tasks, one plan line with numbers, pins win,
+AMI_AUTOTUNE=false keeps the settings plan, correction and advisory are written after a job.
+
+All against the real local Antenna server over loopback, with tiny images.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from worker.app import build_worker
+from worker.middlewares import build_middlewares
+from worker.tuning import BenchmarkPlanMiddleware, TuningMiddleware, benchmark_plan_from_env, pinned_fields
+from worker.settings import SettingsError
+
+PIPELINE = "synthetic-moths"
+
+
+def run_burst(settings):
+    worker = build_worker(settings, burst=True)
+    assert worker.run() == 0
+    return worker
+
+
+def plan_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "autotune plan:" in r.getMessage()]
+
+
+def loader_plans(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if ": loader plan " in r.getMessage()]
+
+
+@pytest.mark.timeout(120)
+def test_probe_tasks_get_results_and_the_plan_is_logged_once_with_numbers(antenna, settings_for, tiny_images, caplog):
+    job_id = antenna.add_job(tiny_images[:12], PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3)
+    caplog.set_level(logging.INFO)
+    run_burst(settings)
+
+    report = antenna.report(job_id)
+    assert (report.results_ok, report.results_error, report.lost, report.redeliveries) == (12, 0, 0, 0)
+    probe_reserve = antenna.reservations[0]
+    assert probe_reserve["batch_size"] == 3 and len(probe_reserve["task_ids"]) == 3
+    posted = {item["reply_subject"] for post in antenna.result_posts for item in post["results"]}
+    assert len(posted) == 12  # the probed tasks' results are among them, posted once each
+    lines = plan_lines(caplog)
+    assert len(lines) == 1
+    line = lines[0]
+    for needle in ("predicted peak", "MiB of budget", "images/s", "probe 3 images", "decode", "baseline",
+                   "no knob pinned by the operator", "source=autotune"):
+        assert needle in line, needle
+    assert "source=autotune" in loader_plans(caplog)[0]
+
+
+@pytest.mark.timeout(120)
+def test_failed_probe_images_become_error_results(antenna, settings_for, tiny_images):
+    images = tiny_images[:3]  # the probe reserves all three: the failure happens inside it
+    job_id = antenna.add_job(images, PIPELINE, image_faults={images[0].image_id: "corrupt"})
+    run_burst(settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3))
+    report = antenna.report(job_id)
+    assert (report.results_ok, report.results_error, report.lost) == (2, 1, 0)
+    assert len(antenna.reservations[0]["task_ids"]) == 3
+
+
+@pytest.mark.timeout(120)
+def test_operator_pins_win_and_are_named_in_the_log(antenna, settings_for, tiny_images, caplog):
+    antenna.add_job(tiny_images[:8], PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, antenna_api_batch_size=5,
+                            antenna_api_dataloader_prefetch_factor=3, antenna_api_dataloader_num_workers=0)
+    assert pinned_fields(settings, cuda=False) == {
+        "tasks_per_reserve": 5, "batch_size": 5, "prefetch_factor": 3, "num_workers": 0}
+    caplog.set_level(logging.INFO)
+    run_burst(settings)
+    line = plan_lines(caplog)[0]
+    assert "tasks_per_reserve=5 batch_size=5 num_workers=0 prefetch_factor=3" in line
+    assert "pinned by the operator: batch_size=5, num_workers=0, prefetch_factor=3, tasks_per_reserve=5" in line
+
+
+@pytest.mark.timeout(30)
+def test_pin_memory_pinned_on_cpu_means_off():
+    from worker.settings import load_settings
+
+    settings = load_settings(env_file=None, antenna_api_dataloader_pin_memory=True)
+    assert pinned_fields(settings, cuda=False) == {"pin_memory": False}
+    assert pinned_fields(settings, cuda=True) == {"pin_memory": True}
+
+
+@pytest.mark.timeout(120)
+def test_autotune_false_keeps_the_settings_plan(antenna, settings_for, tiny_images, caplog):
+    job_id = antenna.add_job(tiny_images[:6], PIPELINE)
+    settings = settings_for(antenna, autotune=False, antenna_pipelines=PIPELINE, antenna_api_batch_size=2,
+                            antenna_api_dataloader_num_workers=0)
+    assert not any(isinstance(m, TuningMiddleware) for m in build_middlewares(settings))
+    caplog.set_level(logging.INFO)
+    run_burst(settings)
+    assert plan_lines(caplog) == []
+    assert all("source=settings" in line for line in loader_plans(caplog))
+    assert antenna.reservations[0]["batch_size"] == 2  # no probe reserve of 3
+    assert antenna.report(job_id).results_ok == 6
+
+
+@pytest.mark.timeout(120)
+def test_correction_and_advisory_are_written_after_a_job(antenna, settings_for, tiny_images):
+    antenna.add_job(tiny_images[:8], PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)
+    run_burst(settings)
+    store = json.loads((settings.user_data_path / "autotune" / "memory_corrections.json").read_text())
+    entry = store["pipelines"][PIPELINE]
+    assert entry["jobs"] == 1 and 0.5 <= entry["correction"] <= 3.0
+    advisories = sorted((settings.user_data_path / "advisories").glob("memory-advisory_*"))
+    assert {p.suffix for p in advisories} == {".json", ".txt"}
+    advisory = json.loads(next(p for p in advisories if p.name.endswith(".json") and ".plan." not in p.name).read_text())
+    assert advisory["peak_bytes"] > 100 * 1024 * 1024  # a process with torch and a model loaded
+    assert advisory["predicted_bytes"] > 0 and advisory["plan"]["source"] == "autotune"
+    text = next(p for p in advisories if p.suffix == ".txt").read_text()
+    assert "Pre-run" in text and "Post-run" in text and "conservative" in text
+
+
+@pytest.mark.timeout(30)
+def test_benchmark_plan_env_forces_a_full_plan_and_rejects_garbage(settings_for, antenna):
+    plan = benchmark_plan_from_env({"AMI_BENCHMARK_PLAN_JSON": json.dumps({
+        "tasks_per_reserve": 24, "batch_size": 24, "num_workers": 4, "prefetch_factor": 4,
+        "pin_memory": False, "download_threads": 8, "tensor_dtype": "float32"})})
+    assert plan is not None and plan.tensor_dtype == "float32" and plan.source == "benchmark"
+    assert benchmark_plan_from_env({}) is None
+    with pytest.raises(SettingsError, match="AMI_BENCHMARK_PLAN_JSON"):
+        benchmark_plan_from_env({"AMI_BENCHMARK_PLAN_JSON": '{"batch_size": 0}'})
+    assert isinstance(BenchmarkPlanMiddleware(plan), BenchmarkPlanMiddleware)
