@@ -1,0 +1,80 @@
+"""``worker tune`` as operators run it: a real subprocess against the real local server."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TOKEN, worker_env
+
+PIPELINE = "synthetic-moths"
+ENV_NAMES = ("AMI_ANTENNA_API_BATCH_SIZE", "AMI_ANTENNA_API_DATALOADER_NUM_WORKERS",
+             "AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR", "AMI_ANTENNA_API_DATALOADER_PIN_MEMORY",
+             "AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS")
+
+
+def tune(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cli", "--env-file", "/dev/null", "tune", *args],
+                          env=env, capture_output=True, text=True, timeout=150, cwd=cwd)
+
+
+@pytest.mark.timeout(180)
+def test_tune_images_prints_tables_and_env_lines_and_writes_them(antenna, tiny_images, tmp_path):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for image in tiny_images[:4]:
+        shutil.copy(image.path, folder / image.path.name)
+    env_file = tmp_path / "tuned.env"
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES=PIPELINE)
+    done = tune(env, tmp_path, "--images", str(folder), "--write-env", str(env_file))
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "probe of 4 images" in out and "640x480" in out
+    assert "recommended MiB" in out and "current MiB" in out  # the side-by-side memory table
+    assert "batches assembling/queued" in out and "total (corrected)" in out
+    assert out.count("images/s (bottleneck") >= 2  # recommended and current rates
+    assert "Current settings" in out
+    written = env_file.read_text().splitlines()
+    assert [line.split("=")[0] for line in written] == list(ENV_NAMES)
+    for line in written:
+        assert line in out
+    assert "No task was reserved" in out
+    assert antenna.reservations == []  # sample images: nothing reserved
+    assert TOKEN not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(180)
+def test_tune_job_strands_nothing_and_says_so(antenna, tiny_images, tmp_path):
+    job_id = antenna.add_job(tiny_images[:10], PIPELINE)
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES=PIPELINE, AMI_AUTOTUNE_PROBE_TASKS="3",
+                     AMI_LOG_LEVEL="DEBUG")
+    done = tune(env, tmp_path, "--job", str(job_id))
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = antenna.report(job_id)
+    assert (report.results_ok, report.results_error, report.reserved, report.lost) == (3, 0, 0, 0)
+    assert report.pending == 7  # the rest is left for real workers
+    assert f"job {job_id}" in done.stdout
+    assert "3 tasks were reserved for the probe; 3 results were posted" in done.stdout
+    assert "no task stranded" in done.stdout
+    assert TOKEN not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(180)
+def test_tune_flags_current_settings_over_the_budget(antenna, large_images, tmp_path):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    shutil.copy(large_images[0].path, folder / large_images[0].path.name)
+    # 2 GiB of memory: ADC-sized batches of 36 MiB images (24 x (1 + 4 workers x prefetch 4)) cannot fit.
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES=PIPELINE, AMI_MAX_MEMORY_BYTES=str(2 * 1024**3),
+                     AMI_MEMORY_RESERVE_BYTES=str(256 * 1024**2))
+    done = tune(env, tmp_path, "--images", str(folder))
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Current settings EXCEED the budget by" in done.stdout
+    assert "batches assembling/queued" in done.stdout.split("EXCEED", 1)[1]
+    assert "AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR" in done.stdout.split("EXCEED", 1)[1]
