@@ -17,8 +17,9 @@ size once (PSS alone misses decoded images queued in shared memory).
    above the child's pre-loader baseline is, by ``autotune.memory_model``'s structure,
    ``W + scratch x D + queued x D x q + threads x J x f`` (D decoded bytes, J JPEG bytes).
    Several (batch, prefetch, threads, image size) configurations give a least-squares fit of
-   W (worker process), scratch (decode scratch factor) and f (download buffer factor); queued
-   images count at their size (q = 1, checked by a free fit).
+   W (worker process), scratch (decode scratch factor) and f (download buffer factor), the last
+   three per loader worker (one and two workers); queued images count at their size (q = 1,
+   checked by a free fit).
 2. ``inference_bytes_per_input_pixel``: the reference pipeline on CPU in a child; peak RSS above
    the steady state while a batch is inferred (``/proc/self/clear_refs`` 5 resets VmHWM), per
    image, divided by the detector's input pixels (``worker.pipeline.DETECT_SIZE``).
@@ -44,16 +45,20 @@ sys.path.insert(0, str(ROOT))
 MiB = 1024 * 1024
 TOKEN = "calibration-token"
 
-# (preset, batch_size, prefetch_factor, download_threads): queued decoded images and held JPEGs
-# vary independently, and small vs large images separate the per-process constant from scratch.
+# (preset, batch_size, prefetch_factor, download_threads, loader workers): queued decoded images,
+# held JPEGs and worker processes vary independently; small vs large images separate the
+# per-process constant from decode scratch. Two-worker points price a worker as it is in a real
+# plan: PSS splits the pages workers share (torch's libraries) among them.
 QUEUE_CONFIGS = (
-    ("large", 2, 1, 1),
-    ("large", 2, 2, 1),
-    ("large", 1, 1, 4),
-    ("large", 3, 2, 2),
-    ("small", 2, 1, 1),
-    ("small", 4, 2, 4),
-    ("small", 8, 2, 1),
+    ("large", 2, 1, 1, 1),
+    ("large", 2, 2, 1, 1),
+    ("large", 1, 1, 4, 1),
+    ("large", 3, 2, 2, 1),
+    ("large", 2, 1, 1, 2),
+    ("small", 2, 1, 1, 1),
+    ("small", 4, 2, 4, 1),
+    ("small", 8, 2, 1, 1),
+    ("small", 4, 1, 2, 2),
 )
 INFERENCE_CONFIGS = (("small", 1), ("small", 4), ("large", 1), ("large", 4))
 HOLD_S = 6.0
@@ -66,13 +71,16 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _child_queue(base_url: str, job_id: int, batch: int, prefetch: int, threads: int) -> None:
+def _child_queue(base_url: str, job_id: int, batch: int, prefetch: int, threads: int, workers: int) -> None:
     from autotune.plan import LoaderPlan
     from worker.imaging import fix_mmap_threshold
     from worker.ingest import IngestSource, Loader
 
     fix_mmap_threshold()
-    plan = LoaderPlan(tasks_per_reserve=64, batch_size=batch, num_workers=1, prefetch_factor=prefetch,
+    # Each worker reserves just enough to fill its credit and park with its downloads held, so
+    # with two workers both get images (one reserving everything would leave the other idle).
+    reserve = batch * (1 + prefetch) + threads + 2
+    plan = LoaderPlan(tasks_per_reserve=reserve, batch_size=batch, num_workers=workers, prefetch_factor=prefetch,
                       pin_memory=False, download_threads=threads, source="benchmark")
     source = IngestSource(base_url=base_url, token=TOKEN, job_id=job_id)
     _say("BASE")
@@ -81,7 +89,7 @@ def _child_queue(base_url: str, job_id: int, batch: int, prefetch: int, threads:
         iterator = iter(loader)
         first = next(iterator)
         _say(f"FIRST {len(first.items)}")
-        time.sleep(HOLD_S)  # hold the batch; the worker fills its credit and parks
+        time.sleep(HOLD_S * workers)  # hold the batch; the workers fill their credit and park
         _say("HELD")
         sys.stdin.readline()
         del first, iterator
@@ -132,11 +140,11 @@ def _expect(process: subprocess.Popen, prefix: str) -> str:
     return line
 
 
-def measure_queue(server, images: dict, preset: str, batch: int, prefetch: int, threads: int) -> dict:
+def measure_queue(server, images: dict, preset: str, batch: int, prefetch: int, threads: int, workers: int) -> dict:
     from benchmarks.meter import TreeMeterThread, read_tree_memory
 
     job_id = server.add_job(images[preset], "null")
-    child = _spawn("queue", server.base_url, str(job_id), str(batch), str(prefetch), str(threads))
+    child = _spawn("queue", server.base_url, str(job_id), str(batch), str(prefetch), str(threads), str(workers))
     _expect(child, "BASE")
     base = read_tree_memory(child.pid).total_bytes
     sampler = TreeMeterThread(child.pid, interval_s=0.1).start()
@@ -151,15 +159,16 @@ def measure_queue(server, images: dict, preset: str, batch: int, prefetch: int, 
     child.wait(timeout=60)
     image = images[preset][0]
     return {
-        "preset": preset, "batch": batch, "prefetch": prefetch, "threads": threads,
+        "preset": preset, "batch": batch, "prefetch": prefetch, "threads": threads, "workers": workers,
         "decoded_bytes": image.width * image.height * 3, "jpeg_bytes": max(i.jpeg_bytes for i in images[preset]),
-        "queued_images": batch * (1 + prefetch), "base_bytes": base, "plateau_bytes": plateau,
+        # the held batch, plus each worker's credit of prefetch x batch images
+        "queued_images": batch * (1 + workers * prefetch), "base_bytes": base, "plateau_bytes": plateau,
         "peak_bytes": sampler.peak_total_bytes, "delta_bytes": plateau - base,
     }
 
 
 def fit_queue(rows: list[dict]) -> dict:
-    """Least squares ``delta - queued x D = W + s x D + f x threads x J`` (all >= 0).
+    """Least squares ``delta - queued x D = n x (W + s x D + f x threads x J)`` (all >= 0), n workers.
 
     A queued decoded image is a /dev/shm segment of exactly its uint8 bytes (every page written
     by the decoder), so its factor is fixed at 1; the free fit's factor is reported as a check.
@@ -167,6 +176,7 @@ def fit_queue(rows: list[dict]) -> dict:
     import numpy as np
 
     a = np.array([[1.0, r["decoded_bytes"], r["threads"] * r["jpeg_bytes"]] for r in rows])
+    a = a * np.array([[float(r["workers"])] for r in rows])
     queued = np.array([float(r["queued_images"] * r["decoded_bytes"]) for r in rows])
     y = np.array([float(r["delta_bytes"]) for r in rows])
     solution = np.maximum(np.linalg.lstsq(a, y - queued, rcond=None)[0], 0.0)
@@ -193,8 +203,8 @@ def calibrate(data_dir: Path) -> tuple[dict, dict]:
     from worker.pipeline import DETECT_SIZE
     from worker.synthetic import generate_preset
 
-    images = {"small": generate_preset(data_dir, "small", 24, seed=0),
-              "large": generate_preset(data_dir, "large", 12, seed=0)}
+    images = {"small": generate_preset(data_dir, "small", 40, seed=0),
+              "large": generate_preset(data_dir, "large", 16, seed=0)}
     queue_rows = []
     with LocalAntenna(token=TOKEN, data_dir=data_dir) as server:
         for config in QUEUE_CONFIGS:
@@ -228,7 +238,7 @@ def main() -> int:
     if args.child:
         kind, *rest = args.child
         if kind == "queue":
-            _child_queue(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
+            _child_queue(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), int(rest[5]))
         else:
             _child_inference(rest[0], int(rest[1]), rest[2])
         return 0

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
@@ -101,37 +102,48 @@ def cpu_count() -> int:
 
 
 def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedImage], list[ImageSample]]:
-    """Download and decode ``tasks`` one by one in this process, timing each step.
+    """Download ``tasks`` in parallel (one connection each) and decode them here, timing each step.
 
-    Time to first byte is when the response headers arrived (a ``requests`` response hook runs
-    then, before the streamed body is read). Failures become error items, never exceptions.
+    Parallel downloads keep the probe short on a slow network while each still times one
+    connection. Time to first byte is when the response headers arrived (a ``requests`` response
+    hook runs then, before the streamed body is read). Failures become error items, never
+    exceptions. Order follows ``tasks``.
     """
+    with ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="probe-download") as pool:
+        fetched = list(pool.map(lambda task: _timed_download(task, settings), tasks))
+    loaded: list[LoadedImage] = []
+    samples: list[ImageSample] = []
+    for task, (data, download_s, first_byte_s, error) in zip(tasks, fetched):
+        try:
+            if error is not None:
+                raise error
+            decoded = decode(data, max_pixels=settings.max_image_pixels)
+        except ImageError as failure:
+            loaded.append(LoadedImage(task, None, str(failure)))
+            continue
+        samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s, decoded.decode_s,
+                                   first_byte_s))
+        loaded.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
+                                  download_s, decoded.decode_s))
+    del fetched
+    return loaded, samples
+
+
+def _timed_download(task: Task, settings: Settings):
+    """(data, download_s, first_byte_s, error) for one task on its own connection."""
     session = image_session(1)
     headers_at: list[float] = []
     session.hooks["response"].append(lambda response, *args, **kwargs: headers_at.append(time.perf_counter()))
-    loaded: list[LoadedImage] = []
-    samples: list[ImageSample] = []
+    started_s = time.perf_counter()
     try:
-        for task in tasks:
-            headers_at.clear()
-            started_s = time.perf_counter()
-            try:
-                data = download(session, task.image_url, max_bytes=settings.max_image_bytes,
-                                timeout_s=settings.antenna_api_timeout_s * 2)
-                download_s = time.perf_counter() - started_s
-                first_byte_s = (headers_at[0] - started_s) if headers_at else None
-                decoded = decode(data, max_pixels=settings.max_image_pixels)
-            except ImageError as error:
-                loaded.append(LoadedImage(task, None, str(error)))
-                continue
-            samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s,
-                                       decoded.decode_s, first_byte_s))
-            loaded.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
-                                      download_s, decoded.decode_s))
-            del data
+        data = download(session, task.image_url, max_bytes=settings.max_image_bytes,
+                        timeout_s=settings.antenna_api_timeout_s * 2)
+    except ImageError as error:
+        return None, 0.0, None, error
     finally:
         session.close()
-    return loaded, samples
+    first_byte_s = (headers_at[0] - started_s) if headers_at else None
+    return data, time.perf_counter() - started_s, first_byte_s, None
 
 
 def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str) -> list[InferenceSample]:
