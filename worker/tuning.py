@@ -287,7 +287,7 @@ class TuningMiddleware(Middleware):
     def _on_sample(self, snapshot: MemorySnapshot) -> None:
         with self._lock:
             self._latest = snapshot
-            self._peak_bytes = max(self._peak_bytes, snapshot.tree_pss_bytes)
+            self._peak_bytes = max(self._peak_bytes, observed_bytes(snapshot))
 
     def on_job_start(self, worker: "Worker", ctx: JobContext) -> None:
         with self._lock:
@@ -299,8 +299,11 @@ class TuningMiddleware(Middleware):
             # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
             worker._handle_batch(ctx, pipeline, Batch(list(run.items)))
         if run.probe is None:
-            log.info("job %d: autotune probe got %d tasks, %d usable images in %.2f s: keeping the settings plan",
-                     ctx.job.id, run.tasks, run.images_ok, run.wall_s)
+            # Nothing to reserve is routine (a job whose tasks are all out with other workers is
+            # still listed): not worth an INFO line per poll.
+            log.log(logging.INFO if run.tasks else logging.DEBUG,
+                    "job %d: autotune probe got %d tasks, %d usable images in %.2f s: keeping the settings plan",
+                    ctx.job.id, run.tasks, run.images_ok, run.wall_s)
             return
         correction = self.corrections.get(ctx.job.pipeline_slug)
         constraints = constraints_for(worker, run.probe)
@@ -320,40 +323,51 @@ class TuningMiddleware(Middleware):
         with self._lock:
             latest = self._latest
         if latest is not None:
-            self._end_of_batch_bytes.append(latest.tree_pss_bytes)
+            self._end_of_batch_bytes.append(observed_bytes(latest))
 
     def on_job_end(self, worker: "Worker", ctx: JobContext) -> None:
         tuning: Optional[_JobTuning] = ctx.notes.get("autotune")
         if tuning is None:
             return
         with self._lock:
-            observed_bytes = self._peak_bytes
+            observed = self._peak_bytes
             end_of_batch = list(self._end_of_batch_bytes)
-        if observed_bytes <= 0:  # no sampler running: one exact reading is better than none
-            observed_bytes = sample_tree(os.getpid()).tree_pss_bytes
+        if observed <= 0:  # no sampler running: one exact reading is better than none
+            observed = observed_bytes(sample_tree(os.getpid()))
         slug = ctx.job.pipeline_slug
-        self.corrections.update(slug, tuning.decision.memory.raw_total_bytes, observed_bytes)
-        self._write_advisory(worker, ctx, tuning, observed_bytes, end_of_batch)
+        self.corrections.update(slug, tuning.decision.memory.raw_total_bytes, observed)
+        self._write_advisory(worker, ctx, tuning, observed, end_of_batch)
 
     def _write_advisory(self, worker: "Worker", ctx: JobContext, tuning: _JobTuning,
-                        observed_bytes: int, end_of_batch: list[int]) -> None:
+                        observed_peak_bytes: int, end_of_batch: list[int]) -> None:
         settings = worker.settings
         alternatives = plan_options(tuning.probe, tuning.constraints, self.calibration, tuning.correction)
         advisory = build_advisory(
             ctx.job.pipeline_slug, ctx.job.id,
             limit_bytes=worker.limits.effective_limit_bytes if worker.limits else 0,
             reserve_bytes=settings.memory_reserve_bytes, safety_factor=settings.memory_safety_factor,
-            memory_samples_bytes=end_of_batch, peak_bytes=observed_bytes,
+            memory_samples_bytes=end_of_batch, peak_bytes=observed_peak_bytes,
             predicted_bytes=tuning.decision.memory.total_bytes, plan=tuning.decision.plan,
             alternatives=alternatives,
         )
         path = write_advisory(advisory, self.advisory_dir)
         write_json_atomically(path.with_name(path.stem + ".plan.json"), {
             "probe": tuning.probe.as_dict(), "decision": tuning.decision.as_dict(),
-            "probe_wall_s": tuning.probe_wall_s, "observed_peak_bytes": observed_bytes,
+            "probe_wall_s": tuning.probe_wall_s, "observed_peak_bytes": observed_peak_bytes,
             "images": ctx.stats.images,
         })
         log.info("job %d: memory advisory written to %s", ctx.job.id, path)
+
+
+def observed_bytes(snapshot: MemorySnapshot) -> int:
+    """The tree's memory in the model's terms: PSS plus /dev/shm segments.
+
+    PSS misses decoded batches queued in shared memory (held by a descriptor, or mapped but not
+    yet read); adding every segment's size puts them back, and over-counts only the pages of
+    segments that are also mapped and touched (about the batch being inferred). The cgroup's
+    usage is not used even when the worker owns its cgroup: it includes page cache.
+    """
+    return snapshot.tree_pss_bytes + snapshot.shm_bytes
 
 
 def _pinned_text(pinned: Mapping[str, object]) -> str:
