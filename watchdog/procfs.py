@@ -41,16 +41,35 @@ def read_rss_bytes(pid: int, proc_root: Path = Path("/proc")) -> int | None:
     return int(fields[1]) * PAGE_BYTES if len(fields) > 1 else None
 
 
+def read_statm_bytes(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, int] | None:
+    """``(resident, shared)`` bytes from /proc/PID/statm; shared is file-backed plus shmem
+    resident pages, so ``resident - shared`` is the anonymous memory."""
+    data = read_bytes(f"{proc_root}/{pid}/statm")
+    fields = data.split() if data else []
+    return (int(fields[1]) * PAGE_BYTES, int(fields[2]) * PAGE_BYTES) if len(fields) > 2 else None
+
+
 def read_pss_bytes(pid: int, proc_root: Path = Path("/proc")) -> int | None:
     """Proportional set size from /proc/PID/smaps_rollup; None when unreadable (kernel < 4.14,
     no ptrace permission, or the process is gone)."""
+    parts = read_pss_parts(pid, proc_root)
+    return parts[0] if parts is not None else None
+
+
+def read_pss_parts(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, int] | None:
+    """``(Pss, Pss_Shmem)`` bytes from /proc/PID/smaps_rollup; Pss_Shmem is 0 on kernels that
+    do not report it (< 5.9). None when unreadable."""
     data = read_bytes(f"{proc_root}/{pid}/smaps_rollup")
     if not data:
         return None
+    pss_bytes: int | None = None
+    shmem_bytes = 0
     for line in data.splitlines():
         if line.startswith(b"Pss:"):
-            return int(line.split()[1]) * 1024
-    return None
+            pss_bytes = int(line.split()[1]) * 1024
+        elif line.startswith(b"Pss_Shmem:"):
+            shmem_bytes = int(line.split()[1]) * 1024
+    return (pss_bytes, shmem_bytes) if pss_bytes is not None else None
 
 
 @dataclass(frozen=True)

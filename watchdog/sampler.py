@@ -5,6 +5,12 @@ it once) but smaps_rollup walks page tables: ~8 us per MiB of RSS, so a 6 GiB tr
 per read. ``TreeMeter`` therefore reads RSS (statm, ~5 us) every sample and re-reads PSS, fds and
 /dev/shm in a "deep" pass only when a process joined or left the tree or a CPU budget allows; in between,
 each process's PSS is carried forward with its RSS change (new private pages count fully).
+
+PSS misses /dev/shm pages no process maps: torch's shared tensors in transit between processes
+(a DataLoader batch in the pipe is held by a file descriptor only) can be most of a loader's
+memory. Without an owned cgroup, ``used_bytes`` is therefore each process's PSS less its shmem
+part, plus every /dev/shm file the tree holds (mapped or by fd) counted once; the fds are listed
+at every sample (~3 us each), so in-transit tensors are seen at once.
 """
 from __future__ import annotations
 
@@ -30,11 +36,13 @@ class MemorySnapshot:
     """The worker tree's memory at ``taken_at_s`` (time.monotonic()).
 
     ``used_bytes`` is what policy compares with the caps: ``cgroup_usage_bytes`` when the caller
-    passed an owned cgroup, else ``tree_pss_bytes``. ``pss_source`` is ``smaps_rollup``, ``rss``
-    (smaps_rollup unreadable: RSS over-counts shared pages) or ``mixed``. ``tree_pss_bytes``,
-    ``open_fds`` and ``shm_bytes`` come from the last deep pass, ``pss_age_s`` old (PSS carried
-    forward by RSS deltas since). ``shm_bytes`` counts each /dev/shm file once (by inode) whether
-    mapped or only held open. PSI fields are None where the kernel has PSI disabled.
+    passed an owned cgroup, else the tree's PSS without shmem plus ``shm_bytes`` (see the module
+    docstring; where PSS is unreadable, RSS stands in and mapped shm counts twice: an over-count).
+    ``pss_source`` is ``smaps_rollup``, ``rss`` (smaps_rollup unreadable: RSS over-counts shared
+    pages) or ``mixed``. ``tree_pss_bytes`` comes from the last deep pass, ``pss_age_s`` old (PSS
+    carried forward by RSS deltas since). ``shm_bytes`` counts each /dev/shm file once (by inode)
+    whether mapped or only held open; it and ``open_fds`` are read at every sample without an
+    owned cgroup, at deep passes with one. PSI fields are None where the kernel has PSI disabled.
     """
 
     taken_at_s: float
@@ -55,20 +63,28 @@ class MemorySnapshot:
 @dataclass(frozen=True)
 class _DeepReading:
     pss_bytes: int | None
+    pss_shmem_bytes: int
     rss_bytes: int
+    anon_bytes: int
     open_fds: int
     shm_sizes: dict[int, int]
+    maps_only_shm: dict[int, int]  # mapped, no fd held: semaphores, closed SharedMemory fds
 
 
-def _deep_read(pid: int, rss_bytes: int, proc_root: Path) -> _DeepReading:
+def _deep_read(pid: int, statm: tuple[int, int], proc_root: Path) -> _DeepReading:
     # A process that vanished (or a zombie, whose fd table is gone) reads as no fds, no shm and
     # no PSS; it drops out at the next sample when its RSS can no longer be read.
     fds = procfs.read_fds(pid, proc_root) or procfs.FdReading(open_fds=0, shm_sizes={})
     shm_sizes = dict(fds.shm_sizes)
-    for inode, size in procfs.read_maps_shm(pid, proc_root).items():
+    maps_shm = procfs.read_maps_shm(pid, proc_root)
+    for inode, size in maps_shm.items():
         shm_sizes[inode] = max(shm_sizes.get(inode, 0), size)
-    pss_bytes = procfs.read_pss_bytes(pid, proc_root)
-    return _DeepReading(pss_bytes, rss_bytes, fds.open_fds, shm_sizes)
+    parts = procfs.read_pss_parts(pid, proc_root)
+    pss_bytes, pss_shmem_bytes = parts if parts is not None else (None, 0)
+    rss_bytes, shared_bytes = statm
+    maps_only = {inode: size for inode, size in maps_shm.items() if inode not in fds.shm_sizes}
+    return _DeepReading(pss_bytes, pss_shmem_bytes, rss_bytes, rss_bytes - shared_bytes, fds.open_fds,
+                        shm_sizes, maps_only)
 
 
 class TreeMeter:
@@ -106,18 +122,23 @@ class TreeMeter:
     def read(self) -> MemorySnapshot:
         """One snapshot; ProcessLookupError when the root process is gone."""
         pids = self._tree.members(self.root_pid)
-        rss = {pid: value for pid in pids if (value := procfs.read_rss_bytes(pid, self._proc_root)) is not None}
-        if self.root_pid not in rss:
+        statm = {pid: value for pid in pids if (value := procfs.read_statm_bytes(pid, self._proc_root)) is not None}
+        if self.root_pid not in statm:
             raise ProcessLookupError(f"process {self.root_pid} is gone")
         now_s = time.monotonic()
-        membership_changed = rss.keys() != self._deep.keys()
-        if self._budget is None or membership_changed or now_s >= self._next_deep_s:
-            self._deep_pass(rss, now_s)
-        return self._snapshot(rss, time.monotonic())
+        membership_changed = statm.keys() != self._deep.keys()
+        deep = self._budget is None or membership_changed or now_s >= self._next_deep_s
+        if deep:
+            self._deep_pass(statm, now_s)
+        fds = None if deep or self._cgroup else self._read_fds(statm)
+        return self._snapshot(statm, fds, time.monotonic())
 
-    def _deep_pass(self, rss: dict[int, int], now_s: float) -> None:
+    def _read_fds(self, statm: dict[int, tuple[int, int]]) -> dict[int, procfs.FdReading]:
+        return {pid: procfs.read_fds(pid, self._proc_root) or procfs.FdReading(0, {}) for pid in statm}
+
+    def _deep_pass(self, statm: dict[int, tuple[int, int]], now_s: float) -> None:
         started_cpu_s = time.thread_time()
-        self._deep = {pid: _deep_read(pid, value, self._proc_root) for pid, value in rss.items()}
+        self._deep = {pid: _deep_read(pid, value, self._proc_root) for pid, value in statm.items()}
         cost_s = time.thread_time() - started_cpu_s
         self._deep_at_s = now_s
         if self._budget is not None:
@@ -138,23 +159,45 @@ class TreeMeter:
         source = "smaps_rollup" if from_rollup == len(rss) else "rss" if from_rollup == 0 else "mixed"
         return total, source
 
-    def _snapshot(self, rss: dict[int, int], now_s: float) -> MemorySnapshot:
+    def _tree_private(self, statm: dict[int, tuple[int, int]]) -> int:
+        """PSS without shmem, carried forward by the anonymous RSS change since the deep pass."""
+        total = 0
+        for pid, (rss_bytes, shared_bytes) in statm.items():
+            deep = self._deep.get(pid)
+            if deep is None or deep.pss_bytes is None:
+                total += rss_bytes
+                continue
+            anon_change = rss_bytes - shared_bytes - deep.anon_bytes
+            total += max(0, deep.pss_bytes - deep.pss_shmem_bytes + anon_change)
+        return total
+
+    def _snapshot(self, statm: dict[int, tuple[int, int]], fds: dict[int, procfs.FdReading] | None,
+                  now_s: float) -> MemorySnapshot:
+        rss = {pid: value[0] for pid, value in statm.items()}
         tree_pss_bytes, pss_source = self._tree_pss(rss)
         live_deep = [self._deep[pid] for pid in rss]  # a deep pass ran if the pids changed
         shm_sizes: dict[int, int] = {}
-        for deep in live_deep:
-            shm_sizes.update(deep.shm_sizes)  # same inode in several processes: one file
+        if fds is None:
+            for deep in live_deep:
+                shm_sizes.update(deep.shm_sizes)  # same inode in several processes: one file
+            open_fds = sum(deep.open_fds for deep in live_deep)
+        else:
+            for pid, reading in fds.items():
+                shm_sizes.update(self._deep[pid].maps_only_shm)
+                shm_sizes.update(reading.shm_sizes)
+            open_fds = sum(reading.open_fds for reading in fds.values())
+        shm_bytes = sum(shm_sizes.values())
         cgroup_usage = procfs.read_cgroup_usage_bytes(self._cgroup) if self._cgroup else None
         psi = procfs.read_pressure(self._pressure_path())
         return MemorySnapshot(
             taken_at_s=now_s,
-            used_bytes=cgroup_usage if cgroup_usage is not None else tree_pss_bytes,
+            used_bytes=cgroup_usage if cgroup_usage is not None else self._tree_private(statm) + shm_bytes,
             tree_pss_bytes=tree_pss_bytes,
             tree_rss_bytes=sum(rss.values()),
             process_count=len(rss),
             mem_available_bytes=procfs.read_mem_available_bytes(self._proc_root),
-            open_fds=sum(deep.open_fds for deep in live_deep),
-            shm_bytes=sum(shm_sizes.values()),
+            open_fds=open_fds,
+            shm_bytes=shm_bytes,
             pss_source=pss_source,
             pss_age_s=max(0.0, now_s - self._deep_at_s),
             cgroup_usage_bytes=cgroup_usage,

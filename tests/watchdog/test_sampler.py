@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -32,7 +33,9 @@ def test_tree_pss_grows_by_what_children_touch() -> None:
     assert during.tree_pss_bytes - before.tree_pss_bytes >= 3 * CHILD_BYTES
     assert during.tree_rss_bytes >= during.tree_pss_bytes  # shared pages count fully in RSS
     assert during.pss_source == "smaps_rollup" and during.pss_age_s < 1.0
-    assert during.used_bytes == during.tree_pss_bytes  # no owned cgroup passed
+    # No owned cgroup: PSS less its shmem part plus /dev/shm files by size, which here are only a
+    # few 32-byte multiprocessing semaphores (each a 4 KiB page in PSS).
+    assert abs(during.used_bytes - during.tree_pss_bytes) < 1 * MIB
     assert during.mem_available_bytes > 0
     assert during.psi_some_avg10 is not None  # this kernel runs with psi=1
 
@@ -212,3 +215,50 @@ def test_a_process_joining_or_leaving_forces_a_deep_pass(fake_host: FakeHost) ->
     left = meter.read()
     assert meter.deep_passes == 3
     assert (left.tree_pss_bytes, left.process_count) == (200 * 1024, 1)
+
+
+@pytest.fixture
+def populated_shm() -> Iterator[Callable[[int], str]]:
+    """A /dev/shm file with every page written, held by no process (like a tensor in transit)."""
+    names: list[str] = []
+
+    def make(size_bytes: int) -> str:
+        name = f"antenna-watchdog-test-{os.getpid()}-{len(names)}"
+        fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        names.append(name)
+        try:
+            os.write(fd, b"\x01" * size_bytes)
+        finally:
+            os.close(fd)
+        return name
+
+    yield make
+    for name in names:
+        os.unlink(f"/dev/shm/{name}")
+
+
+@pytest.mark.parametrize("mode", ["map", "fd", "both"])
+def test_used_bytes_counts_dev_shm_a_child_holds_once_mapped_or_not(populated_shm, mode: str) -> None:
+    """PSS sees none of it (the pages were written by another process and are not touched by the
+    child's mapping, or not mapped at all); used_bytes sees all of it, once."""
+    name = populated_shm(64 * MIB)
+    with hold_children(1) as (plain,):
+        base = sample_tree(plain.pid)
+    with hold_children(1, shm_name=name, shm_mode=mode) as (holder,):
+        held = sample_tree(holder.pid)
+    assert abs(held.used_bytes - base.used_bytes - 64 * MIB) < 4 * MIB, (base, held)
+    assert held.tree_pss_bytes - base.tree_pss_bytes < 4 * MIB
+
+
+def test_a_dev_shm_fd_opened_between_deep_passes_counts_at_the_next_sample(populated_shm) -> None:
+    name = populated_shm(64 * MIB)
+    meter = TreeMeter(os.getpid(), max_deep_interval_s=60.0)
+    before = meter.read()  # the first read is a deep pass
+    fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
+    try:
+        after = meter.read()
+    finally:
+        os.close(fd)
+    assert meter.deep_passes == 1 and after.pss_age_s > 0  # a light sample
+    assert abs(after.used_bytes - before.used_bytes - 64 * MIB) < 4 * MIB
+    assert after.shm_bytes - before.shm_bytes == 64 * MIB and after.open_fds == before.open_fds + 1
