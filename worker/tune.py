@@ -85,10 +85,8 @@ class TuneReport:
     results_posted: int
 
     def env_lines(self) -> list[str]:
-        plan = self.static.plan
-        lines = [f"{name}={str(getattr(plan, field)).lower() if isinstance(getattr(plan, field), bool) else getattr(plan, field)}"
-                 for name, field in ENV_NAMES]
-        return lines
+        """``NAME=value`` for the static plan (booleans as ``true``/``false``)."""
+        return [f"{name}={_env_value(getattr(self.static.plan, field))}" for name, field in ENV_NAMES]
 
     def text(self) -> str:
         c = self.constraints
@@ -132,6 +130,10 @@ class TuneReport:
             return "No task was reserved (sample images only): nothing to post, nothing stranded."
         return (f"{self.tasks_probed} tasks were reserved for the probe; {self.results_posted} results were "
                 "posted to the API (inferred like any others): no task stranded.")
+
+
+def _env_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def static_decision(probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration,
