@@ -149,15 +149,17 @@ def test_low_water_must_be_below_the_soft_cap() -> None:
 
 
 def test_real_sampler_drives_a_shrink() -> None:
-    """A configured limit of 1.25x this process's PSS puts real snapshots at 80% of the limit:
-    above the soft cap (70%), below the hard cap (85%). Shrinks come one cooldown (1 s) apart."""
+    """A configured limit that puts real snapshots at 75% of it, between a soft cap at 60% and a
+    hard cap at 95%: wide margins, so this process's own memory moving on a busy machine cannot
+    cross a cap. Shrinks come one cooldown (1 s) apart."""
     decisions: list[Decision] = []
     sampler = Sampler(os.getpid(), interval_s=0.05)
     sampler.start()
     try:
         while sampler.latest is None:
             time.sleep(0.01)
-        limits = Limits(mem_total_bytes=1 << 40, configured_max_bytes=int(sampler.latest.used_bytes * 1.25))
+        limits = Limits(mem_total_bytes=1 << 40, configured_max_bytes=int(sampler.latest.used_bytes / 0.75),
+                        soft_cap_fraction=0.60, hard_cap_fraction=0.95)
         governor = Governor(CEILING, limits)
         deadline_s = time.monotonic() + 5.0
         while time.monotonic() < deadline_s and governor.current != FetchLimits(1, 1):
