@@ -28,14 +28,14 @@ from tests.worker.worker_process import WorkerProcess
 GRACE_S = 20.0
 
 
-def _start(antenna, tmp_path, *, latency_s: float, **extra: str) -> WorkerProcess:
+def _start(antenna, tmp_path, *, latency_s: float, new_session: bool = False, **extra: str) -> WorkerProcess:
     antenna.set_network(latency_s=latency_s)
     env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_LOG_LEVEL="DEBUG",
                      AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="2",
                      AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR="1",
                      AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS="1",
                      AMI_SHUTDOWN_GRACE_S=str(GRACE_S), **extra)
-    return WorkerProcess(["run"], env, tmp_path)
+    return WorkerProcess(["run"], env, tmp_path, start_new_session=new_session)
 
 
 def _images_done(worker: WorkerProcess, job_id: int) -> int:
@@ -123,12 +123,7 @@ def test_sigint_to_the_whole_process_group_still_drains_cleanly(antenna, tiny_im
     import os
 
     job_id = antenna.add_job(tiny_images[:36], "synthetic-moths")
-    antenna.set_network(latency_s=0.25)
-    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_LOG_LEVEL="DEBUG",
-                     AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="2",
-                     AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR="1",
-                     AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS="1", AMI_SHUTDOWN_GRACE_S=str(GRACE_S))
-    worker = WorkerProcess(["run"], env, tmp_path, start_new_session=True)
+    worker = _start(antenna, tmp_path, latency_s=0.25, new_session=True)
     try:
         worker.wait_for(rf"job {job_id}: [1-9]\d*/", 90)
         os.killpg(worker.proc.pid, signal.SIGINT)
