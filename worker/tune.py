@@ -33,7 +33,7 @@ from worker.antenna import JobRef
 from worker.daemon import plan_from_settings
 from worker.hooks import JobContext
 from worker.imaging import ImageError, decode, download, image_session
-from worker.ingest import Batch, LoadedImage
+from worker.ingest import LoadedImage
 from worker.schema import Task
 from worker.settings import Settings, SettingsError
 from worker.tuning import (
@@ -172,8 +172,6 @@ def tune_job(worker, job: JobRef, probe_tasks: int) -> Optional[TuneReport]:
     pipeline = worker.pipelines(job.pipeline_slug)
     ctx = JobContext(job=job, plan=plan_from_settings(worker.settings, cuda=worker.cuda))
     run = probe_job(worker, ctx, pipeline, tasks_wanted=probe_tasks, calibration=load_calibration())
-    if run.items:
-        worker._handle_batch(ctx, pipeline, Batch(list(run.items)))
     if not worker.poster.flush(timeout_s=worker.settings.shutdown_grace_s):
         log.error("tune: result posts still pending; they were spooled or will be redelivered")
     if run.probe is None:

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +81,14 @@ class ProbeRun:
     """What one probe measured and what it did with its tasks.
 
     ``probe`` is None when no sampled image could be used (nothing reserved, or all failed).
-    ``items`` are the loaded images (errors included); their results are posted by the caller.
+    ``results_posted``: results handed to the poster for the probed tasks (one per task).
     """
 
     probe: Optional[Probe]
     tasks: int
     images_ok: int
     wall_s: float
-    items: tuple[LoadedImage, ...] = ()
+    results_posted: int = 0
 
 
 # --- measuring ---
@@ -179,9 +180,12 @@ def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
 
 def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wanted: int,
               calibration: MemoryCalibration) -> ProbeRun:
-    """Reserve ``tasks_wanted`` tasks of ``ctx.job``, measure them, return a ``ProbeRun``.
+    """Reserve ``tasks_wanted`` tasks of ``ctx.job``, measure them, post their results.
 
-    The caller must post results for ``run.items`` (they hold reserved tasks).
+    Inference is timed at batch size 1 (one image, result discarded) and at the sample's size:
+    that second batch is the loop's own ``_handle_batch``, which posts every probed task's
+    result (errors included), so the probe costs one extra image inference (two on a pipeline's
+    first job in this process: a warm-up, as the first call pays lazy initialisation).
     """
     settings = worker.settings
     started_s = time.perf_counter()
@@ -190,15 +194,37 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     if not tasks:
         return ProbeRun(None, 0, 0, time.perf_counter() - started_s)
     items, images = load_sample(tasks, settings)
-    inference = time_inference(pipeline, items, ctx.job.pipeline_slug)
-    if not images or not inference:
-        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, tuple(items))
+    good = [item for item in items if item.image is not None]
+    inference: list[InferenceSample] = []
+    if good:
+        _warm_up(pipeline, good[0], ctx.job.pipeline_slug)
+        single_started_s = time.perf_counter()
+        run_batch(pipeline, good[:1], ctx.job.pipeline_slug)
+        inference.append(InferenceSample(1, time.perf_counter() - single_started_s))
+    baseline = baseline_bytes(items)
+    # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
+    worker._handle_batch(ctx, pipeline, Batch(items))
+    if good:
+        inference.append(InferenceSample(len(good), ctx.stats.last_inference_s))
+    del items, good
+    if not images:
+        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks))
     probe = Probe.from_samples(
-        images, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(), cuda=worker.cuda,
+        images, inference, baseline_bytes=baseline, cpu_count=cpu_count(), cuda=worker.cuda,
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
         calibration=calibration, forward_batch_size=pipeline.localization_batch_size,
     )
-    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, tuple(items))
+    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks))
+
+
+_WARMED: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
+
+
+def _warm_up(pipeline: Pipeline, item: LoadedImage, slug: str) -> None:
+    """Run one image once per pipeline per process (nothing posted): the first call is slow."""
+    if pipeline not in _WARMED:
+        run_batch(pipeline, [item], slug)
+        _WARMED.add(pipeline)
 
 
 # --- planning ---
@@ -295,9 +321,6 @@ class TuningMiddleware(Middleware):
         pipeline: Pipeline = ctx.notes["pipeline"]
         run = probe_job(worker, ctx, pipeline, tasks_wanted=worker.settings.autotune_probe_tasks,
                         calibration=self.calibration)
-        if run.items:
-            # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
-            worker._handle_batch(ctx, pipeline, Batch(list(run.items)))
         if run.probe is None:
             # Nothing to reserve is routine (a job whose tasks are all out with other workers is
             # still listed): not worth an INFO line per poll.
@@ -360,13 +383,15 @@ class TuningMiddleware(Middleware):
 
 
 def observed_bytes(snapshot: MemorySnapshot) -> int:
-    """The tree's memory in the model's terms: PSS plus /dev/shm segments.
+    """The tree's memory in the model's terms: PSS less shmem, plus every /dev/shm segment once.
 
-    PSS misses decoded batches queued in shared memory (held by a descriptor, or mapped but not
-    yet read); adding every segment's size puts them back, and over-counts only the pages of
-    segments that are also mapped and touched (about the batch being inferred). The cgroup's
-    usage is not used even when the worker owns its cgroup: it includes page cache.
+    Plain PSS misses decoded batches queued in shared memory (held by a descriptor, or mapped
+    but not yet read). Without an owned cgroup the sampler's ``used_bytes`` is exactly this
+    measure. With one, ``used_bytes`` is the cgroup's usage, page cache included, so the tree's
+    PSS plus the segments stands in (over-counting only shm pages also mapped and touched).
     """
+    if snapshot.cgroup_usage_bytes is None:
+        return snapshot.used_bytes
     return snapshot.tree_pss_bytes + snapshot.shm_bytes
 
 
