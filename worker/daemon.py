@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from worker.antenna import AntennaClient, AntennaError, JobRef, client_info
 from worker.hooks import JobContext, Middleware
-from worker.ingest import Batch, IngestSource, Loader
+from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
 from worker.pipeline import Pipeline, run_batch
 from worker.posting import ResultPoster
 from worker.release import TaskReleaser
@@ -205,7 +205,7 @@ class Worker:
                     del batch  # not held while the next batch is awaited (one batch of images)
                     if self._check_stop(ctx, loader):
                         break
-            except RuntimeError as error:
+            except LoaderFailed as error:
                 # A loader worker died (the kernel's OOM killer, a segfault in a decoder): what it
                 # held is stranded below; the job goes on with a fresh, minimal loader.
                 log.error("job %d: loader failed: %s", ctx.job.id, error)

@@ -253,6 +253,10 @@ class TaskStream(IterableDataset):
         )
 
 
+class LoaderFailed(RuntimeError):
+    """The DataLoader broke (a loader worker process died); the job can go on with a new one."""
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """Loader workers ignore SIGINT/SIGTERM: Ctrl-C in a terminal, systemd's control-group kill
     or supervisor's stopasgroup signal the whole process group, and a loader worker dying there
@@ -292,7 +296,16 @@ class Loader:
             # reasons already, and download-bound jobs legitimately use more workers than cores.
             warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
             self._iterator = iter(self.dataloader)
-        for batch in self._iterator:
+        while True:
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                return
+            except Exception as error:
+                # A loader worker died (OOM killer, a decoder segfault): torch reports it as a
+                # RuntimeError, or as EOFError/ConnectionError when a batch it sent can no longer
+                # be fetched from it. Either way the loader is done; what it held is stranded.
+                raise LoaderFailed(f"{type(error).__name__}: {error}") from error
             self.control.mark_consumed(batch)
             self.received.update((item.task.reply_subject, item.task) for item in batch.items)
             yield batch
