@@ -338,8 +338,10 @@ def _reasons(
     if ties > 1:
         reasons.append(f"smallest peak among {ties} plans within {TIE_TOLERANCE:.0%} of the best {best_rate:.2f} images/s")
     reasons.append(_pin_reason(plan, probe, constraints))
-    if plan.num_workers > 0 and plan.prefetch_factor == 1 and "prefetch_factor" not in constraints.pinned:
-        reasons.append("prefetch_factor 1: deeper queues cost memory and do not raise the steady-state rate")
+    if plan.num_workers > 0 and "prefetch_factor" not in constraints.pinned:
+        reasons.append(f"prefetch_factor {plan.prefetch_factor}: a deeper queue would gain under "
+                       f"{TIE_TOLERANCE:.0%} for its memory" if plan.prefetch_factor < max(PREFETCH_FACTORS)
+                       else f"prefetch_factor {plan.prefetch_factor}: the deepest queue considered")
     allowed = _reserve_allowance(plan, rate, constraints)
     reasons.append(
         f"tasks_per_reserve {plan.tasks_per_reserve} (timeout allows {allowed}: "

@@ -16,9 +16,17 @@ forward batches); pin_memory on CUDA replaces the pageable host->device copy in
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
 inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) inference is
 timed using all cores, and decoding at the pipeline's rate r takes r x decode_s core-seconds per
-second away from it: inference runs at full x (1 - r x decode_s / cpu_count). All reported rates
-are these effective rates, so ``pipeline = min(loader, inference)`` always holds. Prefetch depth
-does not change a steady-state rate: it only smooths bursts, which this model does not see.
+second away from it: inference runs at full x (1 - r x decode_s / cpu_count).
+
+Coupling: the loader and the inference are joined by a queue of ``num_workers x prefetch_factor``
+batches (plus the batch each worker is filling). Neither stage is steady (a reservation's round
+trip stalls a lane, downloads vary, the OS shares two cores), so the consumer sometimes waits on
+an empty queue and the producer on a full one. ``buffered_rate`` prices that with the classic
+two-station tandem line with a finite buffer and exponential service times: the pipeline rate is
+below ``min(loader, inference)`` and approaches it as the queue deepens. Exponential times are
+the pessimistic end for these stages, so the model errs towards buying a little queue depth,
+which is the tf.data autotuner's shape (add buffer until the consumer no longer waits). With
+``num_workers == 0`` there is no queue: loading and inference alternate (see above).
 """
 from __future__ import annotations
 
@@ -81,10 +89,32 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
         inference, bottleneck = _cpu_shared_inference(loader, full_inference, probe)
     else:
         inference, bottleneck = full_inference, "inference"
-    pipeline = min(loader, inference)
+    if plan.num_workers > 0:
+        pipeline = buffered_rate(loader, inference, plan.num_workers * (plan.prefetch_factor + 1))
+    else:
+        pipeline = min(loader, inference)
     if plan.num_workers > 0 and loader < inference:
         bottleneck = _loader_bottleneck(fill_s, streaming_s, download_s / connections, decode_s)
     return RateEstimate(download, decode, loader, inference, pipeline, bottleneck)
+
+
+def buffered_rate(producer_per_s: float, consumer_per_s: float, buffer_batches: int) -> float:
+    """Throughput of a producer and a consumer joined by a queue of ``buffer_batches`` (>= 1).
+
+    Two-station tandem line with exponential service and blocking: with r = producer / consumer
+    and n = buffer + 1, throughput = producer x (1 - r^n) / (1 - r^(n+1)), or producer x n / (n+1)
+    when r = 1. Never above ``min(producer, consumer)``; tends to it as the buffer grows.
+    """
+    low, high = sorted((producer_per_s, consumer_per_s))
+    if low <= 0:
+        return 0.0
+    if high >= UNLIMITED_PER_S:
+        return low
+    ratio = low / high  # symmetric in the two stages: compute with the ratio <= 1
+    n = min(max(1, buffer_batches) + 1, 400)
+    if ratio > 1 - 1e-9:
+        return low * n / (n + 1)
+    return low * (1 - ratio ** n) / (1 - ratio ** (n + 1))
 
 
 def inference_batch_s(plan: LoaderPlan, probe: Probe) -> float:

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from autotune.plan import LoaderPlan
-from autotune.throughput_model import predict_rate, transfer_share
+from autotune.throughput_model import UNLIMITED_PER_S, buffered_rate, predict_rate, transfer_share
 
 
 def plan(**changes) -> LoaderPlan:
@@ -68,10 +68,11 @@ def test_on_cpu_decoding_takes_cores_from_inference(make_probe):
                   download_latency_s=0.0, download_bytes_per_s=1e12, api_round_trip_s=0.0)
     cpu = predict_rate(plan(num_workers=4), make_probe(cuda=False, **kwargs))
     gpu = predict_rate(plan(num_workers=4), make_probe(cuda=True, **kwargs))
-    assert gpu.pipeline_images_per_s == pytest.approx(10.0)  # inference alone
+    assert gpu.inference_images_per_s == pytest.approx(10.0)  # inference alone
     # each image: 0.1 s of all cores for inference + 0.2 core-s of decode on 2 cores
-    assert cpu.pipeline_images_per_s == pytest.approx(1 / (0.1 + 0.2 / 2))
+    assert cpu.inference_images_per_s == pytest.approx(1 / (0.1 + 0.2 / 2))
     assert cpu.bottleneck == "cpu"
+    assert cpu.pipeline_images_per_s <= cpu.inference_images_per_s
 
 
 def test_pin_memory_speeds_up_a_transfer_heavy_cuda_batch(make_probe, large_images):
@@ -88,7 +89,7 @@ def test_pin_memory_speeds_up_a_transfer_heavy_cuda_batch(make_probe, large_imag
     assert predict_rate(plan(pin_memory=True), cpu_probe) == predict_rate(plan(pin_memory=False), cpu_probe)
 
 
-def test_pipeline_is_min_of_loader_and_inference(make_probe):
+def test_pipeline_never_exceeds_the_slower_stage_and_deeper_queues_never_hurt(make_probe):
     rng = random.Random(7)
     for _ in range(300):
         probe = make_probe(
@@ -100,6 +101,18 @@ def test_pipeline_is_min_of_loader_and_inference(make_probe):
         candidate = plan(num_workers=rng.randint(0, 8), batch_size=rng.choice([1, 4, 16, 64]),
                          tasks_per_reserve=rng.choice([1, 8, 64]), download_threads=rng.choice([1, 4, 32]))
         rate = predict_rate(candidate, probe)
-        assert rate.pipeline_images_per_s == pytest.approx(min(rate.loader_images_per_s, rate.inference_images_per_s))
-        assert 0 < rate.pipeline_images_per_s <= rate.loader_images_per_s * (1 + 1e-9)
+        slower = min(rate.loader_images_per_s, rate.inference_images_per_s)
+        assert 0 < rate.pipeline_images_per_s <= slower * (1 + 1e-9)
+        if candidate.num_workers == 0:
+            assert rate.pipeline_images_per_s == pytest.approx(slower)
+        deeper = predict_rate(candidate.with_changes(prefetch_factor=candidate.prefetch_factor + 1), probe)
+        assert deeper.pipeline_images_per_s >= rate.pipeline_images_per_s * (1 - 1e-9)
         assert rate.loader_images_per_s <= min(rate.download_images_per_s, rate.decode_images_per_s) * (1 + 1e-9)
+
+
+def test_buffered_rate_is_below_the_slower_stage_and_tends_to_it():
+    assert buffered_rate(10.0, 10.0, 1) == pytest.approx(10.0 * 2 / 3)
+    assert buffered_rate(10.0, 20.0, 1) == buffered_rate(20.0, 10.0, 1)  # a tandem line is symmetric
+    rates = [buffered_rate(10.0, 12.0, depth) for depth in (1, 2, 4, 8, 16, 64)]
+    assert rates == sorted(rates) and rates[-1] == pytest.approx(10.0, rel=1e-3) and rates[0] < 8.0
+    assert buffered_rate(10.0, UNLIMITED_PER_S, 1) == 10.0
