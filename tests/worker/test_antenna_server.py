@@ -37,18 +37,16 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[SyntheticImage]:
 
 
 @pytest.fixture
-def make_antenna(tmp_path: Path) -> Iterator[Callable[..., LocalAntenna]]:
-    started: list[LocalAntenna] = []
+def make_antenna(antenna_factory: Callable[..., LocalAntenna], tmp_path: Path) -> Callable[..., LocalAntenna]:
+    """The shared factory (it stops every server), with this module's token and a private data dir."""
 
     def make(**kwargs: Any) -> LocalAntenna:
         kwargs.setdefault("data_dir", tmp_path / "data")
-        antenna = LocalAntenna(**kwargs).start()
-        started.append(antenna)
-        return antenna
+        kwargs.setdefault("token", TOKEN)
+        kwargs.setdefault("rng_seed", None)
+        return antenna_factory(**kwargs)
 
-    yield make
-    for antenna in started:
-        antenna.stop()
+    return make
 
 
 @pytest.fixture
