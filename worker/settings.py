@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     pipeline_torchscript_path: Optional[Path] = None
     pipeline_torchscript_slug: str = "torchscript"
+    reference_pipeline_cost: int = Field(1, ge=1, le=100)
     nats_url: Optional[str] = None
 
     autotune: bool = True
