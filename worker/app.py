@@ -38,16 +38,12 @@ def make_client(settings: Settings) -> AntennaClient:
 
 def pipeline_loader(settings: Settings, device: torch.device):
     return partial(
-        _load, device=device, torchscript_path=settings.pipeline_torchscript_path,
+        load_pipeline, device=device, torchscript_path=settings.pipeline_torchscript_path,
         torchscript_slug=settings.pipeline_torchscript_slug, reference_cost=settings.reference_pipeline_cost,
         localization_batch_size=settings.localization_batch_size,
         classification_batch_size=settings.classification_batch_size,
         classification_threshold=settings.classification_threshold,
     )
-
-
-def _load(slug: str, **kwargs):
-    return load_pipeline(slug, **kwargs)
 
 
 def default_middlewares(settings: Settings) -> list[Middleware]:

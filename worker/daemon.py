@@ -214,7 +214,7 @@ class Worker:
             ctx.loader = None
         # After close, not before: an abandoned loader's workers may still be inside a reserve
         # call or have ledger entries in flight; close() joins them and collects the ledger.
-        stranded = [task for key, task in loader.reserved.items() if key not in loader.received]
+        stranded = loader.stranded()
         if stranded:
             ctx.stats.tasks_stranded += len(stranded)
             self.releaser.release(ctx.job.id, stranded, "reserved but not processed before the loader stopped")
@@ -287,7 +287,7 @@ def failure_reason(message: str) -> str:
     """A short, bounded label for metrics from an error result's text."""
     text = message.lower()
     for needle, reason in (
-        ("http 404", "not_found"), ("http ", "http_error"), ("amI_max_image_bytes".lower(), "too_large"),
+        ("http 404", "not_found"), ("http ", "http_error"), ("ami_max_image_bytes", "too_large"),
         ("decompression", "too_many_pixels"), ("empty body", "empty"), ("html", "not_an_image"),
         ("not a decodable", "not_an_image"), ("corrupt", "corrupt"), ("connectionerror", "connection"),
         ("timeout", "timeout"), ("inference failed", "inference"), ("rejected by server", "rejected"),

@@ -289,6 +289,7 @@ class Loader:
         self._iterator: Optional[Iterator[Batch]] = None
         self.received: dict[str, Task] = {}
         self.reserved: dict[str, Task] = {}
+        self._closed = False
 
     def __iter__(self) -> Iterator[Batch]:
         with warnings.catch_warnings():
@@ -320,11 +321,17 @@ class Loader:
         self.control.stop.value = ABANDON
 
     def stranded(self) -> list[Task]:
-        """Tasks a worker reserved that never reached the main process (after a crash or abort)."""
+        """Tasks a worker reserved that never reached the main process (after a crash or abort).
+
+        Complete only after ``close()``: until the workers are joined, one may still be inside a
+        reserve call or have ledger entries in flight.
+        """
         self._collect_ledger()
         return [task for key, task in self.reserved.items() if key not in self.received]
 
     def _collect_ledger(self) -> None:
+        if self._closed:  # close() collected the ledger last, before releasing it
+            return
         for task in self.control.drain_ledger():
             self.reserved[task.reply_subject] = task
 
@@ -336,6 +343,7 @@ class Loader:
             iterator._shutdown_workers()
         del iterator
         self._collect_ledger()
+        self._closed = True
         self.control.close()
         # The DataLoader's queues and our ledger hold POSIX semaphores in /dev/shm; they are
         # freed when collected, and reference cycles inside the DataLoader delay that.

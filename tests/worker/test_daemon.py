@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -177,8 +178,6 @@ def test_a_killed_loader_worker_costs_only_a_redelivery_of_what_the_loader_held(
     assert first.run() == 0 and killer.killed
     report = server.report(job)
     assert report.lost == 0 and report.results_ok + report.reserved + report.awaiting_redelivery == 24
-    import time
-
     time.sleep(3.5)  # the dead worker's reservations expire and are redelivered
     second = build_worker(settings, burst=True, middlewares=[])
     assert second.run() == 0
