@@ -15,6 +15,11 @@ class LoaderPlan:
     ``tensor_dtype`` is ``"uint8"`` (decode to uint8 CHW, float conversion on the inference device)
     or ``"float32"``, which reproduces the ADC worker's host-side float tensors for benchmarks only.
     ``source`` says where the numbers came from: ``settings``, ``autotune``, ``minimal`` or ``benchmark``.
+    ``inference_threads`` is the number of intra-op threads torch uses for inference in the main
+    process (``torch.set_num_threads``); 0 leaves torch's default (the CPU count, or
+    ``OMP_NUM_THREADS``). On a CPU-only host the loader workers decode on the same cores, and
+    OpenMP threads that wait at a barrier keep their core busy, so fewer inference threads can
+    be faster overall.
     """
 
     tasks_per_reserve: int
@@ -25,11 +30,14 @@ class LoaderPlan:
     download_threads: int
     tensor_dtype: str = "uint8"
     source: str = "settings"
+    inference_threads: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tasks_per_reserve", "batch_size", "prefetch_factor", "download_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoaderPlan.{name} must be >= 1, got {getattr(self, name)}")
+        if self.inference_threads < 0:
+            raise ValueError(f"LoaderPlan.inference_threads must be >= 0, got {self.inference_threads}")
         if self.num_workers < 0:
             raise ValueError(f"LoaderPlan.num_workers must be >= 0, got {self.num_workers}")
         if self.tensor_dtype not in ("uint8", "float32"):
@@ -46,7 +54,8 @@ class LoaderPlan:
             f"tasks_per_reserve={self.tasks_per_reserve} batch_size={self.batch_size} "
             f"num_workers={self.num_workers} prefetch_factor={self.prefetch_factor} "
             f"pin_memory={self.pin_memory} download_threads={self.download_threads} "
-            f"dtype={self.tensor_dtype} source={self.source}"
+            f"dtype={self.tensor_dtype} inference_threads={self.inference_threads or 'default'} "
+            f"source={self.source}"
         )
 
 

@@ -1,9 +1,12 @@
 """Choose the LoaderPlan with the highest predicted rate whose predicted peak fits the budget.
 
-A grid over batch_size, num_workers, prefetch_factor, download_threads, tasks_per_reserve and
-pin_memory; each candidate is priced by ``predict_peak`` and ``predict_rate``. Among those that
-fit, every plan within 2% of the best rate is a tie and the smallest peak wins (then fewer
-workers, fewer reserved tasks, fewer threads, shallower prefetch, smaller batch). Fields the
+A grid over batch_size, num_workers, prefetch_factor, download_threads, tasks_per_reserve,
+pin_memory and (on CPU, when the probe timed one thread) inference_threads; each candidate is
+priced by ``predict_peak`` and ``predict_rate``. Among those that
+fit, every plan within 5% of the best rate is a tie and the smallest peak wins (then fewer
+workers, tasks per reserve nearest the batch size, fewer reserved tasks, fewer threads,
+shallower prefetch, smaller batch, fewer inference threads: threads beyond the free cores wait
+at barriers on busy cores, which costs more than the model counts). Fields the
 operator pinned are kept as given. If nothing fits, the minimal plan comes back with
 ``fits=False`` and a reason saying by how much it is over.
 """
@@ -28,10 +31,12 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PREFETCH_FACTORS = (1, 2, 4)
 DOWNLOAD_THREADS = (1, 2, 4, 8, 16, 32)
 TASKS_PER_RESERVE = (1, 2, 4, 8, 16, 32, 64, 128)
-TIE_TOLERANCE = 0.02
+# Plans within 5% of the best predicted rate are ties (the smallest peak wins): the rates are
+# good to about 10% on a busy 2-core host, so a bigger plan must promise more to earn its memory.
+TIE_TOLERANCE = 0.05
 PLAN_FIELDS = (
     "tasks_per_reserve", "batch_size", "num_workers", "prefetch_factor",
-    "pin_memory", "download_threads", "tensor_dtype",
+    "pin_memory", "download_threads", "tensor_dtype", "inference_threads",
 )
 
 
@@ -256,7 +261,7 @@ def _reserve_allowance(plan: LoaderPlan, rate: RateEstimate, constraints: PlanCo
 def _grid(probe: Probe, constraints: PlanConstraints) -> Iterator[LoaderPlan]:
     """Grid plans, pinned fields fixed. Skips equivalents: more threads than reserved tasks (only
     the smallest such thread count), prefetch > 1 without workers, pin where it cannot help."""
-    values = _grid_values(constraints)
+    values = _grid_values(constraints, probe)
     pinned = constraints.pinned
     for workers in values["num_workers"]:
         prefetches = values["prefetch_factor"] if workers > 0 or "prefetch_factor" in pinned else (1,)
@@ -265,14 +270,15 @@ def _grid(probe: Probe, constraints: PlanConstraints) -> Iterator[LoaderPlan]:
                 for reserve in values["tasks_per_reserve"]:
                     for threads in _thread_choices(values["download_threads"], reserve, pinned):
                         for pin in values["pin_memory"]:
-                            plan = LoaderPlan(reserve, batch, workers, prefetch, pin, threads,
-                                              values["tensor_dtype"][0], "autotune")
-                            if pin and "pin_memory" not in pinned and not _pin_helps(plan, probe, constraints):
-                                continue
-                            yield plan
+                            for inference_threads in values["inference_threads"]:
+                                plan = LoaderPlan(reserve, batch, workers, prefetch, pin, threads,
+                                                  values["tensor_dtype"][0], "autotune", inference_threads)
+                                if pin and "pin_memory" not in pinned and not _pin_helps(plan, probe, constraints):
+                                    continue
+                                yield plan
 
 
-def _grid_values(constraints: PlanConstraints) -> dict[str, tuple]:
+def _grid_values(constraints: PlanConstraints, probe: Probe) -> dict[str, tuple]:
     values: dict[str, tuple] = {
         "batch_size": BATCH_SIZES,
         "num_workers": tuple(range(constraints.max_workers + 1)),
@@ -281,10 +287,20 @@ def _grid_values(constraints: PlanConstraints) -> dict[str, tuple]:
         "tasks_per_reserve": TASKS_PER_RESERVE,
         "pin_memory": (False, True) if constraints.cuda else (False,),
         "tensor_dtype": ("uint8",),
+        "inference_threads": _inference_thread_choices(probe, constraints),
     }
     for name, value in constraints.pinned.items():
         values[name] = (value,)
     return values
+
+
+def _inference_thread_choices(probe: Probe, constraints: PlanConstraints) -> tuple[int, ...]:
+    """One thread or the process default: both were timed by the probe. On CUDA the default only
+    (the CPU threads feed the device), and the default only when one thread was not timed."""
+    default = probe.inference_threads
+    if constraints.cuda or probe.cuda or default <= 1 or probe.single_thread_inference_s <= 0:
+        return (default,)
+    return (1, default)
 
 
 def _thread_choices(threads: Sequence[int], reserve: int, pinned: Mapping[str, object]) -> Sequence[int]:
@@ -303,8 +319,11 @@ def _pin_helps(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) -> 
 
 def _tie_key(item: _Priced) -> tuple:
     plan = item.plan
-    return (item.memory.total_bytes, plan.num_workers, plan.tasks_per_reserve, plan.download_threads,
-            plan.prefetch_factor, plan.batch_size, plan.pin_memory)
+    # Reserving what one batch needs: each reserve is a request the Antenna server serves for
+    # every worker of a fleet, and a reserve per image costs more than the model's round trip.
+    reserve_off_batch = abs(math.log2(plan.tasks_per_reserve) - math.log2(plan.batch_size))
+    return (item.memory.total_bytes, plan.num_workers, reserve_off_batch, plan.tasks_per_reserve, plan.download_threads,
+            plan.prefetch_factor, plan.batch_size, plan.pin_memory, plan.inference_threads)
 
 
 def _minimal_decision(
@@ -338,6 +357,7 @@ def _reasons(
     if ties > 1:
         reasons.append(f"smallest peak among {ties} plans within {TIE_TOLERANCE:.0%} of the best {best_rate:.2f} images/s")
     reasons.append(_pin_reason(plan, probe, constraints))
+    reasons.append(_threads_reason(plan, rate, probe, constraints))
     if plan.num_workers > 0 and "prefetch_factor" not in constraints.pinned:
         reasons.append(f"prefetch_factor {plan.prefetch_factor}: a deeper queue would gain under "
                        f"{TIE_TOLERANCE:.0%} for its memory" if plan.prefetch_factor < max(PREFETCH_FACTORS)
@@ -363,6 +383,17 @@ def _pin_reason(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) ->
     if share < constraints.min_transfer_share_for_pin:
         return f"pin_memory off: host->device copy is {share:.0%} of inference time (< {constraints.min_transfer_share_for_pin:.0%})"
     return f"pin_memory {'on' if plan.pin_memory else 'off (did not pay for its memory)'}: copy is {share:.0%} of inference time"
+
+
+def _threads_reason(plan: LoaderPlan, rate: RateEstimate, probe: Probe, constraints: PlanConstraints) -> str:
+    if "inference_threads" in constraints.pinned:
+        return f"inference_threads={plan.inference_threads} as pinned by the operator (OMP_NUM_THREADS)"
+    if len(_inference_thread_choices(probe, constraints)) == 1:
+        return f"inference_threads {plan.inference_threads}: the only count timed" + (" (CUDA)" if probe.cuda else "")
+    loading = rate.pipeline_images_per_s * probe.loader_cpu_s_per_image()
+    return (f"inference_threads {plan.inference_threads}: loading takes {loading:.1f} of {probe.cpu_count} cores "
+            f"at {rate.pipeline_images_per_s:.2f} images/s; one thread {probe.single_thread_inference_s:.4f} s per "
+            f"image vs {probe.inference_s(1) :.4f} s at {probe.inference_threads}")
 
 
 def _pinned_reasons(constraints: PlanConstraints) -> list[str]:

@@ -32,7 +32,8 @@ class ImageSample:
 
     ``download_s`` is the whole GET (first byte to last); ``first_byte_s``, when the caller
     measured it, is the time to the first byte and lets latency and bandwidth separate even when
-    every sampled image has the same size.
+    every sampled image has the same size. ``download_cpu_s``, when measured, is the CPU time the
+    downloading thread spent (receiving and copying the body).
     """
 
     jpeg_bytes: int
@@ -41,6 +42,7 @@ class ImageSample:
     download_s: float
     decode_s: float
     first_byte_s: Optional[float] = None
+    download_cpu_s: Optional[float] = None
 
     @property
     def decoded_bytes(self) -> int:
@@ -53,10 +55,12 @@ class InferenceSample:
     """Wall seconds for one batch of ``batch_size`` host uint8 images through the pipeline.
 
     Includes the (pageable) host->device copy and float conversion, as the worker will run it.
+    ``threads``: torch's intra-op threads during the timing; 0 means the process default.
     """
 
     batch_size: int
     seconds: float
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ class Probe:
     host_to_device_bytes_per_s: float = 0.0
     pinned_host_to_device_bytes_per_s: float = 0.0
     forward_batch_size: int = 0
+    inference_threads: int = 1
+    single_thread_inference_s: float = 0.0
+    single_thread_batch_size: int = 1
+    download_cpu_s_per_image: float = 0.0
+    external_cpu_s_per_image: float = 0.0
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -100,8 +109,11 @@ class Probe:
             raise ValueError(f"Probe.cpu_count must be >= 1, got {self.cpu_count}")
         if self.download_bytes_per_s <= 0:
             raise ValueError(f"Probe.download_bytes_per_s must be > 0, got {self.download_bytes_per_s}")
+        if self.inference_threads < 1:
+            raise ValueError(f"Probe.inference_threads must be >= 1, got {self.inference_threads}")
         for name in ("download_latency_s", "decode_s_per_image", "inference_overhead_s",
-                     "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s"):
+                     "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s",
+                     "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Probe.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -122,6 +134,8 @@ class Probe:
         pinned_host_to_device_bytes_per_s: Optional[float] = None,
         calibration: Optional[MemoryCalibration] = None,
         forward_batch_size: int = 0,
+        inference_threads: int = 1,
+        external_cpu_s: Optional[float] = None,
     ) -> "Probe":
         """Summarise samples into a Probe.
 
@@ -130,6 +144,12 @@ class Probe:
         (one reserve POST) defaults to the download latency. Host->device rates default to typical
         PCIe values when ``cuda`` and to 0 without CUDA. ``worker_process_bytes`` defaults to the
         calibration's (``calibration`` defaults to ``autotune/calibration.json``).
+        ``inference_threads``: torch's intra-op threads of the samples timed at the default
+        (``threads`` 0 or equal to it); a sample timed at one thread (when that is fewer) gives
+        ``single_thread_inference_s`` (seconds per image, the fastest such sample) and its batch
+        size, and is left out of the cost fit.
+        ``external_cpu_s``: CPU seconds the rest of the host spent while the sample downloaded
+        (an image server on this host, say), spread over the sampled images.
         """
         if not images:
             raise ValueError("Probe.from_samples needs at least one ImageSample")
@@ -138,8 +158,16 @@ class Probe:
         notes: list[str] = []
         latency_s, bytes_per_s, how = fit_download(images, download_latency_s)
         notes.append(how)
-        overhead_s, per_image_s = fit_inference(inference)
-        if len({sample.batch_size for sample in inference}) < 2:
+        inference_threads = max(1, int(inference_threads))
+        at_default = [sample for sample in inference if sample.threads in (0, inference_threads)]
+        if not at_default:
+            raise ValueError("Probe.from_samples needs an InferenceSample at the default thread count")
+        single = sorted((sample.seconds / sample.batch_size, -sample.batch_size) for sample in inference
+                        if sample.threads == 1 and inference_threads > 1)
+        overhead_s, per_image_s = fit_inference(at_default)
+        if inference_threads > 1 and not single:
+            notes.append(f"inference timed at {inference_threads} threads only: the planner keeps that count")
+        if len({sample.batch_size for sample in at_default}) < 2:
             notes.append("inference timed at one batch size: per-batch overhead taken as 0")
         if worker_process_bytes is None:
             worker_process_bytes = (calibration or load_calibration()).worker_process_bytes
@@ -171,6 +199,12 @@ class Probe:
             host_to_device_bytes_per_s=pageable,
             pinned_host_to_device_bytes_per_s=pinned,
             forward_batch_size=max(0, int(forward_batch_size)),
+            inference_threads=inference_threads,
+            single_thread_inference_s=single[0][0] if single else 0.0,
+            single_thread_batch_size=-single[0][1] if single else 1,
+            download_cpu_s_per_image=statistics.median(cpu) if (cpu := [
+                image.download_cpu_s for image in images if image.download_cpu_s is not None]) else 0.0,
+            external_cpu_s_per_image=max(0.0, float(external_cpu_s or 0.0)) / len(images),
             notes=tuple(notes),
         )
 
@@ -178,15 +212,38 @@ class Probe:
         """Seconds one connection takes for the median image: latency + bytes / bandwidth."""
         return self.download_latency_s + self.median_jpeg_bytes / self.download_bytes_per_s
 
-    def inference_s(self, batch_size: int) -> float:
+    def inference_s(self, batch_size: int, threads: int = 0) -> float:
         """Predicted seconds for one batch: overhead per forward batch + per_image x batch_size.
 
         The pipeline splits an ingest batch into forward batches of ``forward_batch_size``
         images, so the per-batch overhead is paid once per forward batch: ingest batches beyond
-        the forward batch buy no speed.
+        the forward batch buy no speed. ``threads`` other than ``inference_threads`` (0 means
+        it) scale that time by Amdahl's law with ``serial_fraction``.
         """
         forwards = 1 if self.forward_batch_size <= 0 else -(-batch_size // self.forward_batch_size)
-        return self.inference_overhead_s * forwards + self.inference_per_image_s * batch_size
+        seconds = self.inference_overhead_s * forwards + self.inference_per_image_s * batch_size
+        if threads <= 0 or threads == self.inference_threads:
+            return seconds
+        serial = self.serial_fraction()
+        return seconds * _amdahl(serial, threads) / _amdahl(serial, self.inference_threads)
+
+    def loader_cpu_s_per_image(self) -> float:
+        """Core-seconds one image costs the host before inference: decode, receiving the body,
+        and what other processes on this host spent serving it (0 when the server is remote)."""
+        return self.decode_s_per_image + self.download_cpu_s_per_image + self.external_cpu_s_per_image
+
+    def serial_fraction(self) -> float:
+        """Amdahl's serial share of inference, from the same batch at one thread and at the default.
+
+        time(t) = time(1) x (serial + (1 - serial) / t). 1.0 (threads buy nothing) when only the
+        default was timed or it is one thread; clamped to [0, 1] against timing noise.
+        """
+        threads = self.inference_threads
+        if threads <= 1 or self.single_thread_inference_s <= 0:
+            return 1.0
+        batch = self.single_thread_batch_size
+        ratio = self.inference_s(batch) / (self.single_thread_inference_s * batch)
+        return min(1.0, max(0.0, (ratio - 1.0 / threads) / (1.0 - 1.0 / threads)))
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready (notes become a list)."""
@@ -205,7 +262,13 @@ class Probe:
             f"  download        latency {self.download_latency_s:.3f} s + {self.download_bytes_per_s / MiB:.2f} MiB/s "
             f"per connection = {self.download_s_per_image():.3f} s per median image; API round trip {self.api_round_trip_s:.3f} s",
             f"  decode          {self.decode_s_per_image:.4f} s per image (median, one core)",
-            f"  inference       {self.inference_overhead_s:.4f} s per batch + {self.inference_per_image_s:.4f} s per image",
+            f"  loading CPU     {self.loader_cpu_s_per_image():.4f} core-s per image: decode + "
+            f"{self.download_cpu_s_per_image:.4f} receiving + {self.external_cpu_s_per_image:.4f} elsewhere on this host",
+            f"  inference       {self.inference_overhead_s:.4f} s per batch + {self.inference_per_image_s:.4f} s per image "
+            f"at {self.inference_threads} thread{'s' if self.inference_threads > 1 else ''}"
+            + (f"; {self.single_thread_inference_s:.4f} s per image at 1 thread in a batch of "
+               f"{self.single_thread_batch_size} (serial share {self.serial_fraction():.0%})"
+               if self.single_thread_inference_s > 0 else ""),
             f"  memory          baseline {self.baseline_bytes / MiB:.0f} MiB (model loaded), "
             f"{self.worker_process_bytes / MiB:.0f} MiB per loader worker process",
         ]
@@ -293,6 +356,10 @@ def _transfer_rates(
         ASSUMED_PAGEABLE_H2D_BYTES_PER_S if pageable is None else float(pageable),
         ASSUMED_PINNED_H2D_BYTES_PER_S if pinned is None else float(pinned),
     )
+
+
+def _amdahl(serial: float, threads: int) -> float:
+    return serial + (1.0 - serial) / max(1, threads)
 
 
 def _median_int(values: Sequence[int]) -> int:

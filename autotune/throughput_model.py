@@ -11,22 +11,38 @@ where one download is ``latency + bytes / bandwidth`` for the median image. Deco
 ``cpu_count`` share cores (decode_s grows by lanes / cpu_count). Inference of a batch of b takes
 ``overhead x ceil(b / forward_batch_size) + per_image x b`` (pipelines split ingest batches into
 forward batches); pin_memory on CUDA replaces the pageable host->device copy in
-``per_image`` by the pinned one.
+``per_image`` by the pinned one. Result posts run on their own thread and are not priced.
 
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
-inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) inference is
-timed using all cores, and decoding at the pipeline's rate r takes r x decode_s core-seconds per
-second away from it: inference runs at full x (1 - r x decode_s / cpu_count).
+inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) the loader
+workers and the inference share the cores, and the kernel shares them fairly between runnable
+threads. Each image costs decode_s core-seconds in a loader worker and t x i core-seconds of
+inference, where t is ``plan.inference_threads`` and i the inference wall seconds per image at t
+threads (``Probe.inference_s``): OpenMP threads that reach a barrier first wait actively, so all
+t are busy for the whole forward pass. Loading costs ``Probe.loader_cpu_s_per_image`` (l): the
+decode, receiving the body, and what an image server on this host spends on it. So no plan beats
+
+    cpu_count / (l + t x i)  images/s,
+
+next to the loader's own limits (network, reservations, lanes / decode_s) and inference's
+(1 / i). When that CPU bound is the limit, the stage whose threads need less than a fair share
+(per thread: r x i for inference, r x l / lanes for a loading lane) gets what it needs
+and the other stage is the bottleneck: the queue between them stays short when the loader is the
+one held back, and fills when inference is. One thread is slower alone but leaves the other
+cores to the decoders, which wins when decoding is the larger share of the CPU work.
 
 Coupling: the loader and the inference are joined by a queue of ``num_workers x prefetch_factor``
 batches (plus the batch each worker is filling). Neither stage is steady (a reservation's round
 trip stalls a lane, downloads vary, the OS shares two cores), so the consumer sometimes waits on
 an empty queue and the producer on a full one. ``buffered_rate`` prices that with the classic
-two-station tandem line with a finite buffer and exponential service times: the pipeline rate is
-below ``min(loader, inference)`` and approaches it as the queue deepens. Exponential times are
-the pessimistic end for these stages, so the model errs towards buying a little queue depth,
-which is the tf.data autotuner's shape (add buffer until the consumer no longer waits). With
-``num_workers == 0`` there is no queue: loading and inference alternate (see above).
+two-station tandem line with a finite buffer: the pipeline rate is below ``min(loader,
+inference)`` and approaches it as the queue deepens, which is the tf.data autotuner's shape (add
+buffer until the consumer no longer waits). Exponential service times (squared coefficient of
+variation 1) are the pessimistic end; decoding same-sized images and running a fixed model are
+steadier than that, and queue lengths scale with the stages' variability ((ca^2 + cs^2) / 2,
+Kingman), so a buffer of k batches is priced as an exponential one of k / ``STAGE_SCV``. With
+STAGE_SCV = 1 the model bought prefetch 4 where the measured queue never held more than two
+batches. With ``num_workers == 0`` there is no queue: loading and inference alternate (see above).
 """
 from __future__ import annotations
 
@@ -40,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # A finite stand-in for "no limit" (a zero-cost step), so every value stays JSON-safe.
 UNLIMITED_PER_S = 1e9
+# Squared coefficient of variation of the loader's and the inference's times per batch (1 would
+# be exponential); see "Coupling" above.
+STAGE_SCV = 0.5
 BOTTLENECKS = ("reserve", "download", "decode", "inference", "cpu", "main_process")
 
 
@@ -86,32 +105,37 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
         inference = 1.0 / (1.0 / loader + 1.0 / full_inference)
         bottleneck = "main_process"
     elif not probe.cuda:
-        inference, bottleneck = _cpu_shared_inference(loader, full_inference, probe)
+        loader, inference, cpu_bound = _cpu_shared(loader, full_inference, plan, probe)
+        bottleneck = "cpu" if cpu_bound else "inference" if inference < loader else ""
     else:
         inference, bottleneck = full_inference, "inference"
     if plan.num_workers > 0:
-        pipeline = buffered_rate(loader, inference, plan.num_workers * (plan.prefetch_factor + 1))
+        pipeline = buffered_rate(loader, inference, plan.num_workers * (plan.prefetch_factor + 1), STAGE_SCV)
     else:
         pipeline = min(loader, inference)
-    if plan.num_workers > 0 and loader < inference:
+    if plan.num_workers > 0 and loader < inference and bottleneck != "cpu":
         bottleneck = _loader_bottleneck(fill_s, streaming_s, download_s / connections, decode_s)
     return RateEstimate(download, decode, loader, inference, pipeline, bottleneck)
 
 
-def buffered_rate(producer_per_s: float, consumer_per_s: float, buffer_batches: int) -> float:
+def buffered_rate(producer_per_s: float, consumer_per_s: float, buffer_batches: int, scv: float = 1.0) -> float:
     """Throughput of a producer and a consumer joined by a queue of ``buffer_batches`` (>= 1).
 
     Two-station tandem line with exponential service and blocking: with r = producer / consumer
     and n = buffer + 1, throughput = producer x (1 - r^n) / (1 - r^(n+1)), or producer x n / (n+1)
-    when r = 1. Never above ``min(producer, consumer)``; tends to it as the buffer grows.
+    when r = 1. Never above ``min(producer, consumer)``; tends to it as the buffer grows. With
+    steadier stages (``scv`` < 1, the squared coefficient of variation of their times) n is
+    taken as (buffer + 1) / scv.
     """
+    if scv <= 0:
+        raise ValueError(f"buffered_rate needs scv > 0, got {scv}")
     low, high = sorted((producer_per_s, consumer_per_s))
     if low <= 0:
         return 0.0
     if high >= UNLIMITED_PER_S:
         return low
     ratio = low / high  # symmetric in the two stages: compute with the ratio <= 1
-    n = min(max(1, buffer_batches) + 1, 400)
+    n = min((max(1, buffer_batches) + 1) / scv, 400.0)
     if ratio > 1 - 1e-9:
         return low * n / (n + 1)
     return low * (1 - ratio ** n) / (1 - ratio ** (n + 1))
@@ -124,7 +148,12 @@ def inference_batch_s(plan: LoaderPlan, probe: Probe) -> float:
         saved_s = transfer_s_per_image(plan, probe) - _tensor_bytes(plan, probe) / probe.pinned_host_to_device_bytes_per_s
         per_image_s = max(0.0, per_image_s - saved_s)
     saved_s = (probe.inference_per_image_s - per_image_s) * plan.batch_size
-    return probe.inference_s(plan.batch_size) - saved_s
+    return probe.inference_s(plan.batch_size, plan.inference_threads) - saved_s
+
+
+def inference_threads(plan: LoaderPlan, probe: Probe) -> int:
+    """The plan's intra-op threads, or the probe's (the process default) when the plan leaves it."""
+    return plan.inference_threads or probe.inference_threads
 
 
 def transfer_s_per_image(plan: LoaderPlan, probe: Probe) -> float:
@@ -143,13 +172,27 @@ def transfer_share(plan: LoaderPlan, probe: Probe) -> float:
     return min(1.0, copy_s / batch_s) if batch_s > 0 else 1.0
 
 
-def _cpu_shared_inference(loader: float, full_inference: float, probe: Probe) -> tuple[float, str]:
-    """Inference's rate with decoding taking its cores at the pipeline's rate; see module docstring."""
-    core_s = probe.decode_s_per_image / probe.cpu_count
-    shared = 1.0 / (1.0 / full_inference + core_s)
-    rate = min(loader, shared)
-    inference = full_inference * max(0.0, 1.0 - rate * core_s)
-    return inference, ("inference" if inference >= 0.95 * full_inference else "cpu")
+def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
+                probe: Probe) -> tuple[float, float, bool]:
+    """(loader, inference, cpu_bound): the two stages' rates when they share the CPU fairly.
+
+    See the module docstring. The stage that is held back runs at the pipeline's rate r; the
+    other runs at what it gets while the held-back stage keeps its threads busy (at least r),
+    which is what the queue between them sees. ``cpu_bound``: r is the CPU bound.
+    """
+    cores, lanes = probe.cpu_count, max(1, plan.num_workers)
+    threads = inference_threads(plan, probe)
+    image_s = 1.0 / full_inference  # inference wall seconds per image at `threads`, CPU to itself
+    load_core_s = probe.loader_cpu_s_per_image()
+    cpu_rate = cores / (load_core_s + threads * image_s)
+    rate = min(loader, full_inference, cpu_rate)
+    share = min(1.0, cores / (lanes + threads))  # each thread's core when all are runnable
+    if rate < cpu_rate:  # not CPU bound: decoding takes r x decode_s core-seconds per second
+        inference = min(full_inference, max(0.0, cores - rate * load_core_s) / (threads * image_s))
+        return loader, max(rate, inference), False
+    if rate * image_s <= rate * load_core_s / lanes:  # inference's threads need less: the loader waits
+        return rate, max(rate, min(full_inference, share / image_s)), True
+    return max(rate, min(loader, lanes * share / load_core_s)), rate, True
 
 
 def _loader_bottleneck(fill_s: float, stream_s: float, download_step_s: float, decode_s: float) -> str:

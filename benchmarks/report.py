@@ -148,8 +148,9 @@ def section(meta: dict, sections: dict) -> str:
              "(a) runs unpinned; its float32 host tensors are reproduced with the benchmark-only "
              "`AMI_BENCHMARK_PLAN_JSON`. (b) is applied to this worker (uint8 tensors, 4 DataLoader workers, "
              "8 download threads). Grid (d): DataLoader workers {1, 2} x batch = tasks per reserve {4, 16} x "
-             "download threads {4, 16}, prefetch 2. Plan notation: w workers, b batch, r tasks per reserve, "
-             "p prefetch, t download threads.", ""]
+             "download threads {4, 16} x inference threads {1, the CPU count (torch's default)}, prefetch 2. "
+             "Plan notation: w workers, b batch, r tasks per reserve, p prefetch, t download threads, i torch "
+             "intra-op threads in the main process.", ""]
     for entry in sections["workloads"]:
         lines.extend(workload_table(entry))
     lines.extend(["### Done-when checks", ""])

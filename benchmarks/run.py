@@ -13,7 +13,7 @@ Configurations (each a ``worker run --burst`` subprocess, reference pipeline on 
       pin_memory is requested by ADC but impossible without CUDA, so it is off here)
   (b) the hand workaround: AMI_ANTENNA_API_BATCH_SIZE=4, prefetch 1, no pin (other knobs default)
   (c) autotune (the default: probe, plan per job)
-  (d) the best of a small grid (GRID below), each point a forced plan
+  (d) the best of a small grid (GRID below, inference threads included), each point a forced plan
 plus the ingest ceiling: the null pipeline, autotuned, against cores x single-core decode rate
 measured in this process right before.
 
@@ -75,9 +75,10 @@ WORKLOADS = (
     Workload("slow", "small", 200, latency_s=0.3, bandwidth_bytes_per_s=2e6),
 )
 ADC_PLAN = LoaderPlan(24, 24, 4, 4, False, 8, "float32", "benchmark")
-# The grid: DataLoader workers x (batch = tasks per reserve) x download threads, prefetch 2.
-GRID = tuple(LoaderPlan(batch, batch, workers, 2, False, threads, "uint8", "benchmark")
-             for workers in (1, 2) for batch in (4, 16) for threads in (4, 16))
+# The grid: DataLoader workers x (batch = tasks per reserve) x download threads x inference
+# threads (1, or torch's default: the CPU count), prefetch 2.
+GRID = tuple(LoaderPlan(batch, batch, workers, 2, False, threads, "uint8", "benchmark", inference)
+             for workers in (1, 2) for batch in (4, 16) for threads in (4, 16) for inference in (1, 0))
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def configs(quick: bool) -> list[Config]:
 
 def short_plan(plan: LoaderPlan) -> str:
     return (f"w{plan.num_workers} b{plan.batch_size} r{plan.tasks_per_reserve} p{plan.prefetch_factor} "
-            f"t{plan.download_threads}" + (" f32" if plan.tensor_dtype == "float32" else ""))
+            f"t{plan.download_threads} i{plan.inference_threads or cores()}"
+            + (" f32" if plan.tensor_dtype == "float32" else ""))
 
 
 # ---------------------------------------------------------------- server with timestamps
@@ -318,7 +320,8 @@ def _logged_plan(log_path: Path) -> str:
             return short_plan(LoaderPlan(
                 int(values["tasks_per_reserve"]), int(values["batch_size"]), int(values["num_workers"]),
                 int(values["prefetch_factor"]), values["pin_memory"] == "True", int(values["download_threads"]),
-                values["dtype"]))
+                values["dtype"], "settings",
+                int(values.get("inference_threads", "0").replace("default", "0"))))
     return ""
 
 

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from worker.antenna import AntennaClient, AntennaError, JobRef, client_info
 from worker.hooks import JobContext, Middleware
@@ -87,6 +89,9 @@ class Worker:
         self.sampler = sampler
         self._sample_listeners: list[Callable[[MemorySnapshot], None]] = []
         self.current: Optional[JobContext] = None
+        # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
+        # probes time at, and what a plan with inference_threads=0 runs with.
+        self.default_inference_threads = torch.get_num_threads()
 
     def add_sample_listener(self, listener: Callable[[MemorySnapshot], None]) -> None:
         """Call ``listener(snapshot)`` on the sampler thread after every memory sample."""
@@ -186,6 +191,7 @@ class Worker:
             ctx.rebuild_requested = False
             ctx.plan = MINIMAL_PLAN
         self._call("on_job_end", ctx)
+        self._set_inference_threads(self.default_inference_threads)
         self.current = None
         self.jobs_done += 1
         log.info("job %d: %d images (%d ok, %d failed), %.2f images/s, %d stranded",
@@ -196,6 +202,7 @@ class Worker:
     def _run_loader(self, ctx: JobContext, pipeline: Pipeline) -> None:
         source = self.ingest_source(ctx.job.id)
         log.info("job %d: loader plan %s", ctx.job.id, ctx.plan.describe())
+        self._set_inference_threads(ctx.plan.inference_threads or self.default_inference_threads)
         with Loader(source, ctx.plan) as loader:
             ctx.loader = loader
             self._call("on_loader_start", ctx)
@@ -218,6 +225,11 @@ class Worker:
         if stranded:
             ctx.stats.tasks_stranded += len(stranded)
             self.releaser.release(ctx.job.id, stranded, "reserved but not processed before the loader stopped")
+
+    @staticmethod
+    def _set_inference_threads(threads: int) -> None:
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def _check_stop(self, ctx: JobContext, loader: Loader) -> bool:
         """Act on flags between batches; True to leave the loader at once (forced)."""

@@ -43,7 +43,7 @@ batches = Counter("antenna_worker_batches_total", "Batches inferred.", ["pipelin
 api_retries = Counter("antenna_worker_api_retries_total", "API calls retried after errors.", registry=REGISTRY)
 
 plan_value = Gauge("antenna_worker_plan_value", "Current loader plan (knob = tasks_per_reserve, batch_size, "
-                   "num_workers, prefetch_factor, pin_memory, download_threads).", ["knob"], registry=REGISTRY)
+                   "num_workers, prefetch_factor, pin_memory, download_threads, inference_threads).", ["knob"], registry=REGISTRY)
 plan_changes = Counter("antenna_worker_plan_changes_total", "Loader plans built, by source.", ["source"],
                        registry=REGISTRY)
 plan_predicted_peak_bytes = Gauge("antenna_worker_plan_predicted_peak_bytes",

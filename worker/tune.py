@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
+import torch
+
 from autotune import (
     LoaderPlan,
     MemoryCalibration,
@@ -58,6 +60,7 @@ ENV_NAMES = (
     ("AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR", "prefetch_factor"),
     ("AMI_ANTENNA_API_DATALOADER_PIN_MEMORY", "pin_memory"),
     ("AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS", "download_threads"),
+    ("OMP_NUM_THREADS", "inference_threads"),  # torch's intra-op threads; 0 (default) writes no line
 )
 # Which settings drive each memory component (for "what exceeds the budget").
 COMPONENT_SETTINGS = {
@@ -86,7 +89,8 @@ class TuneReport:
 
     def env_lines(self) -> list[str]:
         """``NAME=value`` for the static plan (booleans as ``true``/``false``)."""
-        return [f"{name}={_env_value(getattr(self.static.plan, field))}" for name, field in ENV_NAMES]
+        return [f"{name}={_env_value(getattr(self.static.plan, field))}" for name, field in ENV_NAMES
+                if getattr(self.static.plan, field) != 0 or field != "inference_threads"]
 
     def text(self) -> str:
         c = self.constraints
@@ -184,12 +188,13 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
     """Probe local files or URLs: nothing is reserved or posted."""
     pipeline = worker.pipelines(pipeline_slug)
     items, samples = _load_images(_expand(sources), worker.settings)
-    inference = time_inference(pipeline, items, pipeline_slug)
+    inference = time_inference(pipeline, items, pipeline_slug, cuda=worker.cuda)
     if not samples or not inference:
         return None
     probe = Probe.from_samples(samples, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(),
                                cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s,
-                               forward_batch_size=pipeline.localization_batch_size)
+                               forward_batch_size=pipeline.localization_batch_size,
+                               inference_threads=torch.get_num_threads())
     del items  # before planning: the sample images are not part of any plan's memory
     return tune_report(worker, probe, f"{len(samples)} sample images (pipeline {pipeline_slug}); "
                        "local files time as a fast network", 0, 0, pipeline_slug)

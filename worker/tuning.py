@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
+import torch
+
 from autotune import (
     CorrectionStore,
     ImageSample,
@@ -63,6 +65,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 BENCHMARK_PLAN_ENV = "AMI_BENCHMARK_PLAN_JSON"
+# OpenMP's (and so torch's) thread count: set, it pins the plan's inference_threads.
+THREADS_ENV = "OMP_NUM_THREADS"
 
 # Operator settings (env names) -> the LoaderPlan fields they pin. AMI_ANTENNA_API_BATCH_SIZE is
 # ADC's one number for both the reserve size and the inference batch, so it pins both.
@@ -102,19 +106,27 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedImage], list[ImageSample]]:
+def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedImage], list[ImageSample],
+                                                                     Optional[float]]:
     """Download ``tasks`` in parallel (one connection each) and decode them here, timing each step.
+
+    Also returns the CPU seconds the rest of the host spent while the downloads ran (the host's
+    busy time less this process's), None where ``/proc/stat`` cannot be read: an image server
+    on the same host costs the loader that much per image too.
 
     Parallel downloads keep the probe short on a slow network while each still times one
     connection. Time to first byte is when the response headers arrived (a ``requests`` response
     hook runs then, before the streamed body is read). Failures become error items, never
     exceptions. Order follows ``tasks``.
     """
+    host_before_s, own_before_s = host_busy_cpu_s(), time.process_time()
     with ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="probe-download") as pool:
         fetched = list(pool.map(lambda task: _timed_download(task, settings), tasks))
+    host_s, own_s = host_busy_cpu_s() - host_before_s, time.process_time() - own_before_s
+    external_cpu_s = max(0.0, host_s - own_s) if host_before_s >= 0 else None
     loaded: list[LoadedImage] = []
     samples: list[ImageSample] = []
-    for task, (data, download_s, first_byte_s, error) in zip(tasks, fetched):
+    for task, (data, download_s, first_byte_s, download_cpu_s, error) in zip(tasks, fetched):
         try:
             if error is not None:
                 raise error
@@ -123,32 +135,48 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
             loaded.append(LoadedImage(task, None, str(failure)))
             continue
         samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s, decoded.decode_s,
-                                   first_byte_s))
+                                   first_byte_s, download_cpu_s))
         loaded.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
                                   download_s, decoded.decode_s))
     del fetched
-    return loaded, samples
+    return loaded, samples, external_cpu_s
+
+
+def host_busy_cpu_s(proc_stat: Path = Path("/proc/stat")) -> float:
+    """CPU seconds the whole host has been busy (user, nice, system, irq, softirq: all CPUs
+    together) from ``/proc/stat``; -1.0 where that cannot be read (not Linux)."""
+    try:
+        with open(proc_stat) as handle:
+            fields_ = handle.readline().split()
+    except OSError:
+        return -1.0
+    if len(fields_) < 8 or fields_[0] != "cpu":
+        return -1.0
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in fields_[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _timed_download(task: Task, settings: Settings):
-    """(data, download_s, first_byte_s, error) for one task on its own connection."""
+    """(data, download_s, first_byte_s, download_cpu_s, error) for one task on its own connection."""
     session = image_session(1)
     headers_at: list[float] = []
     session.hooks["response"].append(lambda response, *args, **kwargs: headers_at.append(time.perf_counter()))
-    started_s = time.perf_counter()
+    started_s, started_cpu_s = time.perf_counter(), time.thread_time()
     try:
         data = download(session, task.image_url, max_bytes=settings.max_image_bytes,
                         timeout_s=settings.antenna_api_timeout_s * 2)
     except ImageError as error:
-        return None, 0.0, None, error
+        return None, 0.0, None, None, error
     finally:
         session.close()
     first_byte_s = (headers_at[0] - started_s) if headers_at else None
-    return data, time.perf_counter() - started_s, first_byte_s, None
+    return data, time.perf_counter() - started_s, first_byte_s, time.thread_time() - started_cpu_s, None
 
 
-def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str) -> list[InferenceSample]:
-    """Seconds per batch at batch size 1 (best of two) and at ``len(items)`` (same images; nothing posted).
+def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
+                   cuda: bool = False) -> list[InferenceSample]:
+    """Seconds per batch: each image alone, all of ``items`` as one batch (nothing posted), and
+    the batch at one thread (see ``time_one_thread``).
 
     The first call is a warm-up (lazy kernel selection would otherwise read as per-batch cost).
     """
@@ -156,15 +184,45 @@ def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str) 
     if not good:
         return []
     run_batch(pipeline, good[:1], slug)
+    samples = time_each_image(pipeline, good, slug)
+    one_thread = time_one_thread(pipeline, good, slug, cuda=cuda)
+    if len(good) > 1:
+        started_s = time.perf_counter()
+        run_batch(pipeline, good, slug)
+        samples.append(InferenceSample(len(good), time.perf_counter() - started_s))
+    return samples + ([one_thread] if one_thread else [])
+
+
+def time_each_image(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str) -> list[InferenceSample]:
+    """Each of ``items`` alone at batch size 1 at the default thread count (nothing posted).
+
+    With the same images timed as one batch, the sum of these against that batch separates the
+    per-batch cost from the per-image one on equal work: images differ (a photo with more
+    specimens costs more), so one image alone against the batch would not.
+    """
     samples = []
-    for size, repeats in sorted({(1, 2), (len(good), 1)}):
-        seconds = []
-        for _ in range(repeats):  # batch size 1 is cheap: its best of two damps a noisy neighbour
-            started_s = time.perf_counter()
-            run_batch(pipeline, good[:size], slug)
-            seconds.append(time.perf_counter() - started_s)
-        samples.append(InferenceSample(size, min(seconds)))
+    for item in items:
+        started_s = time.perf_counter()
+        run_batch(pipeline, [item], slug)
+        samples.append(InferenceSample(1, time.perf_counter() - started_s, threads=torch.get_num_threads()))
     return samples
+
+
+def time_one_thread(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
+                    cuda: bool) -> Optional[InferenceSample]:
+    """``items`` as one batch with one intra-op thread (nothing posted); None on CUDA or when the
+    default is one thread already. Timed on the same batch the default is timed on, since what a
+    second thread gains grows with the batch. The default thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    if cuda or threads <= 1 or not items:
+        return None
+    torch.set_num_threads(1)
+    try:
+        started_s = time.perf_counter()
+        run_batch(pipeline, list(items), slug)
+        return InferenceSample(len(items), time.perf_counter() - started_s, threads=1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
@@ -182,10 +240,12 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
               calibration: MemoryCalibration) -> ProbeRun:
     """Reserve ``tasks_wanted`` tasks of ``ctx.job``, measure them, post their results.
 
-    Inference is timed at batch size 1 (one image, result discarded) and at the sample's size:
-    that second batch is the loop's own ``_handle_batch``, which posts every probed task's
-    result (errors included), so the probe costs one extra image inference (two on a pipeline's
-    first job in this process: a warm-up, as the first call pays lazy initialisation).
+    Inference is timed on each sampled image alone (results discarded), on the sample as one
+    batch with one intra-op thread (on CPU, when the default is more; discarded) and on the
+    sample at the default: that last batch is the loop's own ``_handle_batch``, which posts every
+    probed task's result (errors included). The probe so costs the sample's inference twice more
+    than the job itself (one image more on a pipeline's first job in this process: a warm-up, as
+    the first call pays lazy initialisation).
     """
     settings = worker.settings
     started_s = time.perf_counter()
@@ -193,14 +253,15 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     round_trip_s = time.perf_counter() - started_s
     if not tasks:
         return ProbeRun(None, 0, 0, time.perf_counter() - started_s)
-    items, images = load_sample(tasks, settings)
+    items, images, external_cpu_s = load_sample(tasks, settings)
     good = [item for item in items if item.image is not None]
     inference: list[InferenceSample] = []
     if good:
         _warm_up(pipeline, good[0], ctx.job.pipeline_slug)
-        single_started_s = time.perf_counter()
-        run_batch(pipeline, good[:1], ctx.job.pipeline_slug)
-        inference.append(InferenceSample(1, time.perf_counter() - single_started_s))
+        inference.extend(time_each_image(pipeline, good, ctx.job.pipeline_slug))
+        one_thread = time_one_thread(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda)
+        if one_thread is not None:
+            inference.append(one_thread)
     baseline = baseline_bytes(items)
     # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
     worker._handle_batch(ctx, pipeline, Batch(items))
@@ -213,6 +274,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
         images, inference, baseline_bytes=baseline, cpu_count=cpu_count(), cuda=worker.cuda,
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
         calibration=calibration, forward_batch_size=pipeline.localization_batch_size,
+        inference_threads=torch.get_num_threads(), external_cpu_s=external_cpu_s,
     )
     return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks))
 
@@ -245,6 +307,9 @@ def pinned_fields(settings: Settings, *, cuda: bool) -> dict[str, object]:
     for name in sorted(settings.explicitly_set()):
         for field_name in PINNING_SETTINGS.get(name, ()):
             pinned[field_name] = values[field_name]
+    if os.environ.get(THREADS_ENV):
+        # torch read it at import: the operator chose the inference threads.
+        pinned["inference_threads"] = torch.get_num_threads()
     return pinned
 
 
@@ -271,6 +336,7 @@ def constraints_for(worker: "Worker", probe: Probe) -> PlanConstraints:
 def record_plan_metrics(plan: LoaderPlan, decision: Optional[PlanDecision] = None) -> None:
     for knob in ("tasks_per_reserve", "batch_size", "num_workers", "prefetch_factor", "download_threads"):
         metrics.plan_value.labels(knob).set(getattr(plan, knob))
+    metrics.plan_value.labels("inference_threads").set(plan.inference_threads or torch.get_num_threads())
     metrics.plan_value.labels("pin_memory").set(1 if plan.pin_memory else 0)
     metrics.plan_changes.labels(plan.source).inc()
     if decision is not None:
@@ -334,11 +400,13 @@ class TuningMiddleware(Middleware):
         ctx.plan = decision.plan
         ctx.notes["autotune"] = _JobTuning(run.probe, decision, constraints, correction, run.wall_s)
         log.info("job %d: %s | probe %d images in %.2f s: %.2f MiB jpeg, %dx%d, download %.3f s + %.1f MiB/s, "
-                 "decode %.4f s, inference %.4f s/batch + %.4f s/image, baseline %.0f MiB%s",
+                 "decode %.4f s (loading %.4f core-s with receiving and host), inference %.4f s/batch + "
+                 "%.4f s/image at %d threads (one thread %.4f s), baseline %.0f MiB%s",
                  ctx.job.id, decision.log_line(), run.probe.sample_count, run.wall_s,
                  run.probe.median_jpeg_bytes / MiB, run.probe.max_width, run.probe.max_height,
                  run.probe.download_latency_s, run.probe.download_bytes_per_s / MiB,
-                 run.probe.decode_s_per_image, run.probe.inference_overhead_s, run.probe.inference_per_image_s,
+                 run.probe.decode_s_per_image, run.probe.loader_cpu_s_per_image(), run.probe.inference_overhead_s,
+                 run.probe.inference_per_image_s, run.probe.inference_threads, run.probe.single_thread_inference_s,
                  run.probe.baseline_bytes / MiB, _pinned_text(constraints.pinned))
         record_plan_metrics(decision.plan, decision)
 

@@ -49,6 +49,7 @@ def fixture_probe(**changes: object) -> Probe:
         baseline_bytes=1 * GiB,
         worker_process_bytes=300 * MiB,
         cpu_count=2,
+        inference_threads=2,
         cuda=False,
         reservation_timeout_s=300.0,
         api_round_trip_s=0.01,

@@ -94,7 +94,7 @@ def test_random_probes_respect_budget_timeout_pin_and_monotonicity(make_probe, c
 
 
 def assert_no_sampled_plan_beats(decision, probe, constraints, calibration, rng) -> None:
-    """Random grid plans that fit and respect the timeout are never > 2% faster than the choice."""
+    """Random grid plans that fit and respect the timeout are never faster by more than the tie tolerance than the choice."""
     if not decision.fits:
         return
     for _ in range(20):
@@ -209,6 +209,29 @@ def test_grid_size_is_bounded(make_probe, calibration):
     assert decision.candidates_considered == (1 + 4 * 3) * 7 * 33 == 3003
     big = make_probe(cuda=True, cpu_count=16, inference_per_image_s=0.001)
     assert choose_plan(big, constraints_for(big, 64 * GiB), calibration).candidates_considered <= 12_000
+
+
+def test_inference_threads_follow_where_the_cpu_goes(make_probe, calibration, large_images):
+    timed = dict(inference_overhead_s=0.0, download_latency_s=0.0, download_bytes_per_s=1e9, api_round_trip_s=0.0)
+    decode_heavy = make_probe(**{**large_images, "decode_s_per_image": 0.35}, inference_per_image_s=0.084,
+                              single_thread_inference_s=0.1, **timed)
+    inference_heavy = make_probe(decode_s_per_image=0.02, inference_per_image_s=0.08,
+                                 single_thread_inference_s=0.14, **timed)
+    heavy = choose_plan(decode_heavy, constraints_for(decode_heavy, 8 * GiB), calibration)
+    light = choose_plan(inference_heavy, constraints_for(inference_heavy, 8 * GiB), calibration)
+    assert heavy.plan.inference_threads == 1
+    assert light.plan.inference_threads == 2
+    assert any(reason.startswith("inference_threads 1: loading takes") for reason in heavy.reasons)
+    assert heavy.candidates_considered == 2 * 3003  # one thread and the default, each timed
+    # CUDA, or no one-thread timing: the default only; an operator's OMP_NUM_THREADS is kept
+    cuda = make_probe(cuda=True, **{**large_images, "decode_s_per_image": 0.35}, single_thread_inference_s=0.1)
+    assert choose_plan(cuda, constraints_for(cuda, 8 * GiB), calibration).plan.inference_threads == 2
+    untimed = make_probe(**{**large_images, "decode_s_per_image": 0.35}, **timed)
+    assert choose_plan(untimed, constraints_for(untimed, 8 * GiB), calibration).plan.inference_threads == 2
+    pinned = choose_plan(decode_heavy, constraints_for(decode_heavy, 8 * GiB, pinned={"inference_threads": 2}),
+                         calibration)
+    assert pinned.plan.inference_threads == 2
+    assert any("as pinned by the operator (OMP_NUM_THREADS)" in reason for reason in pinned.reasons)
 
 
 def test_plan_options_form_a_pareto_front(make_probe, calibration):

@@ -139,3 +139,31 @@ def test_empty_samples_are_refused():
         probe_from([], [InferenceSample(1, 0.1)])
     with pytest.raises(ValueError, match="InferenceSample"):
         probe_from(images((1, 1, 1)), [])
+
+
+def test_one_thread_timing_is_kept_apart_and_priced_by_amdahl():
+    # the same batch of 3: 2 threads 0.084 s per image, 1 thread 0.1 s -> time(2)/time(1) = 0.84
+    # = serial + (1 - serial) / 2; the slower one-thread sample (batch 1) is not the one used
+    default = [InferenceSample(1, 0.084, threads=2), InferenceSample(3, 0.252)]
+    one_thread = [InferenceSample(3, 0.3, threads=1), InferenceSample(1, 0.12, threads=1)]
+    probe = probe_from(images((1_000_000, 2048, 1536)), default + one_thread, inference_threads=2)
+    assert probe.single_thread_batch_size == 3
+    assert probe.inference_per_image_s == pytest.approx(0.084)  # the one-thread sample is not in the fit
+    assert probe.inference_overhead_s == pytest.approx(0.0, abs=1e-9)
+    assert probe.single_thread_inference_s == pytest.approx(0.1)
+    assert probe.serial_fraction() == pytest.approx(0.68)
+    assert probe.inference_s(4, threads=1) == pytest.approx(0.4)
+    assert probe.inference_s(4, threads=2) == probe.inference_s(4) == pytest.approx(0.336)
+    assert probe.inference_s(4, threads=4) == pytest.approx(0.4 * (0.68 + 0.32 / 4))
+    assert "0.1000 s per image at 1 thread in a batch of 3" in probe.describe()
+
+
+def test_without_a_one_thread_timing_threads_buy_nothing():
+    probe = probe_from(images((1_000_000, 2048, 1536)), [InferenceSample(1, 0.1), InferenceSample(2, 0.2)],
+                       inference_threads=4)
+    assert probe.single_thread_inference_s == 0.0
+    assert probe.serial_fraction() == 1.0
+    assert probe.inference_s(2, threads=1) == probe.inference_s(2)
+    assert any("4 threads only" in note for note in probe.notes)
+    with pytest.raises(ValueError, match="default thread count"):
+        probe_from(images((1_000_000, 2048, 1536)), [InferenceSample(1, 0.1, threads=1)], inference_threads=4)

@@ -54,7 +54,7 @@ def test_decode_parallelism_is_capped_by_cpu_count(make_probe):
 
 
 def test_no_workers_loads_and_infers_in_turn(make_probe):
-    probe = make_probe(cuda=True)
+    probe = make_probe(cuda=True, api_round_trip_s=0.0)
     rate = predict_rate(plan(num_workers=0), probe)
     loader = rate.loader_images_per_s
     inference = 8 / (probe.inference_overhead_s + probe.inference_per_image_s * 8)
@@ -73,10 +73,14 @@ def test_on_cpu_decoding_takes_cores_from_inference(make_probe):
     assert cpu.inference_images_per_s == pytest.approx(1 / (0.1 + 0.2 / 2))
     assert cpu.bottleneck == "cpu"
     assert cpu.pipeline_images_per_s <= cpu.inference_images_per_s
+    # inference's threads need more than a fair share (0.1 s per image vs 0.2 / 4 per lane): it is
+    # the stage held back, and the loader runs ahead of it (the queue fills)
+    assert cpu.loader_images_per_s > cpu.inference_images_per_s
 
 
 def test_pin_memory_speeds_up_a_transfer_heavy_cuda_batch(make_probe, large_images):
-    probe = make_probe(cuda=True, inference_overhead_s=0.0, inference_per_image_s=0.02, **large_images)
+    probe = make_probe(cuda=True, inference_overhead_s=0.0, inference_per_image_s=0.02, api_round_trip_s=0.0,
+                       **large_images)
     share = transfer_share(plan(), probe)
     assert share == pytest.approx((4096 * 3072 * 3 / 6e9) / 0.02)
     unpinned = predict_rate(plan(pin_memory=False), probe).inference_images_per_s
@@ -116,3 +120,41 @@ def test_buffered_rate_is_below_the_slower_stage_and_tends_to_it():
     rates = [buffered_rate(10.0, 12.0, depth) for depth in (1, 2, 4, 8, 16, 64)]
     assert rates == sorted(rates) and rates[-1] == pytest.approx(10.0, rel=1e-3) and rates[0] < 8.0
     assert buffered_rate(10.0, UNLIMITED_PER_S, 1) == 10.0
+
+
+def test_one_inference_thread_wins_when_decoding_is_most_of_the_cpu_work(make_probe, large_images):
+    # Large JPEGs on 2 cores: decode 0.35 core-s per image; inference 0.084 s at 2 threads, 0.1 s at 1.
+    probe = make_probe(**{**large_images, "decode_s_per_image": 0.35}, inference_overhead_s=0.0,
+                       inference_per_image_s=0.084, single_thread_inference_s=0.1, download_latency_s=0.0,
+                       download_bytes_per_s=1e12, api_round_trip_s=0.0)
+    one = predict_rate(plan(num_workers=2, batch_size=1, inference_threads=1), probe)
+    two = predict_rate(plan(num_workers=2, batch_size=1, inference_threads=2), probe)
+    # two threads hold both cores 0.084 s per image: 2 / (0.35 + 2 x 0.084) images/s at most
+    assert two.loader_images_per_s == pytest.approx(2 / (0.35 + 0.168), rel=1e-6)
+    assert one.pipeline_images_per_s > two.pipeline_images_per_s
+    # the default (0) is the probe's thread count
+    assert predict_rate(plan(num_workers=2, batch_size=1), probe) == two
+    # CPU bound either way; inference needs less than a fair share, so the loader is held back
+    # and inference runs at its share of a core with both lanes busy (2 / 3 of a core)
+    assert one.bottleneck == "cpu"
+    assert one.loader_images_per_s == pytest.approx(2 / (0.35 + 0.1))
+    assert one.inference_images_per_s == pytest.approx((2 / 3) / 0.1)
+
+
+def test_all_inference_threads_win_when_inference_is_most_of_the_cpu_work(make_probe):
+    probe = make_probe(decode_s_per_image=0.02, inference_overhead_s=0.0, inference_per_image_s=0.08,
+                       single_thread_inference_s=0.14, download_latency_s=0.0, download_bytes_per_s=1e12,
+                       api_round_trip_s=0.0)
+    one = predict_rate(plan(num_workers=1, inference_threads=1), probe)
+    two = predict_rate(plan(num_workers=1, inference_threads=2), probe)
+    assert one.inference_images_per_s == pytest.approx(1 / 0.14)
+    assert two.pipeline_images_per_s > one.pipeline_images_per_s
+
+
+def test_steadier_stages_need_less_buffer():
+    exponential = buffered_rate(10.0, 12.0, 2)
+    steadier = buffered_rate(10.0, 12.0, 2, scv=0.5)
+    assert steadier == pytest.approx(buffered_rate(10.0, 12.0, 5))  # (2 + 1) / 0.5 = 6 = 5 + 1
+    assert exponential < steadier <= 10.0
+    with pytest.raises(ValueError, match="scv"):
+        buffered_rate(10.0, 12.0, 2, scv=0.0)

@@ -13,7 +13,7 @@ from tests.conftest import TOKEN, worker_env
 PIPELINE = "synthetic-moths"
 ENV_NAMES = ("AMI_ANTENNA_API_BATCH_SIZE", "AMI_ANTENNA_API_DATALOADER_NUM_WORKERS",
              "AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR", "AMI_ANTENNA_API_DATALOADER_PIN_MEMORY",
-             "AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS")
+             "AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS", "OMP_NUM_THREADS")
 
 
 def tune(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
