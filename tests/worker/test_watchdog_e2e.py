@@ -224,7 +224,9 @@ def run_worker(server, cap: MemoryCap, tmp_path: Path, *, watchdog: bool, stop_w
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        output, _ = process.communicate(timeout=240)
+        # Generous: with the watchdog holding fetches at their floor the job runs one image at a
+        # time, and a slow shared host took over 240 s for it; the assertions count, never time.
+        output, _ = process.communicate(timeout=480)
     finally:
         process.kill()
         watcher.join(5)
@@ -240,7 +242,7 @@ def _decisions(output: str) -> list[str]:
     return re.findall(r"watchdog (shrink|grow|pause|resume|rebuild): used", output)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(540)
 def test_with_the_watchdog_the_mixed_job_completes_under_the_hard_cap(
         antenna_factory, memory_cap, mixed_images, tmp_path):
     server = antenna_factory(reservation_timeout_s=60.0)
@@ -273,7 +275,7 @@ def test_with_the_watchdog_the_mixed_job_completes_under_the_hard_cap(
     assert final and lowest < int(final.group(1)) <= 8, summary
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(540)
 def test_without_the_watchdog_the_same_job_is_oom_killed_or_exceeds_the_cap(
         antenna_factory, memory_cap, mixed_images, tmp_path):
     server = antenna_factory(reservation_timeout_s=60.0)
