@@ -19,9 +19,11 @@ worker's float32 ingest. It is not an operator setting.
 from __future__ import annotations
 
 import gc
+import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -29,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from urllib.parse import urlsplit
 
 import torch
 
@@ -111,8 +114,10 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     """Download ``tasks`` in parallel (one connection each) and decode them here, timing each step.
 
     Also returns the CPU seconds the rest of the host spent while the downloads ran (the host's
-    busy time less this process's), None where ``/proc/stat`` cannot be read: an image server
-    on the same host costs the loader that much per image too.
+    busy time less this process's) when an image came from this host (a loopback or local
+    address): an image server on the same host costs the loader that much per image too. None
+    otherwise, or where ``/proc/stat`` cannot be read: on a shared host the rest of its CPU
+    time is other tenants' work, not the images'.
 
     Parallel downloads keep the probe short on a slow network while each still times one
     connection. Time to first byte is when the response headers arrived (a ``requests`` response
@@ -123,7 +128,8 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     with ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="probe-download") as pool:
         fetched = list(pool.map(lambda task: _timed_download(task, settings), tasks))
     host_s, own_s = host_busy_cpu_s() - host_before_s, time.process_time() - own_before_s
-    external_cpu_s = max(0.0, host_s - own_s) if host_before_s >= 0 else None
+    served_here = any(is_this_host(task.image_url) for task in tasks)
+    external_cpu_s = max(0.0, host_s - own_s) if host_before_s >= 0 and served_here else None
     loaded: list[LoadedImage] = []
     samples: list[ImageSample] = []
     for task, (data, download_s, first_byte_s, download_cpu_s, error) in zip(tasks, fetched):
@@ -140,6 +146,21 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
                                   download_s, decoded.decode_s))
     del fetched
     return loaded, samples, external_cpu_s
+
+
+def is_this_host(url: str) -> bool:
+    """Whether ``url``'s host is this machine: a loopback address, or one this host's name
+    resolves to. Name lookups that fail count as elsewhere."""
+    host = urlsplit(url).hostname
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(socket.gethostbyname(host))
+        if address.is_loopback or address.is_unspecified:
+            return True
+        return str(address) in socket.gethostbyname_ex(socket.gethostname())[2]
+    except (OSError, ValueError):
+        return False
 
 
 def host_busy_cpu_s(proc_stat: Path = Path("/proc/stat")) -> float:

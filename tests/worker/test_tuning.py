@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
+import torch
 
+from autotune.plan import LoaderPlan
 from worker.app import build_worker
+from worker.hooks import Middleware
 from worker.middlewares import build_middlewares
-from worker.tuning import BenchmarkPlanMiddleware, TuningMiddleware, benchmark_plan_from_env, pinned_fields
+from worker.tuning import (
+    BenchmarkPlanMiddleware,
+    TuningMiddleware,
+    benchmark_plan_from_env,
+    host_busy_cpu_s,
+    is_this_host,
+    pinned_fields,
+)
 from worker.settings import SettingsError
 
 PIPELINE = "synthetic-moths"
@@ -116,6 +127,51 @@ def test_correction_and_advisory_are_written_after_a_job(antenna, settings_for, 
     assert advisory["predicted_bytes"] > 0 and advisory["plan"]["source"] == "autotune"
     text = next(p for p in advisories if p.suffix == ".txt").read_text()
     assert "Pre-run" in text and "Post-run" in text and "conservative" in text
+    # What the probe measured beyond sizes and seconds: receiving CPU, the loopback server's CPU
+    # (the images came from this host), one-thread inference where torch runs more by default.
+    probe = json.loads(next(p for p in advisories if p.name.endswith(".plan.json")).read_text())["probe"]
+    assert probe["download_cpu_s_per_image"] > 0
+    assert probe["inference_threads"] == torch.get_num_threads()
+    if torch.get_num_threads() > 1:
+        assert probe["single_thread_inference_s"] > 0 and probe["single_thread_batch_size"] == 3
+
+
+class ThreadsSeen(Middleware):
+    """Records torch's intra-op thread count while each batch is handled."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def after_batch(self, worker, ctx, batch, results) -> None:
+        self.seen.append(torch.get_num_threads())
+
+
+@pytest.mark.timeout(120)
+def test_the_plan_sets_inference_threads_for_its_job_and_the_default_comes_back(antenna, settings_for, tiny_images):
+    default = torch.get_num_threads()
+    if default < 2:
+        pytest.skip("torch runs one intra-op thread here: nothing to lower")
+    antenna.add_job(tiny_images[:6], PIPELINE)
+    seen = ThreadsSeen()
+    plan = LoaderPlan(2, 2, 1, 1, False, 2, "uint8", "benchmark", inference_threads=1)
+    worker = build_worker(settings_for(antenna, antenna_pipelines=PIPELINE), burst=True,
+                          middlewares=[BenchmarkPlanMiddleware(plan), seen])
+    assert worker.run() == 0
+    assert seen.seen == [1, 1, 1]
+    assert torch.get_num_threads() == default
+
+
+def test_host_cpu_and_whether_images_come_from_this_host(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal: idle, iowait and steal are not busy time
+    stat.write_text(f"cpu  {2 * ticks} {ticks} {3 * ticks} 999999 5000 {ticks} {ticks} 7000 0 0\ncpu0 1 2 3\n")
+    assert host_busy_cpu_s(stat) == pytest.approx(8.0)
+    assert host_busy_cpu_s(tmp_path / "missing") == -1.0
+    assert is_this_host("http://127.0.0.1:8000/media/a.jpg")
+    assert is_this_host("http://localhost/a.jpg")
+    assert not is_this_host("http://192.0.2.7/a.jpg")  # TEST-NET-1: documentation, never this host
+    assert not is_this_host("not a url")
 
 
 @pytest.mark.timeout(30)
