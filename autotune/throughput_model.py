@@ -106,7 +106,7 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
         bottleneck = "main_process"
     elif not probe.cuda:
         loader, inference, cpu_bound = _cpu_shared(loader, full_inference, plan, probe)
-        bottleneck = "cpu" if cpu_bound else "inference" if inference < loader else ""
+        bottleneck = "cpu" if cpu_bound else "inference"
     else:
         inference, bottleneck = full_inference, "inference"
     if plan.num_workers > 0:
@@ -187,7 +187,7 @@ def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
     cpu_rate = cores / (load_core_s + threads * image_s)
     rate = min(loader, full_inference, cpu_rate)
     share = min(1.0, cores / (lanes + threads))  # each thread's core when all are runnable
-    if rate < cpu_rate:  # not CPU bound: decoding takes r x decode_s core-seconds per second
+    if rate < cpu_rate:  # not CPU bound: loading takes r x l core-seconds per second
         inference = min(full_inference, max(0.0, cores - rate * load_core_s) / (threads * image_s))
         return loader, max(rate, inference), False
     if rate * image_s <= rate * load_core_s / lanes:  # inference's threads need less: the loader waits

@@ -89,8 +89,9 @@ class TuneReport:
 
     def env_lines(self) -> list[str]:
         """``NAME=value`` for the static plan (booleans as ``true``/``false``)."""
-        return [f"{name}={_env_value(getattr(self.static.plan, field))}" for name, field in ENV_NAMES
-                if getattr(self.static.plan, field) != 0 or field != "inference_threads"]
+        plan = self.static.plan
+        return [f"{name}={_env_value(getattr(plan, field))}" for name, field in ENV_NAMES
+                if not (field == "inference_threads" and plan.inference_threads == 0)]
 
     def text(self) -> str:
         c = self.constraints

@@ -205,12 +205,20 @@ def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, 
     if not good:
         return []
     run_batch(pipeline, good[:1], slug)
-    samples = time_each_image(pipeline, good, slug)
-    one_thread = time_one_thread(pipeline, good, slug, cuda=cuda)
+    samples = time_sample(pipeline, good, slug, cuda=cuda)
     if len(good) > 1:
         started_s = time.perf_counter()
         run_batch(pipeline, good, slug)
         samples.append(InferenceSample(len(good), time.perf_counter() - started_s))
+    return samples
+
+
+def time_sample(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
+                cuda: bool) -> list[InferenceSample]:
+    """What the probe times besides the sample batch at the default: each image alone, and the
+    sample as one batch at one thread (see ``time_each_image`` and ``time_one_thread``)."""
+    samples = time_each_image(pipeline, items, slug)
+    one_thread = time_one_thread(pipeline, items, slug, cuda=cuda)
     return samples + ([one_thread] if one_thread else [])
 
 
@@ -279,10 +287,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     inference: list[InferenceSample] = []
     if good:
         _warm_up(pipeline, good[0], ctx.job.pipeline_slug)
-        inference.extend(time_each_image(pipeline, good, ctx.job.pipeline_slug))
-        one_thread = time_one_thread(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda)
-        if one_thread is not None:
-            inference.append(one_thread)
+        inference.extend(time_sample(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda))
     baseline = baseline_bytes(items)
     # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
     worker._handle_batch(ctx, pipeline, Batch(items))
