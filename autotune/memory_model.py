@@ -39,7 +39,8 @@ CHANNELS = 3
 class MemoryCalibration:
     """Machine-measured constants of the memory model. JSON keys == these field names.
 
-    - ``worker_process_bytes``: one spawned loader worker (imports torch), before any image.
+    - ``worker_process_bytes``: one loader worker (a fork of the fork server, which imported
+      torch and belongs to the baseline), before any image.
     - ``download_buffer_factor``: bytes held per in-flight download per compressed byte
       (the streamed bytearray plus its final ``bytes`` copy: about 2).
     - ``decode_scratch_factor``: decoder scratch per decoding thread, in decoded-image units.

@@ -10,8 +10,8 @@ local Antenna server serving the images (here, in the parent) is never counted:
 Memory is ``benchmarks.meter``'s: PSS of everything but /dev/shm segments, plus each segment's
 size once (PSS alone misses decoded images queued in shared memory).
 
-1. ``worker_process_bytes`` and the per-image constants: a real ``Loader`` with one spawned
-   loader worker streams generated small and large JPEGs; the child takes the first batch and
+1. ``worker_process_bytes`` and the per-image constants: a real ``Loader`` with one loader
+   worker (forked from the fork server, which is running before the baseline, as in the worker) streams generated small and large JPEGs; the child takes the first batch and
    then holds it without consuming, so the worker fills its credit (``prefetch_factor x
    batch_size`` decoded images) and parks with ``download_threads`` downloaded JPEGs. The plateau
    above the child's pre-loader baseline is, by ``autotune.memory_model``'s structure,
@@ -74,9 +74,10 @@ def _say(line: str) -> None:
 def _child_queue(base_url: str, job_id: int, batch: int, prefetch: int, threads: int, workers: int) -> None:
     from autotune.plan import LoaderPlan
     from worker.imaging import fix_mmap_threshold
-    from worker.ingest import IngestSource, Loader
+    from worker.ingest import IngestSource, Loader, start_fork_server
 
     fix_mmap_threshold()
+    start_fork_server(wait=True)  # as in the worker: started with it, so part of the baseline
     # Each worker reserves just enough to fill its credit and park with its downloads held, so
     # with two workers both get images (one reserving everything would leave the other idle).
     reserve = batch * (1 + prefetch) + threads + 2

@@ -5,8 +5,9 @@ travel from loader workers to the main process in /dev/shm segments (torch's fil
 sharing): queued batches are held by a descriptor, or mapped by the main process but not yet
 read, so PSS misses them while the kernel holds (and a cgroup charges) every page. This meter
 adds them back: the PSS of every mapping that is NOT a /dev/shm segment, plus the size of each
-/dev/shm segment the tree holds or maps, once per inode. Reads /proc/PID/smaps (not the
-rollup): tens of ms per read for a GiB-sized tree, fine from outside the worker.
+/dev/shm segment the tree holds or maps, once per inode. Reads /proc/PID/smaps once per process
+(per-mapping PSS is needed; it also gives the total and the mapped segments) and the fd table:
+tens of ms per sample for a GiB-sized tree, on the same cores as the worker it measures.
 """
 from __future__ import annotations
 
@@ -21,26 +22,50 @@ from watchdog.proctree import tree_pids
 SHM_PREFIX = "/dev/shm/"
 
 
-def non_shm_pss_bytes(pid: int) -> int:
-    """Sum of Pss over mappings that are not /dev/shm segments (0 when the process is gone)."""
+@dataclass(frozen=True)
+class SmapsReading:
+    """One pass over /proc/PID/smaps: PSS in and out of /dev/shm mappings, and the segments mapped."""
+
+    pss_bytes: int
+    non_shm_pss_bytes: int
+    shm_sizes: dict[int, int]  # inode -> segment size, as ``procfs.read_maps_shm`` gives it
+
+
+def read_smaps(pid: int) -> SmapsReading:
+    """Read smaps once (the kernel walks the page tables per read: a second read of
+    smaps_rollup or maps would double the meter's cost on the cores it measures)."""
     data = procfs.read_bytes(f"/proc/{pid}/smaps")
     if not data:
-        return 0
-    total_kb = 0
+        return SmapsReading(0, 0, {})
+    pss_kb = non_shm_kb = 0
+    shm_sizes: dict[int, int] = {}
     in_shm = False
     for line in data.decode(errors="replace").splitlines():
-        if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split(" ", 1)[0]:
+        if line.startswith("Pss:"):
+            kb = int(line.split()[1])
+            pss_kb += kb
+            if not in_shm:
+                non_shm_kb += kb
+        elif _is_mapping_header(line):
             fields = line.split(maxsplit=5)
             in_shm = len(fields) >= 6 and fields[5].startswith(SHM_PREFIX)
-        elif line.startswith("Pss:") and not in_shm:
-            total_kb += int(line.split()[1])
-    return total_kb * 1024
+            if in_shm:
+                start, _, end = fields[0].partition("-")
+                size = procfs.mapped_file_size(f"/proc/{pid}", fields[0], int(end, 16) - int(start, 16))
+                inode = int(fields[4])
+                shm_sizes[inode] = max(shm_sizes.get(inode, 0), size)
+    return SmapsReading(pss_kb * 1024, non_shm_kb * 1024, shm_sizes)
+
+
+def _is_mapping_header(line: str) -> bool:
+    address = line.split(" ", 1)[0]
+    return "-" in address and all(char in "0123456789abcdef-" for char in address)
 
 
 @dataclass(frozen=True)
 class TreeMemory:
     taken_at_s: float
-    pss_bytes: int  # demo-style tree PSS (smaps_rollup), shm as far as mapped and touched
+    pss_bytes: int  # tree PSS (what smaps_rollup sums), shm as far as mapped and touched
     shm_bytes: int  # /dev/shm segments held or mapped by the tree, once per inode
     total_bytes: int  # non-shm PSS + shm_bytes: what the benchmark reports as memory
 
@@ -53,10 +78,11 @@ def read_tree_memory(root_pid: int) -> TreeMemory:
         fds = procfs.read_fds(pid)
         if fds is not None:
             shm.update(fds.shm_sizes)
-        for inode, size in procfs.read_maps_shm(pid).items():
+        smaps = read_smaps(pid)
+        for inode, size in smaps.shm_sizes.items():
             shm[inode] = max(shm.get(inode, 0), size)
-        non_shm += non_shm_pss_bytes(pid)
-        pss += procfs.read_pss_bytes(pid) or 0
+        non_shm += smaps.non_shm_pss_bytes
+        pss += smaps.pss_bytes
     shm_bytes = sum(shm.values())
     return TreeMemory(time.monotonic(), pss, shm_bytes, non_shm + shm_bytes)
 

@@ -102,9 +102,11 @@ def read_fds(pid: int, proc_root: Path = Path("/proc")) -> FdReading | None:
     return FdReading(open_fds=len(entries), shm_sizes=shm_sizes)
 
 
-def _mapped_size(proc_dir: str, address_range: str, mapped_bytes: int) -> int:
-    # map_files gives the real file size even for unlinked files, but needs CAP_SYS_ADMIN;
-    # without it the mapped length is the best lower bound there is.
+def mapped_file_size(proc_dir: str, address_range: str, mapped_bytes: int) -> int:
+    """Size of the file mapped at ``address_range`` ("start-end" hex) of a process.
+
+    map_files gives the real file size even for unlinked files, but needs CAP_SYS_ADMIN;
+    without it the mapped length is the best lower bound there is."""
     try:
         return os.stat(f"{proc_dir}/map_files/{address_range}").st_size
     except OSError:
@@ -123,7 +125,7 @@ def read_maps_shm(pid: int, proc_root: Path = Path("/proc")) -> dict[int, int]:
             continue
         start, _, end = fields[0].partition("-")
         inode = int(fields[4])
-        size = _mapped_size(f"{proc_root}/{pid}", fields[0], int(end, 16) - int(start, 16))
+        size = mapped_file_size(f"{proc_root}/{pid}", fields[0], int(end, 16) - int(start, 16))
         sizes[inode] = max(sizes.get(inode, 0), size)
     return sizes
 

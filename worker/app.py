@@ -10,6 +10,7 @@ import torch
 from worker.antenna import AntennaClient
 from worker.daemon import Worker
 from worker.hooks import Middleware
+from worker.ingest import start_fork_server, wait_for_fork_server
 from worker.pipeline import NullPipeline, ReferencePipeline, load_pipeline, select_device
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
@@ -86,7 +87,12 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
         max_pending_posts=settings.antenna_max_pending_posts, max_post_bytes=settings.antenna_max_post_bytes,
     )
     pipelines = pipeline_loader(settings, device)
+    loader_workers = settings.dataloader_num_workers > 0  # 0 is an explicit setting: no loader workers, ever
+    if loader_workers:
+        start_fork_server()  # imports torch for the loader workers while the models load
     preload_pipelines(settings, pipelines)
+    if loader_workers:
+        wait_for_fork_server()  # ready means a job's loader starts at once
     worker = Worker(
         settings, client=client, poster=poster, pipelines=pipelines,
         pipeline_slugs=offered_slugs(settings),

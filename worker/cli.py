@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="poll the Antenna API and process jobs until stopped")
     run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
     run.add_argument("--memray", metavar="OUT.bin", help="record this process's allocations with memray "
-                     "(loader workers are spawned processes and are not recorded; see docs/benchmarks.md)")
+                     "(loader workers are separate processes and are not recorded; see docs/benchmarks.md)")
     run.add_argument("--memray-native", action="store_true", help="with --memray: also record native stacks")
     run.set_defaults(func=cmd_run)
 

@@ -11,14 +11,16 @@ Credit: a worker decodes its next image only while fewer than ``prefetch_depth x
 its decoded images (the batch being filled included) have not reached the main process; that
 bounds decoded images in flight below the DataLoader's own prefetch and is the knob the watchdog
 shrinks. Downloads ahead are bounded by ``min(download_threads, tasks_per_reserve)``. Workers are
-spawned (never forked: a forked copy of a process holding a model and CUDA state is unsafe) and
-torn down explicitly at job end.
+forked from a fork server with torch preloaded (``start_fork_server``), never from the main
+process (a forked copy of a process holding a model and CUDA state is unsafe), and torn down
+explicitly at job end.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import queue
 import signal
 import time
@@ -266,15 +268,61 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+FORK_SERVER_PRELOAD = ["worker.ingest"]
+_fork_server_started = False
+
+
+def start_fork_server(*, wait: bool = False) -> None:
+    """Start multiprocessing's fork server for loader workers (once per process; idempotent).
+
+    A spawned loader worker is a fresh interpreter that imports torch before its first image:
+    about 3 core-s here, per worker, per job. Forked from the server, a worker starts with torch,
+    the decoder and requests imported. The server is a clean interpreter of its own (started by
+    exec, not forked from this process): it never loads a model, holds no CUDA state and runs no
+    threads, so its forks are as safe as spawned workers. It imports ``FORK_SERVER_PRELOAD`` in
+    the background; ``wait=True`` returns once it serves forks (a no-op child forked and joined).
+
+    SIGINT and SIGTERM are blocked in this thread while the server starts: a blocked signal stays
+    blocked across fork and exec, so neither a Ctrl-C nor a SIGTERM sent to the whole process group
+    stops the server (or its forks, which ignore both anyway) while this process drains; one that
+    arrives meanwhile is delivered here on unblock. The server exits when this process does.
+    """
+    global _fork_server_started
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _fork_server_started = True
+    if wait:
+        wait_for_fork_server()
+
+
+def wait_for_fork_server() -> None:
+    """Return once the fork server (if this process started one) has its imports done."""
+    if _fork_server_started:
+        child = multiprocessing.get_context("forkserver").Process(target=_no_op, name="fork-server-ready")
+        child.start()
+        child.join()
+
+
+def _no_op() -> None:
+    pass
+
+
 class Loader:
     """A DataLoader for one job, with explicit teardown. Use as a context manager."""
 
-    def __init__(self, source: IngestSource, plan: LoaderPlan, *, start_method: str = "spawn") -> None:
+    def __init__(self, source: IngestSource, plan: LoaderPlan, *, start_method: str = "forkserver") -> None:
         if plan.num_workers > MAX_LOADER_WORKERS:
             raise ValueError(f"num_workers={plan.num_workers} is over {MAX_LOADER_WORKERS}")
         self.plan = plan
         self.source = source
         self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver" and plan.num_workers > 0:
+            start_fork_server()
         fix_mmap_threshold()
         self.control = SharedControl(plan, self._context)
         self.dataset = TaskStream(source, plan, self.control)

@@ -1,8 +1,8 @@
 """Memory profiling of a worker run with memray (``worker run --memray OUT.bin``).
 
-memray records the process it runs in. Loader workers are separate processes started with
-``spawn`` (a fresh interpreter, never a fork), so memray's ``follow_fork`` does not apply to
-them. To see a loader worker's allocations, run the same plan with
+memray records the process it runs in. Loader workers are separate processes forked from the
+loader's fork server (a clean interpreter this process starts, not a fork of it), so memray's
+``follow_fork`` does not reach them. To see a loader worker's allocations, run the same plan with
 ``AMI_ANTENNA_API_DATALOADER_NUM_WORKERS=0``: the loader's code (reserve, download, decode) then
 runs in the recorded main process. See docs/benchmarks.md ("memray").
 """

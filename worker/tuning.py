@@ -55,7 +55,7 @@ from autotune.memory_model import default_correction_path, write_json_atomically
 from worker import metrics
 from worker.hooks import JobContext, Middleware
 from worker.imaging import ImageError, decode, download, image_session
-from worker.ingest import Batch, LoadedImage
+from worker.ingest import Batch, LoadedImage, wait_for_fork_server
 from worker.pipeline import Pipeline, run_batch
 from worker.schema import Task
 from worker.settings import Settings
@@ -260,6 +260,7 @@ def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
     The decoded sample tensors are private, fully resident allocations (large ones are mmapped,
     see ``imaging.fix_mmap_threshold``), so subtracting their size leaves the baseline.
     """
+    wait_for_fork_server()  # the loader's fork server belongs to the baseline: wait for its imports
     gc.collect()
     held = sum(item.image.numel() * item.image.element_size() for item in items if item.image is not None)
     return max(0, sample_tree(os.getpid()).tree_pss_bytes - held)
