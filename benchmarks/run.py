@@ -19,10 +19,10 @@ measured in this process right before.
 
 Every worker runs in its own cgroup v1 memory cgroup (``--limit-gib``, default 8): the worker
 sees the limit (autotune plans against it) and the host is safe from (a). Memory is sampled from
-outside every 0.2 s with ``benchmarks.meter`` (PSS of the tree with /dev/shm tensors counted at
+outside every 0.5 s (``METER_INTERVAL_S``) with ``benchmarks.meter`` (PSS of the tree with /dev/shm tensors counted at
 their size; plain PSS misses queued batches). images/s is the server's view: from the job's
-first job listing (pipeline loaded) to its last accepted result (probe, loader spawn and tail
-included). The OOM check
+first job listing (pipeline loaded, loader fork server ready) to its last accepted result
+(probe, loader workers' start and tail included). The OOM check
 runs (a) and (c) on the large workload under a 4 GiB cgroup. ``--memray`` records one run under
 memray and lists the top allocation sites at its peak.
 """
@@ -59,6 +59,9 @@ START_MARK = "<!-- autotune-benchmark:start -->"
 END_MARK = "<!-- autotune-benchmark:end -->"
 RUN_TIMEOUT_S = 900
 LOG_DIR = Path(tempfile.gettempdir()) / "antenna-bench-logs"
+# The meter reads every process's smaps on the cores it measures (page-table walks: about 0.3 of a
+# core at 0.2 s on a large-image job here); 0.5 s halves that and still sees the loader's plateau.
+METER_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,7 @@ def worker_env(base_url: str, token: str, scratch: Path, config: Config) -> dict
 def _run_process(command: list[str], env: dict[str, str], log_path: Path) -> tuple[int, TreeMeterThread]:
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        meter = TreeMeterThread(process.pid, interval_s=0.2).start()
+        meter = TreeMeterThread(process.pid, interval_s=METER_INTERVAL_S).start()
         try:
             exit_code = process.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -289,12 +292,11 @@ def _run_process(command: list[str], env: dict[str, str], log_path: Path) -> tup
 def _rates(server: TimedAntenna, tasks: int) -> tuple[float, float, float]:
     """(job wall s, images/s, steady images/s) from the server's timestamps.
 
-    The job's clock starts when the worker first lists jobs (pipeline loaded, nothing spawned)
-    and stops at the last accepted result, so every configuration pays its loader's spawn inside
-    it, and autotune its probe too. (Starting at the first reserve, as before, put autotune's
-    spawn inside the window, after its probe's reserve, and a fixed plan's outside it.)
+    The job's clock starts when the worker first lists jobs (pipeline loaded, the loader's fork
+    server ready, no loader worker yet) and stops at the last accepted result, so every
+    configuration starts its loader workers inside it, and autotune pays its probe too.
     Steady: from the result that brought the count past 25% of the job (well after the probe
-    and the loader's spawn) to the last one.
+    and the loader's start) to the last one.
     """
     if not server.reserve_times_s or not server.result_times_s:
         return 0.0, 0.0, 0.0
@@ -456,7 +458,7 @@ def main() -> int:
         sections["memray"] = memray_run(args.memray, args.quick, limit_bytes)
     meta = {"started": started.isoformat(timespec="seconds"), "load_before": load_before,
             "load_after": os.getloadavg(), "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
-            "cores": cores(), "limit_bytes": limit_bytes, "oom_limit_bytes": int(args.oom_limit_gib * GiB)}
+            "cores": cores(), "limit_bytes": limit_bytes, "meter_interval_s": METER_INTERVAL_S, "oom_limit_bytes": int(args.oom_limit_gib * GiB)}
     args.json.write_text(json.dumps(to_jsonable(meta, sections), indent=1, default=str))
     if not args.no_write:
         from benchmarks.report import write_docs

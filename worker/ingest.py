@@ -268,7 +268,7 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-FORK_SERVER_PRELOAD = ["worker.ingest"]
+FORK_SERVER_PRELOAD = ["worker.loader_server"]
 _fork_server_started = False
 
 
@@ -280,21 +280,13 @@ def start_fork_server(*, wait: bool = False) -> None:
     the decoder and requests imported. The server is a clean interpreter of its own (started by
     exec, not forked from this process): it never loads a model, holds no CUDA state and runs no
     threads, so its forks are as safe as spawned workers. It imports ``FORK_SERVER_PRELOAD`` in
-    the background; ``wait=True`` returns once it serves forks (a no-op child forked and joined).
-
-    SIGINT and SIGTERM are blocked in this thread while the server starts: a blocked signal stays
-    blocked across fork and exec, so neither a Ctrl-C nor a SIGTERM sent to the whole process group
-    stops the server (or its forks, which ignore both anyway) while this process drains; one that
-    arrives meanwhile is delivered here on unblock. The server exits when this process does.
+    the background (and ignores SIGINT and SIGTERM: see ``worker.loader_server``); ``wait=True``
+    returns once it serves forks (a no-op child forked and joined). It exits with this process.
     """
     global _fork_server_started
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(FORK_SERVER_PRELOAD)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    multiprocessing.forkserver.ensure_running()
     _fork_server_started = True
     if wait:
         wait_for_fork_server()

@@ -113,3 +113,41 @@ def test_one_batch_of_four_large_images_costs_at_most_4x40_mib(antenna, large_im
         print(f"held {held_bytes / 2**20:.1f} MiB for {decoded_bytes / 2**20:.1f} MiB decoded")
         assert held_bytes <= 4 * 40 * 1024 * 1024, f"held {held_bytes / 2**20:.1f} MiB"
         del batch
+
+
+def _fork_server() -> psutil.Process:
+    servers = [child for child in psutil.Process().children()
+               if "multiprocessing.forkserver import main" in " ".join(child.cmdline())]
+    assert len(servers) == 1, servers
+    return servers[0]
+
+
+def _ignored(pid: int, signum: int) -> bool:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        mask = next(line for line in status if line.startswith("SigIgn:")).split()[1]
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.timeout(120)
+def test_workers_fork_from_one_preloaded_server_that_outlives_stop_signals(antenna, tiny_images):
+    """Loader workers are forks of the fork server (torch imported once, not per worker per job).
+    A Ctrl-C or group SIGTERM must not end the server mid-drain: it ignores both, and the next
+    job's loader forks from the same server."""
+    import signal
+
+    first_job = antenna.add_job(tiny_images[:8], "synthetic-moths")
+    with Loader(source(antenna, first_job), plan(num_workers=2, tasks_per_reserve=2, batch_size=2)) as loader:
+        batches = iter(loader)
+        items = list(next(batches).items)
+        server = _fork_server()
+        assert len(server.children()) == 2  # the two loader workers, forked by the server
+        assert _ignored(server.pid, signal.SIGTERM) and _ignored(server.pid, signal.SIGINT)
+        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGINT)
+        items += [item for batch in batches for item in batch.items]
+    assert len(items) == 8 and all(item.error is None for item in items)
+    assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+    second_job = antenna.add_job(tiny_images[8:12], "synthetic-moths")
+    with Loader(source(antenna, second_job), plan(num_workers=1)) as loader:
+        assert _fork_server().pid == server.pid
+        assert sum(len(batch.items) for batch in loader) == 4

@@ -117,16 +117,18 @@ def test_sigusr1_finishes_the_current_job_then_exits_0_without_taking_another(an
 
 
 @pytest.mark.timeout(180)
-def test_sigint_to_the_whole_process_group_still_drains_cleanly(antenna, tiny_images, tmp_path):
-    """Ctrl-C in a terminal (and systemd's control-group kill) signals every process of the group:
-    loader workers ignore it, so the main process drains them as with SIGTERM."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_to_the_whole_process_group_still_drains_cleanly(antenna, tiny_images, tmp_path, signum):
+    """Ctrl-C in a terminal (SIGINT) and supervisor's stopasgroup (SIGTERM) signal every process
+    of the group: loader workers ignore both and the loader's fork server blocks both, so the
+    main process drains them as with SIGTERM to it alone."""
     import os
 
     job_id = antenna.add_job(tiny_images[:36], "synthetic-moths")
     worker = _start(antenna, tmp_path, latency_s=0.25, new_session=True)
     try:
         worker.wait_for(rf"job {job_id}: [1-9]\d*/", 90)
-        os.killpg(worker.proc.pid, signal.SIGINT)
+        os.killpg(worker.proc.pid, signum)
         code = worker.wait(GRACE_S + 30)
     finally:
         worker.kill()
