@@ -100,6 +100,7 @@ class Probe:
     single_thread_batch_size: int = 1
     download_cpu_s_per_image: float = 0.0
     external_cpu_s_per_image: float = 0.0
+    api_exchange_cpu_s: float = 0.0
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -113,7 +114,8 @@ class Probe:
             raise ValueError(f"Probe.inference_threads must be >= 1, got {self.inference_threads}")
         for name in ("download_latency_s", "decode_s_per_image", "inference_overhead_s",
                      "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s",
-                     "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image"):
+                     "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image",
+                     "api_exchange_cpu_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Probe.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -136,6 +138,7 @@ class Probe:
         forward_batch_size: int = 0,
         inference_threads: int = 1,
         external_cpu_s: Optional[float] = None,
+        api_exchange_cpu_s: Optional[float] = None,
     ) -> "Probe":
         """Summarise samples into a Probe.
 
@@ -150,6 +153,8 @@ class Probe:
         size, and is left out of the cost fit.
         ``external_cpu_s``: CPU seconds the rest of the host spent while the sample downloaded
         (an image server on this host, say), spread over the sampled images.
+        ``api_exchange_cpu_s``: core-seconds this host spends on one API exchange (a reserve or a
+        result post: the client's CPU, and the server's when it runs on this host); 0 if unmeasured.
         """
         if not images:
             raise ValueError("Probe.from_samples needs at least one ImageSample")
@@ -205,6 +210,7 @@ class Probe:
             download_cpu_s_per_image=statistics.median(cpu) if (cpu := [
                 image.download_cpu_s for image in images if image.download_cpu_s is not None]) else 0.0,
             external_cpu_s_per_image=max(0.0, float(external_cpu_s or 0.0)) / len(images),
+            api_exchange_cpu_s=max(0.0, float(api_exchange_cpu_s or 0.0)),
             notes=tuple(notes),
         )
 
@@ -231,6 +237,11 @@ class Probe:
         """Core-seconds one image costs the host before inference: decode, receiving the body,
         and what other processes on this host spent serving it (0 when the server is remote)."""
         return self.decode_s_per_image + self.download_cpu_s_per_image + self.external_cpu_s_per_image
+
+    def api_cpu_s_per_image(self, tasks_per_reserve: int, batch_size: int) -> float:
+        """Core-seconds of API exchanges per image: one reserve per ``tasks_per_reserve`` images
+        and one result post per batch of ``batch_size``."""
+        return self.api_exchange_cpu_s * (1.0 / max(1, tasks_per_reserve) + 1.0 / max(1, batch_size))
 
     def serial_fraction(self) -> float:
         """Amdahl's serial share of inference, from the same batch at one thread and at the default.
@@ -260,7 +271,8 @@ class Probe:
             f"  image size      median {self.median_width}x{self.median_height}, max {self.max_width}x{self.max_height}; "
             f"decoded uint8 {self.decoded_bytes_per_image / MiB:.1f} MiB (largest)",
             f"  download        latency {self.download_latency_s:.3f} s + {self.download_bytes_per_s / MiB:.2f} MiB/s "
-            f"per connection = {self.download_s_per_image():.3f} s per median image; API round trip {self.api_round_trip_s:.3f} s",
+            f"per connection = {self.download_s_per_image():.3f} s per median image; API round trip {self.api_round_trip_s:.3f} s, "
+            f"{self.api_exchange_cpu_s:.4f} core-s on this host per exchange (reserve or result post)",
             f"  decode          {self.decode_s_per_image:.4f} s per image (median, one core)",
             f"  loading CPU     {self.loader_cpu_s_per_image():.4f} core-s per image: decode + "
             f"{self.download_cpu_s_per_image:.4f} receiving + {self.external_cpu_s_per_image:.4f} elsewhere on this host",

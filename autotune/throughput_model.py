@@ -20,7 +20,10 @@ threads. Each image costs decode_s core-seconds in a loader worker and t x i cor
 inference, where t is ``plan.inference_threads`` and i the inference wall seconds per image at t
 threads (``Probe.inference_s``): OpenMP threads that reach a barrier first wait actively, so all
 t are busy for the whole forward pass. Loading costs ``Probe.loader_cpu_s_per_image`` (l): the
-decode, receiving the body, and what an image server on this host spends on it. So no plan beats
+decode, receiving the body, and what an image server on this host spends on it, plus the API
+exchanges (``Probe.api_cpu_s_per_image``: a reserve per ``tasks_per_reserve`` images and a result
+post per batch, each costing the client's CPU and, with the server on this host, the server's).
+So no plan beats
 
     cpu_count / (l + t x i)  images/s,
 
@@ -183,7 +186,7 @@ def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
     cores, lanes = probe.cpu_count, max(1, plan.num_workers)
     threads = inference_threads(plan, probe)
     image_s = 1.0 / full_inference  # inference wall seconds per image at `threads`, CPU to itself
-    load_core_s = probe.loader_cpu_s_per_image()
+    load_core_s = probe.loader_cpu_s_per_image() + probe.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size)
     cpu_rate = cores / (load_core_s + threads * image_s)
     rate = min(loader, full_inference, cpu_rate)
     share = min(1.0, cores / (lanes + threads))  # each thread's core when all are runnable

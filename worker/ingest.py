@@ -21,13 +21,17 @@ import gc
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import queue
+import select
 import signal
+import threading
 import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterator, Optional
 
 import torch
@@ -259,13 +263,44 @@ class LoaderFailed(RuntimeError):
     """The DataLoader broke (a loader worker process died); the job can go on with a new one."""
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers ignore SIGINT/SIGTERM: Ctrl-C in a terminal, systemd's control-group kill
-    or supervisor's stopasgroup signal the whole process group, and a loader worker dying there
-    would strand what it holds. The main process drains and then shuts them down itself; if the
-    main process dies, the DataLoader's own watchdog ends them."""
+def init_loader_worker(main_pid: int, _worker_id: int) -> None:
+    """``worker_init_fn`` of every loader worker: ignore stop signals, exit with the main process.
+
+    Loader workers ignore SIGINT/SIGTERM: Ctrl-C in a terminal, systemd's control-group kill or
+    supervisor's stopasgroup signal the whole process group, and a loader worker dying there
+    would strand what it holds. The main process drains and then shuts them down itself.
+
+    If the main process dies (the OOM killer, SIGKILL), nothing else ends them: torch's own check
+    watches the worker's parent, which is the fork server, and the server outlives the main
+    process while any worker holds its pipe. So each worker watches the main process and exits
+    when it is gone; what it held is redelivered after the reservation timeout, as after any crash.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_gone, args=(main_pid,), name="main-process-watch", daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    try:
+        descriptor = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has exited
+    except (AttributeError, OSError):
+        descriptor = None
+    if descriptor is not None:
+        select.select([descriptor], [], [])
+    else:
+        while _alive(pid):
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 FORK_SERVER_PRELOAD = ["worker.loader_server"]
@@ -321,7 +356,7 @@ class Loader:
         extra: dict[str, Any] = {}
         if plan.num_workers > 0:
             extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor,
-                     "worker_init_fn": ignore_stop_signals}
+                     "worker_init_fn": partial(init_loader_worker, os.getpid())}
         self.dataloader = DataLoader(
             self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
             collate_fn=collate, pin_memory=plan.pin_memory, **extra,

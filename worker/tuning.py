@@ -2,9 +2,10 @@
 
 Policy (the models, the planner, the advisory) lives in ``autotune``; this module only measures
 and wires. On entering a job ``TuningMiddleware`` reserves a small sample of tasks
-(``AMI_AUTOTUNE_PROBE_TASKS``, default 3), downloads and decodes them in the main process (timing
-time to first byte, whole download and decode), runs the job's pipeline on them at two batch
-sizes, reads the tree's baseline memory, builds a ``Probe`` and lets ``choose_plan`` pick the
+(``AMI_AUTOTUNE_PROBE_TASKS``, default 3; the reserve's CPU prices an API exchange), downloads
+and decodes them in the main process (timing time to first byte, whole download and decode), runs
+the job's pipeline on them at two batch sizes, reads the tree's baseline memory (the loader's fork
+server included), builds a ``Probe`` and lets ``choose_plan`` pick the
 ``LoaderPlan``. The probed images are inferred and posted like any others (never stranded); an
 image that fails to download or decode becomes its error result.
 
@@ -148,6 +149,20 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     return loaded, samples, external_cpu_s
 
 
+def api_exchange_cpu_s(round_trip_s: float, client_cpu_s: float, *, local_server: bool) -> float:
+    """Core-seconds of one API exchange on this host, from the probe's reserve call.
+
+    The client's thread CPU always counts. A server on this host spends CPU on the same cores;
+    its process is unknown, so its share is bounded twice: by what is left of the round trip
+    after the client's CPU (a shaped or slow link's wait is not CPU) and by the client's own
+    CPU (the local server answered a reserve in 0.7 ms and a post in 0.5 ms of CPU where the
+    client spent 1.8 and 1.7 ms). A remote server's time is not this host's CPU.
+    """
+    if not local_server:
+        return client_cpu_s
+    return client_cpu_s + min(client_cpu_s, max(0.0, round_trip_s - client_cpu_s))
+
+
 def is_this_host(url: str) -> bool:
     """Whether ``url``'s host is this machine: a loopback address, or one this host's name
     resolves to. Name lookups that fail count as elsewhere."""
@@ -278,9 +293,11 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     the first call pays lazy initialisation).
     """
     settings = worker.settings
-    started_s = time.perf_counter()
+    started_s, cpu_started_s = time.perf_counter(), time.thread_time()
     tasks = worker.client.reserve_tasks(ctx.job.id, tasks_wanted, worker.client_info)
     round_trip_s = time.perf_counter() - started_s
+    exchange_cpu_s = api_exchange_cpu_s(round_trip_s, time.thread_time() - cpu_started_s,
+                                        local_server=is_this_host(settings.antenna_api_base_url))
     if not tasks:
         return ProbeRun(None, 0, 0, time.perf_counter() - started_s)
     items, images, external_cpu_s = load_sample(tasks, settings)
@@ -302,6 +319,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
         calibration=calibration, forward_batch_size=pipeline.localization_batch_size,
         inference_threads=torch.get_num_threads(), external_cpu_s=external_cpu_s,
+        api_exchange_cpu_s=exchange_cpu_s,
     )
     return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks))
 
@@ -427,12 +445,13 @@ class TuningMiddleware(Middleware):
         ctx.plan = decision.plan
         ctx.notes["autotune"] = _JobTuning(run.probe, decision, constraints, correction, run.wall_s)
         log.info("job %d: %s | probe %d images in %.2f s: %.2f MiB jpeg, %dx%d, download %.3f s + %.1f MiB/s, "
-                 "decode %.4f s (loading %.4f core-s with receiving and host), inference %.4f s/batch + "
+                 "decode %.4f s (loading %.4f core-s with receiving and host; %.4f core-s per API exchange), inference %.4f s/batch + "
                  "%.4f s/image at %d threads (one thread %.4f s), baseline %.0f MiB%s",
                  ctx.job.id, decision.log_line(), run.probe.sample_count, run.wall_s,
                  run.probe.median_jpeg_bytes / MiB, run.probe.max_width, run.probe.max_height,
                  run.probe.download_latency_s, run.probe.download_bytes_per_s / MiB,
-                 run.probe.decode_s_per_image, run.probe.loader_cpu_s_per_image(), run.probe.inference_overhead_s,
+                 run.probe.decode_s_per_image, run.probe.loader_cpu_s_per_image(), run.probe.api_exchange_cpu_s,
+                 run.probe.inference_overhead_s,
                  run.probe.inference_per_image_s, run.probe.inference_threads, run.probe.single_thread_inference_s,
                  run.probe.baseline_bytes / MiB, _pinned_text(constraints.pinned))
         record_plan_metrics(decision.plan, decision)

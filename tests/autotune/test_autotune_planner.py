@@ -264,3 +264,16 @@ def test_price_plan_says_how_far_the_current_settings_are_over(make_probe, calib
     assert f"by {over_mib:.0f} MiB" in priced.reasons[0]
     chosen = choose_plan(probe, constraints, calibration)
     assert price_plan(chosen.plan, probe, constraints, calibration).fits
+
+
+def test_costly_api_exchanges_buy_bigger_batches_when_inference_is_cheap(make_probe, calibration):
+    decode_only = dict(decode_s_per_image=0.05, inference_overhead_s=0.0, inference_per_image_s=1e-6,
+                       inference_threads=1, download_latency_s=0.0, download_bytes_per_s=1e12, api_round_trip_s=0.0)
+    free = make_probe(**decode_only)
+    costly = make_probe(**decode_only, api_exchange_cpu_s=0.01)
+    assert choose_plan(free, constraints_for(free, 8 * GiB), calibration).plan.batch_size == 1  # smallest peak
+    plan = choose_plan(costly, constraints_for(costly, 8 * GiB), calibration).plan
+    # at batch b and reserve r, exchanges add 0.01 x (1/r + 1/b) to 0.05 core-s per image: the
+    # plan's share stays within the 5% tie tolerance of the cheapest (b1 r2 paid 0.015, +30%)
+    assert plan.batch_size >= 4 and plan.tasks_per_reserve >= plan.batch_size
+    assert costly.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size) <= 0.06 * 0.05

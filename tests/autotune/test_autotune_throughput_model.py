@@ -158,3 +158,21 @@ def test_steadier_stages_need_less_buffer():
     assert exponential < steadier <= 10.0
     with pytest.raises(ValueError, match="scv"):
         buffered_rate(10.0, 12.0, 2, scv=0.0)
+
+
+def test_api_exchanges_are_priced_per_reserve_and_per_batch(make_probe):
+    # A decode-only job (null pipeline): 0.05 core-s to load an image, nothing to infer; each
+    # reserve or result post costs this host 0.01 core-s.
+    cheap = dict(decode_s_per_image=0.05, inference_overhead_s=0.0, inference_per_image_s=1e-6,
+                 inference_threads=1, download_latency_s=0.0, download_bytes_per_s=1e12, api_round_trip_s=0.0)
+    probe = make_probe(**cheap, api_exchange_cpu_s=0.01)
+    assert probe.api_cpu_s_per_image(2, 1) == pytest.approx(0.01 * (1 / 2 + 1))
+    small = predict_rate(plan(tasks_per_reserve=2, batch_size=1), probe)
+    large = predict_rate(plan(tasks_per_reserve=16, batch_size=16), probe)
+    assert small.bottleneck == large.bottleneck == "cpu"
+    assert small.loader_images_per_s == pytest.approx(2 / (0.05 + 0.015 + 1e-6), rel=1e-4)
+    assert large.loader_images_per_s == pytest.approx(2 / (0.05 + 0.01 / 8 + 1e-6), rel=1e-4)
+    # unmeasured (0), batch and reservation size cost nothing on the CPU
+    free = make_probe(**cheap)
+    assert predict_rate(plan(tasks_per_reserve=2, batch_size=1), free).loader_images_per_s == pytest.approx(
+        predict_rate(plan(tasks_per_reserve=16, batch_size=16), free).loader_images_per_s, rel=1e-6)

@@ -40,8 +40,15 @@ def test_burst_run_posts_a_result_for_every_task_including_each_failure_kind(
 
 
 def _children(process: psutil.Process) -> list[psutil.Process]:
-    """Children, less multiprocessing's resource tracker: one per process lifetime, by design."""
-    return [c for c in process.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+    """Descendants, less multiprocessing's resource tracker and the loader's fork server (one each
+    per process lifetime, by design). The loader workers the server forks do count."""
+    return [c for c in process.children(recursive=True) if not _one_per_process(c, process)]
+
+
+def _one_per_process(child: psutil.Process, parent: psutil.Process) -> bool:
+    command = " ".join(child.cmdline())
+    return "resource_tracker" in command or (
+        "multiprocessing.forkserver import main" in command and child.ppid() == parent.pid)
 
 
 def _shm_held(pid: int) -> set[str]:

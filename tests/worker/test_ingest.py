@@ -151,3 +151,44 @@ def test_workers_fork_from_one_preloaded_server_that_outlives_stop_signals(anten
     with Loader(source(antenna, second_job), plan(num_workers=1)) as loader:
         assert _fork_server().pid == server.pid
         assert sum(len(batch.items) for batch in loader) == 4
+
+
+HOLDER = """
+import sys, time
+from autotune.plan import LoaderPlan
+from worker.ingest import IngestSource, Loader
+plan = LoaderPlan(tasks_per_reserve=2, batch_size=1, num_workers=2, prefetch_factor=1, pin_memory=False,
+                  download_threads=1)
+with Loader(IngestSource(base_url=sys.argv[1], token=sys.argv[2], job_id=int(sys.argv[3])), plan) as loader:
+    batches = iter(loader)
+    next(batches)
+    print("HOLDING", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_loader_workers_and_the_fork_server_exit_when_the_main_process_is_killed(antenna, tiny_images):
+    """The OOM killer or SIGKILL ends the main process alone: its loader workers (forks of the fork
+    server, not of it) and the server must not live on holding memory and tasks."""
+    import signal
+    import subprocess
+    import sys
+
+    job = antenna.add_job(tiny_images[:12], "synthetic-moths")
+    with subprocess.Popen([sys.executable, "-c", HOLDER, antenna.base_url, TOKEN, str(job)],
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "HOLDING"
+            server = [child for child in psutil.Process(holder.pid).children()
+                      if "multiprocessing.forkserver import main" in " ".join(child.cmdline())]
+            assert len(server) == 1 and len(server[0].children()) == 2  # the server and its two loader workers
+            left = server + server[0].children()
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+            _gone, alive = psutil.wait_procs(left, timeout=30)
+        finally:
+            holder.kill()
+    for process in alive:
+        process.kill()  # do not leave them behind when the test fails
+    assert alive == [], f"still running after the main process was killed: {alive}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from worker.middlewares import build_middlewares
 from worker.tuning import (
     BenchmarkPlanMiddleware,
     TuningMiddleware,
+    api_exchange_cpu_s,
     benchmark_plan_from_env,
     host_busy_cpu_s,
     is_this_host,
@@ -62,6 +64,8 @@ def test_probe_tasks_get_results_and_the_plan_is_logged_once_with_numbers(antenn
     for needle in ("predicted peak", "MiB of budget", "images/s", "probe 3 images", "decode", "baseline",
                    "no knob pinned by the operator", "source=autotune"):
         assert needle in line, needle
+    # the server is on loopback: its share of the reserve round trip is this host's CPU too
+    assert float(re.search(r"; ([\d.]+) core-s per API exchange", line).group(1)) > 0
     assert "source=autotune" in loader_plans(caplog)[0]
 
 
@@ -172,6 +176,13 @@ def test_host_cpu_and_whether_images_come_from_this_host(tmp_path):
     assert is_this_host("http://localhost/a.jpg")
     assert not is_this_host("http://192.0.2.7/a.jpg")  # TEST-NET-1: documentation, never this host
     assert not is_this_host("not a url")
+
+
+def test_an_api_exchange_costs_the_client_and_a_local_server():
+    assert api_exchange_cpu_s(0.005, 0.003, local_server=True) == pytest.approx(0.005)  # the rest of the round trip
+    assert api_exchange_cpu_s(0.300, 0.003, local_server=True) == pytest.approx(0.006)  # a slow link's wait is no CPU
+    assert api_exchange_cpu_s(0.080, 0.003, local_server=False) == 0.003  # a remote server's time is not ours
+    assert api_exchange_cpu_s(0.002, 0.003, local_server=True) == 0.003  # never below the client's CPU
 
 
 @pytest.mark.timeout(30)
