@@ -30,6 +30,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator, Optional
@@ -339,6 +340,16 @@ def _no_op() -> None:
     pass
 
 
+@contextmanager
+def worker_count_warning_ignored() -> Iterator[None]:
+    """torch warns (on construction and on iteration) when workers exceed its suggested count; the
+    plan is logged with its reasons already, and download-bound jobs legitimately use more
+    workers than cores."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        yield
+
+
 class Loader:
     """A DataLoader for one job, with explicit teardown. Use as a context manager."""
 
@@ -357,20 +368,18 @@ class Loader:
         if plan.num_workers > 0:
             extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor,
                      "worker_init_fn": partial(init_loader_worker, os.getpid())}
-        self.dataloader = DataLoader(
-            self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
-            collate_fn=collate, pin_memory=plan.pin_memory, **extra,
-        )
+        with worker_count_warning_ignored():
+            self.dataloader = DataLoader(
+                self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
+                collate_fn=collate, pin_memory=plan.pin_memory, **extra,
+            )
         self._iterator: Optional[Iterator[Batch]] = None
         self.received: dict[str, Task] = {}
         self.reserved: dict[str, Task] = {}
         self._closed = False
 
     def __iter__(self) -> Iterator[Batch]:
-        with warnings.catch_warnings():
-            # torch warns when workers exceed its suggested count; the plan is logged with its
-            # reasons already, and download-bound jobs legitimately use more workers than cores.
-            warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        with worker_count_warning_ignored():
             self._iterator = iter(self.dataloader)
         while True:
             try:
