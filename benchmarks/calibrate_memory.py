@@ -11,9 +11,10 @@ Memory is ``benchmarks.meter``'s: PSS of everything but /dev/shm segments, plus 
 size once (PSS alone misses decoded images queued in shared memory).
 
 1. ``worker_process_bytes`` and the per-image constants: a real ``Loader`` with one loader
-   worker (forked from the fork server, which is running before the baseline, as in the worker) streams generated small and large JPEGs; the child takes the first batch and
-   then holds it without consuming, so the worker fills its credit (``prefetch_factor x
-   batch_size`` decoded images) and parks with ``download_threads`` downloaded JPEGs. The plateau
+   worker (a fork of the fork server, which runs before the baseline is read, as in the worker)
+   streams generated small and large JPEGs; the child takes the first batch and then holds it
+   without consuming, so the worker fills its credit (``prefetch_factor x batch_size`` decoded
+   images) and parks with ``download_threads`` downloaded JPEGs. The plateau
    above the child's pre-loader baseline is, by ``autotune.memory_model``'s structure,
    ``W + scratch x D + queued x D x q + threads x J x f`` (D decoded bytes, J JPEG bytes).
    Several (batch, prefetch, threads, image size) configurations give a least-squares fit of

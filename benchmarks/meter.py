@@ -19,8 +19,6 @@ from pathlib import Path
 from watchdog import procfs
 from watchdog.proctree import tree_pids
 
-SHM_PREFIX = "/dev/shm/"
-
 
 @dataclass(frozen=True)
 class SmapsReading:
@@ -28,7 +26,7 @@ class SmapsReading:
 
     pss_bytes: int
     non_shm_pss_bytes: int
-    shm_sizes: dict[int, int]  # inode -> segment size, as ``procfs.read_maps_shm`` gives it
+    shm_sizes: dict[int, int]  # inode -> segment size (``procfs.shm_mapping``)
 
 
 def read_smaps(pid: int) -> SmapsReading:
@@ -47,12 +45,10 @@ def read_smaps(pid: int) -> SmapsReading:
             if not in_shm:
                 non_shm_kb += kb
         elif _is_mapping_header(line):
-            fields = line.split(maxsplit=5)
-            in_shm = len(fields) >= 6 and fields[5].startswith(SHM_PREFIX)
-            if in_shm:
-                start, _, end = fields[0].partition("-")
-                size = procfs.mapped_file_size(f"/proc/{pid}", fields[0], int(end, 16) - int(start, 16))
-                inode = int(fields[4])
+            segment = procfs.shm_mapping(f"/proc/{pid}", line.split(maxsplit=5))
+            in_shm = segment is not None
+            if segment is not None:
+                inode, size = segment
                 shm_sizes[inode] = max(shm_sizes.get(inode, 0), size)
     return SmapsReading(pss_kb * 1024, non_shm_kb * 1024, shm_sizes)
 

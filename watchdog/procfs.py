@@ -102,15 +102,22 @@ def read_fds(pid: int, proc_root: Path = Path("/proc")) -> FdReading | None:
     return FdReading(open_fds=len(entries), shm_sizes=shm_sizes)
 
 
-def mapped_file_size(proc_dir: str, address_range: str, mapped_bytes: int) -> int:
-    """Size of the file mapped at ``address_range`` ("start-end" hex) of a process.
-
-    map_files gives the real file size even for unlinked files, but needs CAP_SYS_ADMIN;
-    without it the mapped length is the best lower bound there is."""
+def _mapped_size(proc_dir: str, address_range: str, mapped_bytes: int) -> int:
+    # map_files gives the real file size even for unlinked files, but needs CAP_SYS_ADMIN;
+    # without it the mapped length is the best lower bound there is.
     try:
         return os.stat(f"{proc_dir}/map_files/{address_range}").st_size
     except OSError:
         return mapped_bytes
+
+
+def shm_mapping(proc_dir: str, fields: list[str]) -> tuple[int, int] | None:
+    """``(inode, file size)`` when ``fields`` (a maps/smaps mapping line split with
+    ``maxsplit=5``) map a /dev/shm file, else None. ``proc_dir`` is the process's /proc entry."""
+    if len(fields) < 6 or not fields[5].startswith(SHM_PREFIX):
+        return None
+    start, _, end = fields[0].partition("-")
+    return int(fields[4]), _mapped_size(proc_dir, fields[0], int(end, 16) - int(start, 16))
 
 
 def read_maps_shm(pid: int, proc_root: Path = Path("/proc")) -> dict[int, int]:
@@ -120,13 +127,10 @@ def read_maps_shm(pid: int, proc_root: Path = Path("/proc")) -> dict[int, int]:
         return {}
     sizes: dict[int, int] = {}
     for line in data.decode(errors="replace").splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].startswith(SHM_PREFIX):
-            continue
-        start, _, end = fields[0].partition("-")
-        inode = int(fields[4])
-        size = mapped_file_size(f"{proc_root}/{pid}", fields[0], int(end, 16) - int(start, 16))
-        sizes[inode] = max(sizes.get(inode, 0), size)
+        segment = shm_mapping(f"{proc_root}/{pid}", line.split(maxsplit=5))
+        if segment is not None:
+            inode, size = segment
+            sizes[inode] = max(sizes.get(inode, 0), size)
     return sizes
 
 

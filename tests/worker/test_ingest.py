@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import time
+from typing import Optional
 
 import psutil
 import pytest
@@ -115,8 +116,10 @@ def test_one_batch_of_four_large_images_costs_at_most_4x40_mib(antenna, large_im
         del batch
 
 
-def _fork_server() -> psutil.Process:
-    servers = [child for child in psutil.Process().children()
+def _fork_server(parent: Optional[psutil.Process] = None) -> psutil.Process:
+    """The fork server ``parent`` (default: this process) started; its forks, the loader workers,
+    share its command line, so only a direct child counts."""
+    servers = [child for child in (parent or psutil.Process()).children()
                if "multiprocessing.forkserver import main" in " ".join(child.cmdline())]
     assert len(servers) == 1, servers
     return servers[0]
@@ -180,10 +183,9 @@ def test_loader_workers_and_the_fork_server_exit_when_the_main_process_is_killed
                           stdout=subprocess.PIPE, text=True) as holder:
         try:
             assert holder.stdout.readline().strip() == "HOLDING"
-            server = [child for child in psutil.Process(holder.pid).children()
-                      if "multiprocessing.forkserver import main" in " ".join(child.cmdline())]
-            assert len(server) == 1 and len(server[0].children()) == 2  # the server and its two loader workers
-            left = server + server[0].children()
+            server = _fork_server(psutil.Process(holder.pid))
+            assert len(server.children()) == 2  # the server's two loader workers
+            left = [server, *server.children()]
             holder.send_signal(signal.SIGKILL)
             holder.wait(10)
             _gone, alive = psutil.wait_procs(left, timeout=30)
