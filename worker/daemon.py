@@ -208,7 +208,10 @@ class Worker:
             self._call("on_loader_start", ctx)
             try:
                 for batch in loader:
-                    self._handle_batch(ctx, pipeline, batch)
+                    try:
+                        self._handle_batch(ctx, pipeline, batch)
+                    finally:
+                        batch.release()  # results are computed: loader workers may reuse the buffers
                     del batch  # not held while the next batch is awaited (one batch of images)
                     if self._check_stop(ctx, loader):
                         break

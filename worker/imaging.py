@@ -12,6 +12,8 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
+
 import numpy as np
 import requests
 import simplejpeg
@@ -82,15 +84,18 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     return body  # a bytearray: decoders take it as is, and a bytes() copy would double the peak
 
 
-def decode(data: bytes | bytearray, *, max_pixels: int, shared: bool = False) -> DecodedImage:
+Allocate = Callable[[int, int], torch.Tensor]  # (height, width) -> uint8 (height, width, 3)
+
+
+def decode(data: bytes | bytearray, *, max_pixels: int, allocate: Optional[Allocate] = None) -> DecodedImage:
     """Decode to a uint8 CHW tensor; refuses images over ``max_pixels`` before allocating them.
 
-    With ``shared=True`` (inside DataLoader worker processes) JPEGs decode straight into a
-    shared-memory buffer, so handing the tensor to the main process copies nothing.
+    JPEGs decode straight into the tensor ``allocate(height, width)`` returns (inside DataLoader
+    worker processes: a shared-memory buffer, so handing it to the main process copies nothing).
     """
     started_s = time.perf_counter()
     if data[:2] == JPEG_MAGIC:
-        hwc = _decode_jpeg(data, max_pixels, shared)
+        hwc = _decode_jpeg(data, max_pixels, allocate or _allocate_private)
     else:
         hwc = torch.from_numpy(_decode_pillow(data, max_pixels))
     height, width = hwc.shape[:2]
@@ -107,15 +112,17 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _decode_jpeg(data: bytes, max_pixels: int, shared: bool) -> torch.Tensor:
+def _allocate_private(height: int, width: int) -> torch.Tensor:
+    return torch.empty((height, width, 3), dtype=torch.uint8)
+
+
+def _decode_jpeg(data: bytes, max_pixels: int, allocate: Allocate) -> torch.Tensor:
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as error:
         raise ImageError(f"not a decodable JPEG: {error}") from None
     _check_pixels(width, height, max_pixels)
-    hwc = torch.empty((height, width, 3), dtype=torch.uint8)
-    if shared:
-        hwc.share_memory_()
+    hwc = allocate(height, width)
     try:
         simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=hwc.numpy())
         return hwc

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -94,8 +94,15 @@ class Batch:
         """Called by the DataLoader's pin-memory thread (CUDA only)."""
         for item in self.items:
             if item.image is not None:
-                item.image = item.image.pin_memory()
+                shared, item.image = item.image, item.image.pin_memory()
+                release_image(shared)  # the pinned copy is what is used from here
         return self
+
+    def release(self) -> None:
+        """The consumer is done with the images: drop them, and let loader workers reuse their buffers."""
+        for item in self.items:
+            release_image(item.image)
+            item.image = None
 
     @property
     def image_bytes(self) -> int:
@@ -158,7 +165,7 @@ class TaskStream(IterableDataset):
     def __iter__(self) -> Iterator[LoadedImage]:
         info = get_worker_info()
         worker_id = info.id if info is not None else -1
-        fix_mmap_threshold()
+        fix_mmap_threshold()  # this process decodes: large JPEG bodies and images go back to the OS
         in_worker = info is not None
         client = AntennaClient(
             self.source.base_url, self.source.token,
@@ -166,14 +173,18 @@ class TaskStream(IterableDataset):
         )
         session = image_session(self.plan.download_threads)
         pool = ThreadPoolExecutor(self.plan.download_threads, thread_name_prefix="download")
+        buffers = None
+        if in_worker:
+            buffers = SharedImageBuffers(lambda: (self.control.prefetch_depth.value + 1) * self.plan.batch_size)
         try:
-            yield from self._stream(client, session, pool, worker_id, in_worker)
+            yield from self._stream(client, session, pool, worker_id, buffers)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             session.close()
             client.close()
 
-    def _stream(self, client, session, pool, worker_id: int, in_worker: bool) -> Iterator[LoadedImage]:
+    def _stream(self, client, session, pool, worker_id: int,
+                buffers: Optional[SharedImageBuffers]) -> Iterator[LoadedImage]:
         while self.control.stop.value == RUN:
             tasks = self._reserve(client)
             if not tasks:
@@ -187,12 +198,12 @@ class TaskStream(IterableDataset):
                 while todo and len(pending) < ahead:
                     task = todo.popleft()
                     pending.append((task, pool.submit(self._fetch, session, task)))
-                if in_worker:
+                if buffers is not None:  # in a loader worker process
                     self._wait_for_credit(worker_id)
                 if self.control.stop.value == ABANDON:
                     return
                 task, future = pending.popleft()
-                item = self._load(task, future, worker_id, in_worker)
+                item = self._load(task, future, worker_id, buffers)
                 # Drop our references before suspending: a suspended generator frame would
                 # otherwise keep the last compressed JPEG (24 MB for a large image) alive.
                 del future
@@ -241,10 +252,12 @@ class TaskStream(IterableDataset):
         )
         return data, time.perf_counter() - started_s
 
-    def _load(self, task: Task, future: Future, worker_id: int, shared: bool) -> LoadedImage:
+    def _load(self, task: Task, future: Future, worker_id: int,
+              buffers: Optional["SharedImageBuffers"]) -> LoadedImage:
         try:
             data, download_s = future.result()
-            decoded = decode(data, max_pixels=self.source.max_image_pixels, shared=shared)
+            decoded = decode(data, max_pixels=self.source.max_image_pixels,
+                             allocate=buffers.allocate if buffers is not None else None)
         except ImageError as error:
             return LoadedImage(task, None, str(error), worker_id=worker_id)
         except Exception as error:  # a bug in a decoder must cost one image, not the job
@@ -253,11 +266,105 @@ class TaskStream(IterableDataset):
         image = decoded.tensor
         if self.plan.tensor_dtype == "float32":  # legacy ADC behaviour, benchmarks only
             image = image.float().div_(255.0)
-            if shared:
+            if buffers is not None:
                 image.share_memory_()
+        elif buffers is not None:
+            buffers.hold(image)  # from here until the main process calls release_image
         return LoadedImage(
             task, image, None, len(data), decoded.width, decoded.height, download_s, decoded.decode_s, worker_id
         )
+
+
+BUFFER_TAG = b"AWIMGBF"  # 7 bytes after the pixels of a reusable buffer; then the held flag
+BUFFER_TAG_BYTES = len(BUFFER_TAG) + 1
+
+
+class SharedImageBuffers:
+    """Shared-memory image buffers one loader worker reuses once the main process is done with them.
+
+    A fresh shared-memory segment per image is paid in page faults: on this VM allocating and
+    faulting in a 2048x1536 image's 9 MiB costs about as much CPU as decoding it (docs/benchmarks.md,
+    "Loader worker CPU"). So a worker keeps its buffers: each carries, after the pixels, a tag and
+    a held flag. The worker sets the flag when it hands the image out (``hold``); the main process
+    clears it (``release_image``) once the batch's results are computed; the worker then decodes
+    the next image of the same size into it. A buffer whose flag stays set (a consumer that never
+    releases, a pinned copy) is simply never reused.
+
+    Bounded: at most ``limit()`` buffers (the worker's credit plus the batch the main process is
+    working on), re-read at each allocation so a watchdog shrink frees spare buffers at the next
+    image. Past the bound the worker forgets its oldest buffers; a held one stays alive in the main
+    process until released there, so the worst case is what a fresh segment per image costs.
+    """
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._buffers: deque[tuple[torch.UntypedStorage, torch.Tensor]] = deque()  # (storage, tag view)
+        self.reused = 0
+        self.allocated = 0
+
+    def allocate(self, height: int, width: int) -> torch.Tensor:
+        """A shared (height, width, 3) uint8 tensor, free to write (not yet held)."""
+        nbytes = height * width * 3
+        chosen = None
+        for entry in self._buffers:
+            storage, tag = entry
+            if storage.nbytes() == nbytes + BUFFER_TAG_BYTES and int(tag[-1]) == 0:
+                chosen = entry
+                break
+        if chosen is not None:
+            self._buffers.remove(chosen)
+            self.reused += 1
+        self._trim(max(1, self._limit()) - 1)  # room for the one handed out now
+        if chosen is None:
+            storage = torch.UntypedStorage._new_shared(nbytes + BUFFER_TAG_BYTES)
+            tag = torch.empty(0, dtype=torch.uint8).set_(storage, nbytes, (BUFFER_TAG_BYTES,))
+            tag.copy_(torch.frombuffer(bytearray(BUFFER_TAG + b"\0"), dtype=torch.uint8))
+            chosen = (storage, tag)
+            self.allocated += 1
+        self._buffers.append(chosen)
+        return torch.empty(0, dtype=torch.uint8).set_(chosen[0], 0, (height, width, 3))
+
+    def hold(self, image: torch.Tensor) -> None:
+        """Mark ``image``'s buffer as handed out: not reused until the main process releases it."""
+        tag = _buffer_tag(image)
+        if tag is not None:
+            tag[-1] = 1
+
+    def _trim(self, keep: int) -> None:
+        """Keep at most ``keep`` buffers: spare (released) ones go first, then the oldest held ones."""
+        for entry in [e for e in self._buffers if int(e[1][-1]) == 0]:
+            if len(self._buffers) <= keep:
+                return
+            self._buffers.remove(entry)
+        while len(self._buffers) > keep:
+            self._buffers.popleft()
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+
+def _buffer_tag(image: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tag view of a reusable buffer holding ``image``, or None for any other tensor."""
+    if image.dtype != torch.uint8 or image.device.type != "cpu":
+        return None
+    storage = image.untyped_storage()
+    if storage.nbytes() != image.numel() + BUFFER_TAG_BYTES or image.storage_offset() != 0:
+        return None
+    tag = torch.empty(0, dtype=torch.uint8).set_(storage, image.numel(), (BUFFER_TAG_BYTES,))
+    if bytes(tag[:-1].tolist()) != BUFFER_TAG:
+        return None
+    return tag
+
+
+def release_image(image: Optional[torch.Tensor]) -> None:
+    """The main process is done with ``image``: its loader worker may decode into the buffer again.
+
+    A no-op for tensors that are not reusable buffers. Nothing may read ``image`` afterwards.
+    """
+    if image is not None:
+        tag = _buffer_tag(image)
+        if tag is not None:
+            tag[-1] = 0
 
 
 class LoaderFailed(RuntimeError):
@@ -361,7 +468,10 @@ class Loader:
         self._context = multiprocessing.get_context(start_method)
         if start_method == "forkserver" and plan.num_workers > 0:
             start_fork_server()
-        fix_mmap_threshold()
+        # No fix_mmap_threshold() here: the process that decodes fixes it (TaskStream.__iter__: the
+        # loader workers, or this process when num_workers == 0). In a main process that only
+        # infers, a fixed threshold turns every large temporary tensor of the forward pass into a
+        # fresh mmap and its page faults: measured 14 of 52 core-s of a small job as system time.
         self.control = SharedControl(plan, self._context)
         self.dataset = TaskStream(source, plan, self.control)
         extra: dict[str, Any] = {}

@@ -194,3 +194,75 @@ def test_loader_workers_and_the_fork_server_exit_when_the_main_process_is_killed
     for process in alive:
         process.kill()  # do not leave them behind when the test fails
     assert alive == [], f"still running after the main process was killed: {alive}"
+
+
+def test_shared_buffers_are_reused_only_once_released_and_stay_bounded():
+    from worker.ingest import SharedImageBuffers, release_image
+
+    limit = [3]
+    buffers = SharedImageBuffers(lambda: limit[0])
+    first = buffers.allocate(4, 5)
+    first.fill_(7)
+    buffers.hold(first)
+    second = buffers.allocate(4, 5)  # the first is held: a new buffer
+    assert second.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+    assert int(first.sum()) == 7 * 4 * 5 * 3  # untouched
+    buffers.hold(second)
+    release_image(first.permute(2, 0, 1))  # the main process sees CHW views of the same buffer
+    third = buffers.allocate(4, 5)
+    assert third.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    assert (buffers.allocated, buffers.reused) == (2, 1)
+    other = buffers.allocate(6, 5)  # another size: a new buffer, never a wrong-sized one
+    assert other.shape == (6, 5, 3) and buffers.allocated == 3
+    buffers.hold(third)
+    buffers.hold(other)
+    for _ in range(5):  # all held: the pool forgets the oldest and never grows past the limit
+        buffers.hold(buffers.allocate(4, 5))
+        assert len(buffers) <= limit[0]
+    limit[0] = 1  # a watchdog shrink: spare buffers go at the next allocation
+    buffers.allocate(4, 5)
+    assert len(buffers) == 1
+    plain = torch.zeros((3, 4, 5), dtype=torch.uint8)
+    release_image(plain)  # not a pooled buffer: untouched
+    assert int(plain.sum()) == 0
+
+
+@pytest.mark.timeout(120)
+def test_loader_workers_reuse_released_buffers_and_never_overwrite_held_images(antenna, tiny_images):
+    """Images the consumer still holds keep their pixels; released ones come back as buffers."""
+    import hashlib
+    import os
+
+    from worker.imaging import decode
+
+    images = tiny_images[:24]
+    expected = {i.image_id: hashlib.sha256(decode(i.path.read_bytes(), max_pixels=10**9).tensor.contiguous()
+                                           .numpy().tobytes()).hexdigest() for i in images}
+
+    def run(release: bool) -> tuple[set[int], list]:
+        inodes: set[int] = set()
+        held = []
+        job = antenna.add_job(images, "synthetic-moths")
+        with Loader(source(antenna, job), plan(num_workers=1, tasks_per_reserve=24, batch_size=2,
+                                               prefetch_factor=1)) as loader:
+            for batch in loader:
+                for item in batch.items:
+                    fd, _size = item.image.untyped_storage()._share_fd_cpu_()
+                    inodes.add(os.fstat(fd).st_ino)
+                    digest = hashlib.sha256(item.image.contiguous().numpy().tobytes()).hexdigest()
+                    assert digest == expected[item.task.image_id]
+                if release:
+                    batch.release()
+                    assert all(item.image is None for item in batch.items)
+                else:
+                    held.append(batch)
+        return inodes, held
+
+    reused, _ = run(release=True)
+    assert len(reused) <= (1 + 1) * 2  # (prefetch + the batch being worked on) x batch size
+    fresh, held = run(release=False)
+    assert len(fresh) == 24  # nothing released: every image got its own buffer
+    for batch in held:  # and none was overwritten while held
+        for item in batch.items:
+            digest = hashlib.sha256(item.image.contiguous().numpy().tobytes()).hexdigest()
+            assert digest == expected[item.task.image_id]
