@@ -56,11 +56,13 @@ class InferenceSample:
 
     Includes the (pageable) host->device copy and float conversion, as the worker will run it.
     ``threads``: torch's intra-op threads during the timing; 0 means the process default.
+    ``cpu_s``: the process's CPU seconds over the same batch (all its threads); 0 if not measured.
     """
 
     batch_size: int
     seconds: float
     threads: int = 0
+    cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class Probe:
     download_cpu_s_per_image: float = 0.0
     external_cpu_s_per_image: float = 0.0
     api_exchange_cpu_s: float = 0.0
+    inference_busy_threads: float = 0.0
+    max_timed_batch: int = 0
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -115,7 +119,7 @@ class Probe:
         for name in ("download_latency_s", "decode_s_per_image", "inference_overhead_s",
                      "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s",
                      "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image",
-                     "api_exchange_cpu_s"):
+                     "api_exchange_cpu_s", "inference_busy_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Probe.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -170,6 +174,13 @@ class Probe:
         single = sorted((sample.seconds / sample.batch_size, -sample.batch_size) for sample in inference
                         if sample.threads == 1 and inference_threads > 1)
         overhead_s, per_image_s = fit_inference(at_default)
+        timed_cpu = [sample for sample in at_default if sample.cpu_s > 0 and sample.seconds > 0]
+        busy_threads = 0.0
+        if timed_cpu:
+            busy = sum(sample.cpu_s for sample in timed_cpu) / sum(sample.seconds for sample in timed_cpu)
+            busy_threads = min(float(inference_threads), max(1.0, busy))
+        else:
+            notes.append("inference CPU not measured: every intra-op thread taken as busy")
         if inference_threads > 1 and not single:
             notes.append(f"inference timed at {inference_threads} threads only: the planner keeps that count")
         if len({sample.batch_size for sample in at_default}) < 2:
@@ -211,6 +222,8 @@ class Probe:
                 image.download_cpu_s for image in images if image.download_cpu_s is not None]) else 0.0,
             external_cpu_s_per_image=max(0.0, float(external_cpu_s or 0.0)) / len(images),
             api_exchange_cpu_s=max(0.0, float(api_exchange_cpu_s or 0.0)),
+            inference_busy_threads=busy_threads,
+            max_timed_batch=max(sample.batch_size for sample in at_default),
             notes=tuple(notes),
         )
 
@@ -242,6 +255,28 @@ class Probe:
         """Core-seconds of API exchanges per image: one reserve per ``tasks_per_reserve`` images
         and one result post per batch of ``batch_size``."""
         return self.api_exchange_cpu_s * (1.0 / max(1, tasks_per_reserve) + 1.0 / max(1, batch_size))
+
+    def inference_cpu_s_per_image(self, threads: int, wall_s_per_image: float) -> float:
+        """Core-seconds inference spends per image at ``threads`` (0: the default) taking
+        ``wall_s_per_image``.
+
+        ``inference_busy_threads`` is measured: the process's CPU seconds over the wall seconds of
+        the default-thread samples. Whether idle OpenMP threads spin or sleep at a barrier
+        (``OMP_WAIT_POLICY``) decides whether it is near ``inference_threads`` or near 1, so it is
+        measured, not assumed. Between one thread (busy 1) and the default it is interpolated
+        linearly; unmeasured, every thread counts as busy for the whole forward pass.
+        """
+        threads = threads or self.inference_threads
+        if threads <= 1:
+            return wall_s_per_image
+        default = self.inference_threads
+        if self.inference_busy_threads <= 0:
+            busy = float(threads)
+        elif default <= 1:
+            busy = 1.0
+        else:
+            busy = 1.0 + (self.inference_busy_threads - 1.0) * (threads - 1) / (default - 1)
+        return min(float(threads), max(1.0, busy)) * wall_s_per_image
 
     def serial_fraction(self) -> float:
         """Amdahl's serial share of inference, from the same batch at one thread and at the default.

@@ -5,9 +5,11 @@ when ``num_workers == 0``) repeats: one reserve round trip, then streams its ``t
 images through ``c = min(download_threads, tasks_per_reserve)`` connections and ONE decoder. The
 stream refills at each reservation, so a reservation of R images takes
 
-    round_trip + download_s + decode_s (the first image) + (R - 1) x max(download_s / c, decode_s)
+    round_trip + download_s + decode_s (the first image) + (R - 1) x ~max(download_s / c, decode_s)
 
-where one download is ``latency + bytes / bandwidth`` for the median image. Decoding lanes beyond
+where one download is ``latency + bytes / bandwidth`` for the median image, and the max is
+priced as a two-station line with c bodies of buffer (``buffered_rate``, see "Coupling"): with one
+connection barely faster than the decoder, the decoder waits on downloads. Decoding lanes beyond
 ``cpu_count`` share cores (decode_s grows by lanes / cpu_count). Inference of a batch of b takes
 ``overhead x ceil(b / forward_batch_size) + per_image x b`` (pipelines split ingest batches into
 forward batches); pin_memory on CUDA replaces the pageable host->device copy in
@@ -16,20 +18,21 @@ forward batches); pin_memory on CUDA replaces the pageable host->device copy in
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
 inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) the loader
 workers and the inference share the cores, and the kernel shares them fairly between runnable
-threads. Each image costs decode_s core-seconds in a loader worker and t x i core-seconds of
-inference, where t is ``plan.inference_threads`` and i the inference wall seconds per image at t
-threads (``Probe.inference_s``): OpenMP threads that reach a barrier first wait actively, so all
-t are busy for the whole forward pass. Loading costs ``Probe.loader_cpu_s_per_image`` (l): the
-decode, receiving the body, and what an image server on this host spends on it, plus the API
-exchanges (``Probe.api_cpu_s_per_image``: a reserve per ``tasks_per_reserve`` images and a result
-post per batch, each costing the client's CPU and, with the server on this host, the server's).
-So no plan beats
+threads. Each image costs decode_s core-seconds in a loader worker and c(t) = b(t) x i
+core-seconds of inference, where t is ``plan.inference_threads``, i the inference wall seconds
+per image at t threads (``Probe.inference_s``) and b(t) the threads busy during it, measured by
+the probe (``Probe.inference_cpu_s_per_image``): OpenMP threads that reach a barrier first spin
+or sleep, per ``OMP_WAIT_POLICY`` (the worker defaults it to PASSIVE), so b is not assumed.
+Loading costs ``Probe.loader_cpu_s_per_image`` (l): the decode, receiving the body, and what an
+image server on this host spends on it, plus the API exchanges (``Probe.api_cpu_s_per_image``:
+a reserve per ``tasks_per_reserve`` images and a result post per batch, each costing the
+client's CPU and, with the server on this host, the server's). So no plan beats
 
-    cpu_count / (l + t x i)  images/s,
+    cpu_count / (l + c(t))  images/s, with c(t) the inference core-seconds per image,
 
 next to the loader's own limits (network, reservations, lanes / decode_s) and inference's
 (1 / i). When that CPU bound is the limit, the stage whose threads need less than a fair share
-(per thread: r x i for inference, r x l / lanes for a loading lane) gets what it needs
+(per thread: r x c(t) / t for inference, r x l / lanes for a loading lane) gets what it needs
 and the other stage is the bottleneck: the queue between them stays short when the loader is the
 one held back, and fills when inference is. One thread is slower alone but leaves the other
 cores to the decoders, which wins when decoding is the larger share of the CPU work.
@@ -97,7 +100,9 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     connections = min(plan.download_threads, plan.tasks_per_reserve)
     download_s = probe.download_s_per_image()
     decode_s = probe.decode_s_per_image * max(1.0, lanes / probe.cpu_count)
-    stream_s = max(download_s / connections, decode_s)
+    # Within a lane the downloads (c connections, c bodies ahead) feed one decoder: a tandem line
+    # like the loader and the inference, so one connection barely faster than the decoder stalls it.
+    stream_s = 1.0 / buffered_rate(_per_s(connections, download_s), _per_s(1, decode_s), connections, STAGE_SCV)
     fill_s = probe.api_round_trip_s + download_s + decode_s
     streaming_s = (plan.tasks_per_reserve - 1) * stream_s
     loader = _per_s(lanes * plan.tasks_per_reserve, fill_s + streaming_s)
@@ -187,13 +192,17 @@ def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
     threads = inference_threads(plan, probe)
     image_s = 1.0 / full_inference  # inference wall seconds per image at `threads`, CPU to itself
     load_core_s = probe.loader_cpu_s_per_image() + probe.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size)
-    cpu_rate = cores / (load_core_s + threads * image_s)
+    infer_core_s = probe.inference_cpu_s_per_image(threads, image_s)
+    cpu_rate = cores / (load_core_s + infer_core_s)
     rate = min(loader, full_inference, cpu_rate)
     share = min(1.0, cores / (lanes + threads))  # each thread's core when all are runnable
     if rate < cpu_rate:  # not CPU bound: loading takes r x l core-seconds per second
-        inference = min(full_inference, max(0.0, cores - rate * load_core_s) / (threads * image_s))
-        return loader, max(rate, inference), False
-    if rate * image_s <= rate * load_core_s / lanes:  # inference's threads need less: the loader waits
+        inference = min(full_inference, max(0.0, cores - rate * load_core_s) / infer_core_s)
+        # While inference runs, its busy threads are runnable beside the lanes: a lane's fair
+        # share of a core then bounds how fast the loader refills the queue.
+        lane_share = min(1.0, cores / (lanes + infer_core_s / image_s))
+        return min(loader, lanes * lane_share / load_core_s), max(rate, inference), False
+    if rate * infer_core_s / threads <= rate * load_core_s / lanes:  # inference's threads need less: the loader waits
         return rate, max(rate, min(full_inference, share / image_s)), True
     return max(rate, min(loader, lanes * share / load_core_s)), rate, True
 

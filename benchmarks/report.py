@@ -63,9 +63,11 @@ def verdicts(entry: dict[str, Any]) -> list[str]:
         lines.append(f"- {name}: autotune predicted peak {_mib(auto.predicted_peak_bytes)} MiB vs measured "
                      f"{_mib(auto.peak_bytes)} MiB ({error:+.0%}) -> {'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%)")
     if name == "small" and auto.job_wall_s:
-        share = auto.probe_wall_s / auto.job_wall_s
-        lines.append(f"- {name}: probe {auto.probe_wall_s:.2f} s of the job's {auto.job_wall_s:.1f} s = {share:.1%} "
-                     f"-> {'PASS' if share <= 0.05 else 'MISS'} (<= 5%)")
+        share = auto.probe_overhead_s / auto.job_wall_s
+        lines.append(f"- {name}: probe overhead {auto.probe_overhead_s:.2f} s of the job's {auto.job_wall_s:.1f} s = "
+                     f"{share:.1%} -> {'PASS' if share <= 0.05 else 'MISS'} (<= 5%); the probe's whole wall "
+                     f"{auto.probe_wall_s:.2f} s ({auto.probe_wall_s / auto.job_wall_s:.1%}) includes processing "
+                     f"the probed tasks, which the job needs anyway")
     if entry["ceiling"]:
         c = entry["ceiling"]
         target = 0.6 * c["cores"] * c["single_core_decode_per_s"]

@@ -211,6 +211,7 @@ class RunResult:
     plan: str = ""
     predicted_peak_bytes: int = 0
     probe_wall_s: float = 0.0
+    probe_overhead_s: float = 0.0
     history: list[tuple[float, int]] = field(default_factory=list)
 
     @property
@@ -251,6 +252,7 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             cgroup.limit_bytes if cgroup else limit_bytes,
             plan=advisory.get("plan", "") or _logged_plan(log_path),
             predicted_peak_bytes=advisory.get("predicted", 0), probe_wall_s=advisory.get("probe_wall_s", 0.0),
+            probe_overhead_s=advisory.get("probe_overhead_s", 0.0),
             history=[(m.taken_at_s - meter.history[0].taken_at_s, m.total_bytes) for m in meter.history],
         )
         if log_path.exists():
@@ -323,7 +325,8 @@ def _plan_record(scratch: Path) -> dict[str, Any]:
     advisory = json.loads(advisories[0].read_text())
     plan = LoaderPlan(**record["decision"]["plan"])
     return {"plan": short_plan(plan), "predicted": int(advisory["predicted_bytes"]),
-            "probe_wall_s": float(record["probe_wall_s"])}
+            "probe_wall_s": float(record["probe_wall_s"]),
+            "probe_overhead_s": float(record.get("probe_overhead_s", record["probe_wall_s"]))}
 
 
 def _logged_plan(log_path: Path) -> str:

@@ -90,6 +90,9 @@ class ProbeRun:
 
     ``probe`` is None when no sampled image could be used (nothing reserved, or all failed).
     ``results_posted``: results handed to the poster for the probed tasks (one per task).
+    ``processing_s``: of ``wall_s``, the probed tasks' own processing (their batch through the
+    loop's ``_handle_batch``: inference and posting, which the job needs anyway); the rest,
+    ``overhead_s``, is what probing cost the job.
     """
 
     probe: Optional[Probe]
@@ -97,6 +100,11 @@ class ProbeRun:
     images_ok: int
     wall_s: float
     results_posted: int = 0
+    processing_s: float = 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        return max(0.0, self.wall_s - self.processing_s)
 
 
 # --- measuring ---
@@ -222,9 +230,10 @@ def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, 
     run_batch(pipeline, good[:1], slug)
     samples = time_sample(pipeline, good, slug, cuda=cuda)
     if len(good) > 1:
-        started_s = time.perf_counter()
+        started_s, started_cpu_s = time.perf_counter(), time.process_time()
         run_batch(pipeline, good, slug)
-        samples.append(InferenceSample(len(good), time.perf_counter() - started_s))
+        samples.append(InferenceSample(len(good), time.perf_counter() - started_s,
+                                       cpu_s=time.process_time() - started_cpu_s))
     return samples
 
 
@@ -246,9 +255,10 @@ def time_each_image(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str)
     """
     samples = []
     for item in items:
-        started_s = time.perf_counter()
+        started_s, started_cpu_s = time.perf_counter(), time.process_time()
         run_batch(pipeline, [item], slug)
-        samples.append(InferenceSample(1, time.perf_counter() - started_s, threads=torch.get_num_threads()))
+        samples.append(InferenceSample(1, time.perf_counter() - started_s, threads=torch.get_num_threads(),
+                                       cpu_s=time.process_time() - started_cpu_s))
     return samples
 
 
@@ -308,12 +318,14 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
         inference.extend(time_sample(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda))
     baseline = baseline_bytes(items)
     # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
+    processing_started_s = time.perf_counter()
     worker._handle_batch(ctx, pipeline, Batch(items))
+    processing_s = time.perf_counter() - processing_started_s
     if good:
         inference.append(InferenceSample(len(good), ctx.stats.last_inference_s))
     del items, good
     if not images:
-        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks))
+        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks), processing_s)
     probe = Probe.from_samples(
         images, inference, baseline_bytes=baseline, cpu_count=cpu_count(), cuda=worker.cuda,
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
@@ -321,7 +333,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
         inference_threads=torch.get_num_threads(), external_cpu_s=external_cpu_s,
         api_exchange_cpu_s=exchange_cpu_s,
     )
-    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks))
+    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks), processing_s)
 
 
 _WARMED: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
@@ -401,6 +413,7 @@ class _JobTuning:
     constraints: PlanConstraints
     correction: float
     probe_wall_s: float
+    probe_overhead_s: float
 
 
 class TuningMiddleware(Middleware):
@@ -443,17 +456,17 @@ class TuningMiddleware(Middleware):
         constraints = constraints_for(worker, run.probe)
         decision = choose_plan(run.probe, constraints, self.calibration, correction)
         ctx.plan = decision.plan
-        ctx.notes["autotune"] = _JobTuning(run.probe, decision, constraints, correction, run.wall_s)
-        log.info("job %d: %s | probe %d images in %.2f s: %.2f MiB jpeg, %dx%d, download %.3f s + %.1f MiB/s, "
+        ctx.notes["autotune"] = _JobTuning(run.probe, decision, constraints, correction, run.wall_s, run.overhead_s)
+        log.info("job %d: %s | probe %d images in %.2f s (%.2f s besides their own processing): %.2f MiB jpeg, %dx%d, download %.3f s + %.1f MiB/s, "
                  "decode %.4f s (loading %.4f core-s with receiving and host; %.4f core-s per API exchange), inference %.4f s/batch + "
-                 "%.4f s/image at %d threads (one thread %.4f s), baseline %.0f MiB%s",
-                 ctx.job.id, decision.log_line(), run.probe.sample_count, run.wall_s,
+                 "%.4f s/image at %d threads, %.2f of them busy (one thread %.4f s), baseline %.0f MiB%s",
+                 ctx.job.id, decision.log_line(), run.probe.sample_count, run.wall_s, run.overhead_s,
                  run.probe.median_jpeg_bytes / MiB, run.probe.max_width, run.probe.max_height,
                  run.probe.download_latency_s, run.probe.download_bytes_per_s / MiB,
                  run.probe.decode_s_per_image, run.probe.loader_cpu_s_per_image(), run.probe.api_exchange_cpu_s,
                  run.probe.inference_overhead_s,
-                 run.probe.inference_per_image_s, run.probe.inference_threads, run.probe.single_thread_inference_s,
-                 run.probe.baseline_bytes / MiB, _pinned_text(constraints.pinned))
+                 run.probe.inference_per_image_s, run.probe.inference_threads, run.probe.inference_busy_threads,
+                 run.probe.single_thread_inference_s, run.probe.baseline_bytes / MiB, _pinned_text(constraints.pinned))
         record_plan_metrics(decision.plan, decision)
 
     def after_batch(self, worker: "Worker", ctx: JobContext, batch: Batch, results: list[dict]) -> None:
@@ -490,7 +503,8 @@ class TuningMiddleware(Middleware):
         path = write_advisory(advisory, self.advisory_dir)
         write_json_atomically(path.with_name(path.stem + ".plan.json"), {
             "probe": tuning.probe.as_dict(), "decision": tuning.decision.as_dict(),
-            "probe_wall_s": tuning.probe_wall_s, "observed_peak_bytes": observed_peak_bytes,
+            "probe_wall_s": tuning.probe_wall_s, "probe_overhead_s": tuning.probe_overhead_s,
+            "observed_peak_bytes": observed_peak_bytes,
             "images": ctx.stats.images,
         })
         log.info("job %d: memory advisory written to %s", ctx.job.id, path)

@@ -277,3 +277,18 @@ def test_costly_api_exchanges_buy_bigger_batches_when_inference_is_cheap(make_pr
     # plan's share stays within the 5% tie tolerance of the cheapest (b1 r2 paid 0.015, +30%)
     assert plan.batch_size >= 4 and plan.tasks_per_reserve >= plan.batch_size
     assert costly.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size) <= 0.06 * 0.05
+
+
+def test_on_cpu_no_batch_past_what_the_probe_timed(make_probe, calibration):
+    # a large per-batch overhead would buy the biggest batch if the fit were extrapolated
+    probe = make_probe(inference_overhead_s=0.2, inference_per_image_s=0.05, max_timed_batch=3)
+    decision = choose_plan(probe, constraints_for(probe, 16 * GiB), calibration)
+    assert decision.plan.batch_size == 4  # 3 rounded up to the next candidate: the biggest allowed
+    options = plan_options(probe, constraints_for(probe, 16 * GiB), calibration)
+    assert max(option.plan.batch_size for option in options) == 4
+    unknown = make_probe(inference_overhead_s=0.2, inference_per_image_s=0.05)  # max_timed_batch 0
+    assert choose_plan(unknown, constraints_for(unknown, 16 * GiB), calibration).plan.batch_size > 4
+    cuda = make_probe(cuda=True, inference_overhead_s=0.2, inference_per_image_s=0.05, max_timed_batch=3)
+    assert choose_plan(cuda, constraints_for(cuda, 16 * GiB), calibration).plan.batch_size > 4
+    pinned = constraints_for(probe, 16 * GiB, pinned={"batch_size": 16})
+    assert choose_plan(probe, pinned, calibration).plan.batch_size == 16  # the operator's pin wins

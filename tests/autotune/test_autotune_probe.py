@@ -167,3 +167,28 @@ def test_without_a_one_thread_timing_threads_buy_nothing():
     assert any("4 threads only" in note for note in probe.notes)
     with pytest.raises(ValueError, match="default thread count"):
         probe_from(images((1_000_000, 2048, 1536)), [InferenceSample(1, 0.1, threads=1)], inference_threads=4)
+
+
+def test_busy_threads_are_measured_cpu_over_wall_and_price_the_inference_cpu():
+    # two threads, 0.1 s of wall per image: 0.15 core-s measured -> 1.5 threads busy
+    timed = [InferenceSample(1, 0.1, threads=2, cpu_s=0.15), InferenceSample(3, 0.3, cpu_s=0.45)]
+    probe = probe_from(images((1_000_000, 2048, 1536)), timed, inference_threads=2)
+    assert probe.inference_busy_threads == pytest.approx(1.5)
+    assert probe.max_timed_batch == 3
+    assert probe.inference_cpu_s_per_image(2, 0.1) == pytest.approx(0.15)
+    assert probe.inference_cpu_s_per_image(0, 0.1) == pytest.approx(0.15)  # 0: the default count
+    assert probe.inference_cpu_s_per_image(1, 0.12) == pytest.approx(0.12)  # one thread: CPU = wall
+    four = probe_from(images((1_000_000, 2048, 1536)), [InferenceSample(2, 0.2, cpu_s=0.7)], inference_threads=4)
+    assert four.inference_busy_threads == pytest.approx(3.5)
+    assert four.inference_cpu_s_per_image(2, 0.1) == pytest.approx(0.1 * (1 + 2.5 / 3))  # interpolated
+    # timing noise never makes it more than every thread or less than one
+    spin = probe_from(images((1_000_000, 2048, 1536)), [InferenceSample(1, 0.1, cpu_s=0.5)], inference_threads=2)
+    idle = probe_from(images((1_000_000, 2048, 1536)), [InferenceSample(1, 0.1, cpu_s=0.01)], inference_threads=2)
+    assert (spin.inference_busy_threads, idle.inference_busy_threads) == (2.0, 1.0)
+
+
+def test_unmeasured_inference_cpu_counts_every_thread_busy():
+    probe = probe_from(images((1_000_000, 2048, 1536)), [InferenceSample(1, 0.1)], inference_threads=2)
+    assert probe.inference_busy_threads == 0.0
+    assert probe.inference_cpu_s_per_image(2, 0.1) == pytest.approx(0.2)
+    assert any("every intra-op thread taken as busy" in note for note in probe.notes)

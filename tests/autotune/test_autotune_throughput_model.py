@@ -176,3 +176,30 @@ def test_api_exchanges_are_priced_per_reserve_and_per_batch(make_probe):
     free = make_probe(**cheap)
     assert predict_rate(plan(tasks_per_reserve=2, batch_size=1), free).loader_images_per_s == pytest.approx(
         predict_rate(plan(tasks_per_reserve=16, batch_size=16), free).loader_images_per_s, rel=1e-6)
+
+
+def test_lanes_share_the_cores_with_busy_inference_threads(make_probe):
+    # inference (2 threads, both busy) is the slower stage; one lane alone would decode 20/s but
+    # runs beside two busy threads on two cores: 2/3 of a core -> 13.3/s; two lanes get 1 core
+    probe = make_probe(decode_s_per_image=0.05, inference_overhead_s=0.0, inference_per_image_s=0.1,
+                       inference_busy_threads=2.0, download_latency_s=0.001, download_bytes_per_s=1e9)
+    one = predict_rate(plan(num_workers=1, tasks_per_reserve=64, download_threads=8), probe)
+    two = predict_rate(plan(num_workers=2, tasks_per_reserve=64, download_threads=8), probe)
+    load_core_s = probe.loader_cpu_s_per_image()
+    assert one.loader_images_per_s == pytest.approx((2 / 3) / load_core_s, rel=0.02)
+    assert two.loader_images_per_s == pytest.approx(1.0 / load_core_s, rel=0.02)
+    assert two.pipeline_images_per_s > one.pipeline_images_per_s
+    # with fewer busy threads (sleeping at barriers) a lane gets more of a core
+    passive = predict_rate(plan(num_workers=1, tasks_per_reserve=64, download_threads=8),
+                           make_probe(**{**probe.__dict__, "inference_busy_threads": 1.0}))
+    assert passive.loader_images_per_s > one.loader_images_per_s
+
+
+def test_one_connection_barely_faster_than_the_decoder_stalls_it(make_probe):
+    # a download takes 0.04 s, a decode 0.05 s: one connection keeps up only on average
+    probe = make_probe(cuda=True, decode_s_per_image=0.05, download_latency_s=0.01, download_bytes_per_s=50e6,
+                       median_jpeg_bytes=1_500_000, api_round_trip_s=0.0)
+    one = predict_rate(plan(num_workers=1, tasks_per_reserve=64, download_threads=1), probe)
+    four = predict_rate(plan(num_workers=1, tasks_per_reserve=64, download_threads=4), probe)
+    assert four.loader_images_per_s == pytest.approx(20.0, rel=0.02)  # the decoder's rate
+    assert one.loader_images_per_s < 0.9 * four.loader_images_per_s

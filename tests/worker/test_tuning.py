@@ -138,6 +138,12 @@ def test_correction_and_advisory_are_written_after_a_job(antenna, settings_for, 
     assert probe["inference_threads"] == torch.get_num_threads()
     if torch.get_num_threads() > 1:
         assert probe["single_thread_inference_s"] > 0 and probe["single_thread_batch_size"] == 3
+    # measured, not assumed: between one thread and all of them (clamped), from CPU over wall
+    assert 1.0 <= probe["inference_busy_threads"] <= torch.get_num_threads()
+    assert probe["max_timed_batch"] == 3  # the sample as one batch
+    record = json.loads(next(p for p in advisories if p.name.endswith(".plan.json")).read_text())
+    # the probed tasks' own inference and post are part of the probe's wall, not of its overhead
+    assert 0 < record["probe_overhead_s"] < record["probe_wall_s"]
 
 
 class ThreadsSeen(Middleware):
