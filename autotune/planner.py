@@ -3,10 +3,12 @@
 A grid over batch_size, num_workers, prefetch_factor, download_threads, tasks_per_reserve,
 pin_memory and (on CPU, when the probe timed one thread) inference_threads; each candidate is
 priced by ``predict_peak`` and ``predict_rate``. Among those that
-fit, every plan within 5% of the best rate is a tie and the smallest peak wins (then fewer
+fit, every plan within 2% of the best rate is a tie and the smallest peak wins (then fewer
 workers, tasks per reserve nearest the batch size, fewer reserved tasks, fewer threads,
-shallower prefetch, smaller batch, fewer inference threads: threads beyond the free cores wait
-at barriers on busy cores, which costs more than the model counts). Fields the
+shallower prefetch, smaller batch; then more inference threads where the probe measured how
+many are busy, fewer where it did not: threads assumed busy at every barrier are priced as
+such, measured ones are priced as measured and a free core makes the forward pass shorter).
+Fields the
 operator pinned are kept as given. If nothing fits, the minimal plan comes back with
 ``fits=False`` and a reason saying by how much it is over.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Iterator, Mapping, Optional, Sequence
@@ -31,9 +34,11 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PREFETCH_FACTORS = (1, 2, 4)
 DOWNLOAD_THREADS = (1, 2, 4, 8, 16, 32)
 TASKS_PER_RESERVE = (1, 2, 4, 8, 16, 32, 64, 128)
-# Plans within 5% of the best predicted rate are ties (the smallest peak wins): the rates are
-# good to about 10% on a busy 2-core host, so a bigger plan must promise more to earn its memory.
-TIE_TOLERANCE = 0.05
+# Plans within 2% of the best predicted rate are ties (the smallest peak wins). The probe's noise
+# moves every plan's rate together (one probe prices them all); what separates plans is the
+# model's structure (API exchanges per image, lanes beside busy inference threads), worth a few
+# percent. With 5% those differences were all ties and the smallest plan won: batch 1, one lane.
+TIE_TOLERANCE = 0.02
 PLAN_FIELDS = (
     "tasks_per_reserve", "batch_size", "num_workers", "prefetch_factor",
     "pin_memory", "download_threads", "tensor_dtype", "inference_threads",
@@ -180,7 +185,7 @@ def choose_plan(
         return _minimal_decision(probe, constraints, calibration, correction, count)
     best_rate = max(p.rate.pipeline_images_per_s for p in feasible)
     window = [p for p in feasible if p.rate.pipeline_images_per_s >= (1.0 - TIE_TOLERANCE) * best_rate]
-    chosen = min(window, key=_tie_key)
+    chosen = min(window, key=partial(_tie_key, more_threads=probe.inference_busy_threads > 0))
     plan = chosen.plan.with_changes(source="autotune")
     reasons = _reasons(plan, chosen.memory, chosen.rate, probe, constraints, len(window), best_rate)
     decision = PlanDecision(plan, chosen.memory, chosen.rate, count, True, reasons, constraints.budget_bytes)
@@ -334,13 +339,14 @@ def _pin_helps(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) -> 
     return constraints.cuda and probe.cuda and transfer_share(plan, probe) >= constraints.min_transfer_share_for_pin
 
 
-def _tie_key(item: _Priced) -> tuple:
+def _tie_key(item: _Priced, more_threads: bool = False) -> tuple:
     plan = item.plan
     # Reserving what one batch needs: each reserve is a request the Antenna server serves for
     # every worker of a fleet, and a reserve per image costs more than the model's round trip.
     reserve_off_batch = abs(math.log2(plan.tasks_per_reserve) - math.log2(plan.batch_size))
     return (item.memory.total_bytes, plan.num_workers, reserve_off_batch, plan.tasks_per_reserve, plan.download_threads,
-            plan.prefetch_factor, plan.batch_size, plan.pin_memory, plan.inference_threads)
+            plan.prefetch_factor, plan.batch_size, plan.pin_memory,
+            -plan.inference_threads if more_threads else plan.inference_threads)
 
 
 def _minimal_decision(
