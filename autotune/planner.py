@@ -3,9 +3,10 @@
 A grid over batch_size, num_workers, prefetch_factor, download_threads, tasks_per_reserve,
 pin_memory and (on CPU, when the probe timed one thread) inference_threads; each candidate is
 priced by ``predict_peak`` and ``predict_rate``. Among those that
-fit, every plan within 2% of the best rate is a tie and the smallest peak wins (then fewer
-workers, tasks per reserve nearest the batch size, fewer reserved tasks, fewer threads,
-shallower prefetch, smaller batch; then more inference threads where the probe measured how
+fit, every plan within 2% of the best rate is a tie and the smallest peak wins
+(then fewer workers, tasks per reserve nearest the batch size, fewer reserved tasks, fewer
+download threads, shallower prefetch, smaller batch; then more inference threads where the probe
+measured how
 many are busy, fewer where it did not: threads assumed busy at every barrier are priced as
 such, measured ones are priced as measured and a free core makes the forward pass shorter).
 Fields the
@@ -238,10 +239,17 @@ def _price_grid(
     probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float,
     budget: Optional[int],
 ) -> tuple[list[_Priced], int]:
-    """Price every grid plan; drop those over the timeout allowance. Rates only for those in budget."""
+    """Price every grid plan; drop those over the timeout allowance. Rates only for those in budget.
+
+    Also dropped: reserving fewer tasks than a batch where the allowance covers a whole batch.
+    Filling a batch then takes several reserves per lane, each a request the Antenna server
+    serves, for a few compressed bodies less in flight; with a short timeout it is the way to
+    keep a batch, and stays.
+    """
     priced: list[_Priced] = []
     count = 0
     reserve_pinned = "tasks_per_reserve" in constraints.pinned
+    either_pinned = reserve_pinned or "batch_size" in constraints.pinned
     for plan in _grid(probe, constraints):
         count += 1
         memory = predict_peak(plan, probe, calibration, correction)
@@ -249,7 +257,10 @@ def _price_grid(
             priced.append(_Priced(plan, memory, None))
             continue
         rate = predict_rate(plan, probe)
-        if not reserve_pinned and plan.tasks_per_reserve > _reserve_allowance(plan, rate, constraints):
+        allowance = _reserve_allowance(plan, rate, constraints)
+        if not reserve_pinned and plan.tasks_per_reserve > allowance:
+            continue
+        if not either_pinned and plan.tasks_per_reserve < plan.batch_size <= allowance:
             continue
         priced.append(_Priced(plan, memory, rate))
     return priced, count
@@ -326,10 +337,18 @@ def _inference_thread_choices(probe: Probe, constraints: PlanConstraints) -> tup
 
 
 def _thread_choices(threads: Sequence[int], reserve: int, pinned: Mapping[str, object]) -> Sequence[int]:
-    """Threads beyond the reserved tasks never run: keep only the smallest count >= ``reserve``."""
+    """Threads beyond the reserved tasks never run: keep only the smallest count >= ``reserve``.
+
+    And at least two once a lane reserves two or more tasks. A download from a server sharing
+    this host's busy CPU takes longer than the probe's idle one, and with one connection the
+    lane's decoder then waits: in the small benchmark job one connection per lane did 8.3-9.8
+    images/s where four or sixteen did 9.9-11.5 (same batch and threads), for one more
+    compressed body in flight per lane.
+    """
     if "download_threads" in pinned:
         return threads
-    below = [t for t in threads if t < reserve]
+    floor = min(2, reserve)
+    below = [t for t in threads if floor <= t < reserve]
     at_or_above = [t for t in threads if t >= reserve]
     return below + at_or_above[:1]
 
@@ -344,8 +363,8 @@ def _tie_key(item: _Priced, more_threads: bool = False) -> tuple:
     # Reserving what one batch needs: each reserve is a request the Antenna server serves for
     # every worker of a fleet, and a reserve per image costs more than the model's round trip.
     reserve_off_batch = abs(math.log2(plan.tasks_per_reserve) - math.log2(plan.batch_size))
-    return (item.memory.total_bytes, plan.num_workers, reserve_off_batch, plan.tasks_per_reserve, plan.download_threads,
-            plan.prefetch_factor, plan.batch_size, plan.pin_memory,
+    return (item.memory.total_bytes, plan.num_workers, reserve_off_batch, plan.tasks_per_reserve,
+            plan.download_threads, plan.prefetch_factor, plan.batch_size, plan.pin_memory,
             -plan.inference_threads if more_threads else plan.inference_threads)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import partial
 
 import torch
@@ -11,7 +12,7 @@ from worker.antenna import AntennaClient
 from worker.daemon import Worker
 from worker.hooks import Middleware
 from worker.ingest import start_fork_server, wait_for_fork_server
-from worker.pipeline import NullPipeline, ReferencePipeline, load_pipeline, select_device
+from worker.pipeline import NullPipeline, ReferencePipeline, load_pipeline, select_device, warm_up
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
 from watchdog.limits import Limits, find_cgroup, owns_cgroup, read_limits
@@ -63,6 +64,18 @@ def preload_pipelines(settings: Settings, pipelines) -> None:
             raise SettingsError(f"{variable}: pipeline {slug!r} cannot be loaded: {str(error).splitlines()[0][:300]}") from None
 
 
+def warm_up_pipelines(settings: Settings, pipelines) -> None:
+    """One synthetic image through every offered pipeline (see ``worker.pipeline.warm_up``). A
+    failure is logged, not fatal: the model loaded, and a job's images get per-image errors."""
+    for slug in offered_slugs(settings):
+        started_s = time.perf_counter()
+        try:
+            if warm_up(pipelines(slug)):
+                log.info("warmed up pipeline %s in %.2f s", slug, time.perf_counter() - started_s)
+        except Exception as error:  # a model that fails on the synthetic image must not stop the start
+            log.warning("warm-up of pipeline %s failed: %s: %.200s", slug, type(error).__name__, error)
+
+
 def read_worker_limits(settings: Settings) -> Limits:
     return read_limits(
         configured_max_bytes=settings.max_memory_bytes,
@@ -91,6 +104,7 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
     if loader_workers:
         start_fork_server()  # imports torch for the loader workers while the models load
     preload_pipelines(settings, pipelines)
+    warm_up_pipelines(settings, pipelines)
     if loader_workers:
         wait_for_fork_server()  # ready means a job's loader starts at once
     worker = Worker(

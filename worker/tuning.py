@@ -27,7 +27,6 @@ import os
 import socket
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ from worker import metrics
 from worker.hooks import JobContext, Middleware
 from worker.imaging import ImageError, decode, download, image_session
 from worker.ingest import Batch, LoadedImage, wait_for_fork_server
-from worker.pipeline import Pipeline, run_batch
+from worker.pipeline import Pipeline, run_batch, warm_up
 from worker.schema import Task
 from worker.settings import Settings
 from watchdog.sampler import MemorySnapshot, sample_tree
@@ -299,8 +298,9 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     batch with one intra-op thread (on CPU, when the default is more; discarded) and on the
     sample at the default: that last batch is the loop's own ``_handle_batch``, which posts every
     probed task's result (errors included). The probe so costs the sample's inference twice more
-    than the job itself (one image more on a pipeline's first job in this process: a warm-up, as
-    the first call pays lazy initialisation).
+    than the job itself. The worker warms each pipeline up at start (``worker.pipeline.warm_up``:
+    the first call pays lazy initialisation); a pipeline not warmed yet is warmed here on the
+    first sampled image.
     """
     settings = worker.settings
     started_s, cpu_started_s = time.perf_counter(), time.thread_time()
@@ -314,7 +314,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     good = [item for item in items if item.image is not None]
     inference: list[InferenceSample] = []
     if good:
-        _warm_up(pipeline, good[0], ctx.job.pipeline_slug)
+        warm_up(pipeline, good[0].image)  # a no-op after the worker's start-up warm-up
         inference.extend(time_sample(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda))
     baseline = baseline_bytes(items)
     # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
@@ -334,16 +334,6 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
         api_exchange_cpu_s=exchange_cpu_s,
     )
     return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks), processing_s)
-
-
-_WARMED: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
-
-
-def _warm_up(pipeline: Pipeline, item: LoadedImage, slug: str) -> None:
-    """Run one image once per pipeline per process (nothing posted): the first call is slow."""
-    if pipeline not in _WARMED:
-        run_batch(pipeline, [item], slug)
-        _WARMED.add(pipeline)
 
 
 # --- planning ---
