@@ -201,3 +201,19 @@ def test_benchmark_plan_env_forces_a_full_plan_and_rejects_garbage(settings_for,
     with pytest.raises(SettingsError, match="AMI_BENCHMARK_PLAN_JSON"):
         benchmark_plan_from_env({"AMI_BENCHMARK_PLAN_JSON": '{"batch_size": 0}'})
     assert isinstance(BenchmarkPlanMiddleware(plan), BenchmarkPlanMiddleware)
+
+
+@pytest.mark.timeout(120)
+def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(antenna, settings_for, tiny_images,
+                                                                              monkeypatch):
+    """The worker command's default OMP_WAIT_POLICY=PASSIVE: every sampled image is timed alone
+    (equal work against the batch) and no one-thread batch is run; the plan keeps torch's count."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    antenna.add_job(tiny_images[:6], PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)
+    run_burst(settings)
+    advisories = sorted((settings.user_data_path / "advisories").glob("*.plan.json"))
+    record = json.loads(advisories[0].read_text())
+    assert record["probe"]["single_thread_inference_s"] == 0.0
+    assert record["decision"]["plan"]["inference_threads"] == torch.get_num_threads()
+    assert record["probe"]["sample_count"] == 3 and record["probe"]["inference_busy_threads"] >= 1.0
