@@ -8,7 +8,8 @@ main-process CPU").
 
 ``buffers``: user and system milliseconds per 2048x1536 image to decode into a private tensor, a
 private tensor then moved to shared memory (``share_memory_``), a fresh shared-memory segment,
-and one of a few shared segments used in turn (what loader workers do since they reuse buffers).
+and a buffer of the loader's own pool (``SharedImageBuffers``), held while four images are
+queued and released after.
 
 ``batches``: the reference pipeline alone on this host, at torch's default threads, with the
 ``worker`` command's process defaults (``OMP_WAIT_POLICY``, ``THP_MEM_ALLOC_ENABLE``) set before
@@ -42,6 +43,7 @@ import psutil  # noqa: E402
 import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
+from worker.ingest import SharedImageBuffers, release_image  # noqa: E402
 from worker.synthetic import default_cache_dir, generate_preset  # noqa: E402
 
 
@@ -63,17 +65,11 @@ def buffers(count: int = 40) -> None:
         storage = torch.UntypedStorage._new_shared(height * width * 3)
         return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (height, width, 3))
 
-    pool: list[torch.Tensor] = []
-
-    def reused(height: int, width: int) -> torch.Tensor:
-        if len(pool) < 6:
-            pool.append(fresh(height, width))
-        tensor = pool.pop(0)
-        pool.append(tensor)
-        return tensor
+    # The loader's own pool: a buffer is held while "in the queue" and released after it.
+    pool = SharedImageBuffers(lambda: 6)
 
     for name, allocate in (("private", private), ("share_memory_", moved), ("fresh shared", fresh),
-                           ("reused shared", reused)):
+                           ("reused shared", pool.allocate)):
         for attempt in (1, 2):  # the first pass warms allocators and page tables
             held: list[torch.Tensor] = []
             user0, sys0 = _usage_ms()
@@ -81,8 +77,11 @@ def buffers(count: int = 40) -> None:
                 height, width, _, _ = simplejpeg.decode_jpeg_header(data)
                 tensor = allocate(height, width)
                 simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=tensor.numpy())
+                pool.hold(tensor)  # a no-op for tensors that are not the pool's
                 held.append(tensor)
-                del held[:-4]  # a few held, as in a loader's queue
+                for done in held[:-4]:  # a few held, as in a loader's queue
+                    release_image(done)
+                del held[:-4]
             user1, sys1 = _usage_ms()
             if attempt == 2:
                 print(f"{name:14s} user {(user1 - user0) / len(datas):5.1f} ms  system {(sys1 - sys0) / len(datas):5.1f} ms"

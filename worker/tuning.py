@@ -235,12 +235,13 @@ def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, 
     """Seconds per batch: each image alone, all of ``items`` as one batch (nothing posted), and
     the batch at one thread (see ``time_one_thread``).
 
-    The first call is a warm-up (lazy kernel selection would otherwise read as per-batch cost).
+    The pipeline is warmed up first unless it already was (``warm_up``; ``build_worker`` warms
+    every offered pipeline): lazy kernel selection would otherwise read as per-batch cost.
     """
     good = [item for item in items if item.image is not None]
     if not good:
         return []
-    run_batch(pipeline, good[:1], slug)
+    warm_up(pipeline, good[0].image)
     samples = time_sample(pipeline, good, slug, cuda=cuda)
     if len(good) > 1:
         started_s, started_cpu_s = time.perf_counter(), time.process_time()
