@@ -10,7 +10,8 @@ class LoaderPlan:
 
     Ingest memory is roughly ``decoded_image_bytes x (batch_size x (1 + num_workers x prefetch_factor)
     + num_workers x download_threads)``, doubled for pinned copies; ``tasks_per_reserve`` bounds how
-    many reserved tasks a DataLoader worker holds (and so how many the reservation timeout must cover).
+    many reserved tasks a DataLoader worker holds (``held_tasks``; the reservation timeout must
+    cover them).
 
     ``tensor_dtype`` is ``"uint8"`` (decode to uint8 CHW, float conversion on the inference device)
     or ``"float32"``, which reproduces the ADC worker's host-side float tensors for benchmarks only.
@@ -42,6 +43,13 @@ class LoaderPlan:
             raise ValueError(f"LoaderPlan.num_workers must be >= 0, got {self.num_workers}")
         if self.tensor_dtype not in ("uint8", "float32"):
             raise ValueError(f"LoaderPlan.tensor_dtype must be uint8 or float32, got {self.tensor_dtype!r}")
+
+    @property
+    def held_tasks(self) -> int:
+        """Most reserved tasks one loader worker holds before yielding them: a reservation, plus
+        the previous one's last downloads still in flight when it was made (the ingest reserves
+        ahead so its round trip overlaps them)."""
+        return self.tasks_per_reserve + min(self.download_threads, self.tasks_per_reserve)
 
     def with_changes(self, **changes: object) -> "LoaderPlan":
         return replace(self, **changes)

@@ -213,8 +213,9 @@ def price_plan(
         f"{rate.pipeline_images_per_s:.2f} images/s, bottleneck {rate.bottleneck}",
     ]
     allowed = _reserve_allowance(plan, rate, constraints)
-    if plan.tasks_per_reserve > allowed:
-        reasons.append(f"tasks_per_reserve {plan.tasks_per_reserve} is over the {allowed} the reservation timeout allows")
+    if not within_allowance(plan, allowed):
+        reasons.append(f"tasks_per_reserve {plan.tasks_per_reserve} holds up to {plan.held_tasks} tasks per loader "
+                       f"worker, over the {allowed} the reservation timeout allows")
     return PlanDecision(plan, memory, rate, 1, over <= 0, tuple(reasons), constraints.budget_bytes)
 
 
@@ -258,12 +259,19 @@ def _price_grid(
             continue
         rate = predict_rate(plan, probe)
         allowance = _reserve_allowance(plan, rate, constraints)
-        if not reserve_pinned and plan.tasks_per_reserve > allowance:
+        if not reserve_pinned and not within_allowance(plan, allowance):
             continue
         if not either_pinned and plan.tasks_per_reserve < plan.batch_size <= allowance:
             continue
         priced.append(_Priced(plan, memory, rate))
     return priced, count
+
+
+def within_allowance(plan: LoaderPlan, allowance: int) -> bool:
+    """Whether a loader worker's held tasks (``LoaderPlan.held_tasks``) fit the timeout's allowance.
+    One task per reserve always does: a worker cannot reserve fewer (it then holds two, one in
+    flight, inside the timeout's margin)."""
+    return plan.tasks_per_reserve == 1 or plan.held_tasks <= allowance
 
 
 def _reserve_allowance(plan: LoaderPlan, rate: RateEstimate, constraints: PlanConstraints) -> int:
@@ -407,11 +415,11 @@ def _reasons(
                        else f"prefetch_factor {plan.prefetch_factor}: the deepest queue considered")
     allowed = _reserve_allowance(plan, rate, constraints)
     reasons.append(
-        f"tasks_per_reserve {plan.tasks_per_reserve} (timeout allows {allowed}: "
-        f"{constraints.timeout_margin:.0%} of {constraints.reservation_timeout_s:.0f} s at "
+        f"tasks_per_reserve {plan.tasks_per_reserve}, up to {plan.held_tasks} held per loader worker (timeout allows "
+        f"{allowed}: {constraints.timeout_margin:.0%} of {constraints.reservation_timeout_s:.0f} s at "
         f"{rate.pipeline_images_per_s / max(1, plan.num_workers):.2f} images/s per loader worker)"
     )
-    if plan.tasks_per_reserve > allowed:
+    if not within_allowance(plan, allowed):
         reasons.append("WARNING: pinned tasks_per_reserve exceeds what the reservation timeout allows")
     reasons.extend(_pinned_reasons(constraints))
     return tuple(reasons)

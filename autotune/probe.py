@@ -143,6 +143,7 @@ class Probe:
         inference_threads: int = 1,
         external_cpu_s: Optional[float] = None,
         api_exchange_cpu_s: Optional[float] = None,
+        inference_overhead_floor_s: float = 0.0,
     ) -> "Probe":
         """Summarise samples into a Probe.
 
@@ -159,6 +160,10 @@ class Probe:
         (an image server on this host, say), spread over the sampled images.
         ``api_exchange_cpu_s``: core-seconds this host spends on one API exchange (a reserve or a
         result post: the client's CPU, and the server's when it runs on this host); 0 if unmeasured.
+        ``inference_overhead_floor_s``: the pipeline's per-batch cost measured apart from the
+        sample (the worker times it at start, repeated, on a synthetic image): the sample's fit
+        separates it from a few timings of a few images, and timing noise of a few percent can
+        zero it, which makes batch 1 look as fast as any. The fit never goes below it.
         """
         if not images:
             raise ValueError("Probe.from_samples needs at least one ImageSample")
@@ -174,6 +179,10 @@ class Probe:
         single = sorted((sample.seconds / sample.batch_size, -sample.batch_size) for sample in inference
                         if sample.threads == 1 and inference_threads > 1)
         overhead_s, per_image_s = fit_inference(at_default)
+        if overhead_s < inference_overhead_floor_s:
+            notes.append(f"per-batch inference cost {overhead_s:.4f} s from the sample, below the "
+                         f"{inference_overhead_floor_s:.4f} s measured at start: the floor is used")
+            overhead_s, per_image_s = fit_inference(at_default, inference_overhead_floor_s)
         timed_cpu = [sample for sample in at_default if sample.cpu_s > 0 and sample.seconds > 0]
         busy_threads = 0.0
         if timed_cpu:
@@ -183,7 +192,7 @@ class Probe:
             notes.append("inference CPU not measured: every intra-op thread taken as busy")
         if inference_threads > 1 and not single:
             notes.append(f"inference timed at {inference_threads} threads only: the planner keeps that count")
-        if len({sample.batch_size for sample in at_default}) < 2:
+        if len({sample.batch_size for sample in at_default}) < 2 and inference_overhead_floor_s <= 0:
             notes.append("inference timed at one batch size: per-batch overhead taken as 0")
         if worker_process_bytes is None:
             worker_process_bytes = (calibration or load_calibration()).worker_process_bytes
@@ -348,17 +357,25 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return intercept, slope
 
 
-def fit_inference(samples: Sequence[InferenceSample]) -> tuple[float, float]:
+def fit_inference(samples: Sequence[InferenceSample], overhead_floor_s: float = 0.0) -> tuple[float, float]:
     """(overhead_s, per_image_s) from ``seconds = overhead + per_image x batch_size``.
 
     With one distinct batch size the overhead cannot be separated: it is 0 and every second is
-    charged per image (pessimistic for large batches' benefit).
+    charged per image (pessimistic for large batches' benefit). ``overhead_floor_s``: a per-batch
+    cost known from elsewhere (``Probe.from_samples``); a fit below it is redone with the overhead
+    fixed at the floor (least squares for the per-image cost alone).
     """
     xs = [float(sample.batch_size) for sample in samples]
     ys = [float(sample.seconds) for sample in samples]
     if len(set(xs)) < 2:
-        return 0.0, max(0.0, sum(ys) / sum(xs))
-    return fit_line(xs, ys)
+        overhead_s, per_image_s = 0.0, max(0.0, sum(ys) / sum(xs))
+    else:
+        overhead_s, per_image_s = fit_line(xs, ys)
+    floor_s = max(0.0, overhead_floor_s)
+    if overhead_s >= floor_s:
+        return overhead_s, per_image_s
+    per_image_s = sum(x * (y - floor_s) for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return floor_s, max(0.0, per_image_s)
 
 
 def fit_download(

@@ -1,15 +1,19 @@
 """Predicted steady-state images/s of a LoaderPlan: the loader against the inference.
 
 The loader model follows ``worker/ingest.py``. Each loader worker (one "lane"; the main process
-when ``num_workers == 0``) repeats: one reserve round trip, then streams its ``tasks_per_reserve``
-images through ``c = min(download_threads, tasks_per_reserve)`` connections and ONE decoder. The
-stream refills at each reservation, so a reservation of R images takes
+when ``num_workers == 0``) streams its reserved images through ``c = min(download_threads,
+tasks_per_reserve)`` connections and ONE decoder, and makes its next reservation while the current
+one's last downloads are in flight, so the stream never drains. The decoder stops for the
+reserve's round trip; the downloads go on. A reservation of R images so takes
 
-    round_trip + download_s + decode_s (the first image) + (R - 1) x ~max(download_s / c, decode_s)
+    max(R x stream_s, R x decode_s + round_trip)
 
-where one download is ``latency + bytes / bandwidth`` for the median image, and the max is
-priced as a two-station line with c bodies of buffer (``buffered_rate``, see "Coupling"): with one
-connection barely faster than the decoder, the decoder waits on downloads. Decoding lanes beyond
+where ``stream_s`` is ~max(download_s / c, decode_s), one download is ``latency + bytes /
+bandwidth`` for the median image, and the max is priced as a two-station line with c bodies of
+buffer (``buffered_rate``, see "Coupling"): with one connection barely faster than the decoder,
+the decoder waits on downloads. (Before the ingest reserved ahead, each reservation also paid a
+round trip and a whole download with the lane idle: on a 300 ms, 2 MB/s link, 1.3 s per
+reservation, which pushed plans to reserve 128 tasks per lane on a 200-task job.) Decoding lanes beyond
 ``cpu_count`` share cores (decode_s grows by lanes / cpu_count). Inference of a batch of b takes
 ``overhead x ceil(b / forward_batch_size) + per_image x b`` (pipelines split ingest batches into
 forward batches); pin_memory on CUDA replaces the pageable host->device copy in
@@ -103,9 +107,10 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     # Within a lane the downloads (c connections, c bodies ahead) feed one decoder: a tandem line
     # like the loader and the inference, so one connection barely faster than the decoder stalls it.
     stream_s = 1.0 / buffered_rate(_per_s(connections, download_s), _per_s(1, decode_s), connections, STAGE_SCV)
-    fill_s = probe.api_round_trip_s + download_s + decode_s
-    streaming_s = (plan.tasks_per_reserve - 1) * stream_s
-    loader = _per_s(lanes * plan.tasks_per_reserve, fill_s + streaming_s)
+    reserve = plan.tasks_per_reserve
+    streaming_s = reserve * stream_s
+    decoding_s = reserve * decode_s + probe.api_round_trip_s  # the decoder waits out the round trip
+    loader = _per_s(lanes * reserve, max(streaming_s, decoding_s))
     download = _per_s(lanes * connections, download_s)
     decode = _per_s(min(lanes, probe.cpu_count), probe.decode_s_per_image)
     full_inference = _per_s(plan.batch_size, inference_batch_s(plan, probe))
@@ -122,7 +127,7 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     else:
         pipeline = min(loader, inference)
     if plan.num_workers > 0 and loader < inference and bottleneck != "cpu":
-        bottleneck = _loader_bottleneck(fill_s, streaming_s, download_s / connections, decode_s)
+        bottleneck = _loader_bottleneck(reserve, probe.api_round_trip_s, streaming_s, download_s / connections, decode_s)
     return RateEstimate(download, decode, loader, inference, pipeline, bottleneck)
 
 
@@ -207,9 +212,10 @@ def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
     return max(rate, min(loader, lanes * share / load_core_s)), rate, True
 
 
-def _loader_bottleneck(fill_s: float, stream_s: float, download_step_s: float, decode_s: float) -> str:
-    if fill_s > stream_s:
-        return "reserve"  # round trip + refill per reservation outweighs streaming its images
+def _loader_bottleneck(reserve: int, round_trip_s: float, streaming_s: float, download_step_s: float,
+                       decode_s: float) -> str:
+    if reserve * decode_s + round_trip_s > streaming_s:  # the decoder's side is the longer one
+        return "reserve" if round_trip_s >= reserve * decode_s else "decode"
     return "download" if download_step_s >= decode_s else "decode"
 
 

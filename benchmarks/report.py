@@ -6,6 +6,7 @@ kept as it is. A file without the markers gets the section appended.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,55 +28,91 @@ def _outcome(result) -> str:
     return f"exit {result.exit_code} ({result.results_ok + result.results_error}/{result.images} done)"
 
 
+def draws_of(entry: dict[str, Any], key: str) -> list:
+    """Every completed run of configuration ``key`` (the first pass's and the repeats')."""
+    runs = entry.get("draws", {}).get(key) or [r for r in entry["results"] if r.config == key]
+    return [r for r in runs if r.completed]
+
+
+def median_rate(runs: list, attribute: str = "images_per_s") -> float:
+    return statistics.median(getattr(r, attribute) for r in runs) if runs else 0.0
+
+
+def _draws_text(runs: list) -> str:
+    if len(runs) < 2:
+        return ""
+    return f"{median_rate(runs):.2f} ({', '.join(f'{r.images_per_s:.2f}' for r in runs)})"
+
+
 def workload_table(entry: dict[str, Any]) -> list[str]:
     w = entry["workload"]
     shaping = "" if not w.latency_s else f", {w.latency_s * 1000:.0f} ms latency, {w.bandwidth_bytes_per_s / 1e6:.0f} MB/s per connection"
     lines = [f"#### {w.name}: {w.count} x {w.preset} images{shaping}", "",
-             "| config | plan | images/s | steady images/s | peak MiB (PSS+shm) | peak PSS MiB | predicted MiB | outcome |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| config | plan | images/s (first draw) | median images/s (every draw) | steady images/s | peak MiB (PSS+shm) "
+             "| peak PSS MiB | predicted MiB | outcome |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in entry["results"]:
         predicted = _mib(r.predicted_peak_bytes) if r.predicted_peak_bytes else ""
-        lines.append(f"| ({r.config}) {r.label} | {r.plan} | {r.images_per_s:.2f} | {r.steady_images_per_s:.2f} | "
-                     f"{_mib(r.peak_bytes)} | {_mib(r.peak_pss_bytes)} | {predicted} | {_outcome(r)} |")
+        lines.append(f"| ({r.config}) {r.label} | {r.plan} | {r.images_per_s:.2f} | {_draws_text(draws_of(entry, r.config))} | "
+                     f"{r.steady_images_per_s:.2f} | {_mib(r.peak_bytes)} | {_mib(r.peak_pss_bytes)} | {predicted} | {_outcome(r)} |")
     if entry["ceiling"]:
         c = entry["ceiling"]
         r = c["result"]
-        lines.append(f"| ingest ceiling (null, autotune) | {r.plan} | {r.images_per_s:.2f} | {r.steady_images_per_s:.2f} | "
-                     f"{_mib(r.peak_bytes)} | {_mib(r.peak_pss_bytes)} | | {_outcome(r)} |")
+        runs = [x for x in c.get("draws") or [r] if x.completed]
+        lines.append(f"| ingest ceiling (null, autotune) | {r.plan} | {r.images_per_s:.2f} | {_draws_text(runs)} | "
+                     f"{r.steady_images_per_s:.2f} | {_mib(r.peak_bytes)} | {_mib(r.peak_pss_bytes)} | | {_outcome(r)} |")
     return lines + [""]
 
 
+def grid_best(entry: dict[str, Any]) -> tuple[Optional[str], list]:
+    """(key, runs) of the grid plan with the highest median over its draws; only the plans drawn
+    again compete when there were repeats (they were the fastest first draws)."""
+    grid = {key: draws_of(entry, key) for key in {r.config for r in entry["results"] if r.config.startswith("d")}}
+    grid = {key: runs for key, runs in grid.items() if runs}
+    repeated = {key: runs for key, runs in grid.items() if len(runs) > 1}
+    pool = repeated or grid
+    if not pool:
+        return None, []
+    key = max(pool, key=lambda k: median_rate(pool[k]))
+    return key, pool[key]
+
+
 def verdicts(entry: dict[str, Any]) -> list[str]:
-    results = {r.config: r for r in entry["results"]}
-    auto, hand = results["c"], results["b"]
-    grid = [r for key, r in results.items() if key.startswith("d") and r.completed]
-    best = max(grid, key=lambda r: r.images_per_s, default=None)
+    auto_runs, hand_runs = draws_of(entry, "c"), draws_of(entry, "b")
+    best_key, best_runs = grid_best(entry)
     name = entry["workload"].name
     lines = []
-    if best is not None:
-        ratio = auto.images_per_s / best.images_per_s if best.images_per_s else 0.0
-        lines.append(f"- {name}: autotune {auto.images_per_s:.2f} images/s = {ratio:.2f} x grid best "
-                     f"({best.plan}, {best.images_per_s:.2f}) -> {'PASS' if ratio >= 0.9 else 'MISS'} (>= 0.9); "
-                     f"vs hand workaround {hand.images_per_s:.2f} -> "
-                     f"{'PASS' if auto.images_per_s >= hand.images_per_s else 'MISS'}")
-    if auto.predicted_peak_bytes and auto.peak_bytes:
-        error = auto.predicted_peak_bytes / auto.peak_bytes - 1.0
-        lines.append(f"- {name}: autotune predicted peak {_mib(auto.predicted_peak_bytes)} MiB vs measured "
-                     f"{_mib(auto.peak_bytes)} MiB ({error:+.0%}) -> {'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%)")
-    if name == "small" and auto.job_wall_s:
-        share = auto.probe_overhead_s / auto.job_wall_s
-        lines.append(f"- {name}: probe overhead {auto.probe_overhead_s:.2f} s of the job's {auto.job_wall_s:.1f} s = "
-                     f"{share:.1%} -> {'PASS' if share <= 0.05 else 'MISS'} (<= 5%); the probe's whole wall "
-                     f"{auto.probe_wall_s:.2f} s ({auto.probe_wall_s / auto.job_wall_s:.1%}) includes processing "
-                     f"the probed tasks, which the job needs anyway")
+    auto, hand = median_rate(auto_runs), median_rate(hand_runs)
+    many = len(auto_runs) > 1
+    what = f"median of {len(auto_runs)} draws" if many else "one draw"
+    if best_runs:
+        best = median_rate(best_runs)
+        ratio = auto / best if best else 0.0
+        lines.append(f"- {name}: autotune {auto:.2f} images/s ({what}) = {ratio:.2f} x grid best "
+                     f"({best_runs[0].plan}, {best:.2f} over {len(best_runs)} draws; its first draw "
+                     f"{best_runs[0].images_per_s:.2f}) -> {'PASS' if ratio >= 0.9 else 'MISS'} (>= 0.9); "
+                     f"vs hand workaround {hand:.2f} ({len(hand_runs)} draws) -> {'PASS' if auto >= hand else 'MISS'}")
+    predicted = [(r.predicted_peak_bytes / r.peak_bytes - 1.0, r) for r in auto_runs if r.predicted_peak_bytes and r.peak_bytes]
+    if predicted:
+        error = statistics.median(e for e, _ in predicted)
+        every = ", ".join(f"{_mib(r.predicted_peak_bytes)}/{_mib(r.peak_bytes)} ({e:+.0%})" for e, r in predicted)
+        lines.append(f"- {name}: autotune predicted/measured peak MiB {every}: median {error:+.0%} -> "
+                     f"{'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%)")
+    timed = [r for r in auto_runs if r.job_wall_s]
+    if name == "small" and timed:
+        share = statistics.median(r.probe_overhead_s / r.job_wall_s for r in timed)
+        whole = statistics.median(r.probe_wall_s / r.job_wall_s for r in timed)
+        lines.append(f"- {name}: probe overhead " + ", ".join(f"{r.probe_overhead_s:.2f} s of {r.job_wall_s:.1f} s" for r in timed)
+                     + f": median {share:.1%} of the job -> {'PASS' if share <= 0.05 else 'MISS'} (<= 5%); the probe's "
+                     f"whole wall (median {whole:.1%}) includes processing the probed tasks, which the job needs anyway")
     if entry["ceiling"]:
         c = entry["ceiling"]
         target = 0.6 * c["cores"] * c["single_core_decode_per_s"]
-        r = c["result"]
-        lines.append(f"- {name}: ingest ceiling {r.images_per_s:.1f} images/s whole job, {r.steady_images_per_s:.1f} "
-                     f"steady, vs 0.6 x {c['cores']} cores x {c['single_core_decode_per_s']:.1f} decodes/s = {target:.1f} "
-                     f"-> whole job {'PASS' if r.images_per_s >= target else 'MISS'}, steady "
-                     f"{'PASS' if r.steady_images_per_s >= target else 'MISS'}")
+        runs = [r for r in c.get("draws") or [c["result"]] if r.completed]
+        whole, steady = median_rate(runs), median_rate(runs, "steady_images_per_s")
+        lines.append(f"- {name}: ingest ceiling {whole:.1f} images/s whole job, {steady:.1f} steady (median of "
+                     f"{len(runs)}), vs 0.6 x {c['cores']} cores x {c['single_core_decode_per_s']:.1f} decodes/s = {target:.1f} "
+                     f"-> whole job {'PASS' if whole >= target else 'MISS'}, steady {'PASS' if steady >= target else 'MISS'}")
     return lines
 
 
@@ -115,8 +152,8 @@ def plot_large(entry: dict[str, Any], limit_bytes: int, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(9, 4.8))
     results = {r.config: r for r in entry["results"]}
-    grid = [r for key, r in results.items() if key.startswith("d") and r.completed]
-    best = max(grid, key=lambda r: r.images_per_s, default=None)
+    best_key, _ = grid_best(entry)
+    best = results.get(best_key) if best_key else None
     chosen = [("a", results.get("a")), ("b", results.get("b")), ("c", results.get("c")), ("d", best)]
     for key, r in chosen:
         if r is None or not r.history:
@@ -153,7 +190,13 @@ def section(meta: dict, sections: dict) -> str:
              "8 download threads). Grid (d): DataLoader workers {1, 2} x batch = tasks per reserve {4, 16} x "
              "download threads {4, 16} x inference threads {1, the CPU count (torch's default)}, prefetch 2. "
              "Plan notation: w workers, b batch, r tasks per reserve, p prefetch, t download threads, i torch "
-             "intra-op threads in the main process.", ""]
+             "intra-op threads in the main process.", "",
+             f"Draws: every configuration runs once; then the hand workaround, autotune and the two grid plans "
+             f"fastest on that first draw run again until each has {meta.get('repeats', 1)} draws, in rotating "
+             "order, and so does the ingest ceiling. The checks compare medians: runs of one plan differ by 5-10% "
+             "on this shared 2-core machine, and the highest of 16 single grid draws overstates its plan's rate. "
+             "The grid's best is the repeated grid plan with the highest median. Peaks and plots are the first "
+             "draw's.", ""]
     for entry in sections["workloads"]:
         lines.extend(workload_table(entry))
     lines.extend(["### Done-when checks", ""])

@@ -1,7 +1,7 @@
 """The autotune benchmark: three workloads, four ways to configure ingest, one table.
 
     python benchmarks/run.py                     # everything; writes docs/benchmarks.md + PNG
-    python benchmarks/run.py --quick --no-write  # a small trial of the same code paths
+    python benchmarks/run.py --quick --no-write  # a small trial of the same code paths (--repeats 1: faster)
 
 Workloads (served by the local Antenna server in this process, over loopback):
   small  200 x ~1.5 MB 2048x1536 JPEGs
@@ -394,25 +394,51 @@ def _site(stack: list) -> str:
 # ---------------------------------------------------------------- orchestration
 
 
-def run_workload(workload: Workload, all_configs: list[Config], limit_bytes: int) -> dict[str, Any]:
+def run_workload(workload: Workload, all_configs: list[Config], limit_bytes: int, repeats: int = 1) -> dict[str, Any]:
+    """Every configuration once, then ``repeats - 1`` more draws of the contenders (see ``contenders``)
+    in rotating order; the ingest ceiling's null run is drawn ``repeats`` times too."""
     from worker.synthetic import default_cache_dir, generate_preset
 
     images = generate_preset(default_cache_dir(), workload.preset, workload.count, seed=0)
     results = []
     for config in all_configs:
         result = run_one(workload, images, config, limit_bytes)
-        print(f"  {workload.name:<6}{config.key:<4}{result.images_per_s:>7.2f} img/s  peak {result.peak_bytes / MiB:>7.0f} MiB"
-              f"  (pss {result.peak_pss_bytes / MiB:.0f})  exit {result.exit_code}  {result.plan}", flush=True)
+        _print_result(workload, config, result)
         results.append(result)
+    draws: dict[str, list[RunResult]] = {r.config: [r] for r in results}
+    again = [config for config in all_configs if config.key in contenders(results)]
+    for round_ in range(1, repeats):
+        shift = round_ % len(again) if again else 0
+        for config in again[shift:] + again[:shift]:  # rotate: no configuration always runs first
+            result = run_one(workload, images, config, limit_bytes, tag=f"r{round_}-")
+            _print_result(workload, config, result)
+            draws[config.key].append(result)
     ceiling = None
     if workload.latency_s == 0:
         rate = single_core_decode_rate(images)
-        null = run_one(workload, images, Config("null", "ingest ceiling (null pipeline, autotune)",
-                                                {"AMI_AUTOTUNE": "true"}, pipeline="null"), limit_bytes)
-        ceiling = {"single_core_decode_per_s": rate, "cores": cores(), "result": null}
-        print(f"  {workload.name:<6}null {null.plan} {null.images_per_s:.2f} img/s (steady {null.steady_images_per_s:.2f}) vs "
-              f"0.6 x {cores()} x {rate:.1f} = {0.6 * cores() * rate:.1f}", flush=True)
-    return {"workload": workload, "results": results, "ceiling": ceiling}
+        null_config = Config("null", "ingest ceiling (null pipeline, autotune)", {"AMI_AUTOTUNE": "true"}, pipeline="null")
+        nulls = [run_one(workload, images, null_config, limit_bytes, tag=f"r{round_}-" if round_ else "")
+                 for round_ in range(max(1, repeats))]
+        ceiling = {"single_core_decode_per_s": rate, "cores": cores(), "result": nulls[0], "draws": nulls}
+        print(f"  {workload.name:<6}null {nulls[0].plan} " + ", ".join(
+            f"{r.images_per_s:.2f} (steady {r.steady_images_per_s:.2f})" for r in nulls)
+            + f" img/s vs 0.6 x {cores()} x {rate:.1f} = {0.6 * cores() * rate:.1f}", flush=True)
+    return {"workload": workload, "results": results, "draws": draws, "ceiling": ceiling}
+
+
+def contenders(results: list[RunResult], grid_points: int = 2) -> set[str]:
+    """The configurations drawn again: the hand workaround, autotune and the ``grid_points`` grid
+    plans fastest on their first draw. A grid's best single draw is the highest of 16 noisy ones,
+    so it overstates that plan's rate (here runs of one plan differ by 5-10%); the best plan is
+    chosen on the first draws and its rate measured on all of its draws, like the others'."""
+    grid = sorted((r for r in results if r.config.startswith("d") and r.completed),
+                  key=lambda r: r.images_per_s, reverse=True)
+    return {"b", "c"} | {r.config for r in grid[:grid_points]}
+
+
+def _print_result(workload: Workload, config: Config, result: RunResult) -> None:
+    print(f"  {workload.name:<6}{config.key:<4}{result.images_per_s:>7.2f} img/s  peak {result.peak_bytes / MiB:>7.0f} MiB"
+          f"  (pss {result.peak_pss_bytes / MiB:.0f})  exit {result.exit_code}  {result.plan}", flush=True)
 
 
 def oom_check(images: list, limit_bytes: int) -> list[RunResult]:
@@ -431,6 +457,9 @@ def main() -> int:
     parser.add_argument("--workloads", default="small,large,slow")
     parser.add_argument("--quick", action="store_true", help="few images and 2 grid points: a trial run")
     parser.add_argument("--limit-gib", type=float, default=8.0, help="cgroup limit of every table run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="draws of the hand workaround, autotune, the two best grid plans and the ingest "
+                             "ceiling per workload (their median is compared)")
     parser.add_argument("--oom-limit-gib", type=float, default=4.0)
     parser.add_argument("--skip-oom", action="store_true")
     parser.add_argument("--memray", metavar="CONFIG_JSON", nargs="?", const="default",
@@ -451,7 +480,7 @@ def main() -> int:
     if not args.only_memray:
         for workload in wanted:
             print(f"workload {workload.name} ({workload.count} images)", flush=True)
-            sections["workloads"].append(run_workload(workload, configs(args.quick), limit_bytes))
+            sections["workloads"].append(run_workload(workload, configs(args.quick), limit_bytes, max(1, args.repeats)))
         if not args.skip_oom:
             from worker.synthetic import default_cache_dir, generate_preset
 
@@ -461,7 +490,7 @@ def main() -> int:
         sections["memray"] = memray_run(args.memray, args.quick, limit_bytes)
     meta = {"started": started.isoformat(timespec="seconds"), "load_before": load_before,
             "load_after": os.getloadavg(), "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
-            "cores": cores(), "limit_bytes": limit_bytes, "meter_interval_s": METER_INTERVAL_S, "oom_limit_bytes": int(args.oom_limit_gib * GiB)}
+            "cores": cores(), "limit_bytes": limit_bytes, "repeats": max(1, args.repeats), "meter_interval_s": METER_INTERVAL_S, "oom_limit_bytes": int(args.oom_limit_gib * GiB)}
     args.json.write_text(json.dumps(to_jsonable(meta, sections), indent=1, default=str))
     if not args.no_write:
         from benchmarks.report import write_docs
@@ -497,7 +526,10 @@ def to_jsonable(meta: dict, sections: dict) -> dict:
     return {
         "meta": meta,
         "workloads": [{"workload": asdict(w["workload"]), "results": [result_dict(r) for r in w["results"]],
-                       "ceiling": None if w["ceiling"] is None else {**w["ceiling"], "result": result_dict(w["ceiling"]["result"])}}
+                       "draws": {key: [result_dict(r) for r in runs] for key, runs in w.get("draws", {}).items()},
+                       "ceiling": None if w["ceiling"] is None else {
+                           **w["ceiling"], "result": result_dict(w["ceiling"]["result"]),
+                           "draws": [result_dict(r) for r in w["ceiling"].get("draws", [])]}}
                       for w in sections["workloads"]],
         "oom": [result_dict(r) for r in sections["oom"]],
         "memray": None if sections["memray"] is None else {**sections["memray"], "result": result_dict(sections["memray"]["result"])},

@@ -1,6 +1,7 @@
 """Wiring: from one ``Settings`` object to a ready ``Worker`` with its middlewares."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -76,6 +77,15 @@ def warm_up_pipelines(settings: Settings, pipelines) -> None:
             log.warning("warm-up of pipeline %s failed: %s: %.200s", slug, type(error).__name__, error)
 
 
+def freeze_startup_objects() -> None:
+    """Move what start-up made (imports, models, the warm-up's survivors) out of the cyclic
+    collector's reach: they live as long as the process, and a full collection then walks only
+    what jobs create. The probe's baseline and each loader's close run one; on the small benchmark
+    job the probe's took about 0.2 s of its 0.3 s baseline step before this."""
+    gc.collect()
+    gc.freeze()
+
+
 def read_worker_limits(settings: Settings) -> Limits:
     return read_limits(
         configured_max_bytes=settings.max_memory_bytes,
@@ -105,6 +115,7 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
         start_fork_server()  # imports torch for the loader workers while the models load
     preload_pipelines(settings, pipelines)
     warm_up_pipelines(settings, pipelines)
+    freeze_startup_objects()
     if loader_workers:
         wait_for_fork_server()  # ready means a job's loader starts at once
     worker = Worker(

@@ -194,9 +194,9 @@ class Worker:
         self._set_inference_threads(self.default_inference_threads)
         self.current = None
         self.jobs_done += 1
-        log.info("job %d: %d images (%d ok, %d failed), %.2f images/s, %d stranded",
+        log.info("job %d: %d images (%d ok, %d failed), %.2f images/s, %d stranded; %s",
                  job.id, ctx.stats.images, ctx.stats.images_ok, ctx.stats.images_failed,
-                 ctx.stats.images_per_s(), ctx.stats.tasks_stranded)
+                 ctx.stats.images_per_s(), ctx.stats.tasks_stranded, ctx.stats.observed())
         return ctx.stats.images
 
     def _run_loader(self, ctx: JobContext, pipeline: Pipeline) -> None:
@@ -254,8 +254,13 @@ class Worker:
         ctx.stats.last_inference_s = time.perf_counter() - started_s
         items = [{"reply_subject": task.reply_subject, "result": result} for task, result in outcomes]
         self.poster.submit(ctx.job.id, items)
+        ctx.stats.inference_s += ctx.stats.last_inference_s
         for item in batch.items:
             ctx.stats.download_bytes += item.jpeg_bytes
+            if item.error is None:
+                ctx.stats.timed_images += 1
+                ctx.stats.download_s += item.download_s
+                ctx.stats.decode_s += item.decode_s
         for _task, result in outcomes:
             if "error" in result:
                 ctx.stats.images_failed += 1

@@ -27,6 +27,20 @@ class JobStats:
     download_bytes: int = 0
     last_inference_s: float = 0.0
     started_s: float = field(default_factory=time.monotonic)
+    # Sums over the images that loaded (``timed_images``) and over batches: what the job saw, to
+    # set beside what the probe measured (downloads slow down when the host is busy, say).
+    timed_images: int = 0
+    download_s: float = 0.0
+    decode_s: float = 0.0
+    inference_s: float = 0.0
+
+    def observed(self) -> str:
+        """Mean seconds per loaded image: download, decode, inference (per batch over its images)."""
+        if not self.timed_images:
+            return "no image loaded"
+        n = self.timed_images
+        return (f"per image: download {self.download_s / n:.3f} s, decode {self.decode_s / n:.4f} s, "
+                f"inference {self.inference_s / max(1, self.images):.4f} s over {self.batches} batches")
 
     @property
     def images(self) -> int:

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
@@ -56,7 +56,7 @@ from worker import metrics
 from worker.hooks import JobContext, Middleware
 from worker.imaging import ImageError, decode, download, image_session
 from worker.ingest import Batch, LoadedImage, wait_for_fork_server
-from worker.pipeline import Pipeline, run_batch, warm_up
+from worker.pipeline import Pipeline, batch_overhead_s, run_batch, warm_up
 from worker.schema import Task
 from worker.settings import Settings
 from watchdog.sampler import MemorySnapshot, sample_tree
@@ -100,6 +100,7 @@ class ProbeRun:
     wall_s: float
     results_posted: int = 0
     processing_s: float = 0.0
+    phases_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def overhead_s(self) -> float:
@@ -336,37 +337,51 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     first sampled image.
     """
     settings = worker.settings
+    phases: dict[str, float] = {}
     started_s, cpu_started_s = time.perf_counter(), time.thread_time()
+    mark_s = started_s
+
+    def phase(name: str) -> None:
+        nonlocal mark_s
+        now_s = time.perf_counter()
+        phases[name] = now_s - mark_s
+        mark_s = now_s
+
     tasks = worker.client.reserve_tasks(ctx.job.id, tasks_wanted, worker.client_info)
     round_trip_s = time.perf_counter() - started_s
     exchange_cpu_s = api_exchange_cpu_s(round_trip_s, time.thread_time() - cpu_started_s,
                                         local_server=is_this_host(settings.antenna_api_base_url))
+    phase("reserve")
     if not tasks:
-        return ProbeRun(None, 0, 0, time.perf_counter() - started_s)
+        return ProbeRun(None, 0, 0, time.perf_counter() - started_s, phases_s=phases)
     items, images, external_cpu_s = load_sample(tasks, settings)
+    phase("load")
     good = [item for item in items if item.image is not None]
     inference: list[InferenceSample] = []
     if good:
         warm_up(pipeline, good[0].image)  # a no-op after the worker's start-up warm-up
         inference.extend(time_sample(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda))
+    phase("time_inference")
     baseline = baseline_bytes(items)
+    phase("baseline")
     # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
-    processing_started_s = time.perf_counter()
     worker._handle_batch(ctx, pipeline, Batch(items))
-    processing_s = time.perf_counter() - processing_started_s
+    phase("processing")
+    processing_s = phases["processing"]
     if good:
         inference.append(InferenceSample(len(good), ctx.stats.last_inference_s))
     del items, good
     if not images:
-        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks), processing_s)
+        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks), processing_s, phases)
     probe = Probe.from_samples(
         images, inference, baseline_bytes=baseline, cpu_count=cpu_count(), cuda=worker.cuda,
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
         calibration=calibration, forward_batch_size=pipeline.localization_batch_size,
         inference_threads=torch.get_num_threads(), external_cpu_s=external_cpu_s,
-        api_exchange_cpu_s=exchange_cpu_s,
+        api_exchange_cpu_s=exchange_cpu_s, inference_overhead_floor_s=batch_overhead_s(pipeline),
     )
-    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks), processing_s)
+    phase("fit")
+    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks), processing_s, phases)
 
 
 # --- planning ---
@@ -456,6 +471,15 @@ class TuningMiddleware(Middleware):
         if not self._listening:
             worker.add_sample_listener(self._on_sample)
             self._listening = True
+        for slug in worker.pipeline_slugs:  # before any job: off every job's clock
+            try:
+                overhead_s = batch_overhead_s(worker.pipelines(slug))
+            except Exception as error:  # the probe's own fit still works without it
+                log.warning("pipeline %s: per-batch cost not measured at start: %s: %.200s",
+                            slug, type(error).__name__, error)
+            else:
+                log.info("pipeline %s: %.4f s per inference batch besides its images "
+                         "(a floor under each probe's fit)", slug, overhead_s)
 
     def _on_sample(self, snapshot: MemorySnapshot) -> None:
         with self._lock:
@@ -477,7 +501,11 @@ class TuningMiddleware(Middleware):
             return
         correction = self.corrections.get(ctx.job.pipeline_slug)
         constraints = constraints_for(worker, run.probe)
+        planning_started_s = time.perf_counter()
         decision = choose_plan(run.probe, constraints, self.calibration, correction)
+        log.debug("job %d: probe phases %s s; planning %.3f s", ctx.job.id,
+                  ", ".join(f"{name} {seconds:.3f}" for name, seconds in run.phases_s.items()),
+                  time.perf_counter() - planning_started_s)
         ctx.plan = decision.plan
         ctx.notes["autotune"] = _JobTuning(run.probe, decision, constraints, correction, run.wall_s, run.overhead_s)
         log.info("job %d: %s | probe %d images in %.2f s (%.2f s besides their own processing): %.2f MiB jpeg, %dx%d, download %.3f s + %.1f MiB/s, "

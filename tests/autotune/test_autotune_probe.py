@@ -46,6 +46,33 @@ def test_one_batch_size_gives_zero_overhead():
     assert per_image_s == pytest.approx(0.25)
 
 
+def test_overhead_floor_refits_the_per_image_cost_when_noise_zeroes_the_overhead():
+    # three images alone and the three as one batch, a lucky-fast single: the free fit clamps the
+    # overhead to 0 (intercept < 0), which would make batch 1 as fast per image as batch 4
+    samples = [InferenceSample(1, 0.080), InferenceSample(1, 0.085), InferenceSample(1, 0.082),
+               InferenceSample(3, 0.262)]
+    assert fit_inference(samples)[0] == 0.0
+    overhead_s, per_image_s = fit_inference(samples, overhead_floor_s=0.02)
+    assert overhead_s == 0.02
+    # least squares with the overhead fixed: sum b (t - 0.02) / sum b^2 = (0.187 + 0.726) / 12
+    assert per_image_s == pytest.approx((0.06 + 0.065 + 0.062 + 3 * 0.242) / 12)
+    # a fit above the floor is kept as it is
+    clean = [InferenceSample(b, 0.05 + 0.02 * b) for b in (1, 2, 4)]
+    assert fit_inference(clean, overhead_floor_s=0.01) == fit_inference(clean)
+
+
+def test_probe_uses_the_overhead_floor_and_says_so():
+    sample = images((1_500_000, 2048, 1536))
+    timings = [InferenceSample(1, 0.080), InferenceSample(1, 0.085), InferenceSample(1, 0.082), InferenceSample(3, 0.262)]
+    probe = probe_from(sample, timings, inference_overhead_floor_s=0.02)
+    assert probe.inference_overhead_s == 0.02
+    assert any("floor" in note for note in probe.notes)
+    # without it, batch 1 costs what batch 4 costs per image; with it, 0.02 s more per image
+    free = probe_from(sample, timings)
+    assert free.inference_s(1) == pytest.approx(free.inference_s(4) / 4)
+    assert probe.inference_s(1) - probe.inference_s(4) / 4 == pytest.approx(0.02 * 3 / 4)
+
+
 def test_fit_clamps_negative_slope_and_negative_intercept():
     # bigger batches measured faster (noise): per-image 0, overhead the mean
     assert fit_line([1.0, 2.0], [0.5, 0.3]) == (pytest.approx(0.4), 0.0)

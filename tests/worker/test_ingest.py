@@ -11,6 +11,7 @@ import torch
 
 from autotune.plan import LoaderPlan
 from tests.conftest import TOKEN
+from worker.antenna_server import LocalAntenna
 from worker.ingest import IngestSource, Loader
 
 FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
@@ -116,6 +117,46 @@ def test_one_batch_of_four_large_images_costs_at_most_4x40_mib(antenna, large_im
         del batch
 
 
+class _ReserveLog(LocalAntenna):
+    """The local server, noting at each reserve how many images the consumer had received."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.received = 0
+        self.at_reserve: list[tuple[int, int]] = []  # (received then, tasks reserved before)
+
+    def api_reserve(self, job_id, body):
+        with self._ledger.lock:
+            before = sum(len(r["task_ids"]) for r in self.reservations)
+        self.at_reserve.append((self.received, before))
+        return super().api_reserve(job_id, body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_the_next_reservation_is_made_while_the_current_ones_downloads_are_in_flight(tiny_images, num_workers):
+    """Reserving only once a lane had delivered all it reserved left its connections idle for a
+    round trip and a whole download per reservation. Each reserve after the first must come
+    while reserved images are still on their way: received then < reserved before it. A lane
+    holds at most tasks_per_reserve + download_threads tasks (``LoaderPlan.held_tasks``)."""
+    server = _ReserveLog(token=TOKEN, rng_seed=0).start()
+    try:
+        job = server.add_job(tiny_images[:12], "synthetic-moths")
+        loader_plan = plan(tasks_per_reserve=2, batch_size=1, download_threads=2, num_workers=num_workers,
+                           prefetch_factor=1)
+        with Loader(source(server, job), loader_plan) as loader:
+            for batch in loader:
+                server.received += len(batch.items)
+        assert server.received == 12
+        reserves = server.at_reserve
+        assert reserves[0] == (0, 0)
+        assert all(received < before for received, before in reserves[1:]), reserves
+        assert all(before - received <= loader_plan.held_tasks for received, before in reserves[1:]), reserves
+        assert server.report(job).lost == 0
+    finally:
+        server.stop()
+
+
 def _fork_server(parent: Optional[psutil.Process] = None) -> psutil.Process:
     """The fork server ``parent`` (default: this process) started; its forks, the loader workers,
     share its command line, so only a direct child counts."""
@@ -154,6 +195,29 @@ def test_workers_fork_from_one_preloaded_server_that_outlives_stop_signals(anten
     with Loader(source(antenna, second_job), plan(num_workers=1)) as loader:
         assert _fork_server().pid == server.pid
         assert sum(len(batch.items) for batch in loader) == 4
+
+
+def test_waiting_for_the_fork_server_forks_a_probe_child_once_per_server(monkeypatch):
+    """The probe waits for the fork server before each baseline: proven once, the wait forks no
+    child (about 0.1 s each on this machine). The real start is counted, not replaced."""
+    import multiprocessing.context
+
+    from worker import ingest
+
+    ingest.start_fork_server(wait=True)
+    assert ingest._fork_server_ready_pid == _fork_server().pid
+    started = []
+    real_start = multiprocessing.context.ForkServerProcess.start
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start",
+                        lambda self: (started.append(self.name), real_start(self))[1])
+    for _ in range(5):
+        ingest.wait_for_fork_server()
+    assert started == []
+    # a server not proven yet (as after a restart: another pid) is proven again, once
+    monkeypatch.setattr(ingest, "_fork_server_ready_pid", -1)
+    ingest.wait_for_fork_server()
+    ingest.wait_for_fork_server()
+    assert started == ["fork-server-ready"]
 
 
 HOLDER = """

@@ -106,8 +106,9 @@ def run(tmp_path_factory) -> Iterator[Run]:
             worker.wait_for(rf"job {job_id}: loader plan", 60)
             during = _scrape(url)
             worker.wait_for(rf"job {job_id}: {IMAGES} images", 120)
+            # the job's line means processed; results are posted on their own thread
+            after = _scrape_until_posted(url, IMAGES)
             report = antenna.report(job_id)
-            after = _scrape_until_posted(url, report.results_ok + report.results_error)
             worker.send(signal.SIGTERM)
             code = worker.wait(60)
         finally:

@@ -117,3 +117,43 @@ def test_torchscript_pipeline_loads_a_users_model(tmp_path, tiny_images):
     det = outcomes[0][1]["detections"][0]
     assert det["bbox"] == {"x1": 0.0, "y1": 0.0, "x2": 320.0, "y2": 240.0}
     assert outcomes[0][1]["pipeline"] == "my-model" and pipeline.config()["slug"] == "my-model"
+
+
+class _TimedCalls(Pipeline):
+    """A pipeline of known cost: each call sleeps 0.06 s plus 0.01 s per image (the batch split
+    into forward calls of ``localization_batch_size``, as the real pipelines do)."""
+
+    slug = "timed-calls"
+
+    def __init__(self, **batching) -> None:
+        super().__init__(CPU, **batching)
+        self.calls: list[int] = []
+
+    def infer(self, images):
+        import time
+        for start in range(0, len(images), self.localization_batch_size):
+            chunk = images[start:start + self.localization_batch_size]
+            self.calls.append(len(chunk))
+            time.sleep(0.06 + 0.01 * len(chunk))
+        return [[] for _ in images]
+
+
+def test_batch_overhead_is_measured_once_from_one_image_against_one_forward_batch():
+    from worker.pipeline import OVERHEAD_REPEATS, batch_overhead_s
+
+    pipeline = _TimedCalls()
+    overhead_s = batch_overhead_s(pipeline)
+    # sleeps only add time; the fastest of three of each keeps scheduling noise to a few ms
+    assert overhead_s == pytest.approx(0.06, abs=0.02)
+    # the warm-up call, then (1, 4) per repeat: a batch of 4 is one forward call
+    assert pipeline.calls == [1] + [1, 4] * OVERHEAD_REPEATS
+    assert batch_overhead_s(pipeline) == overhead_s  # cached: no more calls
+    assert len(pipeline.calls) == 1 + 2 * OVERHEAD_REPEATS
+
+
+def test_batch_overhead_is_zero_without_inference_when_every_image_is_its_own_forward_call():
+    from worker.pipeline import batch_overhead_s
+
+    pipeline = _TimedCalls(localization_batch_size=1)
+    assert batch_overhead_s(pipeline) == 0.0
+    assert pipeline.calls == []

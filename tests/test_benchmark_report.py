@@ -1,0 +1,43 @@
+"""benchmarks/report.py: the Done-when checks compare medians of draws, and the grid's best is
+chosen among the repeated plans, not by its highest single draw."""
+from __future__ import annotations
+
+from benchmarks.report import grid_best, verdicts
+from benchmarks.run import RunResult, Workload, contenders
+
+MiB = 1024 * 1024
+
+
+def run(key: str, rate: float, plan: str = "", predicted_mib: int = 0, peak_mib: int = 600) -> RunResult:
+    return RunResult("small", key, key, 0, 200, 200, 0, 0, 200 / rate, rate, rate, peak_mib * MiB, peak_mib * MiB,
+                     {}, 8 << 30, plan=plan or key, predicted_peak_bytes=predicted_mib * MiB,
+                     probe_wall_s=0.8, probe_overhead_s=0.5)
+
+
+def test_contenders_are_hand_autotune_and_the_two_fastest_first_grid_draws():
+    results = [run("b", 10), run("c", 10), run("d0", 9), run("d1", 11.8), run("d2", 10.9), run("d3", 10.5)]
+    assert contenders(results) == {"b", "c", "d1", "d2"}
+
+
+def test_grid_best_is_the_repeated_plan_with_the_highest_median():
+    first = [run("b", 10.4), run("c", 10.2), run("d1", 11.8), run("d2", 10.9), run("d3", 10.5)]
+    entry = {"workload": Workload("small", "small", 200), "results": first, "ceiling": None, "draws": {
+        "b": [first[0], run("b", 10.0), run("b", 9.8)],
+        "c": [first[1], run("c", 10.3), run("c", 10.1)],
+        "d1": [first[2], run("d1", 10.2), run("d1", 10.0)],  # a lucky first draw
+        "d2": [first[3], run("d2", 10.6), run("d2", 10.7)],
+        "d3": [first[4]],  # never repeated: its single draw does not compete
+    }}
+    key, runs = grid_best(entry)
+    assert key == "d2" and len(runs) == 3
+    text = "\n".join(verdicts(entry))
+    # autotune median 10.2 / grid best median 10.7 = 0.95; hand median 10.0
+    assert "autotune 10.20 images/s (median of 3 draws) = 0.95 x grid best" in text
+    assert "-> PASS (>= 0.9); vs hand workaround 10.00 (3 draws) -> PASS" in text
+
+
+def test_without_repeats_every_grid_plan_competes_on_its_one_draw():
+    first = [run("b", 10.4), run("c", 10.2), run("d1", 11.8), run("d2", 10.9)]
+    entry = {"workload": Workload("small", "small", 200), "results": first, "ceiling": None}
+    assert grid_best(entry)[0] == "d1"
+    assert "0.86 x grid best" in "\n".join(verdicts(entry))
