@@ -249,9 +249,10 @@ class Worker:
         return False
 
     def _handle_batch(self, ctx: JobContext, pipeline: Pipeline, batch: Batch) -> None:
-        started_s = time.perf_counter()
+        started_s, started_cpu_s = time.perf_counter(), time.process_time()
         outcomes = run_batch(pipeline, batch.items, ctx.job.pipeline_slug)
         ctx.stats.last_inference_s = time.perf_counter() - started_s
+        ctx.stats.last_inference_cpu_s = time.process_time() - started_cpu_s
         items = [{"reply_subject": task.reply_subject, "result": result} for task, result in outcomes]
         self.poster.submit(ctx.job.id, items)
         ctx.stats.inference_s += ctx.stats.last_inference_s

@@ -26,6 +26,7 @@ class JobStats:
     tasks_stranded: int = 0
     download_bytes: int = 0
     last_inference_s: float = 0.0
+    last_inference_cpu_s: float = 0.0  # the process's CPU seconds over that batch (all threads)
     started_s: float = field(default_factory=time.monotonic)
     # Sums over the images that loaded (``timed_images``) and over batches: what the job saw, to
     # set beside what the probe measured (downloads slow down when the host is busy, say).

@@ -312,6 +312,16 @@ def time_one_thread(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str,
         torch.set_num_threads(threads)
 
 
+def overhead_floor(pipeline: Pipeline) -> float:
+    """``batch_overhead_s`` (measured once, at start), or 0 where the pipeline fails on the
+    synthetic image: the probe then times every sampled image alone instead."""
+    try:
+        return batch_overhead_s(pipeline)
+    except Exception as error:
+        log.warning("per-batch cost not measured: %s: %.200s", type(error).__name__, error)
+        return 0.0
+
+
 def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
     """This process tree's PSS now (model loaded, no loader) less the sample images it still holds.
 
@@ -328,13 +338,16 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
               calibration: MemoryCalibration) -> ProbeRun:
     """Reserve ``tasks_wanted`` tasks of ``ctx.job``, measure them, post their results.
 
-    Inference is timed on each sampled image alone (results discarded), on the sample as one
-    batch with one intra-op thread (on CPU, when the default is more; discarded) and on the
-    sample at the default: that last batch is the loop's own ``_handle_batch``, which posts every
-    probed task's result (errors included). The probe so costs the sample's inference twice more
-    than the job itself. The worker warms each pipeline up at start (``worker.pipeline.warm_up``:
-    the first call pays lazy initialisation); a pipeline not warmed yet is warmed here on the
-    first sampled image.
+    Inference is timed on the sample as one batch at the default thread count: the loop's own
+    ``_handle_batch``, which posts every probed task's result (errors included), so that timing
+    costs the job nothing. With it, the pipeline's per-batch cost, measured at the worker's start
+    on two batch sizes (``worker.pipeline.batch_overhead_s``), separates the per-image cost. On
+    CUDA, or where that start-up figure is missing, the probe also times each sampled image alone
+    (``time_sample``, results discarded). On CPU, with torch running more threads and OpenMP's
+    waiting threads spinning (not the worker command's default), it also times the sample at one
+    thread (``time_one_thread``). The
+    worker warms each pipeline up at start (``worker.pipeline.warm_up``: the first call pays lazy
+    initialisation); a pipeline not warmed yet is warmed here on the first sampled image.
     """
     settings = worker.settings
     phases: dict[str, float] = {}
@@ -358,9 +371,13 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     phase("load")
     good = [item for item in items if item.image is not None]
     inference: list[InferenceSample] = []
+    overhead_floor_s = overhead_floor(pipeline)
     if good:
         warm_up(pipeline, good[0].image)  # a no-op after the worker's start-up warm-up
-        inference.extend(time_sample(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda))
+        if worker.cuda or overhead_floor_s <= 0:
+            inference.extend(time_sample(pipeline, good, ctx.job.pipeline_slug, cuda=worker.cuda))
+        elif (one_thread := time_one_thread(pipeline, good, ctx.job.pipeline_slug, cuda=False)) is not None:
+            inference.append(one_thread)
     phase("time_inference")
     baseline = baseline_bytes(items)
     phase("baseline")
@@ -369,7 +386,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     phase("processing")
     processing_s = phases["processing"]
     if good:
-        inference.append(InferenceSample(len(good), ctx.stats.last_inference_s))
+        inference.append(InferenceSample(len(good), ctx.stats.last_inference_s, cpu_s=ctx.stats.last_inference_cpu_s))
     del items, good
     if not images:
         return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks), processing_s, phases)
@@ -378,7 +395,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
         calibration=calibration, forward_batch_size=pipeline.localization_batch_size,
         inference_threads=torch.get_num_threads(), external_cpu_s=external_cpu_s,
-        api_exchange_cpu_s=exchange_cpu_s, inference_overhead_floor_s=batch_overhead_s(pipeline),
+        api_exchange_cpu_s=exchange_cpu_s, inference_overhead_floor_s=overhead_floor_s,
     )
     phase("fit")
     return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks), processing_s, phases)
@@ -472,14 +489,10 @@ class TuningMiddleware(Middleware):
             worker.add_sample_listener(self._on_sample)
             self._listening = True
         for slug in worker.pipeline_slugs:  # before any job: off every job's clock
-            try:
-                overhead_s = batch_overhead_s(worker.pipelines(slug))
-            except Exception as error:  # the probe's own fit still works without it
-                log.warning("pipeline %s: per-batch cost not measured at start: %s: %.200s",
-                            slug, type(error).__name__, error)
-            else:
-                log.info("pipeline %s: %.4f s per inference batch besides its images "
-                         "(a floor under each probe's fit)", slug, overhead_s)
+            started_s = time.perf_counter()
+            overhead_s = overhead_floor(worker.pipelines(slug))
+            log.info("pipeline %s: %.4f s per inference batch besides its images, measured in %.2f s "
+                     "(a floor under each probe's fit)", slug, overhead_s, time.perf_counter() - started_s)
 
     def _on_sample(self, snapshot: MemorySnapshot) -> None:
         with self._lock:

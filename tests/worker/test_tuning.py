@@ -206,8 +206,9 @@ def test_benchmark_plan_env_forces_a_full_plan_and_rejects_garbage(settings_for,
 @pytest.mark.timeout(120)
 def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(antenna, settings_for, tiny_images,
                                                                               monkeypatch):
-    """The worker command's default OMP_WAIT_POLICY=PASSIVE: every sampled image is timed alone
-    (equal work against the batch) and no one-thread batch is run; the plan keeps torch's count."""
+    """The worker command's default OMP_WAIT_POLICY=PASSIVE: no one-thread batch is run and, the
+    pipeline's per-batch cost being measured at start, no image is timed alone: the sample's own
+    batch (posted as results) gives the per-image cost. The plan keeps torch's count."""
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     antenna.add_job(tiny_images[:6], PIPELINE)
     settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)
@@ -217,3 +218,7 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
     assert record["probe"]["single_thread_inference_s"] == 0.0
     assert record["decision"]["plan"]["inference_threads"] == torch.get_num_threads()
     assert record["probe"]["sample_count"] == 3 and record["probe"]["inference_busy_threads"] >= 1.0
+    # one batch size timed in the job (3), the per-batch cost from the start-up measurement
+    assert record["probe"]["max_timed_batch"] == 3
+    assert record["probe"]["inference_overhead_s"] > 0
+    assert any("measured at start" in note for note in record["probe"]["notes"])
