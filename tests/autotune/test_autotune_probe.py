@@ -219,3 +219,16 @@ def test_unmeasured_inference_cpu_counts_every_thread_busy():
     assert probe.inference_busy_threads == 0.0
     assert probe.inference_cpu_s_per_image(2, 0.1) == pytest.approx(0.2)
     assert any("every intra-op thread taken as busy" in note for note in probe.notes)
+
+
+def test_host_cpu_besides_ours_is_bounded_by_what_receiving_costs():
+    sample = [ImageSample(1_500_000, 2048, 1536, 1.05, 0.03, first_byte_s=0.3, download_cpu_s=0.006)
+              for _ in range(3)]
+    # 0.25 core-s of other work on the host over the one-second window: 0.083 per image unbounded
+    probe = probe_from(sample, [InferenceSample(3, 0.3)], external_cpu_s=0.25)
+    assert probe.external_cpu_s_per_image == pytest.approx(2 * 0.006)
+    assert any("bounded at 2 x receiving" in note for note in probe.notes)
+    # a server whose cost per image is within the bound is charged in full
+    close = probe_from(sample, [InferenceSample(3, 0.3)], external_cpu_s=0.03)
+    assert close.external_cpu_s_per_image == pytest.approx(0.01)
+    assert not any("bounded" in note for note in close.notes)
