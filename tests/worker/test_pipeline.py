@@ -143,7 +143,7 @@ def test_batch_overhead_is_measured_once_from_one_image_against_one_forward_batc
 
     pipeline = _TimedCalls()
     overhead_s = batch_overhead_s(pipeline)
-    # sleeps only add time; the fastest of three of each keeps scheduling noise to a few ms
+    # sleeps only add time; the median of the pairs keeps scheduling noise to a few ms
     assert overhead_s == pytest.approx(0.06, abs=0.02)
     # the warm-up call, then (1, 4) per repeat: a batch of 4 is one forward call
     assert pipeline.calls == [1] + [1, 4] * OVERHEAD_REPEATS
