@@ -11,9 +11,9 @@ reserve's round trip; the downloads go on. A reservation of R images so takes
 where ``stream_s`` is ~max(download_s / c, decode_s), one download is ``latency + bytes /
 bandwidth`` for the median image, and the max is priced as a two-station line with c bodies of
 buffer (``buffered_rate``, see "Coupling"): with one connection barely faster than the decoder,
-the decoder waits on downloads. (Before the ingest reserved ahead, each reservation also paid a
-round trip and a whole download with the lane idle: on a 300 ms, 2 MB/s link, 1.3 s per
-reservation, which pushed plans to reserve 128 tasks per lane on a 200-task job.) Decoding lanes beyond
+the decoder waits on downloads. (Reserving only once a lane had drained would idle it for a
+round trip and a whole download per reservation: 1.3 s on a 300 ms, 2 MB/s link, which only
+reservations of 128 tasks per lane amortise, more than a 200-task job can spread over lanes.) Decoding lanes beyond
 ``cpu_count`` share cores (decode_s grows by lanes / cpu_count). Inference of a batch of b takes
 ``overhead x ceil(b / forward_batch_size) + per_image x b`` (pipelines split ingest batches into
 forward batches); pin_memory on CUDA replaces the pageable host->device copy in
