@@ -1,7 +1,9 @@
 """The daemon loop end to end against the real local server, in-process and as a subprocess."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_burst_run_posts_a_result_for_every_task_including_each_failure_kind(
-        antenna, settings_for, tiny_images, num_workers):
+        antenna, settings_for, tiny_images, num_workers, caplog):
     images = tiny_images[:20]
     faults = {images[i * 2].image_id: kind for i, kind in enumerate(FAULTS)}
     job = antenna.add_job(images, "synthetic-moths", image_faults=faults)
@@ -29,7 +31,11 @@ def test_burst_run_posts_a_result_for_every_task_including_each_failure_kind(
     settings = settings_for(antenna, antenna_api_dataloader_num_workers=num_workers, antenna_api_batch_size=4,
                             max_image_pixels=50_000_000)
     worker = build_worker(settings, burst=True, middlewares=[])
+    caplog.set_level(logging.INFO, logger="worker.daemon")
     assert worker.run() == 0
+    # the job's line: counts, then what the job saw per loaded image (13 loaded, 20 tasks in 5 batches)
+    assert re.search(rf"job {job}: 20 images \(13 ok, 7 failed\), [0-9.]+ images/s, 0 stranded; per image: "
+                     r"download [0-9.]+ s, decode [0-9.]+ s, inference [0-9.]+ s over 5 batches", caplog.text)
     report = antenna.report(job)
     assert (report.results_ok, report.results_error, report.lost, report.complete) == (13, 7, 0, True)
     assert report.media_requests_with_auth == 0
