@@ -202,7 +202,7 @@ class TaskStream(IterableDataset):
             if not todo and not pending:
                 if not more or self.control.stop.value != RUN:
                     return
-                todo.extend(self._reserve(client))
+                todo.extend(self._reserve(client) or [])
                 if not todo:
                     return
             # Downloads ahead are also bounded by the live tasks_per_reserve: a shrink then cuts
@@ -212,10 +212,11 @@ class TaskStream(IterableDataset):
                 task = todo.popleft()
                 pending.append((task, pool.submit(self._fetch, session, task)))
             if more and not todo and self.control.stop.value == RUN and self.control.admit.value:
-                tasks = self._reserve(client)
-                more = bool(tasks)
-                todo.extend(tasks)
-                continue
+                tasks = self._reserve(client, wait=False)
+                if tasks is not None:  # None: paused since the check; the next reserve waits
+                    more = bool(tasks)
+                    todo.extend(tasks)
+                    continue
             if buffers is not None:  # in a loader worker process
                 self._wait_for_credit(worker_id)
             if self.control.stop.value == ABANDON:
@@ -231,8 +232,14 @@ class TaskStream(IterableDataset):
             yield item
             del item
 
-    def _reserve(self, client: AntennaClient) -> list[Task]:
+    def _reserve(self, client: AntennaClient, *, wait: bool = True) -> Optional[list[Task]]:
+        """Reserve up to the live ``tasks_per_reserve``; [] when there is nothing (or the reserve
+        failed, or we are stopping). While the watchdog pauses reserving it waits, or with
+        ``wait=False`` returns None at once: a lane reserving ahead must not sit on downloaded
+        images while memory is at the hard cap."""
         while not self.control.admit.value and self.control.stop.value == RUN:
+            if not wait:
+                return None
             time.sleep(0.1)  # the watchdog paused reserving: memory is at the hard cap
         if self.control.stop.value != RUN:
             return []

@@ -157,6 +157,36 @@ def test_the_next_reservation_is_made_while_the_current_ones_downloads_are_in_fl
         server.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_paused_lane_drains_what_it_holds_and_reserves_nothing_until_admitted(tiny_images):
+    """Reserving ahead never waits out a watchdog pause with downloaded images undelivered: the
+    lane delivers everything it reserved, then waits to reserve until admitted again."""
+    import threading
+
+    server = _ReserveLog(token=TOKEN, rng_seed=0).start()
+    try:
+        job = server.add_job(tiny_images[:12], "synthetic-moths")
+        seen: dict[str, int] = {}
+        with Loader(source(server, job), plan(tasks_per_reserve=4, batch_size=1, download_threads=2)) as loader:
+
+            def resume() -> None:
+                seen["reserves"], seen["received"] = len(server.reservations), server.received
+                seen["reserved"] = sum(len(r["task_ids"]) for r in server.reservations)
+                loader.control.admit.value = 1
+
+            for batch in loader:
+                server.received += len(batch.items)
+                if server.received == 1:
+                    loader.control.admit.value = 0  # what the governor does at the hard cap
+                    seen["paused_reserves"] = len(server.reservations)
+                    threading.Timer(1.0, resume).start()
+        assert seen["reserves"] == seen["paused_reserves"]  # no reserve while paused
+        assert seen["received"] == seen["reserved"]  # and nothing reserved was left undelivered
+        assert server.received == 12 and server.report(job).lost == 0
+    finally:
+        server.stop()
+
+
 def _fork_server(parent: Optional[psutil.Process] = None) -> psutil.Process:
     """The fork server ``parent`` (default: this process) started; its forks, the loader workers,
     share its command line, so only a direct child counts."""
