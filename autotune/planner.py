@@ -3,13 +3,11 @@
 A grid over batch_size, num_workers, prefetch_factor, download_threads, tasks_per_reserve,
 pin_memory and (on CPU, when the probe timed one thread) inference_threads; each candidate is
 priced by ``predict_peak`` and ``predict_rate``. Among those that
-fit, every plan within 2% of the best rate is a tie and the smallest peak wins
-(then fewer workers, tasks per reserve nearest the batch size, fewer reserved tasks, fewer
-download threads, shallower prefetch, smaller batch; then more inference threads where the probe
-measured how
-many are busy, fewer where it did not: threads assumed busy at every barrier are priced as
-such, measured ones are priced as measured and a free core makes the forward pass shorter).
-Fields the
+fit, every plan within 2% of the best rate is a tie and the smallest peak wins (then fewer
+workers, tasks per reserve nearest the batch size, fewer reserved tasks, fewer download threads,
+shallower prefetch, smaller batch; then more inference threads where the probe measured how many
+are busy, fewer where it did not: threads assumed busy at every barrier are priced as such,
+measured ones are priced as measured and a free core makes the forward pass shorter). Fields the
 operator pinned are kept as given. If nothing fits, the minimal plan comes back with
 ``fits=False`` and a reason saying by how much it is over.
 """

@@ -5,8 +5,8 @@ Built from ONE ``LoaderPlan``. Each loader worker process (or the main process w
 reserve, so the watchdog can shrink it without a restart), download up to ``download_threads`` at
 a time, wait for credit, decode to uint8 CHW (float conversion happens on the inference device)
 and yield one ``LoadedImage`` per task. The next reservation is made once the current one's last
-download is under way, so reserving never drains the lane's downloads (``TaskStream._stream``). A failed download or decode yields an item with
-``error`` set: it never fails the batch.
+download is under way, so reserving never drains the lane's downloads (``TaskStream._stream``).
+A failed download or decode yields an item with ``error`` set: it never fails the batch.
 
 Credit: a worker decodes its next image only while fewer than ``prefetch_depth x batch_size`` of
 its decoded images (the batch being filled included) have not reached the main process; that

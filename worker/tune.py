@@ -36,13 +36,13 @@ from worker.daemon import plan_from_settings
 from worker.hooks import JobContext
 from worker.imaging import ImageError, decode, download, image_session
 from worker.ingest import LoadedImage
-from worker.pipeline import batch_overhead_s
 from worker.schema import Task
 from worker.settings import Settings, SettingsError
 from worker.tuning import (
     baseline_bytes,
     constraints_for,
     cpu_count,
+    overhead_floor,
     pinned_fields,
     probe_job,
     time_inference,
@@ -197,7 +197,7 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
                                cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s,
                                forward_batch_size=pipeline.localization_batch_size,
                                inference_threads=torch.get_num_threads(),
-                               inference_overhead_floor_s=batch_overhead_s(pipeline))
+                               inference_overhead_floor_s=overhead_floor(pipeline))
     del items  # before planning: the sample images are not part of any plan's memory
     return tune_report(worker, probe, f"{len(samples)} sample images (pipeline {pipeline_slug}); "
                        "local files time as a fast network", 0, 0, pipeline_slug)

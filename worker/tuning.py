@@ -89,9 +89,8 @@ class ProbeRun:
 
     ``probe`` is None when no sampled image could be used (nothing reserved, or all failed).
     ``results_posted``: results handed to the poster for the probed tasks (one per task).
-    ``processing_s``: of ``wall_s``, the probed tasks' own processing (their batch through the
-    loop's ``_handle_batch``: inference and posting, which the job needs anyway); the rest,
-    ``overhead_s``, is what probing cost the job.
+    ``phases_s``: seconds of ``wall_s`` by step, in order (reserve, load, time_inference,
+    baseline, processing, fit; those reached).
     """
 
     probe: Optional[Probe]
@@ -99,11 +98,17 @@ class ProbeRun:
     images_ok: int
     wall_s: float
     results_posted: int = 0
-    processing_s: float = 0.0
     phases_s: dict[str, float] = field(default_factory=dict)
 
     @property
+    def processing_s(self) -> float:
+        """Of ``wall_s``, the probed tasks' own processing (their batch through the loop's
+        ``_handle_batch``: inference and posting, which the job needs anyway)."""
+        return self.phases_s.get("processing", 0.0)
+
+    @property
     def overhead_s(self) -> float:
+        """What probing cost the job: ``wall_s`` less ``processing_s``."""
         return max(0.0, self.wall_s - self.processing_s)
 
 
@@ -345,9 +350,9 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     CUDA, or where that start-up figure is missing, the probe also times each sampled image alone
     (``time_sample``, results discarded). On CPU, with torch running more threads and OpenMP's
     waiting threads spinning (not the worker command's default), it also times the sample at one
-    thread (``time_one_thread``). The
-    worker warms each pipeline up at start (``worker.pipeline.warm_up``: the first call pays lazy
-    initialisation); a pipeline not warmed yet is warmed here on the first sampled image.
+    thread (``time_one_thread``). The worker warms each pipeline up at start
+    (``worker.pipeline.warm_up``: the first call pays lazy initialisation); a pipeline not warmed
+    yet is warmed here on the first sampled image.
     """
     settings = worker.settings
     phases: dict[str, float] = {}
@@ -384,12 +389,11 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     # Posted through the loop's own batch path: stats, metrics and hooks see them as usual.
     worker._handle_batch(ctx, pipeline, Batch(items))
     phase("processing")
-    processing_s = phases["processing"]
     if good:
         inference.append(InferenceSample(len(good), ctx.stats.last_inference_s, cpu_s=ctx.stats.last_inference_cpu_s))
     del items, good
     if not images:
-        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks), processing_s, phases)
+        return ProbeRun(None, len(tasks), 0, time.perf_counter() - started_s, len(tasks), phases)
     probe = Probe.from_samples(
         images, inference, baseline_bytes=baseline, cpu_count=cpu_count(), cuda=worker.cuda,
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=round_trip_s,
@@ -398,7 +402,7 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
         api_exchange_cpu_s=exchange_cpu_s, inference_overhead_floor_s=overhead_floor_s,
     )
     phase("fit")
-    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks), processing_s, phases)
+    return ProbeRun(probe, len(tasks), len(images), time.perf_counter() - started_s, len(tasks), phases)
 
 
 # --- planning ---
