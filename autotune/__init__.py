@@ -3,14 +3,9 @@
 Imports nothing from ``worker`` or ``watchdog``: plain typed values in, plain typed values out.
 """
 from autotune.advisory import Advisory, build_advisory, write_advisory
-from autotune.memory_model import (
-    CorrectionStore,
-    MemoryCalibration,
-    MemoryEstimate,
-    compare_table,
-    load_calibration,
-    predict_peak,
-)
+from autotune.calibration import MemoryCalibration, load_calibration
+from autotune.corrections import CorrectionStore
+from autotune.memory_model import MemoryEstimate, compare_table, predict_peak
 from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from autotune.planner import (
     PlanConstraints,

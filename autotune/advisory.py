@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-from autotune.memory_model import write_text_atomically
+from autotune.files import write_text_atomically
 from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from autotune.planner import PlanOption
 

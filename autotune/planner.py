@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Iterator, Mapping, Optional, Sequence
 
-from autotune.memory_model import MemoryCalibration, MemoryEstimate, predict_peak
+from autotune.calibration import MemoryCalibration
+from autotune.memory_model import MemoryEstimate, predict_peak
 from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from autotune.probe import Probe
 from autotune.throughput_model import RateEstimate, predict_rate, transfer_share

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-from autotune.memory_model import MemoryCalibration, load_calibration
+from autotune.calibration import MemoryCalibration, load_calibration
 
 log = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ def _child_inference(preset: str, batch: int, data_dir: str) -> None:
 
     from worker.imaging import decode, fix_mmap_threshold
     from worker.pipeline import ReferencePipeline
-    from worker.synthetic import generate_preset
+    from worker.testing.synthetic import generate_preset
 
     fix_mmap_threshold()
     images = generate_preset(Path(data_dir), preset, batch, seed=0)
@@ -201,9 +201,9 @@ def measure_inference(data_dir: Path) -> list[dict]:
 
 
 def calibrate(data_dir: Path) -> tuple[dict, dict]:
-    from worker.antenna_server import LocalAntenna
+    from worker.testing.antenna_server import LocalAntenna
     from worker.pipeline import DETECT_SIZE
-    from worker.synthetic import generate_preset
+    from worker.testing.synthetic import generate_preset
 
     images = {"small": generate_preset(data_dir, "small", 40, seed=0),
               "large": generate_preset(data_dir, "large", 16, seed=0)}
@@ -244,8 +244,8 @@ def main() -> int:
         else:
             _child_inference(rest[0], int(rest[1]), rest[2])
         return 0
-    from autotune.memory_model import MemoryCalibration, save_calibration
-    from worker.synthetic import default_cache_dir
+    from autotune.calibration import MemoryCalibration, save_calibration
+    from worker.testing.synthetic import default_cache_dir
 
     values, evidence = calibrate(args.data_dir or default_cache_dir())
     fit = evidence["queue_fit"]

@@ -16,7 +16,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from worker.synthetic import default_cache_dir, generate_preset
+from worker.testing.synthetic import default_cache_dir, generate_preset
 
 
 def pillow_decode(data: bytes) -> np.ndarray:

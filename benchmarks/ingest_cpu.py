@@ -44,7 +44,7 @@ import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
 from worker.ingest import SharedImageBuffers, release_image  # noqa: E402
-from worker.synthetic import default_cache_dir, generate_preset  # noqa: E402
+from worker.testing.synthetic import default_cache_dir, generate_preset  # noqa: E402
 
 
 def _usage_ms() -> tuple[float, float]:

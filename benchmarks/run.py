@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from autotune.plan import LoaderPlan  # noqa: E402
 from benchmarks.meter import TreeMeterThread  # noqa: E402
-from worker.antenna_server import LocalAntenna  # noqa: E402
+from worker.testing.antenna_server import LocalAntenna  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -397,7 +397,7 @@ def _site(stack: list) -> str:
 def run_workload(workload: Workload, all_configs: list[Config], limit_bytes: int, repeats: int = 1) -> dict[str, Any]:
     """Every configuration once, then ``repeats - 1`` more draws of the contenders (see ``contenders``)
     in rotating order; the ingest ceiling's null run is drawn ``repeats`` times too."""
-    from worker.synthetic import default_cache_dir, generate_preset
+    from worker.testing.synthetic import default_cache_dir, generate_preset
 
     images = generate_preset(default_cache_dir(), workload.preset, workload.count, seed=0)
     results = []
@@ -482,7 +482,7 @@ def main() -> int:
             print(f"workload {workload.name} ({workload.count} images)", flush=True)
             sections["workloads"].append(run_workload(workload, configs(args.quick), limit_bytes, max(1, args.repeats)))
         if not args.skip_oom:
-            from worker.synthetic import default_cache_dir, generate_preset
+            from worker.testing.synthetic import default_cache_dir, generate_preset
 
             large = generate_preset(default_cache_dir(), "large", 8 if args.quick else 60, seed=0)
             sections["oom"] = oom_check(large, int(args.oom_limit_gib * GiB))
@@ -500,7 +500,7 @@ def main() -> int:
 
 
 def memray_run(spec: str, quick: bool, limit_bytes: int) -> dict[str, Any]:
-    from worker.synthetic import default_cache_dir, generate_preset
+    from worker.testing.synthetic import default_cache_dir, generate_preset
 
     workload = next(w for w in WORKLOADS if w.name == "large")
     plan = LoaderPlan(4, 4, 0, 1, False, 4, "uint8", "benchmark") if spec == "default" else \

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from watchdog.limits import MIB
 from watchdog.sampler import MemorySnapshot
-from worker.antenna_server import LocalAntenna
+from worker.testing.antenna_server import LocalAntenna
 from worker.app import build_worker
-from worker.guard import WatchdogMiddleware
+from worker.middleware.watchdog import WatchdogMiddleware
 from worker.hooks import Middleware
 from worker.settings import load_settings
-from worker.synthetic import default_cache_dir, generate_preset
+from worker.testing.synthetic import default_cache_dir, generate_preset
 
 TOKEN = "watchdog-cost-benchmark"
 

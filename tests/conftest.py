@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from worker.antenna_server import LocalAntenna
+from worker.testing.antenna_server import LocalAntenna
 from worker.settings import Settings, load_settings
-from worker.synthetic import SyntheticImage, generate_preset
+from worker.testing.synthetic import SyntheticImage, generate_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "tok-5f1c9e-never-log-me"

@@ -50,7 +50,7 @@ def pipeline_loader(settings: Settings, device: torch.device):
 
 
 def default_middlewares(settings: Settings) -> list[Middleware]:
-    from worker.middlewares import build_middlewares
+    from worker.middleware import build_middlewares
 
     return build_middlewares(settings)
 

@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     worker = build_worker(settings, burst=args.burst)
     worker.install_signal_handlers()
     if args.memray:
-        from worker.profiling import memray_tracking
+        from worker.commands.profile import memray_tracking
 
         with memray_tracking(args.memray, native=args.memray_native):
             return worker.run()
@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from worker.tune import run_tune
+    from worker.commands.tune import run_tune
 
     settings = _settings(args)
     _logging(settings)
@@ -65,28 +65,31 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from worker.antenna_server import run_server
+    from worker.testing.antenna_server import add_server_arguments, run_server
 
+    parser = argparse.ArgumentParser(prog="worker serve-antenna", description="The local Antenna-compatible server.")
+    add_server_arguments(parser)
+    server_args = parser.parse_args(args.server_args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    return run_server(args)
+    return run_server(server_args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.commands.demo import run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     return run_demo(small=args.small, large=args.large, data_dir=args.data_dir, extra_env=dict(args.env or []))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from worker.report import print_config
+    from worker.commands.check import print_config
 
     return print_config(_settings(args), env_file=args.env_file)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from worker.logs import configure_logging
-    from worker.report import print_checks
+    from worker.commands.check import print_checks
 
     settings = _settings(args)
     configure_logging("WARNING", settings.log_format, secrets=[settings.token])
@@ -139,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--env", action="append", type=_env_pair, help="extra AMI_ setting for the worker, NAME=VALUE")
     demo.set_defaults(func=cmd_demo)
 
-    serve = sub.add_parser("serve-antenna", help="run the local Antenna-compatible server")
-    from worker.antenna_server import add_server_arguments
-
-    add_server_arguments(serve)
+    # The local server parses its own arguments: `worker run` never imports the test room.
+    serve = sub.add_parser("serve-antenna", help="run the local Antenna-compatible server "
+                           "(`worker serve-antenna --help` lists its options)", add_help=False)
+    serve.add_argument("server_args", nargs=argparse.REMAINDER)
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="print the effective settings and where each came from")

@@ -1,6 +1,6 @@
 """Prometheus metrics: one registry, every metric the worker exports, named by convention
 (base units in names, ``_total`` counters). Mechanism and middlewares update these objects;
-``worker/observability.py`` serves them on AMI_METRICS_ADDR.
+``worker/middleware/prometheus.py`` serves them on AMI_METRICS_ADDR.
 """
 from __future__ import annotations
 

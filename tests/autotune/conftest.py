@@ -5,7 +5,7 @@ from typing import Callable
 
 import pytest
 
-from autotune.memory_model import MemoryCalibration
+from autotune.calibration import MemoryCalibration
 from autotune.probe import Probe
 
 MiB = 1024 * 1024

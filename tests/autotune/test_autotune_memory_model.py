@@ -7,15 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from autotune import memory_model
-from autotune.memory_model import (
-    CorrectionStore,
-    MemoryCalibration,
-    compare_table,
-    load_calibration,
-    predict_peak,
-    save_calibration,
-)
+from autotune import calibration as calibration_module, corrections
+from autotune.calibration import MemoryCalibration, load_calibration, save_calibration
+from autotune.corrections import CorrectionStore
+from autotune.memory_model import compare_table, predict_peak
 from autotune.plan import LoaderPlan
 
 MiB = 1024 * 1024
@@ -131,7 +126,7 @@ def test_compare_table_shows_both_side_by_side(make_probe, calibration):
 
 
 def test_committed_calibration_keys_are_the_dataclass_fields():
-    data = json.loads(memory_model.DEFAULT_CALIBRATION_PATH.read_text())
+    data = json.loads(calibration_module.DEFAULT_CALIBRATION_PATH.read_text())
     assert set(data) == {f.name for f in fields(MemoryCalibration)}
     assert {"measured_by", "measured_on"} <= set(data)
     calibration = load_calibration()
@@ -184,7 +179,8 @@ def test_correction_store_write_failure_keeps_the_old_file(tmp_path, monkeypatch
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(memory_model.os, "replace", broken_replace)
+    from autotune import files
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError):
         store.update("moths", 1000, 500)
     assert path.read_text() == before
@@ -202,7 +198,7 @@ def test_correction_store_survives_a_corrupt_file_and_ignores_bad_inputs(tmp_pat
 
 
 def test_default_correction_path_is_under_user_data():
-    assert memory_model.default_correction_path(Path("/data/AMI")) == Path("/data/AMI/autotune/memory_corrections.json")
+    assert corrections.default_correction_path(Path("/data/AMI")) == Path("/data/AMI/autotune/memory_corrections.json")
 
 
 def test_calibration_refuses_negative_or_non_numeric_constants(calibration):

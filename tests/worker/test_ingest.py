@@ -11,7 +11,7 @@ import torch
 
 from autotune.plan import LoaderPlan
 from tests.conftest import TOKEN
-from worker.antenna_server import LocalAntenna
+from worker.testing.antenna_server import LocalAntenna
 from worker.ingest import IngestSource, Loader
 
 FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")

@@ -11,7 +11,7 @@ from tests.conftest import data_cache
 from worker.imaging import decode
 from worker.pipeline import NullPipeline, Pipeline, ReferencePipeline, TorchScriptPipeline, run_batch
 from worker.schema import ResultItem, Task
-from worker.synthetic import generate_preset
+from worker.testing.synthetic import generate_preset
 
 CPU = torch.device("cpu")
 

@@ -31,7 +31,7 @@ import pytest
 from tests.conftest import data_cache, worker_env
 from watchdog.limits import MIB, parse_flat_keyed
 from watchdog.sampler import Sampler
-from worker.synthetic import SyntheticImage, generate_preset
+from worker.testing.synthetic import SyntheticImage, generate_preset
 
 LIMIT_BYTES = 1800 * MIB
 HARD_CAP_BYTES = int(LIMIT_BYTES * 0.85)

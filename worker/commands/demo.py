@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 from watchdog.sampler import Sampler
-from worker.antenna_server import LocalAntenna
+from worker.testing.antenna_server import LocalAntenna
 from worker.pipeline import ReferencePipeline
-from worker.synthetic import SyntheticImage, default_cache_dir, generate_preset
+from worker.testing.synthetic import SyntheticImage, default_cache_dir, generate_preset
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024

@@ -18,7 +18,7 @@ from watchdog.limits import MIB, Limits
 from watchdog.sampler import MemorySnapshot
 from worker import metrics
 from worker.app import build_worker
-from worker.guard import WatchdogMiddleware
+from worker.middleware.watchdog import WatchdogMiddleware
 from worker.hooks import JobContext, Middleware
 from worker.ingest import ABANDON
 

@@ -51,7 +51,8 @@ from autotune import (
     plan_options,
     write_advisory,
 )
-from autotune.memory_model import default_correction_path, write_json_atomically
+from autotune.corrections import default_correction_path
+from autotune.files import write_json_atomically
 from worker import metrics
 from worker.hooks import JobContext, Middleware
 from worker.imaging import ImageError, decode, download, image_session

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import TOKEN
 from tests.worker.worker_process import worker_command
-from worker.report import redact_url
+from worker.commands.check import redact_url
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -8,11 +8,11 @@ from worker.settings import Settings
 def build_middlewares(settings: Settings) -> list[Middleware]:
     stack: list[Middleware] = []
     # Autotune first: later entries (the watchdog) see the job's plan in ctx.plan.
-    from worker.tuning import tuning_middlewares
+    from worker.middleware.autotune import tuning_middlewares
 
     stack.extend(tuning_middlewares(settings))
-    if settings.watchdog_enabled:  # AMI_WATCHDOG_ENABLED: the memory governor (worker/guard.py)
-        from worker.guard import WatchdogMiddleware
+    if settings.watchdog_enabled:  # AMI_WATCHDOG_ENABLED: the memory governor (worker/middleware/watchdog.py)
+        from worker.middleware.watchdog import WatchdogMiddleware
 
         stack.append(WatchdogMiddleware(settings))
     stack.extend(observability_middlewares(settings))
@@ -29,9 +29,9 @@ def observability_middlewares(settings: Settings) -> list[Middleware]:
     import os
     import sys
 
-    from worker.observability import MetricsMiddleware
-    from worker.progress import ProgressMiddleware
-    from worker.service import ServiceMiddleware
+    from worker.middleware.prometheus import MetricsMiddleware
+    from worker.middleware.progress import ProgressMiddleware
+    from worker.middleware.systemd import ServiceMiddleware
 
     stack: list[Middleware] = []
     if settings.metrics_addr:

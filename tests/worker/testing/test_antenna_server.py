@@ -15,14 +15,14 @@ import requests
 import simplejpeg
 from PIL import Image
 
-from worker.antenna_server import (
+from worker.testing.antenna_server import (
     BOMB_SIDE_PX,
     IMAGE_FAULTS,
     TASK_QUEUE_DOWN,
     ImageSource,
     LocalAntenna,
 )
-from worker.synthetic import SyntheticImage, generate_preset
+from worker.testing.synthetic import SyntheticImage, generate_preset
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -421,11 +421,11 @@ def test_control_api_drives_a_server(antenna: LocalAntenna, api) -> None:
 
 @pytest.mark.timeout(60)
 def test_serve_antenna_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    script = ("import argparse, sys; from worker.antenna_server import add_server_arguments, run_server; "
+    script = ("import argparse, sys; from worker.testing.antenna_server import add_server_arguments, run_server; "
               "p = argparse.ArgumentParser(); add_server_arguments(p); sys.exit(run_server(p.parse_args()))")
     command = [sys.executable, "-c", script, "--port", "0", "--data-dir", str(tmp_path),
                "--job", "tiny:2", "--pipeline", SLUG, "--token", "t0k"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = process.stdout.readline()

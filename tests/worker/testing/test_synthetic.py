@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.synthetic import (
+from worker.testing.synthetic import (
     MANIFEST_NAME,
     PRESETS,
     default_cache_dir,

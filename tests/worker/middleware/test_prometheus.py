@@ -23,9 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, TOKEN, worker_env
 from tests.worker.worker_process import WorkerProcess, worker_command
-from worker.antenna_server import LocalAntenna
-from worker.observability import MetricsServer, parse_addr, queued_after
-from worker.synthetic import generate_preset
+from worker.testing.antenna_server import LocalAntenna
+from worker.middleware.prometheus import MetricsServer, parse_addr, queued_after
+from worker.testing.synthetic import generate_preset
 
 DASHBOARD = ROOT / "dashboards" / "antenna-worker.json"
 FAULTS = {0: "404", 3: "corrupt"}
@@ -267,7 +267,7 @@ def test_json_log_lines_for_journald(antenna, tiny_images, tmp_path):
     assert all({"ts", "level", "logger", "message", "pid"} <= set(r) for r in records)
     messages = [r["message"] for r in records]
     assert f"job {job_id}: 4 images (3 ok, 1 failed)" in " ".join(messages)
-    assert any(r["logger"] == "worker.progress" and r["level"] == "debug" for r in records)
+    assert any(r["logger"] == "worker.middleware.progress" and r["level"] == "debug" for r in records)
     assert "\r" not in done.stderr  # no progress redraws off a TTY
     assert TOKEN not in done.stderr + done.stdout
 

@@ -29,7 +29,7 @@ from autotune import (
     load_calibration,
     price_plan,
 )
-from autotune.memory_model import CorrectionStore, default_correction_path
+from autotune.corrections import CorrectionStore, default_correction_path
 from autotune.planner import BATCH_SIZES
 from worker.antenna import JobRef
 from worker.daemon import plan_from_settings
@@ -38,7 +38,7 @@ from worker.imaging import ImageError, decode, download, image_session
 from worker.ingest import LoadedImage
 from worker.schema import Task
 from worker.settings import Settings, SettingsError
-from worker.tuning import (
+from worker.middleware.autotune import (
     baseline_bytes,
     constraints_for,
     cpu_count,

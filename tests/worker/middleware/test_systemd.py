@@ -18,9 +18,9 @@ import pytest
 
 from tests.conftest import ROOT, worker_env
 from tests.worker.worker_process import WorkerProcess, worker_command
-from worker.service import Notifier, watchdog_interval_s
+from worker.middleware.systemd import Notifier, watchdog_interval_s
 
-UNIT = ROOT / "systemd" / "antenna-worker.service"
+UNIT = ROOT / "systemd" / "antenna-worker.middleware.systemd"
 SUPERVISOR = ROOT / "systemd" / "supervisor" / "antenna-worker.conf"
 
 
@@ -136,7 +136,7 @@ def test_worker_raises_its_soft_fd_limit_to_the_hard_limit(antenna, tmp_path, ha
 @pytest.mark.timeout(60)
 def test_fd_limit_is_measured_in_the_child():
     """The log line is backed by the limit the process really has afterwards."""
-    code = "from worker.service import raise_fd_limit; import resource; raise_fd_limit(); " \
+    code = "from worker.middleware.systemd import raise_fd_limit; import resource; raise_fd_limit(); " \
            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50,
                           preexec_fn=_limit_fds(300, 5000))
@@ -156,7 +156,7 @@ def test_systemd_analyze_verify_passes_on_the_unit(tmp_path):
     assert script.exists(), "the worker console script is not installed next to this interpreter"
     text = UNIT.read_text().replace("/opt/antenna-worker/venv/bin/worker", str(script))
     assert str(script) in text
-    unit = tmp_path / "antenna-worker.service"
+    unit = tmp_path / "antenna-worker.middleware.systemd"
     unit.write_text(text)
     done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=50)
     # verify exits 0 on settings it merely ignores (e.g. an unknown Type=); any line naming our file is a defect.

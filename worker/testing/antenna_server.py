@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from pydantic import ValidationError
 
 from worker.schema import PipelineResultsError, RegisterPipelines, ResultsPost, result_kind
-from worker.synthetic import PRESETS, SyntheticImage, default_cache_dir, generate_preset
+from worker.testing.synthetic import PRESETS, SyntheticImage, default_cache_dir, generate_preset
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ class LocalAntenna:
 
     ``reservation_timeout_s`` and ``max_deliveries`` mirror the real server's NATS
     consumer (ack wait 300 s, 2 deliveries). ``data_dir`` is where ``/_control/jobs``
-    generates images (default: ``worker.synthetic.default_cache_dir()``).
+    generates images (default: ``worker.testing.synthetic.default_cache_dir()``).
     ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
     """
 

@@ -16,7 +16,7 @@ import time
 from typing import IO, TYPE_CHECKING, Optional
 
 from worker.hooks import JobContext, Middleware
-from worker.observability import queued_after
+from worker.middleware.prometheus import queued_after
 
 if TYPE_CHECKING:
     from worker.daemon import Worker

@@ -16,8 +16,8 @@ import torch
 from autotune.plan import LoaderPlan
 from worker.app import build_worker
 from worker.hooks import Middleware
-from worker.middlewares import build_middlewares
-from worker.tuning import (
+from worker.middleware import build_middlewares
+from worker.middleware.autotune import (
     BenchmarkPlanMiddleware,
     TuningMiddleware,
     api_exchange_cpu_s,
@@ -209,16 +209,16 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
     """The worker command's default OMP_WAIT_POLICY=PASSIVE: no one-thread batch is run and, the
     pipeline's per-batch cost being measured at start, no image is timed alone: the sample's own
     batch (posted as results) gives the per-image cost. The plan keeps torch's count."""
-    import worker.tuning
+    import worker.middleware.autotune
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     # The start-up figure is measured (tests/worker/test_pipeline.py); fixed here, since the
     # reference pipeline's is a few ms and can measure 0 on a busy machine (then every sampled
     # image is timed alone instead). The real time_sample is counted, not replaced.
-    monkeypatch.setattr(worker.tuning, "overhead_floor", lambda pipeline: 0.02)
+    monkeypatch.setattr(worker.middleware.autotune, "overhead_floor", lambda pipeline: 0.02)
     timed_alone = []
-    real_time_sample = worker.tuning.time_sample
-    monkeypatch.setattr(worker.tuning, "time_sample",
+    real_time_sample = worker.middleware.autotune.time_sample
+    monkeypatch.setattr(worker.middleware.autotune, "time_sample",
                         lambda *args, **kwargs: timed_alone.append(args) or real_time_sample(*args, **kwargs))
     antenna.add_job(tiny_images[:6], PIPELINE)
     settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)

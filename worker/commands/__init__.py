@@ -1,0 +1,1 @@
+"""The operator's commands behind ``worker`` subcommands (the CLI stays thin)."""
