@@ -23,7 +23,7 @@ size once (PSS alone misses decoded images queued in shared memory).
    checked by a free fit).
 2. ``inference_bytes_per_input_pixel``: the reference pipeline on CPU in a child; peak RSS above
    the steady state while a batch is inferred (``/proc/self/clear_refs`` 5 resets VmHWM), per
-   image, divided by the detector's input pixels (``worker.pipeline.DETECT_SIZE``).
+   image, divided by the detector's input pixels (``worker.pipelines.reference.DETECT_SIZE``).
 3. ``pinned_copy_factor`` cannot be measured without CUDA; it keeps the structural value 1.0
    (one pinned copy per handed-over batch) and the notes say so.
 """
@@ -103,7 +103,7 @@ def _child_inference(preset: str, batch: int, data_dir: str) -> None:
     import torch
 
     from worker.imaging import decode, fix_mmap_threshold
-    from worker.pipeline import ReferencePipeline
+    from worker.pipelines import ReferencePipeline
     from worker.testing.synthetic import generate_preset
 
     fix_mmap_threshold()
@@ -202,7 +202,7 @@ def measure_inference(data_dir: Path) -> list[dict]:
 
 def calibrate(data_dir: Path) -> tuple[dict, dict]:
     from worker.testing.antenna_server import LocalAntenna
-    from worker.pipeline import DETECT_SIZE
+    from worker.pipelines.reference import DETECT_SIZE
     from worker.testing.synthetic import generate_preset
 
     images = {"small": generate_preset(data_dir, "small", 40, seed=0),

@@ -90,7 +90,7 @@ def buffers(count: int = 40) -> None:
 
 def batches() -> None:
     from worker.imaging import decode
-    from worker.pipeline import ReferencePipeline
+    from worker.pipelines import ReferencePipeline
 
     images = generate_preset(default_cache_dir(), "small", 16, seed=0)
     tensors = [decode(bytearray(image.path.read_bytes()), max_pixels=80_000_000).tensor for image in images]

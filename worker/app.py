@@ -13,7 +13,7 @@ from worker.antenna import AntennaClient
 from worker.daemon import Worker
 from worker.hooks import Middleware
 from worker.ingest import start_fork_server, wait_for_fork_server
-from worker.pipeline import NullPipeline, ReferencePipeline, load_pipeline, select_device, warm_up
+from worker.pipelines import NullPipeline, ReferencePipeline, load_pipeline, select_device, warm_up
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
 from watchdog.limits import Limits, find_cgroup, owns_cgroup, read_limits
@@ -66,7 +66,7 @@ def preload_pipelines(settings: Settings, pipelines) -> None:
 
 
 def warm_up_pipelines(settings: Settings, pipelines) -> None:
-    """One synthetic image through every offered pipeline (see ``worker.pipeline.warm_up``). A
+    """One synthetic image through every offered pipeline (see ``worker.pipelines.warm_up``). A
     failure is logged, not fatal: the model loaded, and a job's images get per-image errors."""
     for slug in offered_slugs(settings):
         started_s = time.perf_counter()

@@ -48,7 +48,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from worker.app import make_client, offered_slugs, pipeline_loader
-    from worker.pipeline import select_device
+    from worker.pipelines import select_device
 
     settings = _settings(args)
     _logging(settings)

@@ -20,7 +20,7 @@ from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from worker.antenna import AntennaClient, AntennaError, JobRef, client_info
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
-from worker.pipeline import Pipeline, run_batch
+from worker.pipelines import Pipeline, run_batch
 from worker.posting import ResultPoster
 from worker.release import TaskReleaser
 from worker.settings import Settings
@@ -250,11 +250,10 @@ class Worker:
 
     def _handle_batch(self, ctx: JobContext, pipeline: Pipeline, batch: Batch) -> None:
         started_s, started_cpu_s = time.perf_counter(), time.process_time()
-        outcomes = run_batch(pipeline, batch.items, ctx.job.pipeline_slug)
+        results = run_batch(pipeline, batch.items, ctx.job.pipeline_slug)
         ctx.stats.last_inference_s = time.perf_counter() - started_s
         ctx.stats.last_inference_cpu_s = time.process_time() - started_cpu_s
-        items = [{"reply_subject": task.reply_subject, "result": result} for task, result in outcomes]
-        self.poster.submit(ctx.job.id, items)
+        self.poster.submit(ctx.job.id, results)
         ctx.stats.inference_s += ctx.stats.last_inference_s
         for item in batch.items:
             ctx.stats.download_bytes += item.jpeg_bytes
@@ -262,15 +261,15 @@ class Worker:
                 ctx.stats.timed_images += 1
                 ctx.stats.download_s += item.download_s
                 ctx.stats.decode_s += item.decode_s
-        for _task, result in outcomes:
-            if "error" in result:
+        for result in results:
+            if result.failure is not None:
                 ctx.stats.images_failed += 1
-                reason = failure_reason(result["error"])
+                reason = result.failure.reason
                 ctx.stats.failures_by_reason[reason] = ctx.stats.failures_by_reason.get(reason, 0) + 1
             else:
                 ctx.stats.images_ok += 1
         ctx.stats.batches += 1
-        self._call("after_batch", ctx, batch, items)
+        self._call("after_batch", ctx, batch, results)
 
     def ingest_source(self, job_id: int) -> IngestSource:
         s = self.settings
@@ -302,17 +301,3 @@ class Worker:
                 getattr(middleware, hook)(self, *args)
             except Exception:
                 log.exception("%s.%s failed", type(middleware).__name__, hook)
-
-
-def failure_reason(message: str) -> str:
-    """A short, bounded label for metrics from an error result's text."""
-    text = message.lower()
-    for needle, reason in (
-        ("http 404", "not_found"), ("http ", "http_error"), ("ami_max_image_bytes", "too_large"),
-        ("decompression", "too_many_pixels"), ("empty body", "empty"), ("html", "not_an_image"),
-        ("not a decodable", "not_an_image"), ("corrupt", "corrupt"), ("connectionerror", "connection"),
-        ("timeout", "timeout"), ("inference failed", "inference"), ("rejected by server", "rejected"),
-    ):
-        if needle in text:
-            return reason
-    return "other"

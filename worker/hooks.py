@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from autotune.plan import LoaderPlan
 
 if TYPE_CHECKING:
+    from worker.results import ImageResult
     from worker.antenna import JobRef
     from worker.daemon import Worker
     from worker.ingest import Batch, Loader
@@ -73,7 +74,7 @@ class Middleware:
 
     def on_loader_start(self, worker: "Worker", ctx: JobContext) -> None: ...
 
-    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: list[dict]) -> None: ...
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None: ...
 
     def on_job_end(self, worker: "Worker", ctx: JobContext) -> None: ...
 

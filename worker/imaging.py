@@ -20,6 +20,8 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from worker.results import Failure, FailureReason
+
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -51,7 +53,15 @@ def fix_mmap_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
 
 
 class ImageError(Exception):
-    """One image cannot be used; the message becomes that image's error result."""
+    """One image cannot be used; the message becomes that image's error result, ``reason`` its
+    reason code (``worker.results.FailureReason``)."""
+
+    def __init__(self, message: str, reason: FailureReason) -> None:
+        super().__init__(message)
+        self.reason: FailureReason = reason
+
+    def failure(self) -> Failure:
+        return Failure(self.reason, str(self))
 
 
 @dataclass(frozen=True)
@@ -67,20 +77,22 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     try:
         with session.get(url, stream=True, timeout=timeout_s) as response:
             if response.status_code != 200:
-                raise ImageError(f"download failed: HTTP {response.status_code} for {url}")
+                raise ImageError(f"download failed: HTTP {response.status_code} for {url}",
+                                 "not_found" if response.status_code == 404 else "http_error")
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}")
+                raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
             body = bytearray()
             for chunk in response.iter_content(CHUNK_BYTES):
                 body += chunk
                 if len(body) > max_bytes:
-                    raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}")
+                    raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
                 del chunk
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-        raise ImageError(f"download failed: {type(error).__name__} for {url}") from None
+        reason: FailureReason = "timeout" if isinstance(error, requests.Timeout) else "connection"
+        raise ImageError(f"download failed: {type(error).__name__} for {url}", reason) from None
     if not body:
-        raise ImageError(f"download returned an empty body for {url}")
+        raise ImageError(f"download returned an empty body for {url}", "empty")
     return body  # a bytearray: decoders take it as is, and a bytes() copy would double the peak
 
 
@@ -104,11 +116,11 @@ def decode(data: bytes | bytearray, *, max_pixels: int, allocate: Optional[Alloc
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
-        raise ImageError(f"image declares an impossible size {width}x{height}")
+        raise ImageError(f"image declares an impossible size {width}x{height}", "too_many_pixels")
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, over AMI_MAX_IMAGE_PIXELS={max_pixels} "
-            "(decompression-bomb guard)"
+            "(decompression-bomb guard)", "too_many_pixels",
         )
 
 
@@ -120,7 +132,7 @@ def _decode_jpeg(data: bytes, max_pixels: int, allocate: Allocate) -> torch.Tens
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as error:
-        raise ImageError(f"not a decodable JPEG: {error}") from None
+        raise ImageError(f"not a decodable JPEG: {error}", "not_an_image") from None
     _check_pixels(width, height, max_pixels)
     hwc = allocate(height, width)
     try:
@@ -128,7 +140,7 @@ def _decode_jpeg(data: bytes, max_pixels: int, allocate: Allocate) -> torch.Tens
         return hwc
     except ValueError as error:
         # Corrupt or truncated data; Pillow is no better at it, so this image fails alone.
-        raise ImageError(f"corrupt JPEG: {error}") from None
+        raise ImageError(f"corrupt JPEG: {error}", "corrupt") from None
 
 
 def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
@@ -140,7 +152,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except Exception as error:  # Pillow raises many types for bad input
         hint = " (looks like an HTML page)" if data.lstrip()[:1] == b"<" else ""
-        raise ImageError(f"not a decodable image{hint}: {type(error).__name__}: {error}") from None
+        raise ImageError(f"not a decodable image{hint}: {type(error).__name__}: {error}", "not_an_image") from None
 
 
 def image_session(pool_connections: int = 8) -> requests.Session:

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from autotune.plan import LoaderPlan
 from worker.antenna import AntennaClient, AntennaError
 from worker.imaging import ImageError, decode, download, fix_mmap_threshold, image_session
+from worker.results import Failure
 from worker.schema import Task
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class LoadedImage:
 
     task: Task
     image: Optional[torch.Tensor]  # uint8 (3, H, W), or float32 when the plan says so
-    error: Optional[str] = None
+    error: Optional[Failure] = None
     jpeg_bytes: int = 0
     width: int = 0
     height: int = 0
@@ -284,10 +285,10 @@ class TaskStream(IterableDataset):
             decoded = decode(data, max_pixels=self.source.max_image_pixels,
                              allocate=buffers.allocate if buffers is not None else None)
         except ImageError as error:
-            return LoadedImage(task, None, str(error), worker_id=worker_id)
+            return LoadedImage(task, None, error.failure(), worker_id=worker_id)
         except Exception as error:  # a bug in a decoder must cost one image, not the job
             log.exception("job %d: image %s failed unexpectedly", self.source.job_id, task.image_id)
-            return LoadedImage(task, None, f"{type(error).__name__}: {error}", worker_id=worker_id)
+            return LoadedImage(task, None, Failure("other", f"{type(error).__name__}: {error}"), worker_id=worker_id)
         image = decoded.tensor
         if self.plan.tensor_dtype == "float32":  # legacy ADC behaviour, benchmarks only
             image = image.float().div_(255.0)

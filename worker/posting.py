@@ -18,9 +18,12 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from worker.antenna import AntennaClient, AntennaRejected, AntennaUnavailable
+
+if TYPE_CHECKING:
+    from worker.results import ImageResult
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +118,14 @@ class ResultPoster:
         with self._lock:
             return len(self._pending)
 
-    def submit(self, job_id: int, items: list[dict]) -> None:
-        """Queue ``items`` (``{"reply_subject", "result"}``) for posting; blocks while all slots are busy."""
-        if not items:
+    def submit(self, job_id: int, results: "Sequence[ImageResult]") -> None:
+        """Queue ``results`` for posting; blocks while all slots are busy.
+
+        Serialised here, once: from this point a result travels as its wire JSON (the spool keeps it).
+        """
+        if not results:
             return
+        items = [result.item().model_dump(mode="json") for result in results]
         encoded = encode_items(items)
         for group in split_under_cap(encoded, self.max_post_bytes):
             self._slots.acquire()

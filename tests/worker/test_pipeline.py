@@ -9,7 +9,9 @@ import torch
 
 from tests.conftest import data_cache
 from worker.imaging import decode
-from worker.pipeline import NullPipeline, Pipeline, ReferencePipeline, TorchScriptPipeline, run_batch
+from worker.pipelines import NullPipeline, Pipeline, ReferencePipeline, TorchScriptPipeline
+from worker.pipelines import run_batch as run_typed_batch
+from worker.results import Failure
 from worker.schema import ResultItem, Task
 from worker.testing.synthetic import generate_preset
 
@@ -20,7 +22,12 @@ CPU = torch.device("cpu")
 class Item:
     task: Task
     image: Optional[torch.Tensor]
-    error: Optional[str] = None
+    error: Optional[Failure] = None
+
+
+def run_batch(pipeline, items) -> list[tuple[Task, dict]]:
+    """``(task, the result's wire JSON)`` per item, as the poster will send it."""
+    return [(result.task, result.result.model_dump(mode="json")) for result in run_typed_batch(pipeline, items)]
 
 
 def items_for(images) -> list[Item]:
@@ -60,7 +67,8 @@ def test_reference_detector_finds_generated_specimens_and_results_follow_the_con
 
 def test_null_pipeline_and_error_items_pass_through(tiny_images):
     items = items_for(tiny_images[:3])
-    items[1].image, items[1].error = None, "download failed: HTTP 404"
+    items[1].image, items[1].error = None, Failure("not_found", "download failed: HTTP 404")
+    assert [r.failure for r in run_typed_batch(NullPipeline(CPU), items)] == [None, items[1].error, None]
     outcomes = run_batch(NullPipeline(CPU), items)
     assert outcomes[0][1]["detections"] == [] and outcomes[2][1]["pipeline"] == "null"
     assert outcomes[1][1] == {"error": "download failed: HTTP 404", "image_id": items[1].task.image_id}
@@ -95,6 +103,7 @@ def test_out_of_memory_splits_the_batch_and_only_the_failing_image_fails(tiny_im
     failed = [task.image_id for task, result in outcomes if "error" in result]
     assert failed == [items[5].task.image_id]
     assert "inference failed: RuntimeError: bad kernel input" in outcomes[5][1]["error"]
+    assert run_typed_batch(FakeCudaOutOfMemoryPipeline(poisoned=items[5].image), items)[5].failure.reason == "inference"
     assert pipeline.calls[0] == 8 and max(pipeline.calls[1:]) <= 4
 
 
@@ -139,7 +148,7 @@ class _TimedCalls(Pipeline):
 
 
 def test_batch_overhead_is_measured_once_from_one_image_against_one_forward_batch():
-    from worker.pipeline import OVERHEAD_REPEATS, batch_overhead_s
+    from worker.pipelines import OVERHEAD_REPEATS, batch_overhead_s
 
     pipeline = _TimedCalls()
     overhead_s = batch_overhead_s(pipeline)
@@ -152,7 +161,7 @@ def test_batch_overhead_is_measured_once_from_one_image_against_one_forward_batc
 
 
 def test_batch_overhead_is_zero_without_inference_when_every_image_is_its_own_forward_call():
-    from worker.pipeline import batch_overhead_s
+    from worker.pipelines import batch_overhead_s
 
     pipeline = _TimedCalls(localization_batch_size=1)
     assert batch_overhead_s(pipeline) == 0.0

@@ -8,10 +8,25 @@ import pytest
 from tests.conftest import TOKEN
 from worker.antenna import AntennaClient
 from worker.posting import ResultPoster, Spool, encode_items, split_under_cap
+from worker.results import Failure, ImageResult
 
 
-def error_items(tasks, note: str = "x") -> list[dict]:
-    return [{"reply_subject": t.reply_subject, "result": {"error": note, "image_id": t.image_id}} for t in tasks]
+def error_items(tasks, note: str = "x") -> list[ImageResult]:
+    return [ImageResult.error(t, Failure("other", note)) for t in tasks]
+
+
+class RawResult:
+    """A TEST DOUBLE for an ``ImageResult`` whose wire JSON is given as is: the worker's typed results
+    cannot be invalid, but a server may still reject a body (a stricter server, a newer schema)."""
+
+    def __init__(self, item: dict) -> None:
+        self._item = item
+
+    def item(self) -> "RawResult":
+        return self
+
+    def model_dump(self, mode: str) -> dict:
+        return self._item
 
 
 def make_poster(server, tmp_path, **kwargs) -> ResultPoster:
@@ -55,10 +70,10 @@ def test_one_invalid_item_is_isolated_and_replaced_by_an_error_result(antenna, t
     tasks = AntennaClient(antenna.base_url, TOKEN).reserve_tasks(job, 8)
     items = error_items(tasks)
     bad = tasks[5]
-    items[5] = {"reply_subject": bad.reply_subject, "result": {
+    items[5] = RawResult({"reply_subject": bad.reply_subject, "result": {
         "pipeline": "synthetic-moths", "algorithms": {}, "total_time": 0.1,
         "source_images": [{"id": bad.image_id, "url": bad.image_url}],
-        "detections": [{"bbox": {"x1": 0, "y1": 0, "x2": 1, "y2": 1}}], "errors": None}}
+        "detections": [{"bbox": {"x1": 0, "y1": 0, "x2": 1, "y2": 1}}], "errors": None}})
     poster = make_poster(antenna, tmp_path)
     poster.submit(job, items)
     assert poster.flush(timeout_s=30)

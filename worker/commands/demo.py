@@ -20,7 +20,7 @@ from typing import Optional
 
 from watchdog.sampler import Sampler
 from worker.testing.antenna_server import LocalAntenna
-from worker.pipeline import ReferencePipeline
+from worker.pipelines import ReferencePipeline
 from worker.testing.synthetic import SyntheticImage, default_cache_dir, generate_preset
 
 log = logging.getLogger(__name__)

@@ -57,12 +57,13 @@ from worker import metrics
 from worker.hooks import JobContext, Middleware
 from worker.imaging import ImageError, decode, download, image_session
 from worker.ingest import Batch, LoadedImage, wait_for_fork_server
-from worker.pipeline import Pipeline, batch_overhead_s, run_batch, warm_up
+from worker.pipelines import Pipeline, batch_overhead_s, run_batch, warm_up
 from worker.schema import Task
 from worker.settings import Settings
 from watchdog.sampler import MemorySnapshot, sample_tree
 
 if TYPE_CHECKING:
+    from worker.results import ImageResult
     from worker.daemon import Worker
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     for task, (data, download_s, first_byte_s, download_cpu_s, _), (decoded, decode_cpu_s, failure) in zip(
             tasks, fetched, outcomes):
         if decoded is None:
-            loaded.append(LoadedImage(task, None, str(failure)))
+            loaded.append(LoadedImage(task, None, failure.failure()))
             continue
         samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s, decode_cpu_s,
                                    first_byte_s, download_cpu_s))
@@ -347,12 +348,12 @@ def probe_job(worker: "Worker", ctx: JobContext, pipeline: Pipeline, *, tasks_wa
     Inference is timed on the sample as one batch at the default thread count: the loop's own
     ``_handle_batch``, which posts every probed task's result (errors included), so that timing
     costs the job nothing. With it, the pipeline's per-batch cost, measured at the worker's start
-    on two batch sizes (``worker.pipeline.batch_overhead_s``), separates the per-image cost. On
+    on two batch sizes (``worker.pipelines.batch_overhead_s``), separates the per-image cost. On
     CUDA, or where that start-up figure is missing, the probe also times each sampled image alone
     (``time_sample``, results discarded). On CPU, with torch running more threads and OpenMP's
     waiting threads spinning (not the worker command's default), it also times the sample at one
     thread (``time_one_thread``). The worker warms each pipeline up at start
-    (``worker.pipeline.warm_up``: the first call pays lazy initialisation); a pipeline not warmed
+    (``worker.pipelines.warm_up``: the first call pays lazy initialisation); a pipeline not warmed
     yet is warmed here on the first sampled image.
     """
     settings = worker.settings
@@ -538,7 +539,7 @@ class TuningMiddleware(Middleware):
                  run.probe.single_thread_inference_s, run.probe.baseline_bytes / MiB, _pinned_text(constraints.pinned))
         record_plan_metrics(decision.plan, decision)
 
-    def after_batch(self, worker: "Worker", ctx: JobContext, batch: Batch, results: list[dict]) -> None:
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: Batch, results: "list[ImageResult]") -> None:
         with self._lock:
             latest = self._latest
         if latest is not None:

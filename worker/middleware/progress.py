@@ -19,6 +19,7 @@ from worker.hooks import JobContext, Middleware
 from worker.middleware.prometheus import queued_after
 
 if TYPE_CHECKING:
+    from worker.results import ImageResult
     from worker.daemon import Worker
     from worker.ingest import Batch
 
@@ -68,7 +69,7 @@ class ProgressMiddleware(Middleware):
             if getattr(handler, "stream", None) is self.stream:
                 handler.addFilter(self._filter)
 
-    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: list[dict]) -> None:
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         now_s = time.monotonic()
         if now_s - self._drawn_s < REDRAW_INTERVAL_S:
             return

@@ -23,12 +23,12 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 
 from worker import metrics
-from worker.daemon import failure_reason
 from worker.hooks import JobContext, Middleware
 from worker.metrics import REGISTRY
 from watchdog.sampler import MemorySnapshot
 
 if TYPE_CHECKING:
+    from worker.results import ImageResult
     from worker.daemon import Worker
     from worker.ingest import Batch
 
@@ -183,15 +183,14 @@ class MetricsMiddleware(Middleware):
             metrics.plan_value.labels(knob=knob).set(float(getattr(plan, knob)))
         metrics.plan_changes.labels(source=plan.source).inc()
 
-    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: list[dict]) -> None:
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         slug = ctx.job.pipeline_slug
         ok = 0
-        for item in results:
-            error = item["result"].get("error")
-            if error is None:
+        for result in results:
+            if result.failure is None:
                 ok += 1
             else:
-                metrics.images_failed.labels(pipeline=slug, reason=failure_reason(str(error))).inc()
+                metrics.images_failed.labels(pipeline=slug, reason=result.failure.reason).inc()
         metrics.images_processed.labels(pipeline=slug).inc(ok)
         metrics.batches.labels(pipeline=slug).inc()
         metrics.inference_seconds.labels(pipeline=slug).observe(ctx.stats.last_inference_s)

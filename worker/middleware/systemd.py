@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 from worker.hooks import JobContext, Middleware
 
 if TYPE_CHECKING:
+    from worker.results import ImageResult
     from worker.daemon import Worker
     from worker.ingest import Batch
 
@@ -139,7 +140,7 @@ class ServiceMiddleware(Middleware):
     def on_loader_start(self, worker: "Worker", ctx: JobContext) -> None:
         self._beat()
 
-    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: list[dict]) -> None:
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         self._beat()
         self._status(f"job {ctx.job.id}: {ctx.stats.images} images, {ctx.stats.images_per_s():.1f} images/s",
                      throttle=True)

@@ -29,6 +29,7 @@ from worker.hooks import JobContext, Middleware
 from worker.settings import Settings
 
 if TYPE_CHECKING:
+    from worker.results import ImageResult
     from worker.daemon import Worker
     from worker.ingest import Batch, Loader
 
@@ -101,7 +102,7 @@ class WatchdogMiddleware(Middleware):
                  current.tasks_per_reserve, current.prefetch_depth, current.admit_reserves)
         self._collect_if_pending()
 
-    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: list[dict]) -> None:
+    def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         self._collect_if_pending()
 
     def on_idle(self, worker: "Worker") -> None:
