@@ -68,6 +68,8 @@ class SourceImageResponse(_Model):
 
 
 class PipelineResultsResponse(_Model):
+    # Antenna's model ignores unknown fields, and ADC's worker sends one (``config``).
+    model_config = ConfigDict(extra="ignore")
     pipeline: str
     algorithms: dict[str, dict] = Field(default_factory=dict)
     total_time: float

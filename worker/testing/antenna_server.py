@@ -3,7 +3,8 @@
 It speaks API v2 pull mode as /work/shared/antenna-protocol.md describes it: find
 jobs, reserve tasks (a JetStream-like work queue with a reservation timeout and a
 delivery limit), post results (validated all-or-nothing with ``worker.schema``),
-register pipelines. Images are served under ``/media`` with no auth, optionally
+register pipelines (stored and checked as Antenna does, ``pipeline_registry``: a result whose
+save would fail is answered 200 but never acknowledged, so its task is redelivered). Images are served under ``/media`` with no auth, optionally
 shaped (latency, bandwidth) or broken on purpose (``image_faults``); API endpoints
 can be made to answer error statuses (``set_faults``, ``set_unavailable``).
 
@@ -37,7 +38,14 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from pydantic import ValidationError
 
-from worker.schema import PipelineResultsError, RegisterPipelines, ResultsPost, result_kind
+from worker.schema import (
+    PipelineResultsError,
+    PipelineResultsResponse,
+    RegisterPipelines,
+    ResultsPost,
+    result_kind,
+)
+from worker.testing.pipeline_registry import PipelineRegistry, RegistrationError
 from worker.testing.synthetic import PRESETS, SyntheticImage, default_cache_dir, generate_preset
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,8 @@ TASK_QUEUE_DOWN = {"error": "Task queue temporarily unavailable"}
 _MEDIA_CHUNK_BYTES = 256 * 1024
 _SERVE_POLL_S = 0.05
 _TRUTHY = ("1", "true", "True", "yes")
+PROJECTS_PAGE_SIZE = 10
+_UNSAVED_REASONS_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,8 @@ class JobReport:
 
     Every task is in exactly one state, so
     ``tasks == results_ok + results_error + pending + reserved + awaiting_redelivery + lost``.
+    ``results_ok`` and ``results_error`` count SAVED results (acknowledged); a success result whose
+    save fails is counted in ``results_unsaved`` and leaves its task unacknowledged.
 
     - ``pending``: never delivered.
     - ``reserved``: delivered, no result, last reservation not yet expired.
@@ -80,6 +92,10 @@ class JobReport:
       (it then counts as ok/error, no longer lost).
     - ``delivered``: all deliveries; ``redeliveries``: deliveries beyond each task's first.
     - ``duplicates``: results posted for a task that already had one (answered 200).
+    - ``results_unsaved``: success results answered 200 whose save failed (unregistered pipeline
+      or algorithm key, no single detector, empty or over-long scores, non-integer image id);
+      never acknowledged, so the task is redelivered or ends lost. ``unsaved_reasons``: the first
+      distinct reasons (up to 10).
     - ``rejected_posts``: result POSTs to this job answered 400 (nothing recorded).
     - ``complete``: every task has an accepted result.
     - ``settled``: every task has a result or is lost; the job is no longer listed by
@@ -103,6 +119,8 @@ class JobReport:
     media_bytes_served: int
     awaiting_redelivery: int
     settled: bool
+    results_unsaved: int = 0
+    unsaved_reasons: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,13 +167,28 @@ class _Job:
     consumer_seq: int = 0
     duplicates: int = 0
     rejected_posts: int = 0
+    unsaved: int = 0
+    unsaved_reasons: list[str] = field(default_factory=list)
+
+    def record_unsaved(self, reason: str) -> None:
+        self.unsaved += 1
+        if reason not in self.unsaved_reasons and len(self.unsaved_reasons) < _UNSAVED_REASONS_KEPT:
+            self.unsaved_reasons.append(reason)
+
+
+SaveCheck = Callable[[PipelineResultsResponse], Optional[str]]
 
 
 class _Ledger:
-    """All job state behind one lock; reservation expiry is evaluated lazily."""
+    """All job state behind one lock; reservation expiry is evaluated lazily.
 
-    def __init__(self, reservation_timeout_s: float, max_deliveries: int, rng_seed: Optional[int]) -> None:
+    ``save_check`` answers, for a posted success result, why saving it fails (None: it saves).
+    """
+
+    def __init__(self, reservation_timeout_s: float, max_deliveries: int, rng_seed: Optional[int],
+                 save_check: SaveCheck = lambda result: None) -> None:
         self.reservation_timeout_s = reservation_timeout_s
+        self.save_check = save_check
         self.max_deliveries = max_deliveries
         self.lock = threading.Lock()
         self.jobs: dict[int, _Job] = {}
@@ -233,17 +266,27 @@ class _Ledger:
                 job.rejected_posts += 1
                 raise
             answers = []
-            for subject, task, kind in accepted:
-                if task.result is None:
-                    task.result = kind
-                else:
-                    job.duplicates += 1
+            for subject, task, result in accepted:
+                self._save(job, task, result)
                 answers.append({"reply_subject": subject, "status": "queued", "task_id": task.id})
             return {"status": "accepted", "job_id": job.id, "results_queued": len(answers),
                     "tasks": answers}
 
+    def _save(self, job: _Job, task: _Task, result: Any) -> None:
+        """Save one accepted result, or leave its task unacknowledged when the save fails."""
+        kind = result_kind(result)
+        problem = self.save_check(result) if kind == "ok" else None
+        if problem is not None:
+            job.record_unsaved(problem)
+            logger.warning("job %d: result for image %s not saved, task left unacknowledged: %s",
+                           job.id, task.image_id, problem)
+        elif task.result is None:
+            task.result = kind
+        else:
+            job.duplicates += 1
+
     @staticmethod
-    def _validate(job: _Job, body: Any) -> list[tuple[str, _Task, str]]:
+    def _validate(job: _Job, body: Any) -> list[tuple[str, _Task, Any]]:
         """All-or-nothing: the first bad item rejects the POST, naming its index."""
         try:
             parsed = ResultsPost.model_validate(body)
@@ -256,7 +299,7 @@ class _Ledger:
                 raise ApiError(400, {"detail": f"results[{index}]: reply_subject "
                                                f"{item.reply_subject!r} was not issued by job {job.id}."})
             _check_image_ids(index, item.result, task)
-            accepted.append((item.reply_subject, task, result_kind(item.result)))
+            accepted.append((item.reply_subject, task, item.result))
         return accepted
 
     def report(self, job_id: int, media_with_auth: int, media_bytes: int) -> JobReport:
@@ -276,6 +319,7 @@ class _Ledger:
                 media_requests_with_auth=media_with_auth, media_bytes_served=media_bytes,
                 awaiting_redelivery=count("awaiting_redelivery"),
                 settled=all(s in ("ok", "error", "lost") for s in states),
+                results_unsaved=job.unsaved, unsaved_reasons=tuple(job.unsaved_reasons),
             )
 
 
@@ -446,26 +490,39 @@ class LocalAntenna:
     consumer (ack wait 300 s, 2 deliveries). ``data_dir`` is where ``/_control/jobs``
     generates images (default: ``worker.testing.synthetic.default_cache_dir()``).
     ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
+    ``project_ids``: the projects ``GET /projects/`` lists (10 per page, with ``next``); jobs
+    belong to the first.
+
+    Results are saved as Antenna saves them (``pipeline_registry``): a result for a registered
+    pipeline must pass its checks or its task is never acknowledged. ``require_registration``
+    decides what happens to a pipeline slug nobody registered: True (as Antenna) its results are
+    never saved; False (the default, a shortcut for tests and benchmarks that skip ``worker
+    register``) they are saved unchecked.
     """
 
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, token: str = "local-token",
-        reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
+        reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_ids: Sequence[int] = (1,),
         data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
-        rng_seed: Optional[int] = None,
+        rng_seed: Optional[int] = None, require_registration: bool = False,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
+        if not project_ids:
+            raise ValueError("project_ids must name at least one project")
         self.host = host
         self.port = port
         self.token = token
-        self.project_id = project_id
+        self.project_ids = tuple(int(p) for p in project_ids)
+        self.project_id = self.project_ids[0]
+        self.require_registration = require_registration
+        self.registry = PipelineRegistry()
         self.data_dir = Path(data_dir) if data_dir is not None else default_cache_dir()
         self.max_request_bytes = max_request_bytes
         self.registered: list[dict] = []
         self.result_posts: list[dict] = []
         self.reservations: list[dict] = []
-        self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed)
+        self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed, save_check=self._save_error)
         self._media = _MediaStore()
         self.conditions = _Conditions()
         self.stopping = threading.Event()
@@ -620,24 +677,47 @@ class LocalAntenna:
             self.result_posts.append(body)
         return self._ledger.post_results(job_id, body)
 
-    def api_projects(self) -> dict[str, Any]:
-        project = {"id": self.project_id, "name": "Local project"}
-        return {"count": 1, "next": None, "previous": None, "results": [project]}
+    def _save_error(self, result: PipelineResultsResponse) -> Optional[str]:
+        if not self.require_registration and not self.registry.is_registered(result.pipeline):
+            return None
+        return self.registry.save_error(result)
+
+    def api_projects(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        """Paginated like Django REST framework's PageNumberPagination, 10 per page."""
+        raw_page = (query.get("page") or ["1"])[0]
+        pages = max(1, -(-len(self.project_ids) // PROJECTS_PAGE_SIZE))
+        if not raw_page.isdigit() or not 1 <= int(raw_page) <= pages:
+            raise ApiError(404, {"detail": "Invalid page."})
+        page = int(raw_page)
+        start = (page - 1) * PROJECTS_PAGE_SIZE
+        results = [{"id": p, "name": f"Local project {p}"}
+                   for p in self.project_ids[start:start + PROJECTS_PAGE_SIZE]]
+
+        def link(number: int) -> Optional[str]:
+            return f"{self.base_url}/projects/?page={number}" if 1 <= number <= pages else None
+
+        return {"count": len(self.project_ids), "next": link(page + 1), "previous": link(page - 1),
+                "results": results}
 
     def api_register(self, project_id: int, body: Any) -> dict[str, Any]:
-        if project_id != self.project_id:
+        if project_id not in self.project_ids:
             raise ApiError(404, {"detail": f"No project with id {project_id}."})
         try:
             parsed = RegisterPipelines.model_validate(body)
         except ValidationError as exc:
             raise ApiError(400, {"detail": _describe_validation_error(exc)}) from None
         with self._ledger.lock:
-            known = {p["slug"] for earlier in self.registered for p in earlier["pipelines"]}
             self.registered.append(body)
-        slugs = [p.slug for p in parsed.pipelines]
-        return {"project_id": project_id, "processing_service_name": parsed.processing_service_name,
-                "pipelines_created": [s for s in slugs if s not in known],
-                "pipelines_updated": [s for s in slugs if s in known]}
+        try:
+            outcome = self.registry.register(project_id, parsed)
+        except RegistrationError as exc:
+            raise ApiError(400, {"success": False, "error": str(exc), "detail": str(exc)}) from None
+        return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "success": True, "error": None,
+                "project_id": project_id, "processing_service_name": parsed.processing_service_name,
+                "pipelines": [p.slug for p in parsed.pipelines],
+                "pipelines_created": list(outcome.pipelines_created),
+                "pipelines_updated": list(outcome.pipelines_updated),
+                "algorithms_created": list(outcome.algorithms_created)}
 
     # ---- handler entry points (media, control)
 
@@ -719,7 +799,7 @@ class _Handler(BaseHTTPRequestHandler):
         ("POST", re.compile(r"/jobs/(\d+)/result/"), "result",
          lambda a, m, q, b: a.api_post_results(int(m.group(1)), b), 200),
         ("GET", re.compile(r"/projects/"), "projects",
-         lambda a, m, q, b: a.api_projects(), 200),
+         lambda a, m, q, b: a.api_projects(q), 200),
         ("POST", re.compile(r"/projects/(\d+)/pipelines/"), "pipelines",
          lambda a, m, q, b: a.api_register(int(m.group(1)), b), 201),
     ]
@@ -1020,7 +1100,7 @@ def _control_call(antenna: LocalAntenna, method: str, sub_path: str, body: Any) 
         except KeyError:
             return 404, {"detail": f"No job with id {match.group(1)}."}
     if method == "GET" and sub_path == "/registered":
-        return 200, {"registered": antenna.registered}
+        return 200, {"registered": antenna.registered, "registry": antenna.registry.snapshot()}
     if method == "POST" and sub_path == "/faults":
         antenna.set_faults(str(body["endpoint"]), [int(s) for s in body.get("statuses", [])],
                            retry_after_s=body.get("retry_after_s"))
@@ -1051,6 +1131,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add a job of COUNT generated images of PRESET (tiny, small, large); repeatable")
     parser.add_argument("--pipeline", default="synthetic-moths",
                         help="pipeline slug of the jobs added with --job")
+    parser.add_argument("--require-registration", action="store_true",
+                        help="never save results of a pipeline nobody registered, as Antenna does")
+    parser.add_argument("--projects", type=int, default=1, help="how many projects GET /projects/ lists")
     parser.add_argument("--latency-s", type=float, default=0.0)
     parser.add_argument("--bandwidth-bytes-per-s", type=float, default=None)
 
@@ -1060,7 +1143,8 @@ def run_server(args: argparse.Namespace) -> int:
     jobs = [_parse_job_spec(spec) for spec in args.job]
     antenna = LocalAntenna(host=args.host, port=args.port, token=args.token, data_dir=args.data_dir,
                            reservation_timeout_s=args.reservation_timeout_s,
-                           max_deliveries=args.max_deliveries)
+                           max_deliveries=args.max_deliveries, require_registration=args.require_registration,
+                           project_ids=range(1, max(1, args.projects) + 1))
     antenna.set_network(latency_s=args.latency_s, bandwidth_bytes_per_s=args.bandwidth_bytes_per_s)
     stop = threading.Event()
 

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -70,6 +70,11 @@ PRESETS: dict[str, Preset] = {
     "large": Preset("large", 4096, 3072, quality=98, noise=18.0),
 }
 _NO_SUBSAMPLING_QUALITY = 97
+
+
+def with_integer_ids(images: list[SyntheticImage], first: int = 1) -> list[SyntheticImage]:
+    """The same images under integer-string ids, as Antenna's source images have (its database keys)."""
+    return [replace(image, image_id=str(first + index)) for index, image in enumerate(images)]
 
 
 def default_cache_dir() -> Path:
