@@ -13,6 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
+from urllib.parse import urlsplit
 
 import requests
 
@@ -23,6 +24,7 @@ from worker.schema import Task
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_PROJECT_PAGES = 1000  # a guard against a server whose ``next`` never ends
 
 
 class AntennaError(Exception):
@@ -119,7 +121,27 @@ class AntennaClient:
         )
 
     def list_projects(self) -> list[dict]:
-        return list(self._call("GET", "/projects/").get("results", []))
+        """Every project the token sees, following ``next`` (the server pages them 10 at a time)."""
+        projects: list[dict] = []
+        page: Optional[str] = "/projects/"
+        seen: set[str] = set()
+        while page and page not in seen and len(seen) < MAX_PROJECT_PAGES:
+            seen.add(page)
+            body = self._call("GET", page)
+            projects.extend(body.get("results", []))
+            page = self._under_base(body.get("next"))
+        return projects
+
+    def _under_base(self, link: Optional[str]) -> Optional[str]:
+        """A ``next`` link as a path under the base URL: the token only ever goes to the configured
+        origin and scheme, whatever host or scheme a proxy-confused server writes into the link."""
+        if not link:
+            return None
+        parts, base_path = urlsplit(link), urlsplit(self.base_url).path.rstrip("/")
+        if not parts.path.startswith(base_path + "/"):
+            log.warning("not following a page link outside the API base URL: %s", parts.path)
+            return None
+        return parts.path[len(base_path):] + (f"?{parts.query}" if parts.query else "")
 
     def register_pipelines(self, project_id: int, service_name: str, pipelines: list[dict]) -> dict:
         payload = {"processing_service_name": f"{service_name} ({socket.gethostname()})", "pipelines": pipelines}

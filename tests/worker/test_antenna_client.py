@@ -94,3 +94,10 @@ def test_wrong_token_is_rejected_401_and_token_never_logged(antenna, caplog):
     client_for(antenna).list_jobs(["x"])
     assert "wrong-token-value" not in caplog.text and TOKEN not in caplog.text
     assert "retry in" in caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_list_projects_follows_next_pages(antenna_factory):
+    server = antenna_factory(project_ids=range(1, 13))
+    projects = client_for(server).list_projects()
+    assert [int(p["id"]) for p in projects] == list(range(1, 13))
