@@ -2,9 +2,11 @@
 
 ``submit`` blocks while ``max_pending_posts`` posts are in flight, which slows inference instead
 of piling results up in memory. Bodies are split so each stays under ``max_post_bytes`` (proxies
-answer 413 on the 100+ MB bodies of very wide classifiers). A 400 rejects a whole body (the
-server validates all-or-nothing), so the body is bisected until the offending item is alone; that
-item is replaced by an error result for its image so the task still completes. If the API stays
+answer 413 on the 100+ MB bodies of very wide classifiers); a 413 all the same (a proxy's limit
+below ours) bisects the body like a 400 and lowers ``max_post_bytes`` for later bodies. A 400
+rejects a whole body (the server validates all-or-nothing), so the body is bisected until the
+offending item is alone; that item (or one result too big for the proxy on its own) is replaced by
+an error result for its image so the task still completes. If the API stays
 unreachable through every retry, the body is spooled to disk and replayed first at the next start.
 """
 from __future__ import annotations
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     from worker.results import ImageResult
 
 log = logging.getLogger(__name__)
+
+MIN_POST_BYTES = 64 * 1024  # the floor a 413 can lower the cap to (AMI_ANTENNA_MAX_POST_BYTES' minimum)
+SPLIT_STATUSES = frozenset({400, 413})  # 400: one bad item rejects the body; 413: the body is too big
 
 
 @dataclass
@@ -183,18 +188,27 @@ class ResultPoster:
             log.error("job %d: %d results spooled to %s (%s)", job_id, len(items), path, error)
 
     def _post_validated(self, job_id: int, items: list[dict], body: bytes) -> None:
-        """Post; on 400 bisect until the bad item is alone, then replace it by an error result."""
+        """Post; on 400 or 413 bisect until the bad or too-big item is alone, then replace it by an error result."""
         try:
             self.client.post_results(job_id, items, body_bytes=body)
         except AntennaRejected as error:
-            if error.status != 400:
+            if error.status not in SPLIT_STATUSES:
                 raise AntennaUnavailable(f"result post rejected with HTTP {error.status}: {error.message}") from None
+            if error.status == 413:
+                self._lower_cap(job_id, len(body))
             self._bisect(job_id, items, error)
             return
         self.counters.posted_items += len(items)
         self.counters.posted_bodies += 1
         if self._on_posted is not None:
             self._on_posted(job_id, items)
+
+    def _lower_cap(self, job_id: int, refused_bytes: int) -> None:
+        cap_bytes = max(MIN_POST_BYTES, min(self.max_post_bytes, refused_bytes // 2))
+        if cap_bytes < self.max_post_bytes:
+            log.warning("job %d: a body of %d bytes got HTTP 413; splitting it and capping later bodies at %d bytes",
+                        job_id, refused_bytes, cap_bytes)
+            self.max_post_bytes = cap_bytes
 
     def _bisect(self, job_id: int, items: list[dict], error: AntennaRejected) -> None:
         if len(items) > 1:
@@ -210,7 +224,8 @@ class ResultPoster:
                       job_id, item.get("reply_subject"), error.message[:200])
             return
         replacement = {"reply_subject": item["reply_subject"],
-                       "result": {"error": f"result rejected by server: {error.message[:300]}", "image_id": image_id}}
+                       "result": {"error": f"result rejected by server (HTTP {error.status}): {error.message[:300]}",
+                                  "image_id": image_id}}
         log.error("job %d: server rejected the result for image %s; posting an error result instead", job_id, image_id)
         self.counters.replaced_items += 1
         self._post_validated(job_id, [replacement], body_of(encode_items([replacement]), [0]))

@@ -115,3 +115,43 @@ def test_submit_blocks_at_max_pending_posts(antenna, tiny_images, tmp_path):
         seen.append(poster.pending_posts)
     assert poster.flush(timeout_s=30)
     assert max(seen) <= 2 and antenna.report(job).results_error == 10
+
+
+@pytest.mark.timeout(60)
+def test_a_413_from_a_proxy_splits_the_body_and_lowers_the_cap(antenna_factory, tiny_images, tmp_path):
+    server = antenna_factory(max_request_bytes=240 * 1024)
+    job = server.add_job(tiny_images[:12], "synthetic-moths")
+    tasks = AntennaClient(server.base_url, TOKEN).reserve_tasks(job, 12)
+    poster = make_poster(server, tmp_path, max_post_bytes=4 * 1024 * 1024)  # the worker's cap is above the proxy's
+    poster.submit(job, error_items(tasks[:6], "e" * 30000))  # ~180 KB: under the proxy limit, one body
+    poster.submit(job, error_items(tasks[6:], "e" * 60000))  # ~360 KB: 413, then halves of ~180 KB
+    assert poster.flush(timeout_s=30)
+    report = server.report(job)
+    assert report.results_error == 12 and report.complete
+    assert poster.counters.spooled_items == 0 and poster.counters.replaced_items == 0
+    assert poster.counters.posted_bodies == 3
+    assert poster.max_post_bytes < 240 * 1024, "later bodies are cut under the limit the 413 revealed"
+
+
+@pytest.mark.timeout(60)
+def test_one_result_over_the_proxy_limit_becomes_an_error_result(antenna_factory, tiny_images, tmp_path):
+    server = antenna_factory(max_request_bytes=8 * 1024)
+    job = server.add_job(tiny_images[:2], "synthetic-moths")
+    tasks = AntennaClient(server.base_url, TOKEN).reserve_tasks(job, 2)
+    poster = make_poster(server, tmp_path, max_post_bytes=1024 * 1024)
+    wide = tasks[1]
+    huge = RawResult({"reply_subject": wide.reply_subject, "result": {
+        "pipeline": "synthetic-moths", "algorithms": {}, "total_time": 0.1,
+        "source_images": [{"id": wide.image_id, "url": wide.image_url}],
+        "detections": [{"source_image_id": wide.image_id, "bbox": {"x1": 0, "y1": 0, "x2": 1, "y2": 1},
+                        "algorithm": {"name": "d", "key": "d"}, "timestamp": "2026-01-01T00:00:00",
+                        "classifications": [{"classification": "c", "scores": [0.0001] * 4000,
+                                             "algorithm": {"name": "c", "key": "c"},
+                                             "timestamp": "2026-01-01T00:00:00"}]}]}})
+    poster.submit(job, error_items(tasks[:1], "e" * 100) + [huge])
+    assert poster.flush(timeout_s=30)
+    report = server.report(job)
+    assert report.results_error == 2 and report.complete and poster.counters.spooled_items == 0
+    assert poster.counters.replaced_items == 1
+    replaced = server.result_posts[-1]["results"][0]["result"]
+    assert replaced["image_id"] == tasks[1].image_id and "413" in replaced["error"]
