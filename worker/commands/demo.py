@@ -1,9 +1,10 @@
 """``worker demo``: the whole product in one command, over loopback.
 
 Generates a mixed dataset (small ~1.5 MB and large ~24 MB 4096x3072 JPEGs), starts the local
-Antenna server in this process, runs ``worker run --burst`` as a child process against it,
-samples the worker's process-tree memory (PSS) from outside, and prints a summary. Exits 0 only
-if every task got an accepted result and none was lost.
+Antenna server in this process (strict: it saves only results of registered pipelines, as Antenna),
+runs ``worker register`` and then ``worker run --burst`` as child processes against it, samples the
+worker's process-tree memory (PSS) from outside, and prints a summary. Exits 0 only if every task
+got a saved result and none was lost.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional
 from watchdog.sampler import Sampler
 from worker.testing.antenna_server import LocalAntenna
 from worker.pipelines import ReferencePipeline
-from worker.testing.synthetic import SyntheticImage, default_cache_dir, generate_preset
+from worker.testing.synthetic import SyntheticImage, default_cache_dir, generate_preset, with_integer_ids
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -38,6 +39,7 @@ class DemoSummary:
     results_error: int
     redeliveries: int
     lost: int
+    unsaved: int
     specimens: int
     specimens_found: int
     worker_exit_code: int
@@ -48,7 +50,7 @@ class DemoSummary:
 
     @property
     def passed(self) -> bool:
-        return (self.worker_exit_code == 0 and self.lost == 0
+        return (self.worker_exit_code == 0 and self.lost == 0 and self.unsaved == 0
                 and self.results_ok + self.results_error == self.images)
 
     def text(self) -> str:
@@ -58,7 +60,8 @@ class DemoSummary:
             ("worker wall time", f"{self.worker_wall_s:.1f} s (process start, model load and spawn included)"),
             ("images/s", f"{self.images_per_s:.2f}"),
             ("peak process-tree memory", f"{self.peak_tree_pss_bytes / MIB:.0f} MiB (PSS, worker + loader workers)"),
-            ("results accepted", f"{self.results_ok + self.results_error} ({self.results_ok} ok, {self.results_error} error)"),
+            ("results saved", f"{self.results_ok + self.results_error} ({self.results_ok} ok, {self.results_error} error)"),
+            ("results not saved", str(self.unsaved)),
             ("redeliveries", str(self.redeliveries)),
             ("lost", str(self.lost)),
             ("specimens found", f"{self.specimens_found}/{self.specimens} at IoU >= 0.5 ({recall:.0%})"),
@@ -86,18 +89,24 @@ def run_demo(*, small: int = 24, large: int = 8, data_dir: Optional[str] = None,
              extra_env: Optional[dict[str, str]] = None) -> int:
     cache = Path(data_dir) if data_dir else default_cache_dir()
     log.info("generating %d small and %d large images in %s (cached across runs)", small, large, cache)
-    images = interleave(generate_preset(cache, "small", small, seed=0), generate_preset(cache, "large", large, seed=0))
+    # Integer ids, as Antenna's source images have: its save refuses any other.
+    images = with_integer_ids(interleave(generate_preset(cache, "small", small, seed=0),
+                                         generate_preset(cache, "large", large, seed=0)))
     token = secrets.token_hex(16)
-    with LocalAntenna(token=token) as server, tempfile.TemporaryDirectory(prefix="worker-demo-") as scratch:
+    with LocalAntenna(token=token, require_registration=True) as server, \
+            tempfile.TemporaryDirectory(prefix="worker-demo-") as scratch:
         job_id = server.add_job(images, ReferencePipeline.slug)
         env = demo_env(server.base_url, token, Path(scratch), extra_env or {})
-        exit_code, wall_s, peak_bytes = run_worker_process(env)
+        exit_code = run_register_process(env)
+        wall_s, peak_bytes = 0.0, 0
+        if exit_code == 0:
+            exit_code, wall_s, peak_bytes = run_worker_process(env)
         report = server.report(job_id)
         found, total = score_detections(images, server.result_posts)
     summary = DemoSummary(
         images=len(images), small=small, large=large, worker_wall_s=wall_s, peak_tree_pss_bytes=peak_bytes,
         results_ok=report.results_ok, results_error=report.results_error, redeliveries=report.redeliveries,
-        lost=report.lost, specimens=total, specimens_found=found, worker_exit_code=exit_code,
+        lost=report.lost, unsaved=report.results_unsaved, specimens=total, specimens_found=found, worker_exit_code=exit_code,
     )
     print(summary.text(), flush=True)
     return 0 if summary.passed else 1
@@ -115,6 +124,12 @@ def demo_env(base_url: str, token: str, scratch: Path, extra: dict[str, str]) ->
     })
     env.update(extra)
     return env
+
+
+def run_register_process(env: dict[str, str]) -> int:
+    """Run ``worker register``, as an operator does before the first job; returns its exit code."""
+    command = [sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "register"]
+    return subprocess.run(command, env=env).returncode
 
 
 def run_worker_process(env: dict[str, str]) -> tuple[int, float, int]:
