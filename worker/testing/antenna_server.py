@@ -416,6 +416,7 @@ class _MediaStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, _MediaEntry] = {}
+        self._mounts: dict[str, Path] = {}
         self.requests_with_auth = 0
         self.bytes_served = 0
 
@@ -433,9 +434,26 @@ class _MediaStore:
             self._entries[url_path] = _MediaEntry(path=path, fault=kind, image_id=image_id)
         return url_path
 
+    def mount(self, directory: Path) -> str:
+        """Serve every file under ``directory`` at the returned URL path + its relative path."""
+        root = Path(directory).resolve()
+        url_prefix = f"{MEDIA_PREFIX}/mount-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
+        with self._lock:
+            self._mounts[url_prefix] = root
+        return url_prefix
+
     def lookup(self, url_path: str) -> Optional[_MediaEntry]:
         with self._lock:
-            return self._entries.get(url_path)
+            entry = self._entries.get(url_path)
+            mounts = list(self._mounts.items())
+        if entry is not None:
+            return entry
+        for url_prefix, root in mounts:
+            if url_path.startswith(url_prefix + "/"):
+                path = (root / unquote(url_path[len(url_prefix) + 1:])).resolve()
+                inside = path.is_relative_to(root) and path.is_file()
+                return _MediaEntry(path=path if inside else None)
+        return None
 
     def count(self, *, with_auth: bool = False, sent_bytes: int = 0) -> None:
         with self._lock:
@@ -616,6 +634,14 @@ class LocalAntenna:
         if path is not None:
             return self.origin + self._media.register_file(path)
         return image.url
+
+    def mount(self, directory: Path) -> str:
+        """Serve the files under ``directory`` (no auth, like media); returns their base URL.
+
+        A file ``directory/a/b.pt`` is at ``<returned URL>/a/b.pt``: a model mirror for
+        ``AMI_MODELS_BASE_URL``.
+        """
+        return self.origin + self._media.mount(directory)
 
     def report(self, job_id: int) -> JobReport:
         return self._ledger.report(job_id, self._media.requests_with_auth, self._media.bytes_served)

@@ -443,3 +443,14 @@ def test_serve_antenna_process_serves_and_stops_on_sigterm(tmp_path: Path) -> No
             process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+def test_a_mounted_directory_is_served_by_relative_path(antenna: LocalAntenna, tmp_path: Path) -> None:
+    (tmp_path / "mirror" / "moths").mkdir(parents=True)
+    (tmp_path / "mirror" / "moths" / "w 1.pt").write_bytes(b"\x00" * 1000)
+    (tmp_path / "secret.txt").write_text("no")
+    base = antenna.mount(tmp_path / "mirror")
+    response = requests.get(f"{base}/moths/w%201.pt")
+    assert response.status_code == 200 and response.headers["Content-Length"] == "1000"
+    assert requests.get(f"{base}/moths/missing.pt").status_code == 404
+    assert requests.get(f"{base}/..%2Fsecret.txt").status_code == 404
