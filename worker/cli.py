@@ -64,6 +64,15 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from worker.commands.models import run_fetch, run_list
+
+    settings = _settings(args)
+    _logging(settings)
+    action = run_fetch if args.models_command == "fetch" else run_list
+    return action(settings, args.pipelines, sys.stdout)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from worker.testing.antenna_server import add_server_arguments, run_server
 
@@ -134,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     register = sub.add_parser("register", help="register this worker's pipelines with Antenna projects")
     register.add_argument("--project", type=int, help="project id (default: every project the token sees)")
     register.set_defaults(func=cmd_register)
+
+    models = sub.add_parser("models", help="ADC's model files: fetch them ahead of a run, or list what is cached")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    for name, text in (("fetch", "download the weights and labels files into AMI_MODELS_DIR and check them"),
+                       ("list", "show each file: in the cache, in ADC's torch-hub cache, or missing (exit 1)")):
+        action = models_sub.add_parser(name, help=text)
+        action.add_argument("--pipelines", nargs="+", metavar="SLUG", help="ADC slugs, space- or comma-separated "
+                            "(default: the ADC slugs of AMI_ANTENNA_PIPELINES, else all ten)")
+    models.set_defaults(func=cmd_models)
 
     demo = sub.add_parser("demo", help="generate images, start a local server, run the worker, summarise")
     demo.add_argument("--small", type=int, default=24, help="small (~1.5 MB) images (default 24)")
