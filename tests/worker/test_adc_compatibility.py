@@ -25,6 +25,8 @@ from worker.pipelines.adc import ADCPipeline
 from worker.pipelines.architectures import build_model
 from worker.pipelines.catalog import PIPELINES, ModelSpec
 from worker.posting import ResultPoster, Spool
+from worker.results import ImageResult
+from worker.schema import PipelineResultsResponse
 from worker.testing import adc_wire
 from worker.testing.antenna_server import LocalAntenna
 from worker.testing.synthetic import SyntheticImage, generate_preset, with_integer_ids
@@ -161,3 +163,42 @@ def test_this_worker_registers_first_and_adcs_results_are_saved(strict, images) 
                                  for t in tasks])
     report = strict.report(job_id)
     assert (report.results_ok, report.results_unsaved, report.complete) == (3, 0, True), report.unsaved_reasons
+
+
+def test_global_model_results_behind_a_1_mib_proxy_are_split_and_all_saved(antenna_factory, images, tmp_path) -> None:
+    """29,176-class scores and logits (~0.5 MB per detection) against nginx's default 1 MiB body
+    limit, with the worker's default 32 MiB cap: the first body gets 413, is split, and every
+    result is saved with full-length scores in map order."""
+    server = antenna_factory(require_registration=True)
+    labels = [f"Genus species{i}" for i in range(29_176)]
+    terminal = adc_wire.AdcClassifier(
+        name="Global Species Classifier - Aug 2024", key="global_species_classifier_aug_2024",
+        weights_uri=f"{adc_wire.CLASSIFICATION_PREFIX}/global_resnet50_20240828_b06d3b3a.pth",
+        labels_uri=f"{adc_wire.CLASSIFICATION_PREFIX}/global_category_map_with_names_20240828.json",
+        labels=tuple(labels), taxon_rank="SPECIES")
+    binary = adc_wire.binary_classifier(BINARY_LABELS)
+    body = adc_wire.registration_body([adc_wire.pipeline_config("global_moths_2024", terminal, binary)])
+    assert requests.post(f"{server.base_url}/projects/1/pipelines/", json=body, timeout=30,
+                         headers={"Authorization": f"Token {TOKEN}"}).status_code == 201
+    server.max_request_bytes = 1024 * 1024  # from here on (the registration body alone is ~2.6 MB)
+    job_id = server.add_job(images, "global_moths_2024")
+    client = AntennaClient(server.base_url, TOKEN, timeout_s=30.0)
+    tasks = client.reserve_tasks(job_id, len(images))
+    rng = np.random.default_rng(0)
+    results = []
+    for task in tasks:
+        logits = np.round(rng.normal(size=len(labels)), 4).tolist()
+        wire = adc_wire.result("global_moths_2024", task.image_id, task.image_url,
+                               [adc_wire.AdcDetection((5, 5, 60, 60), [2.0, -2.0], logits)], terminal, binary)
+        for classification in wire["detections"][0]["classifications"]:
+            classification["scores"] = [round(s, 6) for s in classification["scores"]]  # as this worker rounds
+        results.append(ImageResult(task, PipelineResultsResponse.model_validate(wire)))
+    poster = ResultPoster(client, Spool(tmp_path / "spool"))  # default cap: 32 MiB
+    poster.submit(job_id, results)
+    assert poster.flush(timeout_s=60)
+    report = server.report(job_id)
+    assert (report.results_ok, report.results_unsaved, report.complete) == (3, 0, True), report.unsaved_reasons
+    assert poster.counters.spooled_items == 0 and poster.counters.replaced_items == 0
+    assert poster.counters.posted_bodies >= 2 and poster.max_post_bytes < 32 * 1024 * 1024
+    saved = [item["result"] for post in server.result_posts[-poster.counters.posted_bodies:] for item in post["results"]]
+    assert all(len(r["detections"][0]["classifications"][1]["scores"]) == 29_176 for r in saved)

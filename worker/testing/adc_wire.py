@@ -101,7 +101,8 @@ class AdcDetection:
 def classification(classifier: AdcClassifier, logits: Sequence[float], terminal: bool, timestamp: str) -> dict:
     peak = max(logits)
     exps = [math.exp(v - peak) for v in logits]
-    scores = [e / sum(exps) for e in exps]
+    total = sum(exps)
+    scores = [e / total for e in exps]
     best = max(range(len(scores)), key=scores.__getitem__)
     return {"classification": classifier.labels[best], "labels": None, "scores": scores,
             "logits": list(logits), "inference_time": 0.0,
