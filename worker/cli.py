@@ -47,6 +47,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    from worker.antenna import AntennaError
     from worker.app import make_client, offered_slugs, pipeline_loader
     from worker.pipelines import select_device
 
@@ -57,11 +58,17 @@ def cmd_register(args: argparse.Namespace) -> int:
     load = pipeline_loader(settings, select_device(settings.device))
     configs = [load(slug).config() for slug in offered_slugs(settings)]
     projects = [args.project] if args.project else [int(p["id"]) for p in client.list_projects()]
+    failed = 0
     for project_id in projects:
-        client.register_pipelines(project_id, settings.antenna_service_name, configs)
+        try:
+            client.register_pipelines(project_id, settings.antenna_service_name, configs)
+        except AntennaError as error:  # refused (400, 413 from a proxy...) or unreachable: say so, go on
+            failed += 1
+            print(f"worker: registering with project {project_id} failed: {str(error)[:400]}", file=sys.stderr)
+            continue
         print(f"registered {len(configs)} pipelines with project {project_id}: "
               + ", ".join(c["slug"] for c in configs))
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

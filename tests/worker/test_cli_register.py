@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import requests
 
-from tests.conftest import worker_env
+from tests.conftest import TOKEN, worker_env
 
 
 def run_register(server, tmp_path) -> subprocess.CompletedProcess:
@@ -29,3 +30,19 @@ def test_register_reaches_every_project_past_the_first_page_and_twice_changes_no
     again = run_register(server, tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert server.registry.snapshot() == snapshot
+
+
+@pytest.mark.timeout(120)
+def test_a_registration_the_server_refuses_is_one_line_and_exit_1(antenna_factory, tmp_path):
+    server = antenna_factory(require_registration=True)
+    # Another service already holds the detector's (name, version) under another key.
+    taken = {"processing_service_name": "other (host)", "pipelines": [{
+        "name": "Other", "slug": "other", "version": 1, "algorithms": [
+            {"name": "Synthetic moths (reference) detector", "key": "someone-elses-key", "task_type": "localization"}]}]}
+    assert requests.post(f"{server.base_url}/projects/1/pipelines/", json=taken, timeout=10,
+                         headers={"Authorization": f"Token {TOKEN}"}).status_code == 201
+    done = run_register(server, tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    line = [text for text in done.stderr.splitlines() if text.startswith("worker:")]
+    assert len(line) == 1 and "project 1" in line[0] and "HTTP 400" in line[0] and "(name, version)" in line[0]
