@@ -891,7 +891,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(401, {"detail": detail}, {"WWW-Authenticate": "Token"})
             return
         try:
-            body = json.loads(body_bytes) if body_bytes else {}
+            body = json.loads(body_bytes, parse_constant=_reject_constant) if body_bytes else {}
         except (ValueError, UnicodeDecodeError) as exc:
             self._send_json(400, {"detail": f"JSON parse error - {exc}"})
             return
@@ -1067,6 +1067,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, payload: Any, headers: Optional[Mapping[str, str]] = None) -> None:
         self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+
+def _reject_constant(name: str) -> Any:
+    """Antenna's parser (Django REST framework, strict JSON) refuses NaN and Infinity."""
+    raise ValueError(f"Out of range float values are not JSON compliant: {name!r}")
 
 
 def _retry_after_value(retry_after_s: Optional[float]) -> str:

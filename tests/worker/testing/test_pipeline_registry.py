@@ -6,6 +6,7 @@ reservation timeout and lost after two deliveries. Bodies are built by hand the 
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Iterator
 
@@ -252,3 +253,14 @@ def test_lenient_mode_saves_unregistered_slugs_but_checks_registered_ones(antenn
     assert post(api, lenient, job_id, tasks[1], adc_result(tasks[1], moth_and_nonmoth())).status_code == 200
     report = lenient.report(job_id)
     assert report.results_unsaved == 1 and adc_wire.BINARY_KEY in report.unsaved_reasons[0]
+
+
+def test_a_nan_fails_the_whole_post_as_antennas_strict_json_parser_does(strict, api, images) -> None:
+    assert register(api, strict, adc_registration()).status_code == 201
+    job_id, task = one_task_job(api, strict, images)
+    item = {"reply_subject": task["reply_subject"], "result": adc_result(task, moth_and_nonmoth())}
+    body = json.dumps({"results": [item]}).replace('"total_time": 0.5', '"total_time": NaN')
+    response = api.post(f"{strict.base_url}/jobs/{job_id}/result/", data=body,
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "NaN" in response.json()["detail"]
+    assert strict.report(job_id).results_ok == 0
