@@ -202,7 +202,14 @@ def apply_process_defaults() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     apply_process_defaults()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # serve-antenna's options belong to its own parser (argparse's REMAINDER does not take a
+    # leading option such as --port), so they pass through here unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve-antenna":
+        args.server_args = extra + args.server_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except SettingsError as error:

@@ -454,3 +454,19 @@ def test_a_mounted_directory_is_served_by_relative_path(antenna: LocalAntenna, t
     assert response.status_code == 200 and response.headers["Content-Length"] == "1000"
     assert requests.get(f"{base}/moths/missing.pt").status_code == 404
     assert requests.get(f"{base}/..%2Fsecret.txt").status_code == 404
+
+
+def test_worker_serve_antenna_takes_its_own_options(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "serve-antenna", "--port", "0",
+               "--data-dir", str(tmp_path), "--token", "t0k", "--require-registration", "--projects", "12"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) as process:
+        try:
+            line = process.stdout.readline()
+            assert line.startswith("serving http://127.0.0.1:"), line + process.stderr.read()
+            second = requests.get(f"{line.split()[1]}/projects/?page=2", headers={"Authorization": "Token t0k"}).json()
+            assert [p["id"] for p in second["results"]] == [11, 12]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
