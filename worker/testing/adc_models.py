@@ -172,12 +172,12 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         prefix = "/ami-models/"
         relative = unquote(self.path.split("?", 1)[0])[len(prefix):] if self.path.startswith(prefix) else ""
         path = (mirror.root / relative).resolve()
+        cut = mirror._take_cut(relative)
         if not relative or mirror.root.resolve() not in path.parents or not path.is_file():
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        cut = mirror._take_cut(relative)
         data = path.read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
