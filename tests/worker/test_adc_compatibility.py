@@ -90,7 +90,8 @@ def strict(antenna_factory) -> LocalAntenna:
 
 def adc_registration() -> dict:
     terminal = adc_wire.quebec_vermont_classifier(SPECIES_LABELS)
-    return adc_wire.registration_body([adc_wire.pipeline_config(SLUG, terminal, adc_wire.binary_classifier(BINARY_LABELS))])
+    binary = adc_wire.binary_classifier(BINARY_LABELS)
+    return adc_wire.registration_body([adc_wire.pipeline_config(SLUG, terminal, binary)])
 
 
 def worker_pipeline() -> ADCPipeline:

@@ -3,10 +3,12 @@
 It speaks API v2 pull mode as /work/shared/antenna-protocol.md describes it: find
 jobs, reserve tasks (a JetStream-like work queue with a reservation timeout and a
 delivery limit), post results (validated all-or-nothing with ``worker.schema``),
-register pipelines (stored and checked as Antenna does, ``pipeline_registry``: a result whose
-save would fail is answered 200 but never acknowledged, so its task is redelivered). Images are served under ``/media`` with no auth, optionally
-shaped (latency, bandwidth) or broken on purpose (``image_faults``); API endpoints
-can be made to answer error statuses (``set_faults``, ``set_unavailable``).
+register pipelines. Registrations are stored and results saved as Antenna does
+(``pipeline_registry``): a result whose save fails is answered 200 but never
+acknowledged, so its task is redelivered. Images are served under ``/media`` with no
+auth, optionally shaped (latency, bandwidth) or broken on purpose (``image_faults``);
+``mount`` serves a directory (a model mirror); API endpoints can be made to answer
+error statuses (``set_faults``, ``set_unavailable``).
 
 Tests and the demo use ``LocalAntenna`` in-process; ``worker serve-antenna`` runs it
 as a process (``add_server_arguments`` / ``run_server``) and a loopback-only

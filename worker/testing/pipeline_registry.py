@@ -157,7 +157,8 @@ class PipelineRegistry:
             known = {key: self.algorithms[(key, version)] for key, version in pipeline.algorithms}
             detectors = [a.key for a in known.values() if a.task_type in DETECTION_TASK_TYPES]
             if len(detectors) != 1:
-                return f"pipeline {pipeline.slug!r} has {len(detectors)} detection algorithms {detectors}, needs exactly 1"
+                return (f"pipeline {pipeline.slug!r} has {len(detectors)} detection algorithms {detectors}, "
+                        "needs exactly 1")
             for image in result.source_images:
                 if not _is_integer_text(image.id):
                     return f"source image id {image.id!r} is not an integer"
@@ -169,7 +170,8 @@ class PipelineRegistry:
 
     def _detection_error(self, slug: str, known: dict[str, StoredAlgorithm], detection: Any) -> Optional[str]:
         if detection.algorithm.key not in known:
-            return f"detection algorithm {detection.algorithm.key!r} is not registered for {slug!r}: known {sorted(known)}"
+            return (f"detection algorithm {detection.algorithm.key!r} is not registered for {slug!r}: "
+                    f"known {sorted(known)}")
         for c_index, classification in enumerate(detection.classifications):
             algorithm = known.get(classification.algorithm.key)
             if algorithm is None:
