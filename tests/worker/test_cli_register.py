@@ -9,6 +9,8 @@ import pytest
 import requests
 
 from tests.conftest import TOKEN, worker_env
+from worker.app import build_worker
+from worker.testing.synthetic import with_integer_ids
 
 
 def run_register(server, tmp_path) -> subprocess.CompletedProcess:
@@ -46,3 +48,19 @@ def test_a_registration_the_server_refuses_is_one_line_and_exit_1(antenna_factor
     assert "Traceback" not in done.stderr
     line = [text for text in done.stderr.splitlines() if text.startswith("worker:")]
     assert len(line) == 1 and "project 1" in line[0] and "HTTP 400" in line[0] and "(name, version)" in line[0]
+
+
+@pytest.mark.timeout(120)
+def test_without_registration_a_strict_server_saves_nothing(antenna_factory, settings_for, tiny_images):
+    """What an operator who skips `worker register` sees on Antenna: every POST answered 200, the
+    run ends well, and no result is saved; the tasks wait for redelivery (then are lost, as the
+    server tests show)."""
+    server = antenna_factory(require_registration=True)
+    job = server.add_job(with_integer_ids(tiny_images[:3], first=77), "synthetic-moths")
+    settings = settings_for(server, antenna_api_dataloader_num_workers=0, antenna_api_batch_size=3)
+    worker = build_worker(settings, burst=True, middlewares=[])
+    assert worker.run() == 0 and worker.poster.counters.posted_items == 3
+    report = server.report(job)
+    assert (report.results_ok, report.results_unsaved, report.rejected_posts) == (0, 3, 0)
+    assert (report.reserved, report.complete) == (3, False)
+    assert "'synthetic-moths' is not registered" in report.unsaved_reasons[0]
