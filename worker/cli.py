@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(settings)
-    worker = build_worker(settings, burst=args.burst)
+    worker = build_worker(settings, burst=args.burst, environ=dict(os.environ))
     worker.install_signal_handlers()
     if args.memray:
         from worker.commands.profile import memray_tracking
@@ -43,7 +43,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _logging(settings)
     return run_tune(settings, job_id=args.job, images=args.images or [], pipeline=args.pipeline,
                     write_env=Path(args.write_env) if args.write_env else None, out=sys.stdout,
-                    probe_tasks=args.probe_tasks)
+                    probe_tasks=args.probe_tasks, environ=dict(os.environ))
 
 
 def cmd_register(args: argparse.Namespace) -> int:

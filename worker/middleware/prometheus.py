@@ -178,10 +178,14 @@ class MetricsMiddleware(Middleware):
         self._set_state("draining" if worker.stopping else "working")
 
     def on_loader_start(self, worker: "Worker", ctx: JobContext) -> None:
+        """The plan's gauges and one count per loader built (a rebuild's minimal plan counts too)."""
         plan = ctx.plan
         for knob in PLAN_KNOBS:
             metrics.plan_value.labels(knob=knob).set(float(getattr(plan, knob)))
         metrics.plan_changes.labels(source=plan.source).inc()
+        if ctx.tuning is not None and ctx.tuning.decision.plan == plan:
+            metrics.plan_predicted_peak_bytes.set(ctx.tuning.decision.memory.total_bytes)
+            metrics.plan_predicted_images_per_second.set(ctx.tuning.decision.rate.pipeline_images_per_s)
 
     def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         slug = ctx.job.pipeline_slug

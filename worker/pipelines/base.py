@@ -128,6 +128,8 @@ def _infer_splitting(pipeline: Pipeline, items: list) -> list:
     started_s = time.perf_counter()
     try:
         detections = pipeline.infer([item.image for item in items])
+        if len(detections) != len(items):
+            raise ValueError(f"{type(pipeline).__name__}.infer returned {len(detections)} results for {len(items)} images")
     except Exception as error:  # CUDA OOM included: torch.cuda.OutOfMemoryError is a RuntimeError
         if len(items) == 1:
             log.warning("image %s failed inference: %s", items[0].task.image_id, error)

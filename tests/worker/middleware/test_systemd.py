@@ -20,7 +20,7 @@ from tests.conftest import ROOT, worker_env
 from tests.worker.worker_process import WorkerProcess, worker_command
 from worker.middleware.systemd import Notifier, watchdog_interval_s
 
-UNIT = ROOT / "systemd" / "antenna-worker.middleware.systemd"
+UNIT = ROOT / "systemd" / "antenna-worker.service"
 SUPERVISOR = ROOT / "systemd" / "supervisor" / "antenna-worker.conf"
 
 
@@ -156,7 +156,7 @@ def test_systemd_analyze_verify_passes_on_the_unit(tmp_path):
     assert script.exists(), "the worker console script is not installed next to this interpreter"
     text = UNIT.read_text().replace("/opt/antenna-worker/venv/bin/worker", str(script))
     assert str(script) in text
-    unit = tmp_path / "antenna-worker.middleware.systemd"
+    unit = tmp_path / "antenna-worker.service"
     unit.write_text(text)
     done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=50)
     # verify exits 0 on settings it merely ignores (e.g. an unknown Type=); any line naming our file is a defect.
