@@ -107,16 +107,3 @@ def observed_bytes(snapshot: MemorySnapshot) -> int:
     if snapshot.cgroup_usage_bytes is None:
         return snapshot.used_bytes
     return snapshot.tree_pss_bytes + snapshot.shm_bytes
-
-
-def observed_bytes(snapshot: MemorySnapshot) -> int:
-    """The tree's memory in the model's terms: PSS less shmem, plus every /dev/shm segment once.
-
-    Plain PSS misses decoded batches queued in shared memory (held by a descriptor, or mapped
-    but not yet read). Without an owned cgroup the sampler's ``used_bytes`` is exactly this
-    measure. With one, ``used_bytes`` is the cgroup's usage, page cache included, so the tree's
-    PSS plus the segments stands in (over-counting only shm pages also mapped and touched).
-    """
-    if snapshot.cgroup_usage_bytes is None:
-        return snapshot.used_bytes
-    return snapshot.tree_pss_bytes + snapshot.shm_bytes
