@@ -34,7 +34,7 @@ from autotune.corrections import default_correction_path
 from watchdog.limits import Limits, read_limits
 from worker.hooks import JobContext, JobTuning
 from worker.ingest import Batch
-from worker.probing import ProbeRun, ProbeSample, fit_probe, overhead_floor, sample_job
+from worker.probing import ProbeRun, ProbeSample, fit_probe, openmp_threads_sleep, overhead_floor, sample_job
 from worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class AutotunePlanner(Planner):
     def sample(self, worker: "Worker", ctx: JobContext) -> Optional[Batch]:
         sample = sample_job(worker.client, ctx.job, ctx.pipeline, worker.settings,
                             tasks_wanted=worker.settings.autotune_probe_tasks, client_info=worker.client_info,
-                            cuda=worker.cuda)
+                            cuda=worker.cuda, threads_sleep=openmp_threads_sleep(worker.environ))
         self._samples[ctx.job.id] = sample
         return sample.batch
 

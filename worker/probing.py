@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 import torch
@@ -201,7 +201,7 @@ def _timed_download(task: Task, settings: Settings):
 
 
 def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
-                   cuda: bool = False) -> list[InferenceSample]:
+                   cuda: bool = False, threads_sleep: bool = True) -> list[InferenceSample]:
     """Seconds per batch: each image alone, all of ``items`` as one batch (nothing posted), and
     the batch at one thread (see ``time_one_thread``).
 
@@ -212,7 +212,7 @@ def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, 
     if not good:
         return []
     warm_up(pipeline, good[0].image)
-    samples = time_sample(pipeline, good, slug, cuda=cuda)
+    samples = time_sample(pipeline, good, slug, cuda=cuda, threads_sleep=threads_sleep)
     if len(good) > 1:
         started_s, started_cpu_s = time.perf_counter(), time.process_time()
         run_batch(pipeline, good, slug)
@@ -222,7 +222,7 @@ def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, 
 
 
 def time_sample(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
-                cuda: bool) -> list[InferenceSample]:
+                cuda: bool, threads_sleep: bool) -> list[InferenceSample]:
     """What the probe times besides the sample batch at the default: images alone, and the
     sample as one batch at one thread (see ``time_each_image`` and ``time_one_thread``).
 
@@ -233,7 +233,7 @@ def time_sample(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
     all three. On CUDA every image is timed alone, so the fit compares equal work: batching is
     the main lever there.
     """
-    one_thread = time_one_thread(pipeline, items, slug, cuda=cuda)
+    one_thread = time_one_thread(pipeline, items, slug, cuda=cuda, threads_sleep=threads_sleep)
     samples = time_each_image(pipeline, items[:1] if one_thread else items, slug)
     return samples + ([one_thread] if one_thread else [])
 
@@ -254,15 +254,15 @@ def time_each_image(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str)
     return samples
 
 
-def openmp_threads_sleep() -> bool:
-    """True when OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, the worker command's
-    default): an idle intra-op thread then costs no CPU, and one thread saves nothing over the
-    default (the probe measures the busy share the default costs)."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+def openmp_threads_sleep(environ: Mapping[str, str]) -> bool:
+    """True when OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE`` in the process
+    environment, the worker command's default): an idle intra-op thread then costs no CPU, and one
+    thread saves nothing over the default (the probe measures the busy share the default costs)."""
+    return environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 def time_one_thread(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
-                    cuda: bool) -> Optional[InferenceSample]:
+                    cuda: bool, threads_sleep: bool) -> Optional[InferenceSample]:
     """``items`` as one batch with one intra-op thread (nothing posted); None on CUDA, when the
     default is one thread already, or when waiting OpenMP threads sleep (``openmp_threads_sleep``:
     one thread then only saves what the busy share says; in the benchmark two threads beat one
@@ -270,7 +270,7 @@ def time_one_thread(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str,
     thread ahead in 5 of 8). Timed on the same batch the default is timed on, since
     what a second thread gains grows with the batch. The default thread count is restored."""
     threads = torch.get_num_threads()
-    if cuda or threads <= 1 or not items or openmp_threads_sleep():
+    if cuda or threads <= 1 or not items or threads_sleep:
         return None
     torch.set_num_threads(1)
     try:
@@ -333,7 +333,7 @@ class ProbeSample:
 
 
 def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, settings: Settings, *,
-               tasks_wanted: int, client_info: dict, cuda: bool) -> ProbeSample:
+               tasks_wanted: int, client_info: dict, cuda: bool, threads_sleep: bool) -> ProbeSample:
     """Reserve ``tasks_wanted`` tasks of ``job`` and measure them; the loop then handles the batch.
 
     Inference is timed on the sample as one batch at the default thread count: the loop's own
@@ -364,7 +364,7 @@ def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, setti
         if good:
             sample.overhead_floor_s = overhead_floor(pipeline)
             sample.inference = _time_for_fit(pipeline, good, job.pipeline_slug, cuda=cuda,
-                                             overhead_floor_s=sample.overhead_floor_s)
+                                             overhead_floor_s=sample.overhead_floor_s, threads_sleep=threads_sleep)
         sample.phase("time_inference")
         sample.baseline_bytes = baseline_bytes(items)
         sample.phase("baseline")
@@ -376,11 +376,11 @@ def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, setti
 
 
 def _time_for_fit(pipeline: Pipeline, good: Sequence[LoadedImage], slug: str, *, cuda: bool,
-                  overhead_floor_s: float) -> list[InferenceSample]:
+                  overhead_floor_s: float, threads_sleep: bool) -> list[InferenceSample]:
     warm_up(pipeline, good[0].image)  # a no-op after the worker's start-up warm-up
     if cuda or overhead_floor_s <= 0:
-        return time_sample(pipeline, good, slug, cuda=cuda)
-    one_thread = time_one_thread(pipeline, good, slug, cuda=False)
+        return time_sample(pipeline, good, slug, cuda=cuda, threads_sleep=threads_sleep)
+    one_thread = time_one_thread(pipeline, good, slug, cuda=False, threads_sleep=threads_sleep)
     return [one_thread] if one_thread is not None else []
 
 

@@ -35,7 +35,15 @@ from worker.hooks import JobContext
 from worker.imaging import ImageError, decode, download, image_session
 from worker.ingest import LoadedImage
 from worker.planning import THREADS_ENV, constraints_for, env_name_for, plan_from_settings
-from worker.probing import baseline_bytes, cpu_count, fit_probe, overhead_floor, sample_job, time_inference
+from worker.probing import (
+    baseline_bytes,
+    cpu_count,
+    fit_probe,
+    openmp_threads_sleep,
+    overhead_floor,
+    sample_job,
+    time_inference,
+)
 from worker.schema import Task
 from worker.settings import Settings, SettingsError
 
@@ -164,7 +172,8 @@ def tune_job(worker, job: JobRef, probe_tasks: int) -> Optional[TuneReport]:
     pipeline = worker.pipelines(job.pipeline_slug)
     ctx = JobContext(job=job, pipeline=pipeline)
     sample = sample_job(worker.client, job, pipeline, worker.settings, tasks_wanted=probe_tasks,
-                        client_info=worker.client_info, cuda=worker.cuda)
+                        client_info=worker.client_info, cuda=worker.cuda,
+                        threads_sleep=openmp_threads_sleep(worker.environ))
     if sample.batch is not None:
         try:
             worker.handle_batch(ctx, sample.batch)  # posted like the worker's own
@@ -184,7 +193,8 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
     """Probe local files or URLs: nothing is reserved or posted."""
     pipeline = worker.pipelines(pipeline_slug)
     items, samples = _load_images(_expand(sources), worker.settings)
-    inference = time_inference(pipeline, items, pipeline_slug, cuda=worker.cuda)
+    inference = time_inference(pipeline, items, pipeline_slug, cuda=worker.cuda,
+                               threads_sleep=openmp_threads_sleep(worker.environ))
     if not samples or not inference:
         return None
     probe = Probe.from_samples(samples, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(),

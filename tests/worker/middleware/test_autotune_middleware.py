@@ -227,7 +227,8 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
                         lambda *args, **kwargs: timed_alone.append(args) or real_time_sample(*args, **kwargs))
     antenna.add_job(tiny_images[:6], PIPELINE)
     settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)
-    run_burst(settings)
+    worker = build_worker(settings, burst=True, environ=dict(os.environ))
+    assert worker.run() == 0
     assert timed_alone == []
     advisories = sorted((settings.user_data_path / "advisories").glob("*.plan.json"))
     record = json.loads(advisories[0].read_text())
