@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 import torch
 
 from autotune import (
+    MINIMAL_PLAN,
     CorrectionStore,
     LoaderPlan,
     MemoryCalibration,
@@ -167,6 +168,7 @@ class AutotunePlanner(Planner):
         self.calibration = calibration or load_calibration()
         self.corrections = CorrectionStore(default_correction_path(settings.user_data_path))
         self._samples: dict[int, ProbeSample] = {}
+        self._last_plans: dict[str, LoaderPlan] = {}  # per pipeline slug: the last plan a probe measured
 
     def start(self, worker: "Worker") -> None:
         for slug in worker.pipeline_slugs:  # before any job: off every job's clock
@@ -184,18 +186,31 @@ class AutotunePlanner(Planner):
 
     def plan(self, worker: "Worker", ctx: JobContext) -> LoaderPlan:
         sample = self._samples.pop(ctx.job.id, None)
-        if sample is None:
-            return plan_from_settings(worker.settings, cuda=worker.cuda)
-        run = fit_probe(sample, ctx.stats, worker.settings, calibration=self.calibration, cuda=worker.cuda,
-                        forward_batch_size=ctx.pipeline.localization_batch_size)
-        if run.probe is None:
-            # Nothing to reserve is routine (a job whose tasks are all out with other workers is
-            # still listed): not worth an INFO line per poll.
-            log.log(logging.INFO if run.tasks else logging.DEBUG,
-                    "job %d: autotune probe got %d tasks, %d usable images in %.2f s: keeping the settings plan",
-                    ctx.job.id, run.tasks, run.images_ok, run.wall_s)
-            return plan_from_settings(worker.settings, cuda=worker.cuda)
-        return self._choose(worker, ctx, run)
+        run = None if sample is None else fit_probe(
+            sample, ctx.stats, worker.settings, calibration=self.calibration, cuda=worker.cuda,
+            forward_batch_size=ctx.pipeline.localization_batch_size)
+        if run is not None and run.probe is not None:
+            plan = self._choose(worker, ctx, run)
+            self._last_plans[ctx.job.pipeline_slug] = plan
+            return plan
+        return self._unmeasured(worker, ctx, run)
+
+    def _unmeasured(self, worker: "Worker", ctx: JobContext, run: Optional[ProbeRun]) -> LoaderPlan:
+        """The plan for a job the probe could not sample (nothing deliverable now, or no image
+        loaded): the pipeline's last measured plan, else the minimal plan with the operator's pins.
+        Never the settings' plan, whose ADC defaults are what large images must not meet; the next
+        poll of the job probes again."""
+        last = self._last_plans.get(ctx.job.pipeline_slug)
+        plan = last if last is not None else MINIMAL_PLAN.with_changes(
+            **pinned_fields(worker.settings, cuda=worker.cuda, environ=worker.environ), source="minimal")
+        tasks = run.tasks if run is not None else 0
+        # Nothing to reserve is routine (a job whose tasks are all out with other workers is still
+        # listed): not worth an INFO line per poll.
+        log.log(logging.INFO if tasks else logging.DEBUG,
+                "job %d: autotune probe got %d tasks, %d usable images: %s %s", ctx.job.id, tasks,
+                run.images_ok if run is not None else 0,
+                "the pipeline's last measured plan" if last is not None else "the minimal plan", plan.describe())
+        return plan
 
     def _choose(self, worker: "Worker", ctx: JobContext, run: ProbeRun) -> LoaderPlan:
         probe = run.probe

@@ -283,3 +283,31 @@ def test_planning_is_a_loop_step_and_an_autotuned_job_counts_one_plan_change(ant
         assert job_calls[0] == ("on_job_start", None)
         assert job_calls[1] == ("after_batch", None)  # the probe's tasks, through the loop's batch path
         assert job_calls[2] == ("on_loader_start", "autotune")
+
+
+@pytest.mark.timeout(180)
+def test_a_job_the_probe_cannot_sample_gets_the_last_measured_plan_else_the_minimal_one(antenna, settings_for,
+                                                                                        tiny_images, caplog):
+    """Every task out with another worker: the probe gets []. With nothing measured yet the loader
+    gets the minimal plan, never the settings' (ADC's 24/4/prefetch 4); after a measured job of the
+    same pipeline, that job's plan."""
+    from worker.antenna import AntennaClient, JobRef
+    from tests.conftest import TOKEN
+
+    busy_first = antenna.add_job(tiny_images[:4], PIPELINE)
+    measured = antenna.add_job(tiny_images[4:10], PIPELINE)
+    busy_later = antenna.add_job(tiny_images[10:14], PIPELINE)
+    other_worker = AntennaClient(antenna.base_url, TOKEN)
+    assert len(other_worker.reserve_tasks(busy_first, 10)) == 4
+    assert len(other_worker.reserve_tasks(busy_later, 10)) == 4
+    worker = build_worker(settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE), burst=True,
+                          middlewares=[])
+    caplog.set_level(logging.INFO)
+    plans = []
+    for job_id in (busy_first, measured, busy_later):
+        worker.process_job(JobRef(id=job_id, pipeline_slug=PIPELINE))
+        plans.append(next(line for line in reversed(loader_plans(caplog)) if f"job {job_id}:" in line))
+    assert "source=minimal" in plans[0] and "tasks_per_reserve=1 " in plans[0]
+    assert "source=autotune" in plans[1] and "source=settings" not in "".join(plans)
+    assert plans[2].split("loader plan ")[1] == plans[1].split("loader plan ")[1]
+    assert antenna.report(measured).results_ok == 6
