@@ -203,14 +203,23 @@ class ADCPipeline(Pipeline):
         """Drop the models if unused for ``idle_evict_s``; True if dropped now."""
         now_s = time.monotonic() if now_s is None else now_s
         with self._lock:
-            if (self._models is None or self._in_use or self.idle_evict_s <= 0
-                    or now_s - self._last_used_s < self.idle_evict_s):
+            if self.idle_evict_s <= 0 or now_s - self._last_used_s < self.idle_evict_s:
+                return False
+        if self.unload():
+            log.info("pipeline %s idle for %.0f s: models unloaded", self.slug, now_s - self._last_used_s)
+            return True
+        return False
+
+    def unload(self) -> bool:
+        """Drop this pipeline's models unless a call is using them; the next call reloads them.
+        Models another loaded pipeline shares stay in memory. True if models were dropped."""
+        with self._lock:
+            if self._models is None or self._in_use:
                 return False
             self._models = None
         gc.collect()  # the shared-model cache holds weak references: this frees what no pipeline uses
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        log.info("pipeline %s idle for %.0f s: models unloaded", self.slug, now_s - self._last_used_s)
         return True
 
     def _load(self) -> LoadedModels:

@@ -123,16 +123,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(architecture: ArchitectureKind, path: Path, device: torch.device, num_classes: int = 0) -> nn.Module:
-    """Build ``architecture``, load ``path`` strictly, move to ``device``, eval mode."""
-    model = build_model(architecture, num_classes)
+    """Build ``architecture``, load ``path`` strictly, move to ``device``, eval mode.
+
+    The modules are built on the meta device and take the checkpoint's tensors as they are
+    (``assign=True``): no random initialisation of weights the checkpoint replaces anyway."""
     state = read_state_dict(path)
+    with torch.device("meta"):
+        model = build_model(architecture, num_classes)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         first = " ".join(str(error).split())[:240]
         raise CheckpointError("mismatch", path, f"does not fit {architecture} with {num_classes} classes: {first}") from None
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # a tensor the state dict does not hold (none in ADC's architectures): build it for real
+        model = build_model(architecture, num_classes)
+        model.load_state_dict(state, strict=True)
     log.debug("loaded %s (%d tensors) from %s", architecture, len(state), path)
-    return model.to(device).eval()
+    # float32 as ADC's models are: load_state_dict without assign casts a half checkpoint into them
+    return model.float().to(device).eval()
 
 
 def check_checkpoint_file(path: Path) -> None:

@@ -18,7 +18,7 @@ from worker.pipelines.adc import ADCPipeline, IdleEvictor
 from worker.pipelines.base import run_batch
 from worker.pipelines.catalog import IMAGENET_MEAN, IMAGENET_STD, PIPELINES, ModelSpec
 from worker.pipelines.weights import ModelFileError
-from worker.schema import PipelineResultsResponse, ResultItem, Task
+from worker.schema import PipelineResultsResponse, RegisterPipelines, ResultItem, Task
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -256,6 +256,7 @@ def test_registration_is_adcs_body_from_labels_alone():
     assert species["category_map"]["labels"] == [f"species {i}" for i in range(5)]
     assert {e["taxon_rank"] for e in species["category_map"]["data"]} == {"SPECIES"}
     assert all(a["version"] == 1 and a["version_name"] is None for a in config["algorithms"])
+    RegisterPipelines(processing_service_name="AMI Data Companion", pipelines=[config])  # the wire model takes it
     orders = pipeline("insect_orders_2025", DoubleSource()).config()["algorithms"]
     assert [a["key"] for a in orders] == ["fasterrcnn_for_ami_moth_traps_2023", "insect_order_classifier"]
     assert orders[1]["category_map"]["data"][0]["taxon_rank"] == "ORDER"

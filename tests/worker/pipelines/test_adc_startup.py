@@ -1,0 +1,70 @@
+"""What the worker offers by default, and start-up checks of ADC's model files."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.app import offered_slugs, pipeline_loader, preload_pipelines
+from worker.pipelines.catalog import ADC_SLUGS, BINARY, DETECTOR
+from worker.settings import SettingsError, load_settings
+from worker.testing.adc_models import relative_path
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_unset_pipelines_offer_adcs_ten_and_reference_ones_only_when_named(tmp_path):
+    defaults = load_settings(env_file=None, user_data_path=tmp_path)
+    assert offered_slugs(defaults) == list(ADC_SLUGS)
+    assert "synthetic-moths" not in offered_slugs(defaults) and "null" not in offered_slugs(defaults)
+    named = load_settings(env_file=None, antenna_pipelines="synthetic-moths,null")
+    assert offered_slugs(named) == ["synthetic-moths", "null"]
+    scripted = load_settings(env_file=None, pipeline_torchscript_path=tmp_path / "m.pt")
+    assert offered_slugs(scripted) == list(ADC_SLUGS) + ["torchscript"]
+
+
+def test_models_settings(tmp_path):
+    settings = load_settings(env_file=None, user_data_path=tmp_path)
+    assert settings.models_path == tmp_path / "models"
+    assert settings.models_base_url == "https://object-arbutus.cloud.computecanada.ca/ami-models"
+    assert settings.result_include_logits and settings.pipeline_idle_evict_s == 1800
+    with pytest.raises(SettingsError) as error:
+        load_settings(env_file=None, models_base_url="ftp://mirror/ami-models")
+    assert str(error.value).startswith("AMI_MODELS_BASE_URL=ftp://mirror/ami-models is invalid")
+
+
+def _mirror_with_labels(root) -> None:
+    path = root / relative_path(BINARY.labels_url)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"moth": 0, "nonmoth": 1}')
+
+
+def _settings(tmp_path, root):
+    return load_settings(env_file=None, antenna_pipelines="moth_binary", user_data_path=tmp_path / "data",
+                         models_base_url="file://" + str(root))
+
+
+def test_a_missing_weights_file_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    root = tmp_path / "mirror"
+    _mirror_with_labels(root)
+    settings = _settings(tmp_path, root)
+    with pytest.raises(SettingsError) as error:
+        preload_pipelines(settings, pipeline_loader(settings, torch.device("cpu")))
+    message = str(error.value)
+    assert "\n" not in message and "'moth_binary'" in message and "AMI_MODELS_BASE_URL" in message
+
+
+def test_a_truncated_checkpoint_in_adcs_hub_cache_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "models"
+    hub.mkdir(parents=True)
+    torch.save({"w": torch.zeros(1000)}, hub / "whole.pt")
+    data = (hub / "whole.pt").read_bytes()
+    (hub / relative_path(DETECTOR.weights_url).rsplit("/", 1)[1]).write_bytes(data[: len(data) // 2])
+    root = tmp_path / "mirror"
+    _mirror_with_labels(root)
+    settings = _settings(tmp_path, root)
+    with pytest.raises(SettingsError) as error:
+        preload_pipelines(settings, pipeline_loader(settings, torch.device("cpu")))
+    message = str(error.value)
+    assert "\n" not in message and "fasterrcnn_resnet50_fpn_tz53qv9v.pt" in message and "delete it" in message
