@@ -55,13 +55,23 @@ def cmd_register(args: argparse.Namespace) -> int:
     settings.require_token()
     client = make_client(settings)
     load = pipeline_loader(settings, select_device(settings.device))
-    configs = [load(slug).config() for slug in offered_slugs(settings)]
+    configs = [_pipeline_config(load, slug) for slug in offered_slugs(settings)]
     projects = [args.project] if args.project else [int(p["id"]) for p in client.list_projects()]
     for project_id in projects:
         client.register_pipelines(project_id, settings.antenna_service_name, configs)
         print(f"registered {len(configs)} pipelines with project {project_id}: "
               + ", ".join(c["slug"] for c in configs))
     return 0
+
+
+def _pipeline_config(load, slug: str) -> dict:
+    """The registration body of ``slug``; a pipeline that cannot load (an unknown slug, a labels file
+    that cannot be fetched or read) is one line naming it."""
+    try:
+        return load(slug).config()
+    except (OSError, RuntimeError, ValueError) as error:
+        raise SettingsError(f"AMI_ANTENNA_PIPELINES: pipeline {slug!r} cannot be registered: "
+                            f"{str(error).splitlines()[0][:300]}") from None
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -68,3 +68,19 @@ def test_a_truncated_checkpoint_in_adcs_hub_cache_stops_the_start_in_one_line(tm
         preload_pipelines(settings, pipeline_loader(settings, torch.device("cpu")))
     message = str(error.value)
     assert "\n" not in message and "fasterrcnn_resnet50_fpn_tz53qv9v.pt" in message and "delete it" in message
+
+
+def test_register_with_an_unreachable_labels_file_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import os
+
+    from worker.cli import main
+
+    for name in [n for n in os.environ if n.startswith("AMI_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AMI_ANTENNA_API_AUTH_TOKEN", "t")
+    monkeypatch.setenv("AMI_ANTENNA_PIPELINES", "moth_binary")
+    monkeypatch.setenv("AMI_MODELS_BASE_URL", "file://" + str(tmp_path / "no-mirror"))
+    monkeypatch.setenv("AMI_MODELS_DIR", str(tmp_path / "cache"))
+    assert main(["--env-file", os.devnull, "register"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'moth_binary' cannot be registered" in err and "05-moth-nonmoth" in err
