@@ -214,6 +214,22 @@ def test_out_of_memory_splits_the_chunk_before_any_image_fails():
     assert max(len(b) for b in source.binary.batches) == 4 and {len(b) for b in source.binary.batches} >= {1}
 
 
+def test_after_an_out_of_memory_split_later_passes_start_at_the_size_that_fitted():
+    source = DoubleSource(oom_above=1)
+    adc = pipeline(source=source, localization_batch_size=3, classification_batch_size=4)
+    images = [make_image(1), make_image(2), make_image(1)]
+    adc.infer(images)
+    source.detector.calls.clear()
+    source.binary.batches.clear()
+    adc.infer(images)
+    assert source.detector.calls == [1, 1, 1]  # no failing pass of 3 first
+    assert [len(b) for b in source.binary.batches] == [1] * 7
+    assert adc.unload()
+    source.detector.calls.clear()
+    adc.infer(images)
+    assert source.detector.calls[0] == 3  # unloading forgets what was learnt
+
+
 def test_a_single_item_out_of_memory_reaches_run_batch_as_one_failed_image():
     source = DoubleSource(oom_above=0)
     items = [_Loaded(Task(id="t1", image_id="11", image_url="u", reply_subject="r"), make_image(2))]
