@@ -109,19 +109,39 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+def version_text() -> str:
+    """``antenna-worker X, torch Y, Python Z``: from package metadata, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from worker import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"antenna-worker {__version__}, torch {torch_version}, Python {sys.version.split()[0]}"
+
+
+ENV_FILE_HELP = "dotenv file to read (default .env); before or after the subcommand"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worker", description="Self-tuning Antenna image-inference worker.")
-    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--env-file", default=".env", help=ENV_FILE_HELP)
+    # Each subcommand takes --env-file too; SUPPRESS keeps the global value unless it is given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--env-file", default=argparse.SUPPRESS, help=ENV_FILE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="poll the Antenna API and process jobs until stopped")
+    run = sub.add_parser("run", parents=[common], help="poll the Antenna API and process jobs until stopped")
     run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
     run.add_argument("--memray", metavar="OUT.bin", help="record this process's allocations with memray "
                      "(loader workers are separate processes and are not recorded; see docs/benchmarks.md)")
     run.add_argument("--memray-native", action="store_true", help="with --memray: also record native stacks")
     run.set_defaults(func=cmd_run)
 
-    tune = sub.add_parser("tune", help="dry run of autotune: probe a job or sample images, print the plan")
+    tune = sub.add_parser("tune", parents=[common], help="dry run of autotune: probe a job or sample images, print the plan")
     target = tune.add_mutually_exclusive_group()
     target.add_argument("--job", type=int, help="job id to probe (default: the next job of the configured pipelines)")
     target.add_argument("--images", nargs="+", metavar="DIR|URL", help="sample images: a folder, files or URLs "
@@ -131,11 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--write-env", metavar="FILE", help="also write the recommended env lines to FILE")
     tune.set_defaults(func=cmd_tune)
 
-    register = sub.add_parser("register", help="register this worker's pipelines with Antenna projects")
+    register = sub.add_parser("register", parents=[common], help="register this worker's pipelines with Antenna projects")
     register.add_argument("--project", type=int, help="project id (default: every project the token sees)")
     register.set_defaults(func=cmd_register)
 
-    demo = sub.add_parser("demo", help="generate images, start a local server, run the worker, summarise")
+    demo = sub.add_parser("demo", parents=[common], help="generate images, start a local server, run the worker, summarise")
     demo.add_argument("--small", type=int, default=24, help="small (~1.5 MB) images (default 24)")
     demo.add_argument("--large", type=int, default=8, help="large (~24 MB, 4096x3072) images (default 8)")
     demo.add_argument("--data-dir", default=None, help="where generated images are cached")
@@ -148,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("server_args", nargs=argparse.REMAINDER)
     serve.set_defaults(func=cmd_serve)
 
-    config = sub.add_parser("config", help="print the effective settings and where each came from")
+    config = sub.add_parser("config", parents=[common], help="print the effective settings and where each came from")
     config.set_defaults(func=cmd_config)
 
-    check = sub.add_parser("check", help="check API reachability and auth, FD limit, memory limit, /dev/shm; "
+    check = sub.add_parser("check", parents=[common], help="check API reachability and auth, FD limit, memory limit, /dev/shm; "
                                          "exit 0 when all pass, 1 otherwise")
     check.set_defaults(func=cmd_check)
     return parser
