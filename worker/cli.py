@@ -16,7 +16,15 @@ log = logging.getLogger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(env_file=args.env_file)
+    """Load settings, configure logging from them, and warn once about each unused AMI_ variable."""
+    from worker.logs import configure_logging
+    from worker.settings import unused_variable_warnings, variable_names
+
+    settings = load_settings(env_file=args.env_file)
+    configure_logging(settings.log_level, settings.log_format, secrets=[settings.token])
+    for line in unused_variable_warnings(variable_names(args.env_file)):
+        log.warning("%s", line)
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:

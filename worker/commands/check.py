@@ -1,8 +1,10 @@
 """Operator commands: ``worker config`` (effective settings and their sources) and ``worker check``.
 
-``worker config`` prints every setting as ``AMI_NAME=value`` (so the output pastes into an env
-file) with where it came from: ``env`` (the process environment, which wins), the ``.env`` file
-given by ``--env-file``, or ``default``. The token is never printed, nor passwords inside URLs.
+``worker config`` prints every setting as an env file that systemd's ``EnvironmentFile=`` and
+``--env-file`` both read: grouped under a comment naming where it came from (the process
+environment, which wins, the file given by ``--env-file``, or the defaults). Defaults are printed
+commented out, so the output read back pins nothing; a value line carries no trailing comment. The
+token is never printed, nor a URL holding a password: their lines are commented out.
 
 ``worker check`` runs the checks an operator wants before ``systemctl start``: API reachable and
 the token accepted, the open-files limit, the memory limit the watchdog will use, /dev/shm room
@@ -11,6 +13,7 @@ for loader workers. One line each; exit 0 when all pass, 1 otherwise.
 from __future__ import annotations
 
 import os
+import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,23 +45,41 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def shown_value(value: object) -> str:
-    if isinstance(value, SecretStr):
-        return REDACTED if value.get_secret_value() else ""
+# Printed bare; anything else is quoted (systemd and python-dotenv strip quotes the same way).
+_BARE_VALUE = re.compile(r"[A-Za-z0-9_./:@,+=~%*-]*")
+TOKEN_PLACEHOLDER = "<your token>"
+SECRET_SET = "<set, not shown>"
+Source = str  # "env", an env file's path, or "default"
+
+
+def env_file_value(text: str) -> str:
+    """``text`` as the right-hand side of an env-file line."""
+    if _BARE_VALUE.fullmatch(text):
+        return text
+    if "'" not in text and "\\" not in text:
+        return f"'{text}'"
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_line(variable: str, value: object, source: Source) -> str:
+    """One ``AMI_NAME=value`` line; commented out for a default, a secret or a redacted URL."""
+    if isinstance(value, SecretStr) or variable == ENV_PREFIX + "ANTENNA_API_AUTH_TOKEN":
+        return f"# {variable}={SECRET_SET if value else TOKEN_PLACEHOLDER}"
     if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value)
-    return redact_url(text) if "://" in text else text
+        return f"# {variable}="
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    shown = redact_url(text) if "://" in text else text
+    commented = source == "default" or shown != text
+    return ("# " if commented else "") + f"{variable}={env_file_value(shown)}"
 
 
-def setting_sources(settings: Settings, environ: Mapping[str, str], env_file: Optional[str]) -> dict[str, str]:
-    """``AMI_NAME`` -> ``env`` | the env file's path | ``default``, by pydantic-settings' precedence."""
-    in_env = {key.upper() for key in environ}
+def setting_sources(settings: Settings, environ: Mapping[str, str], env_file: Optional[str]) -> dict[str, Source]:
+    """``AMI_NAME`` -> ``env`` | the env file's path | ``default``, by pydantic-settings' precedence
+    (an empty value counts as unset, as in ``Settings``)."""
+    in_env = {key.upper() for key, value in environ.items() if value}
     in_file: set[str] = set()
     if env_file and Path(env_file).is_file():
-        in_file = {key.upper() for key in dotenv_values(env_file)}
+        in_file = {key.upper() for key, value in dotenv_values(env_file).items() if value}
     sources = {}
     for name in Settings.model_fields:
         variable = ENV_PREFIX + name.upper()
@@ -72,11 +93,16 @@ def print_config(settings: Settings, *, env_file: Optional[str], environ: Option
 
     out = out or sys.stdout
     sources = setting_sources(settings, os.environ if environ is None else environ, env_file)
-    lines = [(variable, shown_value(getattr(settings, variable[len(ENV_PREFIX):].lower())), source)
-             for variable, source in sources.items()]
-    width = max(len(f"{v}={s}") for v, s, _ in lines)
-    for variable, shown, source in lines:
-        print(f"{variable}={shown}".ljust(width) + f"  # {source}", file=out)
+    print("# antenna-worker settings in effect (`worker config`): an env file for --env-file or systemd's\n"
+          "# EnvironmentFile=. Defaults are commented out so that reading this back pins nothing.", file=out)
+    for source in ["env", *sorted({s for s in sources.values() if s not in ("env", "default")}), "default"]:
+        variables = [variable for variable, where in sources.items() if where == source]
+        if not variables:
+            continue
+        heading = {"env": "from the environment", "default": "defaults (uncomment a line to pin it)"}
+        print(f"\n# {heading.get(source, f'from {source}')}", file=out)
+        for variable in variables:
+            print(config_line(variable, getattr(settings, variable[len(ENV_PREFIX):].lower()), source), file=out)
     return 0
 
 

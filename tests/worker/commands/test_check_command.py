@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import TOKEN
 from tests.worker.worker_process import worker_command
 from worker.commands.check import redact_url
+from worker.settings import Settings, load_settings
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -27,12 +28,19 @@ def _run(args: list[str], env: dict[str, str], cwd, *, env_file: str = "/nonexis
 
 
 def _config_lines(stdout: str) -> dict[str, tuple[str, str]]:
-    lines = {}
+    """``AMI_NAME`` -> (value as printed, source); a commented ``# AMI_NAME=`` line keeps its ``# ``."""
+    lines, source = {}, ""
     for line in stdout.splitlines():
-        match = re.fullmatch(r"(AMI_\w+)=(.*?)\s+# (.+)", line)
-        assert match, line
-        lines[match.group(1)] = (match.group(2), match.group(3))
+        if heading := re.fullmatch(r"# (?:from (.+)|(defaults).*)", line):
+            source = heading.group(1) or "default"
+        elif match := re.fullmatch(r"(# )?(AMI_\w+)=(.*)", line):
+            lines[match.group(2)] = ((match.group(1) or "") + match.group(3), source)
     return lines
+
+
+# What systemd's EnvironmentFile= and python-dotenv both read the same way: a bare value of safe
+# characters, or a single-quoted one without quotes inside; no trailing comments.
+ENV_FILE_LINE = re.compile(r"(#.*|[A-Z][A-Z0-9_]*=([A-Za-z0-9_./:@,+=~%*-]*|'[^'\\]*'))?")
 
 
 @pytest.mark.timeout(60)
@@ -45,13 +53,49 @@ def test_config_prints_every_setting_with_its_source_and_never_the_token(tmp_pat
     assert done.returncode == 0, done.stderr
     lines = _config_lines(done.stdout)
     assert lines["AMI_ANTENNA_API_BATCH_SIZE"] == ("7", str(env_file))
-    assert lines["AMI_LOG_LEVEL"] == ("WARNING", "env")  # the environment wins over the file
-    assert lines["AMI_SHUTDOWN_GRACE_S"] == ("45.0", "env")
-    assert lines["AMI_ANTENNA_SERVICE_NAME"] == ("AMI Data Companion", "default")
-    assert lines["AMI_ANTENNA_API_AUTH_TOKEN"] == ("***", str(env_file))
-    assert lines["AMI_NATS_URL"] == ("nats://worker:***@nats.example:4222", str(env_file))
+    assert lines["AMI_LOG_LEVEL"] == ("WARNING", "the environment")  # the environment wins over the file
+    assert lines["AMI_SHUTDOWN_GRACE_S"] == ("45.0", "the environment")
+    assert lines["AMI_ANTENNA_SERVICE_NAME"] == ("# 'AMI Data Companion'", "default")
+    assert lines["AMI_ANTENNA_API_AUTH_TOKEN"] == ("# <set, not shown>", str(env_file))
+    assert lines["AMI_NATS_URL"] == ("# nats://worker:***@nats.example:4222", str(env_file))
     assert len(lines) >= 40
     assert TOKEN not in done.stdout + done.stderr and "s3cret-pass" not in done.stdout + done.stderr
+
+
+def _config_round_trip(tmp_path, env: dict[str, str]) -> tuple[str, "Settings"]:
+    """``worker config`` output written to a file and read back as the only source of settings."""
+    first = _run(["config"], _env(**env), tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert all(ENV_FILE_LINE.fullmatch(line) for line in first.stdout.splitlines()), first.stdout
+    env_file = tmp_path / "pasted.env"
+    env_file.write_text(first.stdout)
+    again = _run(["config"], _env(), tmp_path, env_file=str(env_file))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == ""  # no warnings: every name it printed is a setting
+    return first.stdout, load_settings(env_file=str(env_file))
+
+
+@pytest.mark.timeout(60)
+def test_config_output_read_back_as_an_env_file_pins_nothing(tmp_path, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("AMI_")]:
+        monkeypatch.delenv(name)
+    text, settings = _config_round_trip(tmp_path, {})
+    assert settings.explicitly_set() == set()
+    assert settings == load_settings(env_file=None)
+    assert "# AMI_ANTENNA_API_AUTH_TOKEN=<your token>" in text.splitlines()
+
+
+@pytest.mark.timeout(60)
+def test_config_output_read_back_keeps_what_was_set_and_never_the_token(tmp_path, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("AMI_")]:
+        monkeypatch.delenv(name)
+    chosen = {"AMI_ANTENNA_API_BATCH_SIZE": "7", "AMI_ANTENNA_SERVICE_NAME": "Moth rig #2 (north field)",
+              "AMI_MAX_MEMORY_BYTES": "6GiB", "AMI_ANTENNA_API_AUTH_TOKEN": TOKEN, "AMI_LOG_FORMAT": "json"}
+    text, settings = _config_round_trip(tmp_path, chosen)
+    assert TOKEN not in text
+    assert settings.explicitly_set() == set(chosen) - {"AMI_ANTENNA_API_AUTH_TOKEN"}
+    assert settings.antenna_service_name == "Moth rig #2 (north field)"
+    assert (settings.antenna_api_batch_size, settings.max_memory_bytes) == (7, 6 * 1024**3)
 
 
 @pytest.mark.timeout(30)
