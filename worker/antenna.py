@@ -139,7 +139,7 @@ class AntennaClient:
                 if response.status_code < 400:
                     return _json_body(response)
                 if response.status_code not in RETRY_STATUSES:
-                    raise AntennaRejected(response.status_code, _error_text(response))
+                    raise AntennaRejected(response.status_code, f"{method} {path}: {_error_text(response)}")
                 problem = f"HTTP {response.status_code}"
                 retry_after_s = _retry_after_s(response)
             if attempt == self.max_attempts:

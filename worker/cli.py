@@ -1,6 +1,8 @@
 """The ``worker`` command: thin. Builds settings, then the object to run, then runs it.
 
-Exit codes: 0 done, 1 a check or run failed, 2 a bad setting or argument (one line on stderr).
+A failure a user can cause is one line on stderr, ``worker: ...``, and an exit code (the README's
+table): 0 done, 1 a check or run failed, 2 a bad setting or argument, 3 the API rejected a request
+(token, project or job id), 4 the API stayed unreachable, 130 interrupted, 141 stdout closed early.
 """
 from __future__ import annotations
 
@@ -8,11 +10,25 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from worker.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+EXIT_BAD_SETTING = 2
+EXIT_API_REJECTED = 3
+EXIT_API_UNREACHABLE = 4
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a C tool reports `tool | head`
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line naming the fix, exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(EXIT_BAD_SETTING, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -75,7 +91,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from worker.testing.antenna_server import add_server_arguments, run_server
 
-    parser = argparse.ArgumentParser(prog="worker serve-antenna", description="The local Antenna-compatible server.")
+    parser = OneLineParser(prog="worker serve-antenna", description="The local Antenna-compatible server.")
     add_server_arguments(parser)
     server_args = parser.parse_args(args.server_args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
@@ -130,11 +146,12 @@ def version_text() -> str:
     return f"antenna-worker {__version__}, torch {torch_version}, Python {sys.version.split()[0]}"
 
 
+SERVE_COMMAND = "serve-antenna"
 ENV_FILE_HELP = "dotenv file to read (default .env); before or after the subcommand"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worker", description="Self-tuning Antenna image-inference worker.")
+    parser = OneLineParser(prog="worker", description="Self-tuning Antenna image-inference worker.")
     parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("--env-file", default=".env", help=ENV_FILE_HELP)
     # Each subcommand takes --env-file too; SUPPRESS keeps the global value unless it is given there.
@@ -171,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     # The local server parses its own arguments: `worker run` never imports the test room.
-    serve = sub.add_parser("serve-antenna", help="run the local Antenna-compatible server "
+    serve = sub.add_parser(SERVE_COMMAND, help="run the local Antenna-compatible server "
                            "(`worker serve-antenna --help` lists its options)", add_help=False)
     serve.add_argument("server_args", nargs=argparse.REMAINDER)
     serve.set_defaults(func=cmd_serve)
@@ -203,16 +220,60 @@ def apply_process_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """``serve-antenna`` hands everything after it to the local server's own parser: argparse's
+    REMAINDER would stop at the first option (``serve-antenna --port 0``)."""
+    if SERVE_COMMAND not in argv:
+        return build_parser().parse_args(argv)
+    at = argv.index(SERVE_COMMAND)
+    args = build_parser().parse_args(argv[:at + 1])
+    args.server_args = argv[at + 1:]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     apply_process_defaults()
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except SettingsError as error:
         print(f"worker: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTING
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (`worker config | head`): nothing more can be written, and the flush at
+        # exit must not fail again, so stdout goes to /dev/null from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as error:
+        code = _api_exit_code(error)
+        if code is None:
+            raise
+        print(f"worker: {api_error_line(error, args)}", file=sys.stderr)
+        return code
+
+
+def _api_exit_code(error: Exception) -> Optional[int]:
+    from worker.antenna import AntennaRejected, AntennaUnavailable
+
+    if isinstance(error, AntennaRejected):
+        return EXIT_API_REJECTED
+    if isinstance(error, AntennaUnavailable):
+        return EXIT_API_UNREACHABLE
+    return None
+
+
+def api_error_line(error: Exception, args: argparse.Namespace) -> str:
+    """One line for an API error that ends a command, naming the setting to check."""
+    from worker.antenna import AntennaRejected
+
+    text = " ".join(str(error).split())[:300]
+    if isinstance(error, AntennaRejected) and error.status in (401, 403):
+        return f"the API rejected the token ({text}): check AMI_ANTENNA_API_AUTH_TOKEN"
+    if isinstance(error, AntennaRejected):
+        return f"the API refused the request ({text}): check the ids given and AMI_ANTENNA_API_BASE_URL"
+    return f"the API is unreachable ({text}): check AMI_ANTENNA_API_BASE_URL and the network"
 
 
 if __name__ == "__main__":

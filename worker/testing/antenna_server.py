@@ -1047,7 +1047,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where generated images are cached (default {default_cache_dir()})")
     parser.add_argument("--reservation-timeout-s", type=float, default=300.0)
     parser.add_argument("--max-deliveries", type=int, default=2)
-    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT",
+    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT", type=_parse_job_spec,
                         help="add a job of COUNT generated images of PRESET (tiny, small, large); repeatable")
     parser.add_argument("--pipeline", default="synthetic-moths",
                         help="pipeline slug of the jobs added with --job")
@@ -1057,7 +1057,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     """Start the server with ``args`` from ``add_server_arguments``; block until SIGINT/SIGTERM."""
-    jobs = [_parse_job_spec(spec) for spec in args.job]
+    jobs = list(args.job)  # (preset, count) pairs: add_server_arguments parsed them
     antenna = LocalAntenna(host=args.host, port=args.port, token=args.token, data_dir=args.data_dir,
                            reservation_timeout_s=args.reservation_timeout_s,
                            max_deliveries=args.max_deliveries)
@@ -1093,6 +1093,6 @@ def _parse_job_spec(spec: str) -> tuple[str, int]:
     except ValueError:
         count_n = 0
     if count_n < 1 or preset not in PRESETS:
-        raise ValueError(f"--job {spec!r}: expected PRESET:COUNT with PRESET one of "
+        raise argparse.ArgumentTypeError(f"{spec!r} is not PRESET:COUNT with PRESET one of "
                          f"{sorted(PRESETS)} and COUNT >= 1, e.g. small:20")
     return preset, count_n
