@@ -3,7 +3,8 @@
 Names and defaults of the ADC worker's variables are kept so this is a drop-in replacement.
 Library code receives a ``Settings`` object; nothing below the CLI reads ``os.environ``.
 
-An empty value counts as unset (``AMI_NUM_WORKERS=`` keeps the default and pins nothing). Every
+An empty value counts as unset (``AMI_NUM_WORKERS=`` keeps the default and pins nothing), except
+where empty is a choice of its own (``AMI_METRICS_ADDR=`` disables metrics). Every
 ``*_BYTES`` setting takes a size with a unit (``4GiB``, ``512MiB``, ``1.5G``); paths expand ``~``.
 """
 from __future__ import annotations
@@ -68,6 +69,10 @@ ADC_IGNORED_VARIABLES = {
 }
 
 
+# Settings whose empty value means something (metrics off); any other empty value counts as unset.
+EMPTY_IS_A_CHOICE = frozenset({"metrics_addr"})
+
+
 class SettingsError(ValueError):
     """A setting a user can fix: the message is one line naming the variable and the fix."""
 
@@ -75,7 +80,7 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
-        case_sensitive=False, env_ignore_empty=True,
+        case_sensitive=False,
     )
 
     # --- the ADC worker's settings (names and defaults kept) ---
@@ -143,6 +148,14 @@ class Settings(BaseSettings):
         if value and (":" not in value or not value.rsplit(":", 1)[1].isdigit()):
             raise ValueError("must be HOST:PORT such as 127.0.0.1:9464, or empty to disable")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, values: object) -> object:
+        if not isinstance(values, dict):
+            return values
+        return {name: value for name, value in values.items()
+                if not (value == "" and name not in EMPTY_IS_A_CHOICE)}
 
     @field_validator("*", mode="before")
     @classmethod

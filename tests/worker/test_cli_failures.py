@@ -136,3 +136,19 @@ def test_unknown_variables_are_warned_about_on_stderr(tmp_path):
     assert len(warnings) == 2, done.stderr
     assert "did you mean AMI_ANTENNA_API_BATCH_SIZE?" in warnings[0]
     assert "AMI_LOCALIZATION_MODEL is an ADC setting this worker ignores" in warnings[1]
+
+
+@pytest.mark.timeout(120)
+def test_start_up_logs_one_banner_line(antenna, tmp_path):
+    import torch
+
+    from worker import __version__
+
+    done = _run(["run", "--burst"], _server_env(antenna, tmp_path, AMI_MAX_MEMORY_BYTES="3GiB"), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    banners = [line for line in done.stderr.splitlines() if f"antenna-worker {__version__} starting" in line]
+    assert len(banners) == 1, done.stderr[-3000:]
+    banner = banners[0]
+    for part in (f"torch {torch.__version__}", "CUDA", "device cpu", f"API {antenna.base_url}",
+                 "pipelines null", "memory limit 3072 MiB (AMI_MAX_MEMORY_BYTES)"):
+        assert part in banner, (part, banner)

@@ -107,3 +107,9 @@ def test_adc_settings_this_worker_ignores_get_one_warning_each():
     assert len(warnings) == len(ADC_IGNORED_VARIABLES)
     for name, warning in zip(sorted(ADC_IGNORED_VARIABLES), warnings):
         assert warning.startswith(f"{name} is an ADC setting this worker ignores: "), warning
+
+
+@pytest.mark.timeout(30)
+def test_an_empty_metrics_address_still_disables_metrics(tmp_path):
+    settings = _load(tmp_path, "AMI_METRICS_ADDR=\n")
+    assert settings.metrics_addr == "" and settings.explicitly_set() == {"AMI_METRICS_ADDR"}

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 from dotenv import dotenv_values
 from pydantic import SecretStr
 
-from worker.settings import ENV_PREFIX, Settings
+from worker.settings import EMPTY_IS_A_CHOICE, ENV_PREFIX, Settings
 
 REDACTED = "***"
 MIB = 1024**2
@@ -76,10 +76,12 @@ def config_line(variable: str, value: object, source: Source) -> str:
 def setting_sources(settings: Settings, environ: Mapping[str, str], env_file: Optional[str]) -> dict[str, Source]:
     """``AMI_NAME`` -> ``env`` | the env file's path | ``default``, by pydantic-settings' precedence
     (an empty value counts as unset, as in ``Settings``)."""
-    in_env = {key.upper() for key, value in environ.items() if value}
+    choices = {ENV_PREFIX + name.upper() for name in EMPTY_IS_A_CHOICE}
+    in_env = {key.upper() for key, value in environ.items() if value or key.upper() in choices}
     in_file: set[str] = set()
     if env_file and Path(env_file).is_file():
-        in_file = {key.upper() for key, value in dotenv_values(env_file).items() if value}
+        in_file = {key.upper() for key, value in dotenv_values(env_file).items()
+                   if value or key.upper() in choices}
     sources = {}
     for name in Settings.model_fields:
         variable = ENV_PREFIX + name.upper()

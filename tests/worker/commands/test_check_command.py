@@ -90,12 +90,14 @@ def test_config_output_read_back_keeps_what_was_set_and_never_the_token(tmp_path
     for name in [n for n in os.environ if n.startswith("AMI_")]:
         monkeypatch.delenv(name)
     chosen = {"AMI_ANTENNA_API_BATCH_SIZE": "7", "AMI_ANTENNA_SERVICE_NAME": "Moth rig #2 (north field)",
-              "AMI_MAX_MEMORY_BYTES": "6GiB", "AMI_ANTENNA_API_AUTH_TOKEN": TOKEN, "AMI_LOG_FORMAT": "json"}
+              "AMI_MAX_MEMORY_BYTES": "6GiB", "AMI_ANTENNA_API_AUTH_TOKEN": TOKEN, "AMI_LOG_FORMAT": "json",
+              "AMI_METRICS_ADDR": ""}
     text, settings = _config_round_trip(tmp_path, chosen)
     assert TOKEN not in text
     assert settings.explicitly_set() == set(chosen) - {"AMI_ANTENNA_API_AUTH_TOKEN"}
     assert settings.antenna_service_name == "Moth rig #2 (north field)"
     assert (settings.antenna_api_batch_size, settings.max_memory_bytes) == (7, 6 * 1024**3)
+    assert settings.metrics_addr == ""  # empty is a choice here: metrics off
 
 
 @pytest.mark.timeout(30)
