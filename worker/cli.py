@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", parents=[common], help="print the effective settings and where each came from")
     config.set_defaults(func=cmd_config)
 
-    check = sub.add_parser("check", parents=[common], help="check API reachability and auth, FD limit, memory limit, /dev/shm; "
-                                         "exit 0 when all pass, 1 otherwise")
+    check = sub.add_parser("check", parents=[common], help="check the API and token (reserve included), device, "
+                           "pipelines, spool, metrics port, FD and memory limits, /dev/shm; exit 0 when all pass, 1 otherwise")
     check.set_defaults(func=cmd_check)
     return parser
 

@@ -7,8 +7,10 @@ commented out, so the output read back pins nothing; a value line carries no tra
 token is never printed, nor a URL holding a password: their lines are commented out.
 
 ``worker check`` runs the checks an operator wants before ``systemctl start``: API reachable and
-the token accepted, the open-files limit, the memory limit the watchdog will use, /dev/shm room
-for loader workers. One line each; exit 0 when all pass, 1 otherwise.
+the token accepted, the token allowed to reserve tasks, the device, each offered pipeline loads,
+the spool directory writable, the metrics port free, the open-files limit, the memory limit the
+watchdog will use, /dev/shm room for loader workers. One line each; exit 0 when all pass, 1
+otherwise.
 """
 from __future__ import annotations
 
@@ -17,13 +19,18 @@ import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from pydantic import SecretStr
 
 from worker.settings import EMPTY_IS_A_CHOICE, ENV_PREFIX, Settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.antenna import AntennaClient
 
 REDACTED = "***"
 MIB = 1024**2
@@ -116,12 +123,11 @@ class Check:
 
 
 def check_api(settings: Settings) -> Check:
-    from worker.antenna import AntennaClient, AntennaError, AntennaRejected
+    from worker.antenna import AntennaError, AntennaRejected
 
     if not settings.token:
         return Check("api", False, "AMI_ANTENNA_API_AUTH_TOKEN is not set")
-    client = AntennaClient(settings.antenna_api_base_url, settings.token,
-                           timeout_s=min(settings.antenna_api_timeout_s, CHECK_TIMEOUT_S), max_attempts=1)
+    client = _check_client(settings)
     url = redact_url(settings.antenna_api_base_url)
     try:
         projects = client.list_projects()
@@ -136,6 +142,13 @@ def check_api(settings: Settings) -> Check:
     finally:
         client.close()
     return Check("api", True, f"{url} reachable, token accepted, {len(projects)} projects visible")
+
+
+def _check_client(settings: Settings) -> "AntennaClient":
+    from worker.antenna import AntennaClient
+
+    return AntennaClient(settings.antenna_api_base_url, settings.token,
+                         timeout_s=min(settings.antenna_api_timeout_s, CHECK_TIMEOUT_S), max_attempts=1)
 
 
 def check_fd_limit() -> Check:
@@ -175,11 +188,117 @@ def check_shm(settings: Settings, path: str = SHM_PATH) -> Check:
     return Check("/dev/shm", ok, detail)
 
 
+def check_reserve(settings: Settings) -> Check:
+    """Whether the token may reserve tasks, without reserving any: a reserve of batch_size 0 is
+    refused with 403 by the permission check and with 400 by the body's validation after it."""
+    from worker.antenna import AntennaError, AntennaRejected
+    from worker.app import offered_slugs
+
+    if not settings.token:
+        return Check("reserve", False, "not checked: AMI_ANTENNA_API_AUTH_TOKEN is not set")
+    client = _check_client(settings)
+    try:
+        jobs = client.list_jobs(offered_slugs(settings), limit=1)
+        if not jobs:
+            return Check("reserve", True, "not checked: no job of the offered pipelines is waiting")
+        client.reserve_tasks(jobs[0].id, 0)
+    except AntennaRejected as error:
+        if error.status == 400:
+            return Check("reserve", True, f"the token may reserve tasks (job {jobs[0].id}, probed with "
+                                          "batch_size 0: nothing reserved)")
+        if error.status == 403:
+            return Check("reserve", False, f"HTTP 403 reserving from job {jobs[0].id}: the server grants tasks "
+                                           "and results to superusers only; use a superuser's token")
+        return Check("reserve", False, f"not checked: {_first_line(error)}")
+    except AntennaError as error:
+        return Check("reserve", False, f"not checked: {_first_line(error)}")
+    finally:
+        client.close()
+    return Check("reserve", True, f"the server accepted a reserve of 0 tasks from job {jobs[0].id}")
+
+
+def check_device(settings: Settings) -> tuple[Check, Optional["torch.device"]]:
+    import torch
+
+    from worker.pipelines import select_device
+    from worker.settings import SettingsError
+
+    try:
+        device = select_device(settings.device)
+    except SettingsError as error:
+        return Check("device", False, str(error)), None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA device in use"
+    return Check("device", True, f"{device.type} (AMI_DEVICE={settings.device}; {name})"), device
+
+
+def check_pipelines(settings: Settings, device: Optional["torch.device"]) -> list[Check]:
+    """Each offered pipeline loads on the device (what the start does before any job)."""
+    import time
+
+    from worker.app import offered_slugs, pipeline_loader
+
+    checks = []
+    for slug in offered_slugs(settings):
+        if device is None:
+            checks.append(Check(f"pipeline {slug}", False, "not checked: no device"))
+            continue
+        started_s = time.perf_counter()
+        try:
+            pipeline_loader(settings, device)(slug)
+        except (OSError, RuntimeError, ValueError) as error:
+            checks.append(Check(f"pipeline {slug}", False, f"{_first_line(error)}; check AMI_ANTENNA_PIPELINES"))
+            continue
+        checks.append(Check(f"pipeline {slug}", True, f"loaded on {device.type} in "
+                                                      f"{time.perf_counter() - started_s:.1f} s"))
+    return checks
+
+
+def check_spool(settings: Settings) -> Check:
+    """The spool (results kept while the API is down) must be writable: creates it as the start would."""
+    import tempfile
+
+    spool = settings.user_data_path / "spool"
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".check-"):
+            pass
+    except OSError as error:
+        return Check("spool", False, f"{spool} is not writable ({error.strerror}): fix its owner or set "
+                                     "AMI_USER_DATA_PATH")
+    waiting = sum(1 for _ in spool.glob("*.json"))
+    return Check("spool", True, f"{spool} writable, {waiting} result files waiting to be replayed")
+
+
+def check_metrics_port(settings: Settings) -> Check:
+    import socket
+
+    from worker.middleware.prometheus import parse_addr
+
+    if not settings.metrics_addr:
+        return Check("metrics", True, "disabled (AMI_METRICS_ADDR is empty)")
+    host, port = parse_addr(settings.metrics_addr)
+    if port == 0:
+        return Check("metrics", True, f"any free port on {host} (the worker logs the one it gets)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the metrics server binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return Check("metrics", False, f"{host}:{port} is in use ({error.strerror}): another worker? give each "
+                                           "instance its own AMI_METRICS_ADDR (HOST:0 picks a free port)")
+    return Check("metrics", True, f"{host}:{port} is free")
+
+
 def run_checks(settings: Settings) -> list[Check]:
+    device_check, device = check_device(settings)
     checks: list[Callable[[], Check]] = [
-        lambda: check_api(settings), check_fd_limit, lambda: check_memory(settings), lambda: check_shm(settings),
+        lambda: check_api(settings), lambda: check_reserve(settings), lambda: device_check,
     ]
-    return [check() for check in checks]
+    late: list[Callable[[], Check]] = [
+        lambda: check_spool(settings), lambda: check_metrics_port(settings), check_fd_limit,
+        lambda: check_memory(settings), lambda: check_shm(settings),
+    ]
+    return [check() for check in checks] + check_pipelines(settings, device) + [check() for check in late]
 
 
 def print_checks(settings: Settings, out: Optional[TextIO] = None) -> int:

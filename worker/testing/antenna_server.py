@@ -43,6 +43,8 @@ from worker.testing.synthetic import PRESETS, SyntheticImage, default_cache_dir,
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v2"
+# Endpoints (fault names of ROUTES) the real server grants only to superusers (antenna-protocol.md).
+SUPERUSER_ENDPOINTS = frozenset({"tasks", "result"})
 MEDIA_PREFIX = "/media"
 CONTROL_PREFIX = "/_control"
 FAULT_ENDPOINTS = ("jobs", "tasks", "result", "pipelines", "projects", "media")
@@ -446,19 +448,22 @@ class LocalAntenna:
     consumer (ack wait 300 s, 2 deliveries). ``data_dir`` is where ``/_control/jobs``
     generates images (default: ``worker.testing.synthetic.default_cache_dir()``).
     ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
+    ``reader_tokens`` are valid tokens of users who are not superusers: like the real server, it
+    answers them 403 on the task and result endpoints, before looking at the body.
     """
 
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, token: str = "local-token",
         reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
         data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
-        rng_seed: Optional[int] = None,
+        rng_seed: Optional[int] = None, reader_tokens: Sequence[str] = (),
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
         self.host = host
         self.port = port
         self.token = token
+        self.reader_tokens = frozenset(reader_tokens)
         self.project_id = project_id
         self.data_dir = Path(data_dir) if data_dir is not None else default_cache_dir()
         self.max_request_bytes = max_request_bytes
@@ -779,10 +784,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._injected_failure(route[2]):
             return
-        if self.headers.get("Authorization") != f"Token {self.antenna.token}":
+        authorization = self.headers.get("Authorization")
+        readers = {f"Token {token}" for token in self.antenna.reader_tokens}
+        if authorization != f"Token {self.antenna.token}" and authorization not in readers:
             detail = ("Authentication credentials were not provided." if "Authorization" not in self.headers
                       else "Invalid token.")
             self._send_json(401, {"detail": detail}, {"WWW-Authenticate": "Token"})
+            return
+        if authorization in readers and route[2] in SUPERUSER_ENDPOINTS:
+            self._send_json(403, {"detail": "You do not have permission to perform this action."})
             return
         try:
             body = json.loads(body_bytes) if body_bytes else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import socket
 import subprocess
 
 import pytest
@@ -115,16 +116,75 @@ def _check_lines(stdout: str) -> dict[str, tuple[bool, str]]:
     return found
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.timeout(90)
-def test_check_passes_against_the_local_server(antenna, tmp_path):
-    done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN),
-                tmp_path)
+def test_check_passes_against_the_local_server(antenna, tmp_path, tiny_images):
+    antenna.add_job(tiny_images[:2], "null")
+    port = _free_port()
+    done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+                                AMI_ANTENNA_PIPELINES="synthetic-moths,null", AMI_METRICS_ADDR=f"127.0.0.1:{port}",
+                                AMI_USER_DATA_PATH=str(tmp_path / "user-data")), tmp_path)
     checks = _check_lines(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert set(checks) == {"api", "open files", "memory", "/dev/shm"}
+    assert set(checks) == {"api", "reserve", "device", "pipeline synthetic-moths", "pipeline null", "spool",
+                           "metrics", "open files", "memory", "/dev/shm"}
     assert all(ok for ok, _ in checks.values())
     assert "token accepted" in checks["api"][1]
+    assert "may reserve tasks" in checks["reserve"][1]
+    assert checks["device"][1].startswith("cpu") or checks["device"][1].startswith("cuda")
+    assert f"127.0.0.1:{port} is free" in checks["metrics"][1]
+    assert str(tmp_path / "user-data" / "spool") in checks["spool"][1]
+    assert antenna.reservations == []  # the reserve check took no task
     assert TOKEN not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_check_fails_on_a_token_that_may_not_reserve_a_busy_port_a_bad_spool_and_an_unknown_pipeline(
+        antenna_factory, tmp_path, tiny_images):
+    antenna = antenna_factory(reader_tokens=["reader-token-456"])
+    antenna.add_job(tiny_images[:2], "null")
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url,
+                                    AMI_ANTENNA_API_AUTH_TOKEN="reader-token-456",
+                                    AMI_ANTENNA_PIPELINES="null,no-such-model", AMI_METRICS_ADDR=f"127.0.0.1:{port}",
+                                    AMI_USER_DATA_PATH=str(not_a_dir / "user-data")), tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    checks = _check_lines(done.stdout)
+    assert checks["api"][0] and checks["pipeline null"][0]
+    ok, detail = checks["reserve"]
+    assert not ok and "HTTP 403" in detail and "superuser" in detail
+    ok, detail = checks["metrics"]
+    assert not ok and f"127.0.0.1:{port} is in use" in detail and "AMI_METRICS_ADDR" in detail
+    ok, detail = checks["spool"]
+    assert not ok and "AMI_USER_DATA_PATH" in detail
+    ok, detail = checks["pipeline no-such-model"]
+    assert not ok and "unknown pipeline" in detail
+    assert antenna.reservations == []
+
+
+@pytest.mark.timeout(90)
+def test_check_fails_on_cuda_asked_for_without_cuda(antenna, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: AMI_DEVICE=cuda is valid here")
+    done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+                                AMI_DEVICE="cuda", AMI_ANTENNA_PIPELINES="null", AMI_METRICS_ADDR=""), tmp_path)
+    assert done.returncode == 1
+    checks = _check_lines(done.stdout)
+    ok, detail = checks["device"]
+    assert not ok and "AMI_DEVICE=cuda" in detail
+    assert not checks["pipeline null"][0] and "no device" in checks["pipeline null"][1]
 
 
 @pytest.mark.timeout(90)
