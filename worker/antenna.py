@@ -82,6 +82,9 @@ class AntennaClient:
         self._session.headers["Authorization"] = f"Token {token}"
         self._session.headers["User-Agent"] = f"antenna-worker/{__version__}"
         self.retries_total = 0
+        # Called after every attempt with (method, path, status): the HTTP code as text, or
+        # "connection" / "timeout". Set by whoever watches the API (the metrics middleware).
+        self.on_attempt: Optional[Callable[[str, str, str], None]] = None
 
     def close(self) -> None:
         self._session.close()
@@ -135,7 +138,9 @@ class AntennaClient:
                 response = self._session.request(method, url, timeout=self.timeout_s, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as error:
                 problem = f"{type(error).__name__}"
+                self._attempted(method, path, "timeout" if isinstance(error, requests.Timeout) else "connection")
             else:
+                self._attempted(method, path, str(response.status_code))
                 if response.status_code < 400:
                     return _json_body(response)
                 if response.status_code not in RETRY_STATUSES:
@@ -152,6 +157,10 @@ class AntennaClient:
             )
             self._sleep(delay_s)
         raise AssertionError("unreachable")
+
+    def _attempted(self, method: str, path: str, status: str) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt(method, path, status)
 
 
 def _json_body(response: requests.Response) -> dict:

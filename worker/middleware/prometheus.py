@@ -6,13 +6,16 @@ open FDs, /dev/shm) and from the poster's counters (posted/spooled/replayed). Th
 counters are also copied at every scrape, so a scrape never lags the server by a sampler tick.
 
 Counted in this process only: the loader worker processes reserve tasks and retry their own API
-calls, so ``tasks_reserved_total`` comes from the loader's shared counter and
-``api_retries_total`` covers the main process's clients (job listing, result posts).
+calls, so ``tasks_reserved_total`` comes from the loader's shared counter, and
+``api_retries_total``, ``api_errors_total`` and the last-success timestamp cover the main
+process's clients (job polls, result posts, and reserves when there are no loader workers). The
+spool backlog is read from disk at each scrape, so it includes what an earlier process left.
 """
 from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -22,7 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from worker import metrics
+from worker import __version__, metrics
 from worker.hooks import JobContext, Middleware
 from worker.metrics import REGISTRY
 from watchdog.sampler import MemorySnapshot
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from worker.results import ImageResult
     from worker.daemon import Worker
     from worker.ingest import Batch
+    from worker.posting import Spool
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +108,40 @@ class _Deltas:
     """Turns running totals owned elsewhere into counter increments (thread-safe)."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def advance(self, key: str, total: int) -> int:
+    def advance(self, key: str, total: float) -> float:
         with self._lock:
             delta = total - self._seen.get(key, 0)
             if delta > 0:
                 self._seen[key] = total
             return max(0, delta)
+
+
+_ID_SEGMENT = re.compile(r"/\d+(?=/)")
+
+
+def count_api_attempt(method: str, path: str, status: str) -> None:
+    """An ``AntennaClient.on_attempt`` hook: failures by endpoint and status, and the time of the
+    last success. Ids in paths become ``{id}`` so the label set stays small."""
+    if status.isdigit() and int(status) < 400:
+        metrics.api_last_success.set(time.time())
+        return
+    metrics.api_errors.labels(endpoint=_ID_SEGMENT.sub("/{id}", path), status=status).inc()
+
+
+def read_spool_backlog(spool: "Spool") -> None:
+    """Spool files and bytes as they are on disk now (a spool outlives the process that wrote it)."""
+    files_n = bytes_n = 0
+    for path in spool.files():
+        try:
+            bytes_n += path.stat().st_size
+        except FileNotFoundError:  # replayed and removed since the listing
+            continue
+        files_n += 1
+    metrics.spool_files.set(files_n)
+    metrics.spool_bytes.set(bytes_n)
 
 
 def queued_after(reply_subject: str) -> Optional[int]:
@@ -153,13 +182,22 @@ class MetricsMiddleware(Middleware):
                                 ("soft_cap", worker.limits.soft_cap_bytes),
                                 ("hard_cap", worker.limits.hard_cap_bytes)):
                 metrics.memory_limit_bytes.labels(kind=kind).set(value)
+        _label_build(worker)
+        for client in (worker.client, worker.poster.client):
+            client.on_attempt = count_api_attempt
         _time_result_posts(worker)
         worker.add_sample_listener(self.on_sample)
-        self.server = MetricsServer(self.addr, on_scrape=self.refresh).start()
+        read_spool_backlog(worker.poster.spool)
+        self.server = MetricsServer(self.addr, on_scrape=self.on_scrape).start()
 
     def on_idle(self, worker: "Worker") -> None:
         self._set_state("idle")
         self.refresh()
+
+    def on_scrape(self) -> None:
+        self.refresh()
+        if self._worker is not None:
+            read_spool_backlog(self._worker.poster.spool)
 
     def on_stop(self, worker: "Worker") -> None:
         self.refresh()  # the loop flushed posts before on_stop: these are the final numbers
@@ -245,7 +283,7 @@ class MetricsMiddleware(Middleware):
         retries = worker.client.retries_total + worker.poster.client.retries_total
         metrics.api_retries.inc(self._deltas.advance("retries", retries))
         if worker.sampler is not None:
-            metrics.watchdog_sampler_cpu_seconds.set(worker.sampler.cpu_seconds)
+            metrics.watchdog_sampler_cpu_seconds.inc(self._deltas.advance("sampler_cpu_s", worker.sampler.cpu_seconds))
         if worker.stopping:
             self._set_state("draining")
 
@@ -263,6 +301,13 @@ def _held(ctx: JobContext) -> int:
     reserved = int(loader.control.reserved_total.value)
     received = len(loader.received)
     return max(0, reserved - received)
+
+
+def _label_build(worker: "Worker") -> None:
+    import torch
+
+    metrics.build_info.info({"version": __version__, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+                             "device": "cuda" if worker.cuda else "cpu"})
 
 
 def _time_result_posts(worker: "Worker") -> None:
