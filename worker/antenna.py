@@ -13,6 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
+from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
@@ -23,6 +24,7 @@ from worker.schema import Task
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_PAGES = 1000  # a guard against a server whose next link never ends
 
 
 class AntennaError(Exception):
@@ -122,7 +124,17 @@ class AntennaClient:
         )
 
     def list_projects(self) -> list[dict]:
-        return list(self._call("GET", "/projects/").get("results", []))
+        """Every project the token sees, across pages (the server pages 10 at a time). Only the
+        query of each ``next`` link is used, so a proxy that rewrites hosts cannot misdirect it."""
+        projects: list[dict] = []
+        params: dict[str, Any] = {}
+        for _ in range(MAX_PAGES):
+            body = self._call("GET", "/projects/", params=params)
+            projects += body.get("results", [])
+            if not body.get("next"):
+                return projects
+            params = dict(parse_qsl(urlsplit(str(body["next"])).query))
+        raise AntennaUnavailable(f"GET /projects/: more than {MAX_PAGES} pages")
 
     def register_pipelines(self, project_id: int, service_name: str, pipelines: list[dict]) -> dict:
         payload = {"processing_service_name": f"{service_name} ({socket.gethostname()})", "pipelines": pipelines}
