@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 from typing import Iterable, Literal, Mapping, Optional
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
@@ -27,6 +27,18 @@ def default_user_data_path() -> Path:
     """The platform app dir ADC uses on Linux (XDG data home)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "AMI"
+
+
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``; other URLs unchanged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # Size suffixes, case-insensitive. K, M, G, T are powers of 1024 as in systemd's MemoryMax=, like
@@ -118,6 +130,8 @@ class Settings(BaseSettings):
     nats_url: Optional[str] = None
 
     autotune: bool = True
+    # Benchmarks only (benchmarks/run.py): one LoaderPlan as JSON forced on every job; see worker/planning.py.
+    benchmark_plan_json: Optional[str] = None
     autotune_probe_tasks: int = Field(3, ge=1, le=32)
     memory_reserve_bytes: int = Field(1024**3, ge=0)
     memory_safety_factor: float = Field(0.85, gt=0.0, le=1.0)

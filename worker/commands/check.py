@@ -20,19 +20,17 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Optional, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from pydantic import SecretStr
 
-from worker.settings import EMPTY_IS_A_CHOICE, ENV_PREFIX, Settings
+from worker.settings import EMPTY_IS_A_CHOICE, ENV_PREFIX, Settings, redact_url
 
 if TYPE_CHECKING:
     import torch
 
     from worker.antenna import AntennaClient
 
-REDACTED = "***"
 MIB = 1024**2
 MIN_HARD_FD_LIMIT = 4096
 MIN_SOFT_CAP_BYTES = 1024 * MIB
@@ -41,15 +39,6 @@ LARGE_DECODED_IMAGE_BYTES = 4096 * 3072 * 3
 MIN_SHM_BYTES = 256 * MIB
 SHM_PATH = "/dev/shm"
 CHECK_TIMEOUT_S = 10.0
-
-
-def redact_url(url: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://user:***@host``; other URLs unchanged."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # Printed bare; anything else is quoted (systemd and python-dotenv strip quotes the same way).
@@ -161,7 +150,7 @@ def check_fd_limit() -> Check:
 
 
 def check_memory(settings: Settings) -> Check:
-    from worker.app import read_worker_limits
+    from worker.planning import read_worker_limits
 
     limits = read_worker_limits(settings)
     ok = limits.soft_cap_bytes >= MIN_SOFT_CAP_BYTES

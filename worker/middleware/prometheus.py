@@ -185,7 +185,7 @@ class MetricsMiddleware(Middleware):
         _label_build(worker)
         for client in (worker.client, worker.poster.client):
             client.on_attempt = count_api_attempt
-        _time_result_posts(worker)
+        worker.poster.post_timer = metrics.post_seconds.observe
         worker.add_sample_listener(self.on_sample)
         read_spool_backlog(worker.poster.spool)
         self.server = MetricsServer(self.addr, on_scrape=self.on_scrape).start()
@@ -216,10 +216,14 @@ class MetricsMiddleware(Middleware):
         self._set_state("draining" if worker.stopping else "working")
 
     def on_loader_start(self, worker: "Worker", ctx: JobContext) -> None:
+        """The plan's gauges and one count per loader built (a rebuild's minimal plan counts too)."""
         plan = ctx.plan
         for knob in PLAN_KNOBS:
             metrics.plan_value.labels(knob=knob).set(float(getattr(plan, knob)))
         metrics.plan_changes.labels(source=plan.source).inc()
+        if ctx.tuning is not None and ctx.tuning.decision.plan == plan:
+            metrics.plan_predicted_peak_bytes.set(ctx.tuning.decision.memory.total_bytes)
+            metrics.plan_predicted_images_per_second.set(ctx.tuning.decision.rate.pipeline_images_per_s)
 
     def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         slug = ctx.job.pipeline_slug
@@ -308,22 +312,3 @@ def _label_build(worker: "Worker") -> None:
 
     metrics.build_info.info({"version": __version__, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
                              "device": "cuda" if worker.cuda else "cpu"})
-
-
-def _time_result_posts(worker: "Worker") -> None:
-    """Observe every result POST's seconds (retries included) by wrapping the poster's client.
-
-    The poster owns its client and offers no timing hook; wrapping the bound method on that one
-    instance keeps posting.py free of metrics.
-    """
-    client = worker.poster.client
-    post = client.post_results
-
-    def timed_post_results(*args: object, **kwargs: object) -> dict:
-        started_s = time.perf_counter()
-        try:
-            return post(*args, **kwargs)
-        finally:
-            metrics.post_seconds.observe(time.perf_counter() - started_s)
-
-    client.post_results = timed_post_results  # type: ignore[method-assign]
