@@ -92,7 +92,8 @@ def print_config(settings: Settings, *, env_file: Optional[str], environ: Option
     out = out or sys.stdout
     sources = setting_sources(settings, os.environ if environ is None else environ, env_file)
     print("# antenna-worker settings in effect (`worker config`): an env file for --env-file or systemd's\n"
-          "# EnvironmentFile=. Defaults are commented out so that reading this back pins nothing.", file=out)
+          "# EnvironmentFile=. Defaults are commented out so that reading this back pins nothing; so are\n"
+          "# secrets (the token, a URL with a password), never printed: add those yourself.", file=out)
     for source in ["env", *sorted({s for s in sources.values() if s not in ("env", "default")}), "default"]:
         variables = [variable for variable, where in sources.items() if where == source]
         if not variables:
