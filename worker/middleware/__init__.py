@@ -35,7 +35,11 @@ def observability_middlewares(settings: Settings) -> list[Middleware]:
 
     stack: list[Middleware] = []
     if settings.metrics_addr:
-        stack.append(MetricsMiddleware(settings.metrics_addr))
+        # prometheus-client's own variable: set, this process writes its values to that folder
+        # and whoever made it (`worker run --processes`, worker/fleet.py) serves them.
+        serve = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        stack.append(MetricsMiddleware(settings.metrics_addr, port_attempts=settings.metrics_port_attempts,
+                                       serve=serve))
     stack.append(ProgressMiddleware(sys.stderr))  # a redrawn line on a TTY, else DEBUG log lines
     stack.append(ServiceMiddleware.from_environ(os.environ, stall_limit_s=settings.antenna_reservation_timeout_s))
     return stack
