@@ -1,0 +1,185 @@
+"""``worker run --processes N``: the plan (devices, memory shares, child environments) with fixture
+values, then one real fleet of 3 worker processes against the local server.
+
+The fleet test runs the real CLI as a subprocess and follows one parent through its life: one
+metrics endpoint showing the 3 children, a job done with 0 lost under the host budget (the
+process tree sampled by the project's own sampler), a SIGKILLed child restarted while the tasks it
+held are redelivered, and a SIGTERM mid-job that drains every child and exits 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import worker_env
+from tests.worker.worker_process import WorkerProcess
+from watchdog.sampler import Sampler
+from worker.fleet import ChildSpec, child_environ, memory_share_bytes, plan_children, visible_cuda_devices
+
+GiB = 1024**3
+MiB = 1024**2
+HOST_BUDGET_BYTES = 6 * GiB
+CHILDREN = 3
+
+
+# --- the plan, with fixture values
+
+
+def test_visible_devices_come_from_cuda_visible_devices_first_then_the_driver(tmp_path):
+    gpus = tmp_path / "gpus"
+    for bus in ("0000:17:00.0", "0000:65:00.0"):
+        (gpus / bus).mkdir(parents=True)
+    assert visible_cuda_devices({}, gpus) == ["0", "1"]
+    assert visible_cuda_devices({"CUDA_VISIBLE_DEVICES": "2,3"}, gpus) == ["2", "3"]
+    assert visible_cuda_devices({"CUDA_VISIBLE_DEVICES": "GPU-5f1c,1,-1,4"}, gpus) == ["GPU-5f1c", "1"]
+    assert visible_cuda_devices({"CUDA_VISIBLE_DEVICES": ""}, gpus) == []
+    assert visible_cuda_devices({}, tmp_path / "no-driver") == []
+
+
+def test_the_reserve_comes_off_once_then_the_safety_factor_then_the_split():
+    assert memory_share_bytes(9 * GiB, 1 * GiB, 0.75, 3) == 2 * GiB
+    with pytest.raises(ValueError, match="AMI_WORKER_PROCESSES"):
+        memory_share_bytes(2 * GiB, 1 * GiB, 0.85, 16)
+
+
+def test_each_child_gets_its_own_device_round_robin_and_its_share():
+    specs = plan_children(3, ["0", "1"], 2 * GiB)
+    assert [s.cuda_device for s in specs] == ["0", "1", "0"]
+    assert plan_children(2, [], GiB) == [ChildSpec(0, None, GiB), ChildSpec(1, None, GiB)]
+
+
+def test_a_child_plans_against_its_share_and_never_talks_to_systemd():
+    base = {"AMI_MAX_MEMORY_BYTES": str(8 * GiB), "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000",
+            "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/usr/bin"}
+    env = child_environ(base, ChildSpec(1, "1", 2 * GiB), "/tmp/metrics")
+    assert env["AMI_MAX_MEMORY_BYTES"] == str(2 * GiB) and env["AMI_MEMORY_RESERVE_BYTES"] == "0"
+    assert env["AMI_MEMORY_SAFETY_FACTOR"] == "1.0" and env["AMI_WORKER_PROCESSES"] == "1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/metrics"
+    assert "NOTIFY_SOCKET" not in env and "WATCHDOG_USEC" not in env and env["PATH"] == "/usr/bin"
+
+
+# --- one real fleet
+
+
+def _records(fleet: WorkerProcess) -> list[dict]:
+    records = []
+    for line in fleet.output.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass  # two processes' lines can interleave on the shared pipe
+    return records
+
+
+def _child_pids(fleet: WorkerProcess) -> dict[int, int]:
+    """Child index -> its latest pid, from the parent's 'started' lines."""
+    pids = {}
+    for record in _records(fleet):
+        if match := re.search(r"child (\d+) started: pid (\d+)", record["message"]):
+            pids[int(match.group(1))] = int(match.group(2))
+    return pids
+
+
+def _scrape(port: int) -> dict[str, list]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def _state_pids(port: int) -> set[int]:
+    """Pids with a series of antenna_worker_state: one per live child."""
+    return {int(s.labels["pid"]) for s in _scrape(port).get("antenna_worker_state", [])}
+
+
+def _wait(condition, timeout_s: float, what: str, fleet: WorkerProcess, poll_s: float = 0.1):
+    deadline_s = time.monotonic() + timeout_s
+    while time.monotonic() < deadline_s:
+        if value := condition():
+            return value
+        assert fleet.proc.poll() is None, f"the fleet exited {fleet.proc.poll()}:\n{fleet.output[-4000:]}"
+        time.sleep(poll_s)
+    raise AssertionError(f"{what} not within {timeout_s} s; output tail:\n{fleet.output[-4000:]}")
+
+
+def _reserved_by(antenna, job_id: int) -> dict[int, set[str]]:
+    """pid -> task ids it reserved in ``job_id``, from the server's per-reservation client_info."""
+    by_pid: dict[int, set[str]] = {}
+    for reservation in list(antenna.reservations):
+        if reservation["job_id"] == job_id and reservation["task_ids"]:
+            pid = int(reservation["client_info"]["pid"])
+            by_pid.setdefault(pid, set()).update(reservation["task_ids"])
+    return by_pid
+
+
+@pytest.mark.timeout(600)
+def test_three_processes_share_one_endpoint_restart_a_killed_child_and_drain_on_sigterm(
+        antenna_factory, tiny_images, tmp_path):
+    antenna = antenna_factory(reservation_timeout_s=6.0, max_deliveries=3)
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="null", AMI_METRICS_ADDR="127.0.0.1:0",
+                     AMI_AUTOTUNE="false", AMI_MAX_MEMORY_BYTES=str(HOST_BUDGET_BYTES), AMI_LOG_FORMAT="json",
+                     AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="1",
+                     AMI_SHUTDOWN_GRACE_S="60")
+    fleet = WorkerProcess(["run", "--processes", str(CHILDREN)], env, tmp_path)
+    sampler = None
+    try:
+        port = int(fleet.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", 60).group(1))
+        first = _wait(lambda: len(_child_pids(fleet)) == CHILDREN and _child_pids(fleet), 60, "3 children", fleet)
+        # One endpoint, served by the parent, shows every child by its pid once each has started.
+        _wait(lambda: _state_pids(port) == set(first.values()), 240, "3 children on the endpoint", fleet, 1.0)
+        running = {s.labels["state"]: s.value for s in _scrape(port)["antenna_worker_fleet_processes"]}
+        assert running == {"running": CHILDREN, "restarting": 0}
+        share_mib = (HOST_BUDGET_BYTES - GiB) * 0.85 / CHILDREN / MiB
+        limits = [r for r in _records(fleet) if f"limit {share_mib:.1f} MiB from AMI_MAX_MEMORY_BYTES" in r["message"]]
+        assert {r["pid"] for r in limits} == set(first.values())
+
+        sampler = Sampler(fleet.proc.pid, interval_s=0.2)
+        sampler.start()
+        antenna.set_network(latency_s=0.4)  # each child holds its tasks long enough to be caught holding them
+        job = antenna.add_job(tiny_images[:30], "null")
+        victim_pid = _wait(lambda: next(iter(_reserved_by(antenna, job)), None), 120, "a first reservation", fleet, 0.02)
+        os.kill(victim_pid, signal.SIGKILL)
+        held = set(_reserved_by(antenna, job)[victim_pid])
+        antenna.set_network(latency_s=0.05)
+
+        fleet.wait_for(rf"pid {victim_pid}\) exited on signal SIGKILL .*restarting in", 30)
+        _wait(lambda: victim_pid not in _child_pids(fleet).values(), 60, "a restarted child", fleet)
+        _wait(lambda: antenna.report(job).complete, 240, "job 1 complete", fleet, 0.5)
+        report = antenna.report(job)
+        assert report.lost == 0 and report.results_ok == 30, report
+        taken_over = set().union(*(t for pid, t in _reserved_by(antenna, job).items() if pid != victim_pid))
+        assert held <= taken_over, f"tasks {sorted(held - taken_over)} of the killed child were not redelivered"
+        assert report.redeliveries >= len(held) > 0
+        # The dead child's gauges are gone from the endpoint; the restarted one's appear.
+        _wait(lambda: _state_pids(port) == set(_child_pids(fleet).values()), 240, "the restarted child on the endpoint",
+              fleet, 1.0)
+        peak_bytes = sampler.peak_used_bytes
+        assert 0 < peak_bytes < HOST_BUDGET_BYTES, f"combined peak {peak_bytes / MiB:.0f} MiB"
+
+        antenna.set_network(latency_s=0.3)
+        job2 = antenna.add_job(tiny_images, "null")
+        _wait(lambda: _reserved_by(antenna, job2), 60, "job 2 reserving", fleet, 0.05)
+        children = set(_child_pids(fleet).values())
+        fleet.send(signal.SIGTERM)
+        assert fleet.wait(timeout_s=120) == 0, fleet.output[-4000:]
+        drained = {r["pid"] for r in _records(fleet) if r["message"].startswith("shutdown complete")}
+        assert children <= drained, f"children {children - drained} did not drain"
+        report2 = antenna.report(job2)
+        # Every task a child reserved got its result before the exit: nothing left held or stranded.
+        assert report2.reserved == 0 and report2.awaiting_redelivery == 0 and report2.lost == 0, report2
+        assert report2.results_ok > 0
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        print(f"fleet: combined peak {peak_bytes / MiB:.0f} MiB of a {HOST_BUDGET_BYTES / MiB:.0f} MiB budget; "
+              f"held by the killed child {len(held)}, redeliveries {report.redeliveries}; "
+              f"job 2 drained with {report2.results_ok} of {report2.tasks} done")
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        fleet.kill()
