@@ -137,12 +137,12 @@ class Fleet:
     """The parent: starts, watches, restarts and stops the children of ``specs``."""
 
     def __init__(self, settings: "Settings", specs: Sequence[ChildSpec], child_argv: Sequence[str], *,
-                 burst: bool = False, environ: Optional[Mapping[str, str]] = None) -> None:
+                 burst: bool = False, environ: Mapping[str, str]) -> None:
         self.settings = settings
         self.children = [_Child(spec) for spec in specs]
         self.child_argv = list(child_argv)
         self.burst = burst
-        self.environ = dict(os.environ if environ is None else environ)
+        self.environ = dict(environ)
         self.stop = _StopState()
         self.exit_code = 0
         self._wake = threading.Event()
@@ -348,22 +348,24 @@ def child_command(env_file: Optional[str], burst: bool) -> list[str]:
             *(["--burst"] if burst else [])]
 
 
-def _devices(settings: "Settings") -> list[str]:
-    return [] if settings.device == "cpu" else visible_cuda_devices(os.environ)
+def _devices(settings: "Settings", environ: Mapping[str, str]) -> list[str]:
+    return [] if settings.device == "cpu" else visible_cuda_devices(environ)
 
 
-def fleet_size(settings: "Settings", processes: Optional[int]) -> int:
+def fleet_size(settings: "Settings", processes: Optional[int], environ: Mapping[str, str]) -> int:
     """Worker processes to run: ``processes`` (--processes), else AMI_WORKER_PROCESSES, else one
     per visible CUDA device (none with AMI_DEVICE=cpu), else 1."""
-    return processes or settings.worker_processes or len(_devices(settings)) or 1
+    return processes or settings.worker_processes or len(_devices(settings, environ)) or 1
 
 
-def run_fleet(settings: "Settings", count: int, *, env_file: Optional[str], burst: bool) -> int:
-    """Plan ``count`` children and run them until stopped; returns the exit code."""
+def run_fleet(settings: "Settings", count: int, *, env_file: Optional[str], burst: bool,
+              environ: Mapping[str, str]) -> int:
+    """Plan ``count`` children and run them until stopped; returns the exit code. ``environ`` is
+    the process environment as the CLI read it: the children inherit it."""
     from watchdog.limits import read_limits
     from worker.settings import SettingsError
 
-    devices = _devices(settings)
+    devices = _devices(settings, environ)
     limits = read_limits(configured_max_bytes=settings.max_memory_bytes)
     try:
         share = memory_share_bytes(limits.effective_limit_bytes, settings.memory_reserve_bytes,
@@ -373,6 +375,7 @@ def run_fleet(settings: "Settings", count: int, *, env_file: Optional[str], burs
     log.info("fleet: %d worker processes; memory (%.0f MiB from %s - %.0f MiB reserve) x %.2f / %d = %.0f MiB each; "
              "CUDA devices %s", count, limits.effective_limit_bytes / MIB, limits.limit_source,
              settings.memory_reserve_bytes / MIB, settings.memory_safety_factor, count, share / MIB, devices or "none")
-    fleet = Fleet(settings, plan_children(count, devices, share), child_command(env_file, burst), burst=burst)
+    fleet = Fleet(settings, plan_children(count, devices, share), child_command(env_file, burst), burst=burst,
+                  environ=environ)
     fleet.install_signal_handlers()
     return fleet.run()

@@ -101,13 +101,14 @@ class ResultPoster:
         *,
         max_pending_posts: int = 5,
         max_post_bytes: int = 32 * 1024 * 1024,
-        on_posted: Optional[Callable[[int, list[dict]], None]] = None,
     ) -> None:
         self.client = client
         self.spool = spool
         self.max_post_bytes = max_post_bytes
         self.counters = PostCounters()
-        self._on_posted = on_posted
+        # Called with each result POST's seconds (retries included), on the posting thread that made
+        # it; set once before the first submit (the metrics middleware's on_start does).
+        self.post_timer: Optional[Callable[[float], None]] = None
         self._slots = threading.BoundedSemaphore(max_pending_posts)
         self._pool = ThreadPoolExecutor(max_pending_posts, thread_name_prefix="post")
         self._pending: set[Future] = set()
@@ -185,7 +186,7 @@ class ResultPoster:
     def _post_validated(self, job_id: int, items: list[dict], body: bytes) -> None:
         """Post; on 400 bisect until the bad item is alone, then replace it by an error result."""
         try:
-            self.client.post_results(job_id, items, body_bytes=body)
+            self._post_once(job_id, items, body)
         except AntennaRejected as error:
             if error.status != 400:
                 raise AntennaUnavailable(f"result post rejected with HTTP {error.status}: {error.message}") from None
@@ -193,8 +194,14 @@ class ResultPoster:
             return
         self.counters.posted_items += len(items)
         self.counters.posted_bodies += 1
-        if self._on_posted is not None:
-            self._on_posted(job_id, items)
+
+    def _post_once(self, job_id: int, items: list[dict], body: bytes) -> None:
+        started_s = time.perf_counter()
+        try:
+            self.client.post_results(job_id, items, body_bytes=body)
+        finally:
+            if self.post_timer is not None:
+                self.post_timer(time.perf_counter() - started_s)
 
     def _bisect(self, job_id: int, items: list[dict], error: AntennaRejected) -> None:
         if len(items) > 1:
