@@ -207,3 +207,18 @@ def test_three_processes_share_one_endpoint_restart_a_killed_child_and_drain_on_
         if sampler is not None:
             sampler.stop()
         fleet.kill()
+
+
+@pytest.mark.timeout(300)
+def test_a_child_with_a_bad_setting_stops_the_fleet_with_exit_2_instead_of_restarting_it(antenna, tmp_path):
+    # The parent loads no pipeline, so an unknown one fails in the children only (exit 2 each).
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="no-such-pipeline", AMI_METRICS_ADDR="127.0.0.1:0",
+                     AMI_AUTOTUNE="false", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0")
+    fleet = WorkerProcess(["run", "--processes", "2"], env, tmp_path)
+    try:
+        assert fleet.wait(timeout_s=240) == 2, fleet.output[-4000:]
+    finally:
+        fleet.kill()
+    assert "exited 2 (a bad setting): stopping every child" in fleet.output
+    assert "restarting in" not in fleet.output
+    assert "AMI_ANTENNA_PIPELINES" in fleet.output
