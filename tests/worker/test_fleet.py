@@ -222,3 +222,32 @@ def test_a_child_with_a_bad_setting_stops_the_fleet_with_exit_2_instead_of_resta
     assert "exited 2 (a bad setting): stopping every child" in fleet.output
     assert "restarting in" not in fleet.output
     assert "AMI_ANTENNA_PIPELINES" in fleet.output
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.timeout(300)
+def test_one_child_per_visible_device_by_default_each_pinned_and_sigusr1_ends_them_without_restarts(
+        antenna, tmp_path):
+    # Two visible devices and no --processes: two children, one device each. This host has no GPU,
+    # so each child's torch falls back to the CPU; the pinning is read from the children's environ.
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="null", AMI_METRICS_ADDR="127.0.0.1:0",
+                     AMI_AUTOTUNE="false", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0", AMI_LOG_FORMAT="json",
+                     AMI_MAX_MEMORY_BYTES=str(4 * GiB), CUDA_VISIBLE_DEVICES="0,1")
+    fleet = WorkerProcess(["run"], env, tmp_path)
+    try:
+        port = int(fleet.wait_for(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", 60).group(1))
+        pids = _wait(lambda: len(_child_pids(fleet)) == 2 and _child_pids(fleet), 60, "2 children", fleet)
+        pinned = {index: _environ_of(pid) for index, pid in pids.items()}
+        assert {i: e["CUDA_VISIBLE_DEVICES"] for i, e in pinned.items()} == {0: "0", 1: "1"}
+        assert {e["AMI_MAX_MEMORY_BYTES"] for e in pinned.values()} == {str(int(3 * GiB * 0.85 / 2))}
+        _wait(lambda: _state_pids(port) == set(pids.values()), 240, "2 children on the endpoint", fleet, 1.0)
+        fleet.send(signal.SIGUSR1)
+        assert fleet.wait(timeout_s=120) == 0, fleet.output[-4000:]
+    finally:
+        fleet.kill()
+    assert "restarting in" not in fleet.output
+    assert sum(1 for r in _records(fleet) if r["message"].startswith("shutdown complete")) == 2
