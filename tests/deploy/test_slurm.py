@@ -118,6 +118,17 @@ def _alive_pid(pidfile: Path) -> Optional[int]:
 @dataclass
 class Cluster:
     started_pids: list[int]
+    job_ids: list[str]
+
+    def cancel_jobs(self, wait_s: float = 45.0) -> None:
+        """scancel what this test submitted and wait for it to leave the queue (KillWait is 30 s)."""
+        if not self.job_ids:
+            return
+        _run("scancel", *self.job_ids, check=False)
+        deadline_s = time.monotonic() + wait_s
+        while time.monotonic() < deadline_s and _run("squeue", "-h", "-j", ",".join(self.job_ids),
+                                                     check=False).stdout.strip():
+            time.sleep(1.0)
 
 
 def _start_daemon(pidfile: Path, command: list[str], started: list[int]) -> None:
@@ -147,6 +158,7 @@ def slurm() -> Iterator[Cluster]:
         pytest.skip(reason)
     _ensure_installed()
     started: list[int] = []
+    cluster = Cluster(started, [])
     try:
         _run("install", "-d", "-o", "munge", "-g", "munge", "-m", "755", "/run/munge")
         _start_daemon(Path("/run/munge/munged.pid"), ["runuser", "-u", "munge", "--", "/usr/sbin/munged"], started)
@@ -161,18 +173,33 @@ def slurm() -> Iterator[Cluster]:
                 tail = log.read_text()[-600:] if log.exists() else "(no slurmd.log)"
                 pytest.skip(f"slurmd did not reach idle within {DAEMONS_UP_S:.0f} s here: {tail}")
             time.sleep(0.5)
-        yield Cluster(started)
+        yield cluster
     finally:
-        for pid in reversed(started):  # slurmd, slurmctld, munged: by PID, never by name
+        cluster.cancel_jobs()  # a job step left running keeps slurmd from exiting
+        _stop_by_pid(reversed(started))  # slurmd, slurmctld, munged: by PID, never by name
+
+
+def _stop_by_pid(pids, wait_s: float = 10.0) -> None:
+    """SIGTERM each, then SIGKILL what is still there after ``wait_s``."""
+    pids = list(pids)
+    for signum in (15, 9):
+        for pid in pids:
             try:
-                os.kill(pid, 15)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-        for pid in started:
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.1)
+        deadline_s = time.monotonic() + wait_s
+        while time.monotonic() < deadline_s and any(_running(pid) for pid in pids):
+            time.sleep(0.1)
+        if not any(_running(pid) for pid in pids):
+            return
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # --- one array run
@@ -217,11 +244,12 @@ def _records(text: str) -> list[dict]:
     return records
 
 
-def _submit(script: Path, out_dir: Path, env: dict[str, str], *worker_args: str) -> str:
+def _submit(cluster: Cluster, script: Path, out_dir: Path, env: dict[str, str], *worker_args: str) -> str:
     done = _run("sbatch", "--parsable", "--array=0-1", f"--time={TIME_LIMIT}", f"--signal=B:TERM@{WARNING_S}",
                 "--cpus-per-task=1", "--mem=2G", f"--output={out_dir}/%A_%a.out", str(script), *worker_args,
                 env=env)
-    return done.stdout.strip().split(";")[0]
+    cluster.job_ids.append(done.stdout.strip().split(";")[0])
+    return cluster.job_ids[-1]
 
 
 def _finished(job_id: str, out_dir: Path, timeout_s: float) -> list[ArrayTask]:
@@ -269,7 +297,7 @@ def test_a_job_array_drains_before_the_time_limit_and_a_resubmitted_array_finish
                      ANTENNA_WORKER_ENV_FILE="/nonexistent")
     env.pop("AMI_METRICS_ADDR")  # the script's own default: any free port per task
 
-    first = _finished(_submit(script, out_dir, env), out_dir, timeout_s=TIME_LIMIT_S + 120)
+    first = _finished(_submit(slurm, script, out_dir, env), out_dir, timeout_s=TIME_LIMIT_S + 120)
     after_first = antenna.report(job)
     reserved = _reserved_by(antenna, job)
     assert len(first) == 2
@@ -285,7 +313,7 @@ def test_a_job_array_drains_before_the_time_limit_and_a_resubmitted_array_finish
     assert 0 < after_first.results_ok < IMAGES, after_first
 
     antenna.set_network(latency_s=0.0)
-    second = _finished(_submit(script, out_dir, env, "--burst"), out_dir, timeout_s=TIME_LIMIT_S + 120)
+    second = _finished(_submit(slurm, script, out_dir, env, "--burst"), out_dir, timeout_s=TIME_LIMIT_S + 120)
     final = antenna.report(job)
     assert [t.state for t in second] == ["COMPLETED", "COMPLETED"], [t.out[-2000:] for t in second]
     assert final.complete and final.lost == 0 and final.results_ok == IMAGES, final
