@@ -171,10 +171,10 @@ class Fleet:
                 self._spawn(child)
             if notifier is not None:
                 notifier.send("READY=1", f"STATUS={len(self.children)} worker processes")
-            while self._live() or self._pending_restarts():
+            while True:
                 self._handle_signals(notifier)
                 self._reap()
-                if self._past_deadline():
+                if all(c.finished for c in self.children) or self._past_deadline():
                     break
                 self._restart_due()
                 if notifier is not None and self.environ.get("WATCHDOG_USEC"):
@@ -189,9 +189,6 @@ class Fleet:
 
     def _live(self) -> list[_Child]:
         return [c for c in self.children if c.proc is not None and c.proc.poll() is None]
-
-    def _pending_restarts(self) -> bool:
-        return any(c.restart_at_s is not None for c in self.children)
 
     def _spawn(self, child: _Child) -> None:
         env = child_environ(self.environ, child.spec, self._metrics_dir)

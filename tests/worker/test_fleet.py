@@ -230,7 +230,7 @@ def _environ_of(pid: int) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-def test_one_child_per_visible_device_by_default_each_pinned_and_sigusr1_ends_them_without_restarts(
+def test_one_child_per_visible_device_by_default_each_pinned_both_restarted_after_dying_together_and_sigusr1(
         antenna, tmp_path):
     # Two visible devices and no --processes: two children, one device each. This host has no GPU,
     # so each child's torch falls back to the CPU; the pinning is read from the children's environ.
@@ -245,9 +245,15 @@ def test_one_child_per_visible_device_by_default_each_pinned_and_sigusr1_ends_th
         assert {i: e["CUDA_VISIBLE_DEVICES"] for i, e in pinned.items()} == {0: "0", 1: "1"}
         assert {e["AMI_MAX_MEMORY_BYTES"] for e in pinned.values()} == {str(int(3 * GiB * 0.85 / 2))}
         _wait(lambda: _state_pids(port) == set(pids.values()), 240, "2 children on the endpoint", fleet, 1.0)
+        for pid in pids.values():  # both die between two of the parent's polls: both restart
+            os.kill(pid, signal.SIGKILL)
+        restarted = _wait(lambda: not set(_child_pids(fleet).values()) & set(pids.values()) and _child_pids(fleet),
+                          60, "both children restarted", fleet)
+        _wait(lambda: _state_pids(port) == set(restarted.values()), 240, "the new children on the endpoint", fleet, 1.0)
+        restarts_before_usr1 = fleet.output.count("restarting in")
         fleet.send(signal.SIGUSR1)
         assert fleet.wait(timeout_s=120) == 0, fleet.output[-4000:]
     finally:
         fleet.kill()
-    assert "restarting in" not in fleet.output
+    assert restarts_before_usr1 == 2 and fleet.output.count("restarting in") == 2
     assert sum(1 for r in _records(fleet) if r["message"].startswith("shutdown complete")) == 2
