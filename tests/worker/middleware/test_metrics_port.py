@@ -61,3 +61,15 @@ def test_port_attempts_take_the_next_free_port(antenna, tmp_path, busy_port):
     ports = [int(p) for p in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", output)]
     assert len(ports) == 1 and busy_port < ports[0] < busy_port + 20, output
     assert "Traceback" not in output
+
+
+def test_a_fleet_parent_on_a_busy_port_fails_the_same_way_before_starting_any_child(antenna, tmp_path, busy_port):
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="null", AMI_METRICS_ADDR=f"127.0.0.1:{busy_port}")
+    worker = WorkerProcess(["run", "--processes", "2"], env, tmp_path)
+    try:
+        code = worker.wait(timeout_s=60)
+    finally:
+        worker.kill()
+    assert code == 2, worker.output
+    assert "Traceback" not in worker.output and "child 0 started" not in worker.output
+    assert [line for line in worker.output.splitlines() if f"127.0.0.1:{busy_port}" in line and "in use" in line]
