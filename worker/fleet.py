@@ -165,8 +165,8 @@ class Fleet:
         from worker.middleware.systemd import Notifier
 
         notifier = Notifier.from_environ(self.environ)
-        self._start_metrics()
         try:
+            self._start_metrics()
             for child in self.children:
                 self._spawn(child)
             if notifier is not None:
