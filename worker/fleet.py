@@ -148,6 +148,7 @@ class Fleet:
         self._wake = threading.Event()
         self._metrics_dir: Optional[str] = None
         self._server = None
+        self._next_keepalive_s = 0.0
 
     # --- signals: handlers only record
 
@@ -177,8 +178,7 @@ class Fleet:
                 if all(c.finished for c in self.children) or self._past_deadline():
                     break
                 self._restart_due()
-                if notifier is not None and self.environ.get("WATCHDOG_USEC"):
-                    notifier.send("WATCHDOG=1")
+                self._keepalive(notifier)
                 self._wake.wait(POLL_S)
                 self._wake.clear()
         finally:
@@ -186,6 +186,16 @@ class Fleet:
             self._stop_metrics()
         log.info("fleet: stopped (exit %d)", self.exit_code)
         return self.exit_code
+
+    def _keepalive(self, notifier) -> None:
+        """WATCHDOG=1 every half of systemd's WATCHDOG_USEC, from the loop (a hung loop stops it)."""
+        usec = self.environ.get("WATCHDOG_USEC", "")
+        if notifier is None or not usec.isdigit():
+            return
+        now_s = time.monotonic()
+        if now_s >= self._next_keepalive_s:
+            notifier.send("WATCHDOG=1")
+            self._next_keepalive_s = now_s + int(usec) / 2e6
 
     def _live(self) -> list[_Child]:
         return [c for c in self.children if c.proc is not None and c.proc.poll() is None]

@@ -22,6 +22,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import worker_env
+from tests.worker.middleware.test_systemd import notify_socket  # noqa: F401 (a fixture)
 from tests.worker.worker_process import WorkerProcess
 from watchdog.sampler import Sampler
 from worker.fleet import ChildSpec, child_environ, memory_share_bytes, plan_children, visible_cuda_devices
@@ -210,18 +211,27 @@ def test_three_processes_share_one_endpoint_restart_a_killed_child_and_drain_on_
 
 
 @pytest.mark.timeout(300)
-def test_a_child_with_a_bad_setting_stops_the_fleet_with_exit_2_instead_of_restarting_it(antenna, tmp_path):
+def test_a_child_with_a_bad_setting_stops_the_fleet_with_exit_2_and_the_parent_speaks_to_systemd(
+        antenna, tmp_path, notify_socket):
     # The parent loads no pipeline, so an unknown one fails in the children only (exit 2 each).
     env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="no-such-pipeline", AMI_METRICS_ADDR="127.0.0.1:0",
-                     AMI_AUTOTUNE="false", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0")
+                     AMI_AUTOTUNE="false", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0",
+                     NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="2000000")
     fleet = WorkerProcess(["run", "--processes", "2"], env, tmp_path)
     try:
-        assert fleet.wait(timeout_s=240) == 2, fleet.output[-4000:]
+        notify_socket.receive_until("READY=1", 60)
+        ready_s = time.monotonic()
+        notify_socket.receive_until("STOPPING=1", 240)
+        stopping_s = time.monotonic()
+        assert fleet.wait(timeout_s=120) == 2, fleet.output[-4000:]
     finally:
         fleet.kill()
     assert "exited 2 (a bad setting): stopping every child" in fleet.output
     assert "restarting in" not in fleet.output
     assert "AMI_ANTENNA_PIPELINES" in fleet.output
+    # Only the parent speaks (children never see NOTIFY_SOCKET), pinging every half WATCHDOG_USEC.
+    pings = sum(1 for _, message in notify_socket.messages if "WATCHDOG=1" in message.split("\n"))
+    assert 1 <= pings <= (stopping_s - ready_s) / 1.0 + 2, (pings, stopping_s - ready_s)
 
 
 def _environ_of(pid: int) -> dict[str, str]:
