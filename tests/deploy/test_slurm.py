@@ -1,19 +1,21 @@
-"""deploy/slurm/ for real: a single-node Slurm started by this test runs the job-array script
+"""deploy/slurm/ for real: a single-node Slurm started by this test runs both scripts
 against the local server.
 
 The recipe is /work/shared/slurm-single-node.md (slurm-wlm + munge from apt, daemons started by
-hand as root, torn down by PID). The test submits an array of 2 workers with a time limit shorter
-than the job, then proves from the server's ledger (each reservation's client_info carries the
-worker's pid) and from Slurm's own records that:
+hand as root, torn down by PID). Against the local server, with a time limit shorter than the job,
+the test runs side by side an array of 2 workers (antenna-worker-array.sbatch) and one job of the
+single script with 2 worker processes under one parent (antenna-worker.sbatch, ``--processes 2``).
+It proves from the server's ledger (each reservation's client_info carries the worker's pid) and
+from Slurm's own records that:
 
-- both workers took tasks;
-- both drained on Slurm's warning signal (``--signal=B:TERM``) and exited 0 before the limit's
-  TERM and the KILL after it: each array task ends COMPLETED 0:0 (not TIMEOUT), and no task is
-  left reserved, unanswered, on the server;
-- the same array submitted again (with ``--burst``) finished the job, with 0 tasks lost.
+- every worker took tasks;
+- every job drained on Slurm's warning signal (``--signal=B:TERM``) and exited 0 before the limit's
+  TERM and the KILL after it: each ends COMPLETED 0:0 (not TIMEOUT), the parent of the 2-process job
+  forwarded the signal to both children, and no task is left reserved, unanswered, on the server;
+- the array submitted again (with ``--burst``) finished the job, with 0 tasks lost.
 
-The one change to the script: its ``--gres=gpu:1`` line is dropped, as this node has no GPU.
-Slurm checks time limits about every 30 s, so this takes minutes (150 s here with the packages
+The one change to the scripts: the ``--gres=gpu:1`` line is dropped, as this node has no GPU.
+Slurm checks time limits about every 30 s, so this takes minutes (155 s here with the packages
 installed, docs/deployment.md records the figures); ANTENNA_TEST_SLURM=0 (``SLURM_FLAG``) skips it.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from worker.testing.synthetic import generate_preset
 
 SLURM_FLAG = "ANTENNA_TEST_SLURM"
 ARRAY_SCRIPT = ROOT / "deploy" / "slurm" / "antenna-worker-array.sbatch"
+SINGLE_SCRIPT = ROOT / "deploy" / "slurm" / "antenna-worker.sbatch"
 IMAGES = 600
 TIME_LIMIT = "2:30"  # mm:ss
 TIME_LIMIT_S = 150
@@ -72,6 +75,9 @@ SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 ReturnToService=2
+# The node declares CPUs=4 on 2 cores, so the array (2 x 1 CPU) and the 2-process job (2 CPUs)
+# run side by side; the workers here wait on the network, not the CPU.
+SlurmdParameters=config_overrides
 KillWait=30
 MinJobAge=300
 NodeName={host} CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={memory_mib} State=UNKNOWN
@@ -145,7 +151,7 @@ def _start_daemon(pidfile: Path, command: list[str], started: list[int]) -> None
 
 def _write_conf() -> None:
     host = _run("hostname", "-s").stdout.strip()
-    conf = SLURM_CONF.format(host=host, cpus=os.cpu_count() or 1, memory_mib=16000)
+    conf = SLURM_CONF.format(host=host, cpus=4, memory_mib=16000)
     Path("/etc/slurm").mkdir(exist_ok=True)
     Path("/etc/slurm/slurm.conf").write_text(conf)
     _run("install", "-d", "-o", "slurm", "-g", "slurm", "-m", "755", "/var/spool/slurmctld", "/var/log/slurm")
@@ -247,15 +253,17 @@ def _records(text: str) -> list[dict]:
     return records
 
 
-def _submit(cluster: Cluster, script: Path, out_dir: Path, env: dict[str, str], *worker_args: str) -> str:
-    done = _run("sbatch", "--parsable", "--array=0-1", f"--time={TIME_LIMIT}", f"--signal=B:TERM@{WARNING_S}",
-                "--cpus-per-task=1", "--mem=2G", f"--output={out_dir}/%A_%a.out", str(script), *worker_args,
-                env=env)
+def _submit(cluster: Cluster, script: Path, out_dir: Path, env: dict[str, str], *worker_args: str,
+            array: bool = True, cpus: int = 1) -> str:
+    shape = ["--array=0-1", f"--output={out_dir}/%A_%a.out"] if array else [f"--output={out_dir}/%j.out"]
+    done = _run("sbatch", "--parsable", *shape, f"--time={TIME_LIMIT}", f"--signal=B:TERM@{WARNING_S}",
+                f"--cpus-per-task={cpus}", f"--mem={2 * cpus}G", str(script), *worker_args, env=env)
     cluster.job_ids.append(done.stdout.strip().split(";")[0])
     return cluster.job_ids[-1]
 
 
 def _finished(job_id: str, out_dir: Path, timeout_s: float) -> list[ArrayTask]:
+    """The job's tasks (one for a job that is not an array) once the queue has none left."""
     deadline_s = time.monotonic() + timeout_s
     while _run("squeue", "-h", "-j", job_id, check=False).stdout.strip():
         assert time.monotonic() < deadline_s, _run("squeue", "-j", job_id, check=False).stdout
@@ -263,14 +271,31 @@ def _finished(job_id: str, out_dir: Path, timeout_s: float) -> list[ArrayTask]:
     tasks = []
     for line in _run("scontrol", "-o", "show", "job", job_id).stdout.splitlines():
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if "ArrayTaskId" not in fields:
-            continue
-        index = int(fields["ArrayTaskId"])
-        out = (out_dir / f"{job_id}_{index}.out").read_text(errors="replace")
+        index = int(fields.get("ArrayTaskId", 0))
+        name = f"{job_id}_{index}.out" if "ArrayTaskId" in fields else f"{job_id}.out"
         tasks.append(ArrayTask(index, fields["JobState"], fields["ExitCode"],
                                datetime.fromisoformat(fields["StartTime"]), datetime.fromisoformat(fields["EndTime"]),
-                               out))
+                               (out_dir / name).read_text(errors="replace")))
     return sorted(tasks, key=lambda t: t.task_id)
+
+
+def _script_without_gres(source: Path, tmp_path: Path) -> Path:
+    script = tmp_path / source.name
+    script.write_text("".join(line for line in source.read_text().splitlines(keepends=True)
+                              if not line.startswith("#SBATCH --gres=")))
+    return script
+
+
+def _assert_drained(task: ArrayTask) -> None:
+    """COMPLETED 0:0, not TIMEOUT: the worker exited 0 on the warning, before the limit's TERM and KILL."""
+    assert task.state == "COMPLETED" and task.exit_code == "0:0", (task.state, task.exit_code, task.out[-3000:])
+    assert task.warned_at is not None and task.logged_at("shutdown complete") is not None, task.out[-3000:]
+    assert (task.end - task.warned_at).total_seconds() <= GRACE_S + 15
+    assert (task.end - task.start).total_seconds() < TIME_LIMIT_S + KILL_WAIT_S
+
+
+def _fleet_children(task: ArrayTask) -> set[int]:
+    return {int(m.group(1)) for r in _records(task.out) if (m := re.search(r"child \d+ started: pid (\d+)", r["message"]))}
 
 
 def _reserved_by(antenna, job_id: int) -> dict[int, int]:
@@ -283,16 +308,14 @@ def _reserved_by(antenna, job_id: int) -> dict[int, int]:
     return counts
 
 
-def test_a_job_array_drains_before_the_time_limit_and_a_resubmitted_array_finishes_the_job(
+def test_a_job_array_and_a_two_process_job_drain_before_the_time_limit_and_a_resubmitted_array_finishes_the_job(
         slurm, antenna_factory, tmp_path):
-    script = tmp_path / "antenna-worker-array.sbatch"
-    script.write_text("".join(line for line in ARRAY_SCRIPT.read_text().splitlines(keepends=True)
-                              if not line.startswith("#SBATCH --gres=")))
+    array_script = _script_without_gres(ARRAY_SCRIPT, tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     antenna = antenna_factory()
     images = generate_preset(data_cache(), "tiny", IMAGES, seed=16)
-    antenna.set_network(latency_s=1.5)  # the first array cannot finish: it must stop at its limit
+    antenna.set_network(latency_s=2.5)  # the first round cannot finish: it must stop at its limit
     job = antenna.add_job(images, "null")
     env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="null", AMI_LOG_FORMAT="json", AMI_AUTOTUNE="false",
                      AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="1",
@@ -300,34 +323,45 @@ def test_a_job_array_drains_before_the_time_limit_and_a_resubmitted_array_finish
                      ANTENNA_WORKER_ENV_FILE="/nonexistent")
     env.pop("AMI_METRICS_ADDR")  # the script's own default: any free port per task
 
-    first = _finished(_submit(slurm, script, out_dir, env), out_dir, timeout_s=TIME_LIMIT_S + 120)
+    # Round 1, side by side: the array of 2, and one job of the single script with 2 worker processes.
+    array_id = _submit(slurm, array_script, out_dir, env)
+    fleet_id = _submit(slurm, _script_without_gres(SINGLE_SCRIPT, tmp_path), out_dir, env, "--processes", "2",
+                       array=False, cpus=2)
+    first = _finished(array_id, out_dir, timeout_s=TIME_LIMIT_S + 120)
+    [fleet] = _finished(fleet_id, out_dir, timeout_s=60)
     after_first = antenna.report(job)
     reserved = _reserved_by(antenna, job)
     assert len(first) == 2
     for task in first:
-        assert task.state == "COMPLETED" and task.exit_code == "0:0", (task.state, task.exit_code, task.out[-3000:])
-        assert task.warned_at is not None and task.logged_at("shutdown complete") is not None, task.out[-3000:]
-        # COMPLETED, not TIMEOUT: the worker exited 0 on the warning, before the limit's TERM and KILL.
-        assert (task.logged_at("shutdown complete") - task.warned_at).total_seconds() <= GRACE_S
-        assert (task.end - task.start).total_seconds() < TIME_LIMIT_S + KILL_WAIT_S
+        _assert_drained(task)
         assert sum(reserved.get(pid, 0) for pid in task.pids) > 0, f"array task {task.task_id} took no task"
+    _assert_drained(fleet)
+    children = _fleet_children(fleet)
+    assert len(children) == 2 and all(reserved.get(pid, 0) > 0 for pid in children), (children, reserved)
+    assert {r["pid"] for r in _records(fleet.out) if r["message"].startswith("shutdown complete")} == children
+    assert any(r["message"] == "fleet: stopped (exit 0)" for r in _records(fleet.out))
     # Drained, not killed: every task a worker reserved has its result; the rest is still queued.
     assert after_first.reserved == 0 and after_first.awaiting_redelivery == 0 and after_first.lost == 0, after_first
     assert 0 < after_first.results_ok < IMAGES, after_first
 
     antenna.set_network(latency_s=0.0)
-    second = _finished(_submit(slurm, script, out_dir, env, "--burst"), out_dir, timeout_s=TIME_LIMIT_S + 120)
+    second = _finished(_submit(slurm, array_script, out_dir, env, "--burst"), out_dir, timeout_s=TIME_LIMIT_S + 120)
     final = antenna.report(job)
     assert [t.state for t in second] == ["COMPLETED", "COMPLETED"], [t.out[-2000:] for t in second]
     assert final.complete and final.lost == 0 and final.results_ok == IMAGES, final
+    _print_figures(first, fleet, reserved, after_first, second, final)
 
-    for task in first:
+
+def _print_figures(first, fleet, reserved, after_first, second, final) -> None:
+    for name, task, pids in [*((f"array task {t.task_id}", t, t.pids) for t in first),
+                             ("2-process job", fleet, _fleet_children(fleet))]:
         drained_at = task.logged_at("shutdown complete")
-        print(f"array 1 task {task.task_id}: ran {(task.end - task.start).total_seconds():.0f} s of {TIME_LIMIT_S} s; "
-              f"warning at +{(task.warned_at - task.start).total_seconds():.0f} s, drained "
-              f"{(drained_at - task.warned_at).total_seconds():.0f} s later, "
-              f"ended {TIME_LIMIT_S - (task.end - task.start).total_seconds():.0f} s before the limit; "
-              f"{sum(reserved.get(pid, 0) for pid in task.pids)} tasks")
-    print(f"after array 1: {after_first.results_ok} of {IMAGES} done, 0 held; array 2 (--burst) finished the "
-          f"rest in {max((t.end - t.start).total_seconds() for t in second):.0f} s; "
+        print(f"{name}: ran {(task.end - task.start).total_seconds():.0f} s of {TIME_LIMIT_S} s; "
+              f"warning at +{(task.warned_at - task.start).total_seconds():.0f} s, first drain done "
+              f"{(drained_at - task.warned_at).total_seconds():.0f} s later, ended "
+              f"{(task.end - task.warned_at).total_seconds():.0f} s after the warning and "
+              f"{TIME_LIMIT_S - (task.end - task.start).total_seconds():.0f} s before the limit; "
+              f"tasks {[reserved.get(pid, 0) for pid in sorted(pids)]}")
+    print(f"after round 1: {after_first.results_ok} of {IMAGES} done, 0 held; the resubmitted array (--burst) "
+          f"finished the rest in {max((t.end - t.start).total_seconds() for t in second):.0f} s; "
           f"redeliveries {final.redeliveries}, duplicates {final.duplicates}, lost {final.lost}")
