@@ -47,7 +47,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(settings)
-    worker = build_worker(settings, burst=args.burst, environ=dict(os.environ))
+    from worker.fleet import fleet_size, run_fleet
+
+    environ = dict(os.environ)
+    processes = fleet_size(settings, args.processes, environ)
+    if processes > 1:  # a parent of worker processes (worker/fleet.py)
+        if args.memray:
+            raise SettingsError("--memray records one process: use it with --processes 1")
+        return run_fleet(settings, processes, env_file=args.env_file, burst=args.burst, environ=environ)
+    worker = build_worker(settings, burst=args.burst, environ=environ)
     worker.install_signal_handlers()
     if args.memray:
         from worker.commands.profile import memray_tracking
@@ -125,6 +133,12 @@ def _logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, secrets=[settings.token])
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -162,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
     run.add_argument("--memray", metavar="OUT.bin", help="record this process's allocations with memray "
                      "(loader workers are separate processes and are not recorded; see docs/benchmarks.md)")
+    run.add_argument("--processes", type=_positive_int, metavar="N", help="run N worker processes under one parent "
+                     "(default AMI_WORKER_PROCESSES, else one per visible CUDA device, else 1); see docs/deployment.md")
     run.add_argument("--memray-native", action="store_true", help="with --memray: also record native stacks")
     run.set_defaults(func=cmd_run)
 

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     watchdog_hard_cap_deadline_s: float = Field(20.0, gt=0.0)
 
     metrics_addr: str = "127.0.0.1:9464"
+    # Ports to try from AMI_METRICS_ADDR's upward when it is busy; 1: a busy port is an error.
+    metrics_port_attempts: int = Field(1, ge=1, le=1000)
+    # `worker run --processes`: worker processes under one parent (None: one per visible CUDA device, else 1).
+    worker_processes: Optional[int] = Field(None, ge=1, le=64)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_grace_s: float = Field(60.0, gt=0.0)

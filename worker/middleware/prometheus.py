@@ -13,6 +13,7 @@ spool backlog is read from disk at each scrape, so it includes what an earlier p
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ from prometheus_client import make_wsgi_app
 from worker import __version__, metrics
 from worker.hooks import JobContext, Middleware
 from worker.metrics import REGISTRY
+from worker.settings import SettingsError
 from watchdog.sampler import MemorySnapshot
 
 if TYPE_CHECKING:
@@ -71,11 +73,33 @@ class MetricsServer:
         self._server: Optional[WSGIServer] = None
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> "MetricsServer":
+    def bind(self, port_attempts: int = 1) -> "MetricsServer":
+        """Listen on the port, or on the next free one of ``port_attempts`` upward from it.
+
+        Raises ``SettingsError`` (one line naming AMI_METRICS_ADDR) when every port tried is in
+        use or cannot be bound, so a second instance on a busy port never runs without metrics.
+        Port 0 takes any free port.
+        """
         server_class = type("_Server", (_ThreadingWSGIServer,), {
             "address_family": socket.AF_INET6 if ":" in self.host else socket.AF_INET})
-        self._server = make_server(self.host, self.port, self._wsgi, server_class, handler_class=_QuietHandler)
+        first_port = self.port
+        last_error: Optional[OSError] = None
+        ports = [0] if first_port == 0 else range(first_port, min(65536, first_port + max(1, port_attempts)))
+        for port in ports:
+            try:
+                self._server = make_server(self.host, port, self._wsgi, server_class, handler_class=_QuietHandler)
+                break
+            except OSError as error:
+                last_error = error
+        else:
+            raise SettingsError(_bind_failure(self.host, first_port, port_attempts, last_error))
         self.port = self._server.server_address[1]
+        return self
+
+    def start(self, port_attempts: int = 1) -> "MetricsServer":
+        """Serve on a daemon thread (binding first if ``bind`` was not called)."""
+        if self._server is None:
+            self.bind(port_attempts)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,),
                                         name="metrics-http", daemon=True)
         self._thread.start()
@@ -98,10 +122,19 @@ class MetricsServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
+        if self._thread is not None:  # shutdown() waits for serve_forever, which a bound-only server never ran
+            server.shutdown()
             self._thread.join(timeout=5.0)
+        server.server_close()
+
+
+def _bind_failure(host: str, first_port: int, port_attempts: int, error: Optional[OSError]) -> str:
+    tried = f"port {first_port}" if port_attempts <= 1 else f"ports {first_port}-{first_port + port_attempts - 1}"
+    reason = "in use (another worker?)" if error is not None and error.errno == errno.EADDRINUSE \
+        else f"not available ({error.strerror if error is not None else 'unknown error'})"
+    return (f"AMI_METRICS_ADDR={host}:{first_port}: {tried} {reason}; give each instance its own port, "
+            f"{host}:0 for any free port, AMI_METRICS_PORT_ATTEMPTS=N to take the next free one, "
+            "or empty to disable metrics")
 
 
 class _Deltas:
@@ -159,11 +192,18 @@ def queued_after(reply_subject: str) -> Optional[int]:
 
 
 class MetricsMiddleware(Middleware):
-    """Feeds ``worker.metrics``; serves them on ``addr`` (``HOST:PORT``) from ``on_start`` to ``on_stop``."""
+    """Feeds ``worker.metrics``; serves them on ``addr`` (``HOST:PORT``) from ``on_start`` to ``on_stop``.
 
-    def __init__(self, addr: str) -> None:
+    The port is bound here, at wiring, so a busy one fails the start (``SettingsError``) instead
+    of a worker running without metrics. With ``serve=False`` (a ``worker run --processes`` child,
+    whose values go to prometheus-client's multiprocess files) it feeds and binds nothing: the
+    parent serves every child's values on one endpoint.
+    """
+
+    def __init__(self, addr: str, *, port_attempts: int = 1, serve: bool = True) -> None:
         self.addr = addr
-        self.server: Optional[MetricsServer] = None
+        self.server: Optional[MetricsServer] = (
+            MetricsServer(addr, on_scrape=self.on_scrape).bind(port_attempts) if serve else None)
         self._worker: Optional["Worker"] = None
         self._deltas = _Deltas()
         self._job_reserved = 0
@@ -188,7 +228,8 @@ class MetricsMiddleware(Middleware):
         worker.poster.post_timer = metrics.post_seconds.observe
         worker.add_sample_listener(self.on_sample)
         read_spool_backlog(worker.poster.spool)
-        self.server = MetricsServer(self.addr, on_scrape=self.on_scrape).start()
+        if self.server is not None:
+            self.server.start()
 
     def on_idle(self, worker: "Worker") -> None:
         self._set_state("idle")
