@@ -43,6 +43,9 @@ from worker.testing.synthetic import PRESETS, SyntheticImage, default_cache_dir,
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v2"
+# Endpoints (fault names of ROUTES) the real server grants only to superusers (antenna-protocol.md).
+SUPERUSER_ENDPOINTS = frozenset({"tasks", "result"})
+PROJECTS_PAGE_SIZE = 10
 MEDIA_PREFIX = "/media"
 CONTROL_PREFIX = "/_control"
 FAULT_ENDPOINTS = ("jobs", "tasks", "result", "pipelines", "projects", "media")
@@ -446,20 +449,26 @@ class LocalAntenna:
     consumer (ack wait 300 s, 2 deliveries). ``data_dir`` is where ``/_control/jobs``
     generates images (default: ``worker.testing.synthetic.default_cache_dir()``).
     ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
+    ``project_count`` projects (ids from ``project_id`` up) are listed 10 per page, as the real
+    server pages ``GET /projects/``; jobs belong to the first. ``reader_tokens`` are valid tokens of users who are not superusers: like the real server, it
+    answers them 403 on the task and result endpoints, before looking at the body.
     """
 
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, token: str = "local-token",
         reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
         data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
-        rng_seed: Optional[int] = None,
+        rng_seed: Optional[int] = None, reader_tokens: Sequence[str] = (), project_count: int = 1,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
         self.host = host
         self.port = port
         self.token = token
+        self.reader_tokens = frozenset(reader_tokens)
         self.project_id = project_id
+        self.project_ids = list(range(project_id, project_id + project_count))
+        self.registered_projects: list[int] = []
         self.data_dir = Path(data_dir) if data_dir is not None else default_cache_dir()
         self.max_request_bytes = max_request_bytes
         self.registered: list[dict] = []
@@ -620,12 +629,25 @@ class LocalAntenna:
             self.result_posts.append(body)
         return self._ledger.post_results(job_id, body)
 
-    def api_projects(self) -> dict[str, Any]:
-        project = {"id": self.project_id, "name": "Local project"}
-        return {"count": 1, "next": None, "previous": None, "results": [project]}
+    def api_projects(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        try:
+            page = max(1, int((query.get("page") or ["1"])[0]))
+        except ValueError:
+            raise ApiError(404, {"detail": "Invalid page."}) from None
+        first = (page - 1) * PROJECTS_PAGE_SIZE
+        chosen = self.project_ids[first:first + PROJECTS_PAGE_SIZE]
+        if not chosen and page > 1:
+            raise ApiError(404, {"detail": "Invalid page."})
+
+        def link(number: int) -> Optional[str]:
+            return f"{self.base_url}/projects/?page={number}" if number >= 1 else None
+
+        more = first + PROJECTS_PAGE_SIZE < len(self.project_ids)
+        return {"count": len(self.project_ids), "next": link(page + 1) if more else None,
+                "previous": link(page - 1), "results": [{"id": i, "name": f"Local project {i}"} for i in chosen]}
 
     def api_register(self, project_id: int, body: Any) -> dict[str, Any]:
-        if project_id != self.project_id:
+        if project_id not in self.project_ids:
             raise ApiError(404, {"detail": f"No project with id {project_id}."})
         try:
             parsed = RegisterPipelines.model_validate(body)
@@ -634,6 +656,7 @@ class LocalAntenna:
         with self._ledger.lock:
             known = {p["slug"] for earlier in self.registered for p in earlier["pipelines"]}
             self.registered.append(body)
+            self.registered_projects.append(project_id)
         slugs = [p.slug for p in parsed.pipelines]
         return {"project_id": project_id, "processing_service_name": parsed.processing_service_name,
                 "pipelines_created": [s for s in slugs if s not in known],
@@ -719,7 +742,7 @@ class _Handler(BaseHTTPRequestHandler):
         ("POST", re.compile(r"/jobs/(\d+)/result/"), "result",
          lambda a, m, q, b: a.api_post_results(int(m.group(1)), b), 200),
         ("GET", re.compile(r"/projects/"), "projects",
-         lambda a, m, q, b: a.api_projects(), 200),
+         lambda a, m, q, b: a.api_projects(q), 200),
         ("POST", re.compile(r"/projects/(\d+)/pipelines/"), "pipelines",
          lambda a, m, q, b: a.api_register(int(m.group(1)), b), 201),
     ]
@@ -779,10 +802,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._injected_failure(route[2]):
             return
-        if self.headers.get("Authorization") != f"Token {self.antenna.token}":
+        authorization = self.headers.get("Authorization")
+        readers = {f"Token {token}" for token in self.antenna.reader_tokens}
+        if authorization != f"Token {self.antenna.token}" and authorization not in readers:
             detail = ("Authentication credentials were not provided." if "Authorization" not in self.headers
                       else "Invalid token.")
             self._send_json(401, {"detail": detail}, {"WWW-Authenticate": "Token"})
+            return
+        if authorization in readers and route[2] in SUPERUSER_ENDPOINTS:
+            self._send_json(403, {"detail": "You do not have permission to perform this action."})
             return
         try:
             body = json.loads(body_bytes) if body_bytes else {}
@@ -1047,7 +1075,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where generated images are cached (default {default_cache_dir()})")
     parser.add_argument("--reservation-timeout-s", type=float, default=300.0)
     parser.add_argument("--max-deliveries", type=int, default=2)
-    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT",
+    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT", type=_parse_job_spec,
                         help="add a job of COUNT generated images of PRESET (tiny, small, large); repeatable")
     parser.add_argument("--pipeline", default="synthetic-moths",
                         help="pipeline slug of the jobs added with --job")
@@ -1057,7 +1085,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     """Start the server with ``args`` from ``add_server_arguments``; block until SIGINT/SIGTERM."""
-    jobs = [_parse_job_spec(spec) for spec in args.job]
+    jobs = list(args.job)  # (preset, count) pairs: add_server_arguments parsed them
     antenna = LocalAntenna(host=args.host, port=args.port, token=args.token, data_dir=args.data_dir,
                            reservation_timeout_s=args.reservation_timeout_s,
                            max_deliveries=args.max_deliveries)
@@ -1093,6 +1121,6 @@ def _parse_job_spec(spec: str) -> tuple[str, int]:
     except ValueError:
         count_n = 0
     if count_n < 1 or preset not in PRESETS:
-        raise ValueError(f"--job {spec!r}: expected PRESET:COUNT with PRESET one of "
+        raise argparse.ArgumentTypeError(f"{spec!r} is not PRESET:COUNT with PRESET one of "
                          f"{sorted(PRESETS)} and COUNT >= 1, e.g. small:20")
     return preset, count_n
