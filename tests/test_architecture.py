@@ -29,7 +29,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("worker.probing",),
     ("worker.planning",),
     ("worker.daemon",),
-    ("worker.middleware", "worker.app"),
+    ("worker.middleware", "worker.app", "worker.fleet"),
     ("worker.commands", "worker.cli"),
 )
 TEST_ROOM = "worker.testing"

@@ -13,7 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
@@ -24,7 +24,7 @@ from worker.schema import Task
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-MAX_PROJECT_PAGES = 1000  # a guard against a server whose ``next`` never ends
+MAX_PAGES = 1000  # a guard against a server whose next link never ends
 
 
 class AntennaError(Exception):
@@ -84,6 +84,9 @@ class AntennaClient:
         self._session.headers["Authorization"] = f"Token {token}"
         self._session.headers["User-Agent"] = f"antenna-worker/{__version__}"
         self.retries_total = 0
+        # Called after every attempt with (method, path, status): the HTTP code as text, or
+        # "connection" / "timeout". Set by whoever watches the API (the metrics middleware).
+        self.on_attempt: Optional[Callable[[str, str, str], None]] = None
 
     def close(self) -> None:
         self._session.close()
@@ -121,27 +124,17 @@ class AntennaClient:
         )
 
     def list_projects(self) -> list[dict]:
-        """Every project the token sees, following ``next`` (the server pages them 10 at a time)."""
+        """Every project the token sees, across pages (the server pages 10 at a time). Only the
+        query of each ``next`` link is used, so a proxy that rewrites hosts cannot misdirect it."""
         projects: list[dict] = []
-        page: Optional[str] = "/projects/"
-        seen: set[str] = set()
-        while page and page not in seen and len(seen) < MAX_PROJECT_PAGES:
-            seen.add(page)
-            body = self._call("GET", page)
-            projects.extend(body.get("results", []))
-            page = self._under_base(body.get("next"))
-        return projects
-
-    def _under_base(self, link: Optional[str]) -> Optional[str]:
-        """A ``next`` link as a path under the base URL: the token only ever goes to the configured
-        origin and scheme, whatever host or scheme a proxy-confused server writes into the link."""
-        if not link:
-            return None
-        parts, base_path = urlsplit(link), urlsplit(self.base_url).path.rstrip("/")
-        if not parts.path.startswith(base_path + "/"):
-            log.warning("not following a page link outside the API base URL: %s", parts.path)
-            return None
-        return parts.path[len(base_path):] + (f"?{parts.query}" if parts.query else "")
+        params: dict[str, Any] = {}
+        for _ in range(MAX_PAGES):
+            body = self._call("GET", "/projects/", params=params)
+            projects += body.get("results", [])
+            if not body.get("next"):
+                return projects
+            params = dict(parse_qsl(urlsplit(str(body["next"])).query))
+        raise AntennaUnavailable(f"GET /projects/: more than {MAX_PAGES} pages")
 
     def register_pipelines(self, project_id: int, service_name: str, pipelines: list[dict]) -> dict:
         payload = {"processing_service_name": f"{service_name} ({socket.gethostname()})", "pipelines": pipelines}
@@ -157,11 +150,13 @@ class AntennaClient:
                 response = self._session.request(method, url, timeout=self.timeout_s, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as error:
                 problem = f"{type(error).__name__}"
+                self._attempted(method, path, "timeout" if isinstance(error, requests.Timeout) else "connection")
             else:
+                self._attempted(method, path, str(response.status_code))
                 if response.status_code < 400:
                     return _json_body(response)
                 if response.status_code not in RETRY_STATUSES:
-                    raise AntennaRejected(response.status_code, _error_text(response))
+                    raise AntennaRejected(response.status_code, f"{method} {path}: {_error_text(response)}")
                 problem = f"HTTP {response.status_code}"
                 retry_after_s = _retry_after_s(response)
             if attempt == self.max_attempts:
@@ -174,6 +169,10 @@ class AntennaClient:
             )
             self._sleep(delay_s)
         raise AssertionError("unreachable")
+
+    def _attempted(self, method: str, path: str, status: str) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt(method, path, status)
 
 
 def _json_body(response: requests.Response) -> dict:

@@ -102,6 +102,19 @@ def make_sampler(settings: Settings, on_sample) -> Sampler:
     return Sampler(os.getpid(), interval_s=settings.watchdog_interval_s, cgroup=owned, on_sample=on_sample)
 
 
+def startup_banner(settings: Settings, device: torch.device, limits: Limits) -> str:
+    """One line with what an operator asks first: which build, on what, against which server."""
+    from worker import __version__
+    from worker.settings import redact_url
+
+    cuda = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    if device.type == "cuda":
+        cuda += f", {torch.cuda.device_count()} visible, using {torch.cuda.get_device_name(device)}"
+    return (f"antenna-worker {__version__} starting: torch {torch.__version__} ({cuda}), device {device.type}, "
+            f"API {redact_url(settings.antenna_api_base_url)}, pipelines {','.join(offered_slugs(settings))}, "
+            f"memory limit {limits.effective_limit_bytes / 2**20:.0f} MiB ({limits.limit_source})")
+
+
 def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None,
                  planner: Planner | None = None, environ: Mapping[str, str] = {}) -> Worker:
     """The worker ``settings`` describe. ``environ`` is the process environment as the CLI read it
@@ -112,6 +125,8 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
         torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
         log.info("CUDA allocations capped at %.0f%% of the device (AMI_GPU_MEMORY_FRACTION)",
                  100 * settings.gpu_memory_fraction)
+    limits = read_worker_limits(settings)
+    log.info("%s", startup_banner(settings, device, limits))
     client = make_client(settings)
     poster = ResultPoster(
         make_client(settings), Spool(settings.user_data_path / "spool"),
@@ -134,7 +149,7 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
     worker = Worker(
         settings, client=client, poster=poster, pipelines=pipelines,
         pipeline_slugs=offered_slugs(settings), middlewares=middlewares, planner=planner,
-        burst=burst, cuda=device.type == "cuda", limits=read_worker_limits(settings), environ=environ,
+        burst=burst, cuda=device.type == "cuda", limits=limits, environ=environ,
     )
     worker.sampler = make_sampler(settings, worker._on_sample)
     return worker

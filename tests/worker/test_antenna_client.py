@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import pytest
@@ -97,7 +98,23 @@ def test_wrong_token_is_rejected_401_and_token_never_logged(antenna, caplog):
 
 
 @pytest.mark.timeout(30)
-def test_list_projects_follows_next_pages(antenna_factory):
-    server = antenna_factory(project_ids=range(1, 13))
-    projects = client_for(server).list_projects()
-    assert [int(p["id"]) for p in projects] == list(range(1, 13))
+def test_list_projects_follows_every_page(antenna_factory):
+    antenna = antenna_factory(project_count=12)  # the server pages /projects/ 10 at a time
+    projects = client_for(antenna).list_projects()
+    assert sorted(int(p["id"]) for p in projects) == list(range(1, 13))
+
+
+@pytest.mark.timeout(120)
+def test_register_registers_with_projects_on_every_page(antenna_factory, tmp_path):
+    import subprocess
+
+    from tests.worker.worker_process import worker_command
+
+    antenna = antenna_factory(project_count=12)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}
+    env.update(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+               AMI_ANTENNA_PIPELINES="null", AMI_METRICS_ADDR="")
+    done = subprocess.run(worker_command("register"), env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(antenna.registered_projects) == list(range(1, 13))

@@ -21,7 +21,7 @@ def run_register(server, tmp_path) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(120)
 def test_register_reaches_every_project_past_the_first_page_and_twice_changes_nothing(antenna_factory, tmp_path):
-    server = antenna_factory(project_ids=range(1, 13), require_registration=True)
+    server = antenna_factory(project_count=12, require_registration=True)
     done = run_register(server, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
@@ -35,7 +35,7 @@ def test_register_reaches_every_project_past_the_first_page_and_twice_changes_no
 
 
 @pytest.mark.timeout(120)
-def test_a_registration_the_server_refuses_is_one_line_and_exit_1(antenna_factory, tmp_path):
+def test_a_registration_the_server_refuses_is_one_line_and_exit_3(antenna_factory, tmp_path):
     server = antenna_factory(require_registration=True)
     # Another service already holds the detector's (name, version) under another key.
     taken = {"processing_service_name": "other (host)", "pipelines": [{
@@ -44,7 +44,7 @@ def test_a_registration_the_server_refuses_is_one_line_and_exit_1(antenna_factor
     assert requests.post(f"{server.base_url}/projects/1/pipelines/", json=taken, timeout=10,
                          headers={"Authorization": f"Token {TOKEN}"}).status_code == 201
     done = run_register(server, tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 3, done.stderr[-2000:]  # EXIT_API_REJECTED
     assert "Traceback" not in done.stderr
     line = [text for text in done.stderr.splitlines() if text.startswith("worker:")]
     assert len(line) == 1 and "project 1" in line[0] and "HTTP 400" in line[0] and "(name, version)" in line[0]

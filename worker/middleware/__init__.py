@@ -36,7 +36,11 @@ def build_middlewares(settings: Settings, planner: Planner, environ: Mapping[str
     if settings.metrics_addr:
         from worker.middleware.prometheus import MetricsMiddleware
 
-        stack.append(MetricsMiddleware(settings.metrics_addr))
+        # prometheus-client's own variable: set, this process writes its values to that folder
+        # and whoever made it (`worker run --processes`, worker/fleet.py) serves them.
+        serve = not environ.get("PROMETHEUS_MULTIPROC_DIR")
+        stack.append(MetricsMiddleware(settings.metrics_addr, port_attempts=settings.metrics_port_attempts,
+                                       serve=serve))
     stack.append(ProgressMiddleware(sys.stderr))
     stack.append(ServiceMiddleware.from_environ(environ, stall_limit_s=settings.antenna_reservation_timeout_s))
     return stack

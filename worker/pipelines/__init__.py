@@ -24,6 +24,7 @@ from worker.pipelines.base import (
 from worker.pipelines.catalog import ADC_MODELS_BASE_URL, ADC_SLUGS, PIPELINES
 from worker.pipelines.reference import NullPipeline, ReferencePipeline
 from worker.pipelines.torchscript import TorchScriptPipeline
+from worker.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ __all__ = [
 
 
 def select_device(preference: str = "auto") -> torch.device:
+    """``auto``: CUDA when torch sees a device, else CPU. ``cuda`` without one is a SettingsError."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(
+            f"AMI_DEVICE=cuda but torch {torch.__version__} sees no CUDA device (CUDA build: "
+            f"{torch.version.cuda or 'none'}): set AMI_DEVICE=auto or cpu, or check the NVIDIA driver "
+            "and CUDA_VISIBLE_DEVICES")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")

@@ -15,6 +15,7 @@ Per ``infer`` call (one ingest batch of uint8 images):
    keep only the binary one. Without a filter every detection gets the terminal one.
 5. A CUDA out-of-memory error in a forward pass splits that chunk in two and retries each half,
    down to one item; only then does the error reach ``run_batch`` (which splits the images).
+   The size that fitted caps that model's later passes until the pipeline is unloaded.
 
 Detections are returned in detector order (ADC lists nonmoth detections first; Antenna stores
 them by box, so the order carries nothing). Scores are the full softmax in label-index order,
@@ -118,19 +119,43 @@ class LoadedModels:
     classifier: LoadedClassifier
 
 
-def run_chunked(forward: Callable[[list[Item]], list], items: Sequence[Item], chunk_size: int,
-                what: str = "forward") -> list:
-    """``forward`` over ``items`` in chunks of ``chunk_size``, results concatenated in order.
+class ChunkLimit:
+    """The largest forward pass known to fit on the device, learnt from out-of-memory splits.
 
-    A ``torch.cuda.OutOfMemoryError`` splits the chunk in halves, each retried the same way; an
-    item that fails alone re-raises."""
+    ``None`` until a pass runs out of memory; then the size of the largest half that ran, so
+    later passes start there instead of failing and splitting again every batch. Unloading the
+    pipeline forgets it."""
+
+    def __init__(self) -> None:
+        self.items: Optional[int] = None
+
+    def size(self, configured: int) -> int:
+        return max(1, min(configured, self.items or configured))
+
+    def learn(self, fitting: int) -> None:
+        if self.items is None or fitting < self.items:
+            self.items = fitting
+
+
+def run_chunked(forward: Callable[[list[Item]], list], items: Sequence[Item], chunk_size: int,
+                what: str = "forward", limit: Optional[ChunkLimit] = None) -> list:
+    """``forward`` over ``items`` in chunks of ``chunk_size`` (or ``limit``'s smaller size), results
+    concatenated in order.
+
+    A ``torch.cuda.OutOfMemoryError`` splits the chunk in halves, each retried the same way, and
+    ``limit`` learns the half's size; an item that fails alone re-raises."""
+    limit = limit or ChunkLimit()
     out: list = []
-    for start in range(0, len(items), max(1, chunk_size)):
-        out.extend(_forward_splitting(forward, list(items[start:start + chunk_size]), what))
+    start = 0
+    while start < len(items):
+        size = limit.size(chunk_size)
+        out.extend(_forward_splitting(forward, list(items[start:start + size]), what, limit))
+        start += size
     return out
 
 
-def _forward_splitting(forward: Callable[[list[Item]], list], items: list[Item], what: str) -> list:
+def _forward_splitting(forward: Callable[[list[Item]], list], items: list[Item], what: str,
+                       limit: ChunkLimit) -> list:
     try:
         return forward(items)
     except torch.cuda.OutOfMemoryError:
@@ -139,8 +164,11 @@ def _forward_splitting(forward: Callable[[list[Item]], list], items: list[Item],
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(items) // 2
-        log.warning("%s of %d ran out of device memory; retrying as %d + %d", what, len(items), half, len(items) - half)
-        return _forward_splitting(forward, items[:half], what) + _forward_splitting(forward, items[half:], what)
+        limit.learn(len(items) - half)
+        log.warning("%s of %d ran out of device memory; retrying as %d + %d, and at most %d from now on",
+                    what, len(items), half, len(items) - half, limit.items)
+        return (_forward_splitting(forward, items[:half], what, limit)
+                + _forward_splitting(forward, items[half:], what, limit))
 
 
 class ADCPipeline(Pipeline):
@@ -161,6 +189,7 @@ class ADCPipeline(Pipeline):
         if spec.binary is not None:
             _check_binary_labels(spec.binary, self.labels[spec.binary.weights_url])
         self._models: Optional[LoadedModels] = None
+        self._limits: dict[str, ChunkLimit] = {}  # per model key
         self._lock = threading.Lock()
         self._in_use = 0
         self._last_used_s = time.monotonic()
@@ -217,6 +246,7 @@ class ADCPipeline(Pipeline):
             if self._models is None or self._in_use:
                 return False
             self._models = None
+            self._limits.clear()
         gc.collect()  # the shared-model cache holds weak references: this frees what no pipeline uses
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -276,7 +306,8 @@ class ADCPipeline(Pipeline):
             outputs = detector([image.float().div_(255.0) for image in chunk])
             return [_kept_boxes(output) for output in outputs]
 
-        return run_chunked(forward, images, self.localization_batch_size, "detector batch")
+        return run_chunked(forward, images, self.localization_batch_size, "detector batch",
+                           self._limits.setdefault(self.spec.detector.key, ChunkLimit()))
 
     def _classify(self, classifier: LoadedClassifier, images: list[torch.Tensor],
                   items: list[tuple[int, Box]]) -> list[Classification]:
@@ -287,7 +318,8 @@ class ADCPipeline(Pipeline):
             logits = classifier.model((crops - classifier.mean) / classifier.std)
             return self._classifications(classifier, logits)
 
-        return run_chunked(forward, items, self.classification_batch_size, f"{classifier.spec.key} batch")
+        return run_chunked(forward, items, self.classification_batch_size, f"{classifier.spec.key} batch",
+                           self._limits.setdefault(classifier.spec.key, ChunkLimit()))
 
     def _classifications(self, classifier: LoadedClassifier, logits: torch.Tensor) -> list[Classification]:
         logits = logits.float()

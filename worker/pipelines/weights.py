@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0  # longest silence between two chunks of a download
-MAX_ATTEMPTS = 5
+MAX_ATTEMPTS = 4
+UNREACHABLE_MEMORY_S = 60.0  # a host that refused every attempt fails later fetches at once for this long
 
 FileProblem = Literal["download_failed", "bad_labels", "missing"]
 FileOrigin = Literal["cache", "adc_hub", "absent"]
@@ -53,7 +54,14 @@ class ModelFileError(RuntimeError):
 
 
 class _RetryableDownload(Exception):
-    pass
+    def __init__(self, message: str, *, connection: bool = False) -> None:
+        super().__init__(message)
+        self.connection = connection  # no connection at all (name resolution, refused), not a broken body
+
+
+# host -> (monotonic time, reason): sources that could not be reached at all, so the next file from
+# the same host (a start-up checks a dozen) fails at once instead of after its own retries
+_UNREACHABLE: dict[str, tuple[float, str]] = {}
 
 
 def file_name(url: str) -> str:
@@ -110,11 +118,19 @@ class ModelStore:
                 return path
             for stale in path.parent.glob(f".{path.name}.*.part"):  # left by a process that died
                 stale.unlink(missing_ok=True)
+            host = urlparse(url).netloc
+            noted = _UNREACHABLE.get(host)
+            if noted is not None and time.monotonic() - noted[0] < UNREACHABLE_MEMORY_S:
+                raise ModelFileError("download_failed", f"cannot fetch {url}: {host} was unreachable "
+                                     f"moments ago ({noted[1]}); check AMI_MODELS_BASE_URL, or run "
+                                     "`worker models fetch` where there is internet")
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     size_bytes, seconds = _fetch_once(url, path, self.read_timeout_s)
                 except _RetryableDownload as error:
                     if attempt == self.max_attempts:
+                        if error.connection:
+                            _UNREACHABLE[host] = (time.monotonic(), str(error)[:120])
                         raise ModelFileError("download_failed", f"cannot fetch {url}: {error} "
                                              f"(after {attempt} attempts); check AMI_MODELS_BASE_URL") from None
                     delay_s = backoff_delay_s(attempt, base_s=1.0, cap_s=30.0)
@@ -167,6 +183,7 @@ def _copy_file(source: Path, part: Path) -> int:
 
 
 def _download_http(url: str, part: Path, read_timeout_s: float) -> int:
+    got_bytes = 0
     try:
         with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, read_timeout_s),
                           headers={"User-Agent": f"antenna-worker/{__version__}"}) as response:
@@ -176,7 +193,6 @@ def _download_http(url: str, part: Path, read_timeout_s: float) -> int:
                 raise ModelFileError("download_failed", f"cannot fetch {url}: HTTP {response.status_code}; "
                                      "check AMI_MODELS_BASE_URL")
             expected = response.headers.get("Content-Length")
-            got_bytes = 0
             with open(part, "wb") as writer:
                 for chunk in response.iter_content(CHUNK_BYTES):
                     writer.write(chunk)
@@ -184,7 +200,9 @@ def _download_http(url: str, part: Path, read_timeout_s: float) -> int:
                 writer.flush()
                 os.fsync(writer.fileno())
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-        raise _RetryableDownload(f"{type(error).__name__}: {str(error)[:160]}") from None
+        no_connection = isinstance(error, requests.ConnectionError) and not isinstance(
+            error, requests.exceptions.ChunkedEncodingError) and got_bytes == 0
+        raise _RetryableDownload(f"{type(error).__name__}: {str(error)[:160]}", connection=no_connection) from None
     if expected is not None and expected.isdigit() and got_bytes != int(expected):
         raise _RetryableDownload(f"received {got_bytes} of {expected} bytes")
     return got_bytes

@@ -53,6 +53,9 @@ from worker.testing.synthetic import PRESETS, SyntheticImage, default_cache_dir,
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v2"
+# Endpoints (fault names of ROUTES) the real server grants only to superusers (antenna-protocol.md).
+SUPERUSER_ENDPOINTS = frozenset({"tasks", "result"})
+PROJECTS_PAGE_SIZE = 10
 MEDIA_PREFIX = "/media"
 CONTROL_PREFIX = "/_control"
 FAULT_ENDPOINTS = ("jobs", "tasks", "result", "pipelines", "projects", "media")
@@ -64,7 +67,6 @@ TASK_QUEUE_DOWN = {"error": "Task queue temporarily unavailable"}
 _MEDIA_CHUNK_BYTES = 256 * 1024
 _SERVE_POLL_S = 0.05
 _TRUTHY = ("1", "true", "True", "yes")
-PROJECTS_PAGE_SIZE = 10
 _UNSAVED_REASONS_KEPT = 10
 
 
@@ -510,8 +512,10 @@ class LocalAntenna:
     consumer (ack wait 300 s, 2 deliveries). ``data_dir`` is where ``/_control/jobs``
     generates images (default: ``worker.testing.synthetic.default_cache_dir()``).
     ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
-    ``project_ids``: the projects ``GET /projects/`` lists (10 per page, with ``next``); jobs
-    belong to the first.
+    ``project_count`` projects (ids from ``project_id`` up) are listed 10 per page, as the real
+    server pages ``GET /projects/``; jobs belong to the first. ``reader_tokens`` are valid tokens
+    of users who are not superusers: like the real server, it answers them 403 on the task and
+    result endpoints, before looking at the body.
 
     Results are saved as Antenna saves them (``pipeline_registry``): a result for a registered
     pipeline must pass its checks or its task is never acknowledged. ``require_registration``
@@ -522,19 +526,22 @@ class LocalAntenna:
 
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, token: str = "local-token",
-        reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_ids: Sequence[int] = (1,),
+        reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
         data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
-        rng_seed: Optional[int] = None, require_registration: bool = False,
+        rng_seed: Optional[int] = None, reader_tokens: Sequence[str] = (), project_count: int = 1,
+        require_registration: bool = False,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
-        if not project_ids:
-            raise ValueError("project_ids must name at least one project")
+        if project_count < 1:
+            raise ValueError("project_count must be >= 1")
         self.host = host
         self.port = port
         self.token = token
-        self.project_ids = tuple(int(p) for p in project_ids)
-        self.project_id = self.project_ids[0]
+        self.reader_tokens = frozenset(reader_tokens)
+        self.project_id = project_id
+        self.project_ids = list(range(project_id, project_id + project_count))
+        self.registered_projects: list[int] = []
         self.require_registration = require_registration
         self.registry = PipelineRegistry()
         self.data_dir = Path(data_dir) if data_dir is not None else default_cache_dir()
@@ -711,21 +718,21 @@ class LocalAntenna:
         return self.registry.save_error(result)
 
     def api_projects(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
-        """Paginated like Django REST framework's PageNumberPagination, 10 per page."""
-        raw_page = (query.get("page") or ["1"])[0]
-        pages = max(1, -(-len(self.project_ids) // PROJECTS_PAGE_SIZE))
-        if not raw_page.isdigit() or not 1 <= int(raw_page) <= pages:
+        try:
+            page = max(1, int((query.get("page") or ["1"])[0]))
+        except ValueError:
+            raise ApiError(404, {"detail": "Invalid page."}) from None
+        first = (page - 1) * PROJECTS_PAGE_SIZE
+        chosen = self.project_ids[first:first + PROJECTS_PAGE_SIZE]
+        if not chosen and page > 1:
             raise ApiError(404, {"detail": "Invalid page."})
-        page = int(raw_page)
-        start = (page - 1) * PROJECTS_PAGE_SIZE
-        results = [{"id": p, "name": f"Local project {p}"}
-                   for p in self.project_ids[start:start + PROJECTS_PAGE_SIZE]]
 
         def link(number: int) -> Optional[str]:
-            return f"{self.base_url}/projects/?page={number}" if 1 <= number <= pages else None
+            return f"{self.base_url}/projects/?page={number}" if number >= 1 else None
 
-        return {"count": len(self.project_ids), "next": link(page + 1), "previous": link(page - 1),
-                "results": results}
+        more = first + PROJECTS_PAGE_SIZE < len(self.project_ids)
+        return {"count": len(self.project_ids), "next": link(page + 1) if more else None,
+                "previous": link(page - 1), "results": [{"id": i, "name": f"Local project {i}"} for i in chosen]}
 
     def api_register(self, project_id: int, body: Any) -> dict[str, Any]:
         if project_id not in self.project_ids:
@@ -736,6 +743,7 @@ class LocalAntenna:
             raise ApiError(400, {"detail": _describe_validation_error(exc)}) from None
         with self._ledger.lock:
             self.registered.append(body)
+            self.registered_projects.append(project_id)
         try:
             outcome = self.registry.register(project_id, parsed)
         except RegistrationError as exc:
@@ -887,10 +895,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._injected_failure(route[2]):
             return
-        if self.headers.get("Authorization") != f"Token {self.antenna.token}":
+        authorization = self.headers.get("Authorization")
+        readers = {f"Token {token}" for token in self.antenna.reader_tokens}
+        if authorization != f"Token {self.antenna.token}" and authorization not in readers:
             detail = ("Authentication credentials were not provided." if "Authorization" not in self.headers
                       else "Invalid token.")
             self._send_json(401, {"detail": detail}, {"WWW-Authenticate": "Token"})
+            return
+        if authorization in readers and route[2] in SUPERUSER_ENDPOINTS:
+            self._send_json(403, {"detail": "You do not have permission to perform this action."})
             return
         try:
             body = json.loads(body_bytes, parse_constant=_reject_constant) if body_bytes else {}
@@ -1160,7 +1173,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where generated images are cached (default {default_cache_dir()})")
     parser.add_argument("--reservation-timeout-s", type=float, default=300.0)
     parser.add_argument("--max-deliveries", type=int, default=2)
-    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT",
+    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT", type=_parse_job_spec,
                         help="add a job of COUNT generated images of PRESET (tiny, small, large); repeatable")
     parser.add_argument("--pipeline", default="synthetic-moths",
                         help="pipeline slug of the jobs added with --job")
@@ -1173,11 +1186,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     """Start the server with ``args`` from ``add_server_arguments``; block until SIGINT/SIGTERM."""
-    jobs = [_parse_job_spec(spec) for spec in args.job]
+    jobs = list(args.job)  # (preset, count) pairs: add_server_arguments parsed them
     antenna = LocalAntenna(host=args.host, port=args.port, token=args.token, data_dir=args.data_dir,
                            reservation_timeout_s=args.reservation_timeout_s,
                            max_deliveries=args.max_deliveries, require_registration=args.require_registration,
-                           project_ids=range(1, max(1, args.projects) + 1))
+                           project_count=max(1, args.projects))
     antenna.set_network(latency_s=args.latency_s, bandwidth_bytes_per_s=args.bandwidth_bytes_per_s)
     stop = threading.Event()
 
@@ -1210,6 +1223,6 @@ def _parse_job_spec(spec: str) -> tuple[str, int]:
     except ValueError:
         count_n = 0
     if count_n < 1 or preset not in PRESETS:
-        raise ValueError(f"--job {spec!r}: expected PRESET:COUNT with PRESET one of "
+        raise argparse.ArgumentTypeError(f"{spec!r} is not PRESET:COUNT with PRESET one of "
                          f"{sorted(PRESETS)} and COUNT >= 1, e.g. small:20")
     return preset, count_n

@@ -69,9 +69,18 @@ def test_turing_wrapper_keys():
     assert not any(k.startswith(("fc.", "avgpool")) for k in keys)
 
 
-def test_convnext_builds_offline_with_n_classes():
+def test_convnext_builds_offline_with_n_classes_and_takes_adcs_alias_weights():
+    import warnings
+
+    import timm
+
     model = build_classifier("convnext_tiny", 16)
     assert model.state_dict()["head.fc.weight"].shape == (16, 768)
+    with warnings.catch_warnings():  # timm deprecates the alias ADC builds with
+        warnings.simplefilter("ignore")
+        adc = timm.create_model("convnext_tiny_in22k", pretrained=False, num_classes=16)
+    assert list(adc.state_dict()) == list(model.state_dict())
+    model.load_state_dict(adc.state_dict(), strict=True)
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["bare", "model_state_dict"])

@@ -29,6 +29,7 @@ SPECIMENS = {
         ((150.0, 10.0, 190.0, 60.0), (10, 60, 10))],
     2: [((5.0, 5.0, 45.0, 25.0), (10, 10, 80))],
     3: [],
+    4: [((20.9, 30.0, 370.0, 390.5), (10, 10, 80))],  # 400x400 image: the crop is scaled down
 }
 # boxes the detector double reports besides the specimens: not above 0.80, and degenerate after truncation
 EXTRA = [((60.0, 60.0, 80.0, 80.0), 0.80), ((10.2, 100.0, 10.9, 120.0), 0.99), ((30.0, 40.0, 90.0, 40.5), 0.95)]
@@ -213,6 +214,22 @@ def test_out_of_memory_splits_the_chunk_before_any_image_fails():
     assert max(len(b) for b in source.binary.batches) == 4 and {len(b) for b in source.binary.batches} >= {1}
 
 
+def test_after_an_out_of_memory_split_later_passes_start_at_the_size_that_fitted():
+    source = DoubleSource(oom_above=1)
+    adc = pipeline(source=source, localization_batch_size=3, classification_batch_size=4)
+    images = [make_image(1), make_image(2), make_image(1)]
+    adc.infer(images)
+    source.detector.calls.clear()
+    source.binary.batches.clear()
+    adc.infer(images)
+    assert source.detector.calls == [1, 1, 1]  # no failing pass of 3 first
+    assert [len(b) for b in source.binary.batches] == [1] * 7
+    assert adc.unload()
+    source.detector.calls.clear()
+    adc.infer(images)
+    assert source.detector.calls[0] == 3  # unloading forgets what was learnt
+
+
 def test_a_single_item_out_of_memory_reaches_run_batch_as_one_failed_image():
     source = DoubleSource(oom_above=0)
     items = [_Loaded(Task(id="t1", image_id="11", image_url="u", reply_subject="r"), make_image(2))]
@@ -289,3 +306,27 @@ def test_the_evictor_thread_unloads_idle_pipelines():
     while adc.is_loaded() and time.monotonic() < deadline_s:
         time.sleep(0.05)
     assert not adc.is_loaded()
+
+
+@pytest.mark.parametrize("slug, size_px, mean, std", [
+    ("quebec_vermont_moths_2023", 128, IMAGENET_MEAN, IMAGENET_STD),
+    ("costa_rica_moths_turing_2024", 300, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ("insect_orders_2025", 128, IMAGENET_MEAN, IMAGENET_STD),
+])
+def test_crops_equal_adcs_torchvision_transform_chain(slug, size_px, mean, std):
+    """ADC crops the float image and applies torchvision's Resize((s, s), antialias=True) and
+    Normalize; the pipeline's crop of the uint8 image, made float on the device, gives the same."""
+    from torchvision import transforms
+
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 400, 400), dtype=torch.uint8, generator=generator)
+    image[:, :, :] = torch.where(image < 128, image, make_image(4, 400, 400))  # the specimen stays dark: a moth
+    image[0, 0, 0] = 4
+    source = DoubleSource()
+    pipeline(slug, source).infer([image])
+    seen = source.species.batches[0][0]
+    x1, y1, x2, y2 = (int(v) for v in SPECIMENS[4][0][0])
+    chain = transforms.Compose([transforms.Resize((size_px, size_px), antialias=True), transforms.Normalize(mean, std)])
+    expected = chain(image.float().div(255.0)[:, y1:y2, x1:x2])
+    assert seen.shape == (3, size_px, size_px)
+    assert torch.allclose(seen, expected, atol=1e-5)

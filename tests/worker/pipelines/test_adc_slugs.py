@@ -12,6 +12,7 @@ quebec_vermont_moths_2023 runs with its real class count, 2,497.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,12 +43,15 @@ def mirror(tmp_path_factory):
     write_models(root, num_classes=REAL_COUNT, nested=NESTED)
     with ModelMirror(root) as server:
         yield server
+    shutil.rmtree(root)  # 1.2 GB
 
 
 @pytest.fixture(scope="module")
-def options(mirror, tmp_path_factory) -> ADCOptions:
-    return ADCOptions(models_dir=tmp_path_factory.mktemp("models-cache"), base_url=mirror.base_url,
-                      hub_dir=tmp_path_factory.mktemp("empty-hub"))
+def options(mirror, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("models-cache")
+    yield ADCOptions(models_dir=cache, base_url=mirror.base_url, hub_dir=tmp_path_factory.mktemp("empty-hub"))
+    shutil.rmtree(cache)
+    KEEP.clear()
 
 
 class _Loaded:

@@ -68,3 +68,40 @@ def test_a_truncated_checkpoint_in_adcs_hub_cache_stops_the_start_in_one_line(tm
         preload_pipelines(settings, pipeline_loader(settings, torch.device("cpu")))
     message = str(error.value)
     assert "\n" not in message and "fasterrcnn_resnet50_fpn_tz53qv9v.pt" in message and "delete it" in message
+
+
+def test_register_with_an_unreachable_labels_file_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import os
+
+    from worker.cli import main
+
+    for name in [n for n in os.environ if n.startswith("AMI_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AMI_ANTENNA_API_AUTH_TOKEN", "t")
+    monkeypatch.setenv("AMI_ANTENNA_PIPELINES", "moth_binary")
+    monkeypatch.setenv("AMI_MODELS_BASE_URL", "file://" + str(tmp_path / "no-mirror"))
+    monkeypatch.setenv("AMI_MODELS_DIR", str(tmp_path / "cache"))
+    assert main(["--env-file", os.devnull, "register"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'moth_binary' cannot be registered" in err and "05-moth-nonmoth" in err
+
+
+@pytest.mark.timeout(300)
+def test_the_daemon_runs_an_adc_pipeline_job_with_nothing_lost(antenna, settings_for, tmp_path):
+    """The whole path once, in process: build_worker fetches the stand-in files from a file://
+    mirror, warms the pipeline up, and a burst run posts both images' results to the local server."""
+    from tests.conftest import data_cache
+    from worker.app import build_worker
+    from worker.testing.adc_models import write_models
+    from worker.testing.synthetic import generate_images
+
+    root = tmp_path / "mirror"
+    write_models(root, ["moth_binary"])
+    images = generate_images(data_cache() / "adc-320x240", 2, 320, 240, quality=85, seed=7, noise=4.0, prefix="adc-")
+    job = antenna.add_job(images, "moth_binary")
+    settings = settings_for(antenna, antenna_pipelines="moth_binary", models_base_url="file://" + str(root),
+                            antenna_api_dataloader_num_workers=0)
+    assert build_worker(settings, burst=True, middlewares=[]).run() == 0
+    report = antenna.report(job)
+    assert report.results_ok == 2 and report.results_error == 0 and report.lost == 0 and report.complete
+    assert (settings.models_path / "moth-nonmoth_resnet50_20240417_b4fe3efe.pth").is_file()

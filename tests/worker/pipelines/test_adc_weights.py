@@ -174,3 +174,17 @@ def test_worker_models_fetch_then_list(tmp_path, monkeypatch, capsys):
     assert out.count("cache ") == 2 and "1 missing" in out
     code, _, err = worker("fetch", "--pipelines", "nope")
     assert code == 2 and err.count("\n") == 1 and "nope" in err
+
+
+def test_an_unreachable_source_fails_the_next_file_at_once(tmp_path):
+    dead = ModelMirror(tmp_path)  # bound, never started, then closed: connections are refused
+    base_url = dead.base_url
+    dead._server.server_close()
+    s = store(tmp_path, base_url, max_attempts=2)
+    with pytest.raises(ModelFileError):
+        s.fetch(URL)
+    started_s = time.monotonic()
+    with pytest.raises(ModelFileError) as error:
+        s.fetch(BINARY.labels_url)
+    assert time.monotonic() - started_s < 0.5 and "unreachable moments ago" in str(error.value)
+    assert "\n" not in str(error.value)

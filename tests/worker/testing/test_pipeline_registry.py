@@ -141,7 +141,7 @@ def test_a_pipeline_is_found_by_name_and_version_when_its_slug_is_new(strict: Lo
 
 
 def test_projects_are_listed_ten_per_page_with_next(antenna_factory, api: requests.Session) -> None:
-    server = antenna_factory(project_ids=range(1, 13))
+    server = antenna_factory(project_count=12)
     first = api.get(f"{server.base_url}/projects/").json()
     assert first["count"] == 12 and [p["id"] for p in first["results"]] == list(range(1, 11))
     second = api.get(first["next"]).json()
