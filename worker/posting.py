@@ -372,6 +372,10 @@ class ResultPoster:
         if held.reason == "job_rejects_all":
             log.info("job %d: %d results held in %s (the server rejects every result of this job)",
                      job_id, count, path.name)
+        elif held.reason == "auth":
+            self._schedule(path.name, failures=1)
+            log.error("job %d: the API rejected the token posting %d results (%s); spooled to %s: check "
+                      "AMI_ANTENNA_API_AUTH_TOKEN", job_id, count, held.detail[:300], path)
         else:
             self._schedule(path.name, failures=1)
             log.error("job %d: %d results spooled to %s (%s)", job_id, count, path, held.detail[:300])
@@ -404,8 +408,6 @@ class ResultPoster:
         if isinstance(error, AntennaUnavailable) or not isinstance(error, AntennaRejected):
             return Held(items, "unavailable", str(error))
         if error.auth:
-            log.error("job %d: the API rejected the token posting %d results (%s); they are kept in the "
-                      "spool: check AMI_ANTENNA_API_AUTH_TOKEN", job_id, len(items), error)
             return Held(items, "auth", str(error))
         if error.reason == "not_found":
             with self._lock:
