@@ -1,6 +1,7 @@
 """The ``worker`` command: thin. Builds settings, then the object to run, then runs it.
 
-Exit codes: 0 done, 1 a check or run failed, 2 a bad setting or argument (one line on stderr).
+Exit codes: 0 done, 1 a check or run failed, 2 a bad setting or argument (one line on stderr),
+3 ``run --burst`` only: the API rejected the token (401/403) on the last listing or result post.
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="poll the Antenna API and process jobs until stopped")
-    run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
+    run.add_argument("--burst", action="store_true", help="process every available job, then exit "
+                     "(0; 3 when the API rejected the token)")
     run.add_argument("--memray", metavar="OUT.bin", help="record this process's allocations with memray "
                      "(loader workers are separate processes and are not recorded; see docs/benchmarks.md)")
     run.add_argument("--memray-native", action="store_true", help="with --memray: also record native stacks")

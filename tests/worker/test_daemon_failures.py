@@ -56,3 +56,30 @@ def test_results_that_cannot_be_spooled_count_as_stranded(antenna, settings_for,
     assert worker.poster.counters.spool_failed_items == 3
     assert "3 results stranded (neither posted nor spooled)" in caplog.text
     assert antenna.report(job).reserved == 3  # left for redelivery
+
+
+@pytest.mark.timeout(60)
+def test_the_state_gauge_and_a_counter_show_a_rejected_token(antenna, settings_for):
+    """Failed before: the gauge had no such state and no metric counted auth failures."""
+    from worker import metrics
+    from worker.metrics import REGISTRY
+    from worker.middleware.prometheus import MetricsMiddleware
+
+    before = REGISTRY.get_sample_value("antenna_worker_api_auth_failures_total") or 0.0
+    antenna.set_faults("jobs", [403] * 1000)
+    worker = build_worker(settings_for(antenna), middlewares=[MetricsMiddleware("127.0.0.1:0")])
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        deadline = threading.Event()
+        for _ in range(200):
+            if REGISTRY.get_sample_value("antenna_worker_state", {"state": "unauthorized"}) == 1.0:
+                break
+            deadline.wait(0.05)
+        assert REGISTRY.get_sample_value("antenna_worker_state", {"state": "unauthorized"}) == 1.0
+        assert REGISTRY.get_sample_value("antenna_worker_state", {"state": "idle"}) == 0.0
+        assert (REGISTRY.get_sample_value("antenna_worker_api_auth_failures_total") or 0.0) > before
+    finally:
+        worker._on_terminate(signal.SIGTERM, None)
+        runner.join(timeout=30)
+    assert metrics.state.labels(state="stopped")._value.get() == 1.0
