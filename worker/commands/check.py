@@ -6,7 +6,8 @@ given by ``--env-file``, or ``default``. The token is never printed, nor passwor
 
 ``worker check`` runs the checks an operator wants before ``systemctl start``: API reachable and
 the token accepted, the open-files limit, the memory limit the watchdog will use, /dev/shm room
-for loader workers. One line each; exit 0 when all pass, 1 otherwise.
+for loader workers, and the result spool (results waiting, unreadable files moved aside, jobs
+whose every result the server rejects). One line each; exit 0 when all pass, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -147,9 +148,34 @@ def check_shm(settings: Settings, path: str = SHM_PATH) -> Check:
     return Check("/dev/shm", ok, detail)
 
 
+def check_spool(settings: Settings) -> Check:
+    """Results waiting in the spool; fails on unreadable files (moved to ``corrupt/``) and on jobs
+    whose every result the server rejected (their results are held until the cause is fixed)."""
+    from worker.posting import Spool, SpoolCorrupt
+
+    spool = Spool(settings.user_data_path / "spool")
+    files, items = spool.files(), 0
+    for path in files:
+        try:
+            items += len(Spool.read(path)[1])
+        except (SpoolCorrupt, OSError):
+            pass  # the next replay moves it aside
+    corrupt_dir = spool.directory / "corrupt"
+    corrupt = len(list(corrupt_dir.iterdir())) if corrupt_dir.is_dir() else 0
+    rejections = spool.rejections()
+    parts = [f"{items} results in {len(files)} files waiting in {spool.directory}"]
+    if corrupt:
+        parts.append(f"{corrupt} unreadable files moved to {corrupt_dir}: inspect and delete them")
+    parts.extend(f"job {job_id}: the server rejects every result ({cause}); they are held until the "
+                 "cause is fixed (register the pipeline's algorithms, upgrade the worker), then replayed "
+                 "at the next start" for job_id, cause in rejections.items())
+    return Check("spool", not corrupt and not rejections, "; ".join(parts))
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks: list[Callable[[], Check]] = [
         lambda: check_api(settings), check_fd_limit, lambda: check_memory(settings), lambda: check_shm(settings),
+        lambda: check_spool(settings),
     ]
     return [check() for check in checks]
 
