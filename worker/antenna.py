@@ -16,7 +16,7 @@ import logging
 import os
 import platform
 import socket
-import time
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -96,13 +96,15 @@ class AntennaClient:
         timeout_s: float = 30.0,
         max_attempts: int = 6,
         backoff_cap_s: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Optional[Callable[[float], object]] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_cap_s = backoff_cap_s
-        self._sleep = sleep
+        self._no_more_retries = threading.Event()
+        # The default sleep between retries wakes at once when ``stop_retrying`` is called.
+        self._sleep = sleep if sleep is not None else self._no_more_retries.wait
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Token {token}"
         self._session.headers["User-Agent"] = f"antenna-worker/{__version__}"
@@ -112,6 +114,11 @@ class AntennaClient:
 
     def close(self) -> None:
         self._session.close()
+
+    def stop_retrying(self) -> None:
+        """From now on a failed attempt is final (calls in flight finish their current attempt): a
+        shutdown past its deadline spools what it could not post instead of retrying for minutes."""
+        self._no_more_retries.set()
 
     # --- the contract's calls ---
 
@@ -182,7 +189,7 @@ class AntennaClient:
             if not retryable:
                 raise AntennaUnavailable(f"{method} {path}: {problem}; not retried, the server may have "
                                          "acted on it", reason)
-            if attempt == self.max_attempts:
+            if attempt == self.max_attempts or self._no_more_retries.is_set():
                 raise AntennaUnavailable(f"{method} {path}: {problem} after {attempt} attempts", reason)
             delay_s = backoff_delay_s(attempt, cap_s=self.backoff_cap_s, retry_after_s=retry_after_s)
             self.retries_total += 1

@@ -333,10 +333,12 @@ class ResultPoster:
                 return False
 
     def close(self, replay_join_s: float = 2.0) -> None:
-        """Finish queued posts and stop the replay thread (waiting ``replay_join_s`` at most: a
-        replay POST still in flight then ends with the process; its file stays and is replayed
-        at the next start, a harmless duplicate at worst)."""
+        """Stop retrying, let posts in flight finish their current attempt (spooling what fails),
+        and stop the replay thread (waiting ``replay_join_s`` at most: a replay POST still in
+        flight then ends with the process; its file stays and is replayed at the next start, a
+        harmless duplicate at worst). After a ``flush`` that met its deadline nothing is in flight."""
         self._closing.set()
+        self.client.stop_retrying()
         self._pool.shutdown(wait=True)
         replayer = self._replayer
         if replayer is not None:

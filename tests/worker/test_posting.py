@@ -301,3 +301,20 @@ def test_an_auth_failure_on_results_keeps_them_spooled(antenna, tiny_images, tmp
     if status == 403:
         assert "superuser" in caplog.text
     assert make_poster(antenna, tmp_path).replay_spool() == 2 and antenna.report(job).results_error == 2
+
+
+@pytest.mark.timeout(30)
+def test_close_after_a_missed_flush_deadline_stops_the_retries_and_spools_at_once(antenna, tiny_images, tmp_path):
+    """Failed before: close() waited for every retry of the posts still in flight (here 20 attempts
+    with real backoff, minutes), so the drain overran its grace."""
+    job = antenna.add_job(tiny_images[:2], "synthetic-moths")
+    tasks = reserve(antenna, job, 2)
+    antenna.set_unavailable(True)
+    client = AntennaClient(antenna.base_url, TOKEN, timeout_s=5.0, max_attempts=20, backoff_cap_s=30.0)
+    poster = ResultPoster(client, Spool(tmp_path / "spool"))
+    poster.submit(job, error_items(tasks))
+    assert poster.flush(timeout_s=0.3) is False
+    started_s = time.monotonic()
+    poster.close()
+    assert time.monotonic() - started_s < 5.0
+    assert poster.counters.spooled_items == 2 and len(spool_files(tmp_path)) == 1
