@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from functools import partial
+from typing import Mapping
 
 import torch
 
@@ -14,9 +15,10 @@ from worker.daemon import Worker
 from worker.hooks import Middleware
 from worker.ingest import start_fork_server, wait_for_fork_server
 from worker.pipelines import NullPipeline, ReferencePipeline, load_pipeline, select_device, warm_up
+from worker.planning import Planner, build_planner, read_worker_limits
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
-from watchdog.limits import Limits, find_cgroup, owns_cgroup, read_limits
+from watchdog.limits import find_cgroup, owns_cgroup
 from watchdog.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,6 @@ def pipeline_loader(settings: Settings, device: torch.device):
     )
 
 
-def default_middlewares(settings: Settings) -> list[Middleware]:
-    from worker.middleware import build_middlewares
-
-    return build_middlewares(settings)
-
-
 def preload_pipelines(settings: Settings, pipelines) -> None:
     """Load every offered pipeline now: a broken model fails the start, not the first job."""
     for slug in offered_slugs(settings):
@@ -80,18 +76,9 @@ def warm_up_pipelines(settings: Settings, pipelines) -> None:
 def freeze_startup_objects() -> None:
     """Move what start-up made (imports, models, the warm-up's survivors) out of the cyclic
     collector's reach: they live as long as the process, and a full collection then walks only
-    what jobs create. The probe's baseline and each loader's close run one; on the small benchmark
-    job the probe's took about 0.15 s before this, 2 ms after."""
+    what jobs create (the probe's baseline and each loader's close run one)."""
     gc.collect()
     gc.freeze()
-
-
-def read_worker_limits(settings: Settings) -> Limits:
-    return read_limits(
-        configured_max_bytes=settings.max_memory_bytes,
-        soft_cap_fraction=settings.watchdog_soft_cap_fraction,
-        hard_cap_fraction=settings.watchdog_hard_cap_fraction,
-    )
 
 
 def make_sampler(settings: Settings, on_sample) -> Sampler:
@@ -101,7 +88,10 @@ def make_sampler(settings: Settings, on_sample) -> Sampler:
     return Sampler(os.getpid(), interval_s=settings.watchdog_interval_s, cgroup=owned, on_sample=on_sample)
 
 
-def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None) -> Worker:
+def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None,
+                 planner: Planner | None = None, environ: Mapping[str, str] = {}) -> Worker:
+    """The worker ``settings`` describe. ``environ`` is the process environment as the CLI read it
+    (systemd's and OpenMP's variables); nothing below the CLI reads ``os.environ``."""
     settings.require_token()
     device = select_device(settings.device)
     client = make_client(settings)
@@ -118,11 +108,15 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
     freeze_startup_objects()
     if loader_workers:
         wait_for_fork_server()  # ready means a job's loader starts at once
+    planner = build_planner(settings) if planner is None else planner
+    if middlewares is None:
+        from worker.middleware import build_middlewares
+
+        middlewares = build_middlewares(settings, planner, environ)
     worker = Worker(
         settings, client=client, poster=poster, pipelines=pipelines,
-        pipeline_slugs=offered_slugs(settings),
-        middlewares=default_middlewares(settings) if middlewares is None else middlewares,
-        burst=burst, cuda=device.type == "cuda", limits=read_worker_limits(settings),
+        pipeline_slugs=offered_slugs(settings), middlewares=middlewares, planner=planner,
+        burst=burst, cuda=device.type == "cuda", limits=read_worker_limits(settings), environ=environ,
     )
     worker.sampler = make_sampler(settings, worker._on_sample)
     return worker

@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(settings)
-    worker = build_worker(settings, burst=args.burst)
+    worker = build_worker(settings, burst=args.burst, environ=dict(os.environ))
     worker.install_signal_handlers()
     if args.memray:
         from worker.commands.profile import memray_tracking
@@ -44,7 +44,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _logging(settings)
     return run_tune(settings, job_id=args.job, images=args.images or [], pipeline=args.pipeline,
                     write_env=Path(args.write_env) if args.write_env else None, out=sys.stdout,
-                    probe_tasks=args.probe_tasks)
+                    probe_tasks=args.probe_tasks, environ=dict(os.environ))
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -163,12 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 # loads, so they are set before any command imports torch. An operator's own value wins.
 # - OMP_WAIT_POLICY=PASSIVE: OpenMP threads that reach a barrier first sleep instead of spinning.
 #   On CPU the main process's intra-op threads share the cores with the loader workers (and often
-#   an image server), and a spinning thread burns a core another process needs: forced plan
-#   w1 b4 i2 on the small benchmark job, 8.17 -> 9.55 images/s, main process 35.5 -> 24.8 core-s.
+#   an image server), and a spinning thread burns a core another process needs.
 # - THP_MEM_ALLOC_ENABLE=1: torch backs CPU tensors of 2 MiB and more with transparent huge pages
 #   (where the kernel allows them on request), so the forward pass's large temporaries fault in
-#   2 MiB at a time instead of 4 KiB: forced plan w1 b16 i2, main process system time 8.7 -> 4.8
-#   core-s, 8.37 -> 8.91 images/s.
+#   2 MiB at a time instead of 4 KiB.
+# What each gains on the benchmark's small job is in README.md ("Tuning for large-image workloads").
 PROCESS_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
 
 

@@ -250,7 +250,6 @@ class ResultPoster:
         *,
         max_pending_posts: int = 5,
         max_post_bytes: int = 32 * 1024 * 1024,
-        on_posted: Optional[Callable[[int, list[dict]], None]] = None,
         replay_backoff_s: float = 5.0,
         replay_backoff_cap_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
@@ -261,8 +260,10 @@ class ResultPoster:
         self.replay_backoff_s = replay_backoff_s
         self.replay_backoff_cap_s = replay_backoff_cap_s
         self.counters = PostCounters()
-        self._on_posted = on_posted
         self._clock = clock
+        # Called with each result POST's seconds (retries included), on the posting thread that made
+        # it; set once before the first submit (the metrics middleware's on_start does).
+        self.post_timer: Optional[Callable[[float], None]] = None
         self._slots = threading.BoundedSemaphore(max_pending_posts)
         self._pool = ThreadPoolExecutor(max_pending_posts, thread_name_prefix="post")
         self._pending: set[Future] = set()
@@ -395,15 +396,17 @@ class ResultPoster:
         return None if error is None else self._settle(job_id, items, error)
 
     def _attempt(self, job_id: int, items: list[dict], body: Optional[bytes] = None) -> Optional[AntennaError]:
+        started_s = time.perf_counter()
         try:
             self.client.post_results(job_id, items, body_bytes=body or whole_body(items))
         except AntennaError as error:
             return error
+        finally:
+            if self.post_timer is not None:
+                self.post_timer(time.perf_counter() - started_s)
         with self._lock:
             self.counters.posted_items += len(items)
             self.counters.posted_bodies += 1
-        if self._on_posted is not None:
-            self._on_posted(job_id, items)
         return None
 
     def _settle(self, job_id: int, items: list[dict], error: AntennaError) -> Optional[Held]:

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     nats_url: Optional[str] = None
 
     autotune: bool = True
+    # Benchmarks only (benchmarks/run.py): one LoaderPlan as JSON forced on every job; see worker/planning.py.
+    benchmark_plan_json: Optional[str] = None
     autotune_probe_tasks: int = Field(3, ge=1, le=32)
     memory_reserve_bytes: int = Field(1024**3, ge=0)
     memory_safety_factor: float = Field(0.85, gt=0.0, le=1.0)

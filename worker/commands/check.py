@@ -121,7 +121,7 @@ def check_fd_limit() -> Check:
 
 
 def check_memory(settings: Settings) -> Check:
-    from worker.app import read_worker_limits
+    from worker.planning import read_worker_limits
 
     limits = read_worker_limits(settings)
     ok = limits.soft_cap_bytes >= MIN_SOFT_CAP_BYTES

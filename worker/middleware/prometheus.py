@@ -15,7 +15,6 @@ import logging
 import math
 import socket
 import threading
-import time
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Callable, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -154,7 +153,7 @@ class MetricsMiddleware(Middleware):
                                 ("soft_cap", worker.limits.soft_cap_bytes),
                                 ("hard_cap", worker.limits.hard_cap_bytes)):
                 metrics.memory_limit_bytes.labels(kind=kind).set(value)
-        _time_result_posts(worker)
+        worker.poster.post_timer = metrics.post_seconds.observe
         worker.add_sample_listener(self.on_sample)
         self.server = MetricsServer(self.addr, on_scrape=self.refresh).start()
 
@@ -179,10 +178,14 @@ class MetricsMiddleware(Middleware):
         self._set_state("draining" if worker.stopping else "working")
 
     def on_loader_start(self, worker: "Worker", ctx: JobContext) -> None:
+        """The plan's gauges and one count per loader built (a rebuild's minimal plan counts too)."""
         plan = ctx.plan
         for knob in PLAN_KNOBS:
             metrics.plan_value.labels(knob=knob).set(float(getattr(plan, knob)))
         metrics.plan_changes.labels(source=plan.source).inc()
+        if ctx.tuning is not None and ctx.tuning.decision.plan == plan:
+            metrics.plan_predicted_peak_bytes.set(ctx.tuning.decision.memory.total_bytes)
+            metrics.plan_predicted_images_per_second.set(ctx.tuning.decision.rate.pipeline_images_per_s)
 
     def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         slug = ctx.job.pipeline_slug
@@ -277,21 +280,3 @@ def _held(ctx: JobContext) -> int:
     received = len(loader.received)
     return max(0, reserved - received)
 
-
-def _time_result_posts(worker: "Worker") -> None:
-    """Observe every result POST's seconds (retries included) by wrapping the poster's client.
-
-    The poster owns its client and offers no timing hook; wrapping the bound method on that one
-    instance keeps posting.py free of metrics.
-    """
-    client = worker.poster.client
-    post = client.post_results
-
-    def timed_post_results(*args: object, **kwargs: object) -> dict:
-        started_s = time.perf_counter()
-        try:
-            return post(*args, **kwargs)
-        finally:
-            metrics.post_seconds.observe(time.perf_counter() - started_s)
-
-    client.post_results = timed_post_results  # type: ignore[method-assign]

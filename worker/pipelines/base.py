@@ -128,6 +128,8 @@ def _infer_splitting(pipeline: Pipeline, items: list) -> list:
     started_s = time.perf_counter()
     try:
         detections = pipeline.infer([item.image for item in items])
+        if len(detections) != len(items):
+            raise ValueError(f"{type(pipeline).__name__}.infer returned {len(detections)} results for {len(items)} images")
     except Exception as error:  # CUDA OOM included: torch.cuda.OutOfMemoryError is a RuntimeError
         if len(items) == 1:
             log.warning("image %s failed inference: %s", items[0].task.image_id, error)
@@ -179,9 +181,8 @@ def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS) -> flo
     one batch (tb; b = 4, or the forward batch when smaller, so both are one forward call). Each
     pair estimates ``(b x t1 - tb) / (b - 1)``; the median of the pairs is kept, clamped to >= 0.
     A pair is timed back to back, so a disturbance (another process taking a core) spoils one
-    estimate, which the median drops: the fastest of three of each, combined, measured 0 once in
-    six starts on this 2-core machine, where pairs give 0.02-0.045 s. About 2 s at start for the
-    reference pipeline. The worker measures it off any job's clock (``TuningMiddleware.on_start``);
+    estimate, which the median drops. About 2 s at start for the reference pipeline on 2 cores. The
+    worker measures it off any job's clock (``AutotunePlanner.start``);
     the probe uses it as a floor under its own fit (``Probe.from_samples``). It is the fixed cost of
     a call (Python, operator dispatch, thread start-up), which the image's size changes little.
     """
