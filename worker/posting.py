@@ -438,6 +438,9 @@ class ResultPoster:
 
     def _bisect(self, job_id: int, items: list[dict], error: AntennaRejected) -> Optional[Held]:
         """Isolate the invalid items of a 400; a systematic rejection holds the whole body."""
+        cause = self.rejected_jobs.get(job_id)
+        if cause is not None:  # another body of the job found it systematic meanwhile
+            return Held(items, "job_rejects_all", cause)
         if len(items) == 1:
             return self._replace(job_id, items[0], f"result rejected by server: {error.message[:300]}")
         half = len(items) // 2

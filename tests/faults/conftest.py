@@ -13,7 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import pytest
 
@@ -47,13 +47,16 @@ def run_burst(server: LocalAntenna, tmp_path: Path, timeout_s: float = 150.0, **
     return Run(done.returncode, done.stdout + done.stderr, time.monotonic() - started_s)
 
 
-def run_until_signalled(server: LocalAntenna, tmp_path: Path, *, ready: str, before_signal: Optional[Callable[[], None]] = None,
-                        **extra: str) -> tuple[Run, float]:
-    """``worker run`` (a daemon) until a line matches ``ready``; then SIGTERM. Returns the run and
-    the seconds from the signal to the exit."""
+def run_until_signalled(server: LocalAntenna, tmp_path: Path, *, ready: Union[str, Callable[[], bool]],
+                        before_signal: Optional[Callable[[], None]] = None, **extra: str) -> tuple[Run, float]:
+    """``worker run`` (a daemon) until a line matches ``ready`` (or ``ready()`` is true, polled);
+    then SIGTERM. Returns the run and the seconds from the signal to the exit."""
     worker = WorkerProcess(["run"], fault_env(server, tmp_path, **extra), tmp_path)
     try:
-        worker.wait_for(ready, 120)
+        if isinstance(ready, str):
+            worker.wait_for(ready, 120)
+        else:
+            _poll(ready, worker, 120)
         if before_signal is not None:
             before_signal()
         sent_s = worker.send(signal.SIGTERM)
@@ -62,6 +65,13 @@ def run_until_signalled(server: LocalAntenna, tmp_path: Path, *, ready: str, bef
     finally:
         worker.kill()
     return Run(code, worker.output, time.monotonic() - worker.started_s), drain_s
+
+
+def _poll(ready: Callable[[], bool], worker: WorkerProcess, timeout_s: float) -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while not ready():
+        assert worker.proc.poll() is None and time.monotonic() < deadline_s, worker.output[-3000:]
+        time.sleep(0.05)
 
 
 def assert_resolved(report: JobReport, *, duplicates: int = 0) -> None:

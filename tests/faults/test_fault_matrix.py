@@ -146,7 +146,9 @@ def test_a_400_for_every_result_fails_no_image_and_holds_the_results(fault_serve
     first = run_burst(server, tmp_path)
     assert first.code == 0, first.output[-3000:]
     report = server.report(job)
-    assert report.results_ok == report.results_error == 0 and report.rejected_posts <= 4
+    # At most 3 POSTs per body (the body, both halves); bodies already in flight when the first
+    # one is found systematic each make their own 3.
+    assert report.results_ok == report.results_error == 0 and report.rejected_posts <= 3 * IMAGES // 2
     errors = [line for line in first.output.splitlines() if " ERROR " in line and cause in line]
     assert len(errors) == 1 and _spool(tmp_path).rejections()
     server.reject_all_results(job, None)  # the operator registers the algorithm
@@ -179,7 +181,7 @@ def test_sigterm_while_the_results_api_is_down_drains_within_the_grace_and_loses
     server = fault_server()
     job = server.add_job(tiny_images[:20], SLUG)
     server.set_network(latency_s=0.2)  # the job lasts seconds: the signal lands mid-job
-    run, drain_s = run_until_signalled(server, tmp_path, ready=rf"job {job}: loader plan",
+    run, drain_s = run_until_signalled(server, tmp_path, ready=lambda: server.report(job).results_ok >= 2,
                                        before_signal=lambda: server.set_unavailable(True))
     assert run.code == 0, run.output[-3000:]
     assert drain_s <= GRACE_S + 5, f"drain took {drain_s:.1f} s"
