@@ -318,3 +318,23 @@ def test_close_after_a_missed_flush_deadline_stops_the_retries_and_spools_at_onc
     poster.close()
     assert time.monotonic() - started_s < 5.0
     assert poster.counters.spooled_items == 2 and len(spool_files(tmp_path)) == 1
+
+
+class GhostSpool(Spool):
+    """A TEST DOUBLE of the spool whose listing names one file that is gone by the time it is read
+    (another replayer posted and removed it): the race cannot be timed with real processes."""
+
+    def files(self) -> list:
+        return sorted([*super().files(), self.directory / "0-9-vanished.json"])
+
+
+@pytest.mark.timeout(30)
+def test_a_spool_file_that_vanished_before_its_replay_is_skipped(antenna, tiny_images, tmp_path):
+    """Failed before: FileNotFoundError out of replay_spool (at start: exit 1)."""
+    job = antenna.add_job(tiny_images[:2], "synthetic-moths")
+    spool = GhostSpool(tmp_path / "spool")
+    spool.write(job, items_of(error_items(reserve(antenna, job, 2))))
+    client = AntennaClient(antenna.base_url, TOKEN, timeout_s=5.0, max_attempts=3, sleep=lambda s: None)
+    poster = ResultPoster(client, spool)
+    assert poster.replay_spool() == 2 and antenna.report(job).results_error == 2
+    assert poster.counters.corrupt_spool_files == 0
