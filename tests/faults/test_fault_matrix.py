@@ -9,7 +9,11 @@ after the local server's short reservation timeout. Drain cases check the exit w
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -157,18 +161,43 @@ def test_a_400_for_every_result_fails_no_image_and_holds_the_results(fault_serve
     assert server.report(job).results_ok == IMAGES and _spool(tmp_path).rejections() == {}
 
 
-def test_a_spool_that_cannot_be_written_strands_the_tasks_for_redelivery(fault_server, tiny_images, tmp_path):
+@contextlib.contextmanager
+def unwritable_spool(spool_path: Path, kind: str) -> Iterator[None]:
+    """``enotdir``: a regular file where the spool directory goes (every write fails, even as root).
+    ``full``: a one-page tmpfs mounted there and filled (ENOSPC); skipped where mounting is refused."""
+    spool_path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "enotdir":
+        spool_path.write_text("not a directory")
+        try:
+            yield
+        finally:
+            spool_path.unlink()
+        return
+    spool_path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(spool_path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        with contextlib.suppress(OSError):
+            (spool_path / "filler").write_bytes(b"x" * 64 * 1024)  # fills the one page, then ENOSPC
+        yield
+    finally:
+        subprocess.run(["umount", str(spool_path)], check=True)
+        spool_path.rmdir()
+
+
+@pytest.mark.parametrize("kind", ["enotdir", "full"])
+def test_a_spool_that_cannot_be_written_strands_the_tasks_for_redelivery(fault_server, tiny_images, tmp_path, kind):
     server = fault_server(reservation_timeout_s=3.0)
     job = _job(server, tiny_images)
-    spool_path = tmp_path / "user-data" / "spool"
-    spool_path.parent.mkdir(parents=True)
-    spool_path.write_text("not a directory: every spool write fails (ENOTDIR), even as root")
     server.set_faults("result", [503] * 9)
-    first = run_burst(server, tmp_path)
+    with unwritable_spool(tmp_path / "user-data" / "spool", kind):
+        first = run_burst(server, tmp_path)
     assert first.code == 0, first.output[-3000:]
     assert "6 results stranded (neither posted nor spooled)" in first.output
+    assert ("No space left on device" if kind == "full" else "File exists") in first.output
     assert server.report(job).results_ok == 0
-    spool_path.unlink()
     wait_for_expiry(server, job)
     assert run_burst(server, tmp_path).code == 0
     report = server.report(job)
