@@ -34,10 +34,12 @@ class Run:
 
 
 def fault_env(server: LocalAntenna, tmp_path: Path, **extra: str) -> dict[str, str]:
-    return worker_env(server, tmp_path, AMI_ANTENNA_PIPELINES=SLUG, AMI_AUTOTUNE="false",
-                      AMI_WATCHDOG_ENABLED="false", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0",
-                      AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_MAX_ATTEMPTS="3",
-                      AMI_SHUTDOWN_GRACE_S=str(GRACE_S), **extra)
+    """Autotune off (settings plan: batch 2, no loader workers) unless ``extra`` says otherwise."""
+    values = dict(AMI_ANTENNA_PIPELINES=SLUG, AMI_AUTOTUNE="false", AMI_WATCHDOG_ENABLED="false",
+                  AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="0", AMI_ANTENNA_API_BATCH_SIZE="2",
+                  AMI_ANTENNA_API_MAX_ATTEMPTS="3", AMI_SHUTDOWN_GRACE_S=str(GRACE_S))
+    values.update(extra)
+    return worker_env(server, tmp_path, **values)
 
 
 def run_burst(server: LocalAntenna, tmp_path: Path, timeout_s: float = 150.0, **extra: str) -> Run:

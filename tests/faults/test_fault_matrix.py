@@ -228,3 +228,21 @@ def test_sigterm_during_the_auth_backoff_exits_at_once(fault_server, tiny_images
     run, drain_s = run_until_signalled(server, tmp_path, ready=r"next try in ([3-9]|\d\d)")
     assert run.code == 0, run.output[-3000:]
     assert drain_s <= 5.0, f"exit took {drain_s:.1f} s"
+
+
+@pytest.mark.parametrize("status", [403, 503])
+def test_a_failing_probe_reserve_is_no_crash(fault_server, tiny_images, tmp_path, status):
+    """With autotune on (the default) the probe reserves in the main process: a 403 (a token that
+    is not a superuser's) or a 503 that outlasts the retries must not end the run with a traceback."""
+    server = fault_server()
+    job = _job(server, tiny_images)
+    server.set_faults("tasks", [status] * 100)
+    first = run_burst(server, tmp_path, AMI_AUTOTUNE="true")
+    assert "Traceback" not in first.output, first.output[-3000:]
+    assert first.code == (EXIT_TOKEN_REJECTED if status == 403 else 0), first.output[-3000:]
+    if status == 403:
+        assert "superuser" in first.output
+    assert server.report(job).delivered == 0
+    server.set_faults("tasks", [])
+    assert run_burst(server, tmp_path, AMI_AUTOTUNE="true").code == 0
+    assert_resolved(server.report(job))
