@@ -8,7 +8,8 @@ What each answer does to a body (the client has already retried what it may retr
 - unreachable, 5xx or 429 through every retry, 401/403, any other 4xx: the body is spooled to disk
   and retried later with backoff, by a replay thread that runs while spooled files are due.
 - 404 (the job was deleted): the results are dropped, one log line, counted in ``job_gone_items``.
-- 413 (a proxy's body limit): the body is split in halves and each retried; a single result over
+- 413 (a proxy's body limit below ours): the body is split in halves and each retried, and
+  ``max_post_bytes`` is lowered to half the refused body for later bodies; a single result over
   the limit is replaced by an error result for its image, so its task still completes.
 - 400 (validation is all-or-nothing): the body is bisected. If both halves are rejected for the
   same cause as the whole, the rejection is systematic (every item, the same error): nothing is
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MIN_POST_BYTES = 64 * 1024  # the floor a 413 can lower the cap to (AMI_ANTENNA_MAX_POST_BYTES' minimum)
 HoldReason = Literal["unavailable", "auth", "refused", "job_rejects_all", "crashed"]
 STALE_TEMPORARY_S = 60.0  # a spool write takes milliseconds: an older .tmp is a crash's leftover
 
@@ -427,6 +429,14 @@ class ResultPoster:
         return Held(items, "refused", str(error))
 
     def _split_too_large(self, job_id: int, items: list[dict], error: AntennaRejected) -> Optional[Held]:
+        refused_bytes = len(whole_body(items))
+        with self._lock:
+            cap_bytes = max(MIN_POST_BYTES, min(self.max_post_bytes, refused_bytes // 2))
+            lowered = cap_bytes < self.max_post_bytes
+            self.max_post_bytes = cap_bytes
+        if lowered:
+            log.warning("job %d: a body of %d bytes got HTTP 413; capping later bodies at %d bytes",
+                        job_id, refused_bytes, cap_bytes)
         if len(items) == 1:
             return self._replace(job_id, items[0], "result too large for the server's body limit (HTTP 413)")
         with self._lock:
