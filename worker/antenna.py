@@ -19,6 +19,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
+from urllib.parse import urlsplit
 
 import requests
 from pydantic import ValidationError
@@ -31,6 +32,7 @@ from worker.schema import Task
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_PROJECT_PAGES = 1000  # a guard against a server whose ``next`` never ends
 # Statuses after which no reservation can have happened: the server refused before reserving.
 NOTHING_DONE_STATUSES = frozenset({429, 503})
 SUPERUSER_HINT = "task and result calls need a superuser's token on Antenna"
@@ -153,7 +155,27 @@ class AntennaClient:
         )
 
     def list_projects(self) -> list[dict]:
-        return self._call("GET", "/projects/", parse=_project_rows)
+        """Every project the token sees, following ``next`` (the server pages them 10 at a time)."""
+        projects: list[dict] = []
+        page: Optional[str] = "/projects/"
+        seen: set[str] = set()
+        while page and page not in seen and len(seen) < MAX_PROJECT_PAGES:
+            seen.add(page)
+            body = self._call("GET", page, parse=_project_page)
+            projects.extend(body["results"])
+            page = self._under_base(body.get("next"))
+        return projects
+
+    def _under_base(self, link: Optional[str]) -> Optional[str]:
+        """A ``next`` link as a path under the base URL: the token only ever goes to the configured
+        origin and scheme, whatever host or scheme a proxy-confused server writes into the link."""
+        if not link:
+            return None
+        parts, base_path = urlsplit(link), urlsplit(self.base_url).path.rstrip("/")
+        if not parts.path.startswith(base_path + "/"):
+            log.warning("not following a page link outside the API base URL: %s", parts.path)
+            return None
+        return parts.path[len(base_path):] + (f"?{parts.query}" if parts.query else "")
 
     def register_pipelines(self, project_id: int, service_name: str, pipelines: list[dict]) -> dict:
         payload = {"processing_service_name": f"{service_name} ({socket.gethostname()})", "pipelines": pipelines}
@@ -275,8 +297,10 @@ def _tasks(response: requests.Response) -> list[Task]:
         raise _BadResponse(f"a task is malformed ({error.error_count()} errors)") from None
 
 
-def _project_rows(response: requests.Response) -> list[dict]:
-    return list(_rows(_json_object(response), "results"))
+def _project_page(response: requests.Response) -> dict:
+    body = _json_object(response)
+    body["results"] = _rows(body, "results")
+    return body
 
 
 def _error_text(response: requests.Response) -> str:
