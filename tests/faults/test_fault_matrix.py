@@ -17,7 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.faults.conftest import GRACE_S, IMAGES, SLUG, assert_resolved, run_burst, run_until_signalled, wait_for_expiry
+from tests.faults.conftest import (GRACE_S, IMAGES, SLUG, assert_resolved, run_burst, run_until_signalled,
+                                  wait_for_expiry)
 from worker.daemon import EXIT_TOKEN_REJECTED
 from worker.posting import Spool
 
