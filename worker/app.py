@@ -18,7 +18,7 @@ from worker.pipelines import NullPipeline, ReferencePipeline, load_pipeline, sel
 from worker.planning import Planner, build_planner, read_worker_limits
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
-from watchdog.limits import find_cgroup, owns_cgroup
+from watchdog.limits import Limits, find_cgroup, owns_cgroup
 from watchdog.sampler import Sampler
 
 log = logging.getLogger(__name__)
