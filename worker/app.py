@@ -19,7 +19,7 @@ from worker.pipelines import ADC_SLUGS, ADCOptions, load_pipeline, select_device
 from worker.planning import Planner, build_planner, read_worker_limits
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
-from watchdog.limits import find_cgroup, owns_cgroup
+from watchdog.limits import Limits, find_cgroup, owns_cgroup
 from watchdog.sampler import Sampler
 
 log = logging.getLogger(__name__)

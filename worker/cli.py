@@ -2,7 +2,8 @@
 
 A failure a user can cause is one line on stderr, ``worker: ...``, and an exit code (the README's
 table): 0 done, 1 a check or run failed, 2 a bad setting or argument, 3 the API rejected a request
-(token, project or job id), 4 the API stayed unreachable, 130 interrupted, 141 stdout closed early.
+(token, project or job id; for ``run --burst``: the last listing or result post was rejected for the
+token, 401/403), 4 the API stayed unreachable, 130 interrupted, 141 stdout closed early.
 """
 from __future__ import annotations
 
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[common], help="poll the Antenna API and process jobs until stopped")
-    run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
+    run.add_argument("--burst", action="store_true", help="process every available job, then exit "
+                     "(0; 3 when the API rejected the token)")
     run.add_argument("--memray", metavar="OUT.bin", help="record this process's allocations with memray "
                      "(loader workers are separate processes and are not recorded; see docs/benchmarks.md)")
     run.add_argument("--processes", type=_positive_int, metavar="N", help="run N worker processes under one parent "

@@ -6,6 +6,9 @@ arrives through ``Middleware`` hooks (``worker.hooks``). Signal handlers only se
 thread woken by ``signal.set_wakeup_fd`` passes them on to the live loader and wakes the loop:
 SIGTERM/SIGINT drain (no new reserves, finish and post in-flight work, exit 0 within
 ``AMI_SHUTDOWN_GRACE_S``), a second one forces; SIGUSR1 drains after the current job.
+
+A listing rejected for auth (401/403) is an ERROR and backs off (up to ``AUTH_BACKOFF_CAP_S``);
+``run`` in burst mode then returns ``EXIT_TOKEN_REJECTED`` (also when result posts were rejected).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import torch
 from autotune.plan import MINIMAL_PLAN
 from watchdog.limits import Limits
 from watchdog.sampler import MemorySnapshot, Sampler
-from worker.antenna import AntennaClient, AntennaError, JobRef, client_info
+from worker.antenna import AntennaClient, AntennaError, AntennaRejected, JobRef, client_info
+from worker.backoff import backoff_delay_s
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
 from worker.pipelines import Pipeline, run_batch
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 
 BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
+EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing or result post
+AUTH_BACKOFF_CAP_S = 300.0
 # The wake-up byte is written before the Python-level handler runs on the main thread, which then
 # sets the flags between two bytecodes: a few milliseconds cover it on a busy host.
 SIGNAL_SETTLE_S = 0.02
@@ -88,6 +94,8 @@ class Worker:
         self.sampler = sampler
         self._sample_listeners: list[Callable[[MemorySnapshot], None]] = []
         self.current: Optional[JobContext] = None
+        self.auth_failures_in_row = 0
+        self._auth_wait_s = 0.0
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
@@ -172,24 +180,44 @@ class Worker:
                     break
                 if not did_work and not self.stopping:
                     self._call("on_idle")
-                    self.wake.wait(self.settings.antenna_idle_sleep_seconds)
+                    self.wake.wait(self._auth_wait_s or self.settings.antenna_idle_sleep_seconds)
                     self.wake.clear()
         finally:
             self._shutdown()
+        return self._exit_code()
+
+    def _exit_code(self) -> int:
+        if self.burst and (self.client.auth_rejected or self.poster.client.auth_rejected):
+            log.error("burst: exiting %d, the API rejected the token: check AMI_ANTENNA_API_AUTH_TOKEN",
+                      EXIT_TOKEN_REJECTED)
+            return EXIT_TOKEN_REJECTED
         return 0
 
     def _poll_once(self) -> bool:
         try:
             jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None)
         except AntennaError as error:
-            log.warning("listing jobs failed: %s", error)
+            self._listing_failed(error)
             return False
+        self.auth_failures_in_row, self._auth_wait_s = 0, 0.0
         did_work = False
         for job in jobs:
             if self.stopping or self.stop.after_job:
                 break
             did_work = self.process_job(job) > 0 or did_work
         return did_work
+
+    def _listing_failed(self, error: AntennaError) -> None:
+        if not (isinstance(error, AntennaRejected) and error.auth):
+            log.warning("listing jobs failed: %s", error)
+            return
+        self.auth_failures_in_row += 1
+        idle_s = self.settings.antenna_idle_sleep_seconds
+        self._auth_wait_s = max(idle_s, backoff_delay_s(self.auth_failures_in_row, base_s=max(idle_s, 1.0),
+                                                        cap_s=AUTH_BACKOFF_CAP_S))
+        log.error("listing jobs: the API rejected the token (%s, %d in a row); check "
+                  "AMI_ANTENNA_API_AUTH_TOKEN; next try in %.1f s", error, self.auth_failures_in_row,
+                  self._auth_wait_s)
 
     def process_job(self, job: JobRef) -> int:
         """Process what ``job`` hands out now; returns how many images got a result."""
@@ -204,6 +232,7 @@ class Worker:
             log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id, ctx.rebuild_reason)
             ctx.rebuild_reason = None
             ctx.plan = MINIMAL_PLAN
+        ctx.stats.tasks_stranded += self.poster.take_stranded(job.id)  # results it could not post nor spool
         self._call("on_job_end", ctx)
         self._set_inference_threads(self.default_inference_threads)
         self.current = None
@@ -331,8 +360,10 @@ class Worker:
             self.sampler.stop()
         self.poster.close()
         self.client.close()
-        log.info("shutdown complete: %d jobs, %d results posted, %d spooled",
-                 self.jobs_done, self.poster.counters.posted_items, self.poster.counters.spooled_items)
+        counters = self.poster.counters
+        log.info("shutdown complete: %d jobs, %d results posted, %d spooled, %d results stranded (neither "
+                 "posted nor spooled)", self.jobs_done, counters.posted_items, counters.spooled_items,
+                 counters.spool_failed_items)
 
     def _call(self, hook: str, *args: object) -> None:
         for middleware in self.middlewares:

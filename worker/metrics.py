@@ -42,6 +42,18 @@ results_spooled = Counter("antenna_worker_results_spooled_total", "Results spool
                           registry=REGISTRY)
 results_replayed = Counter("antenna_worker_results_replayed_total", "Spooled results posted later.",
                            registry=REGISTRY)
+results_job_gone = Counter("antenna_worker_results_job_gone_total",
+                           "Results dropped because their job was deleted (HTTP 404).", registry=REGISTRY)
+results_spool_failed = Counter("antenna_worker_results_spool_failed_total",
+                               "Results neither posted nor spooled (spool write failed): their tasks are "
+                               "stranded.", registry=REGISTRY)
+spool_corrupt_files = Counter("antenna_worker_spool_corrupt_files_total",
+                              "Unreadable spool files moved to spool/corrupt/.", registry=REGISTRY)
+jobs_rejecting_results = Gauge("antenna_worker_jobs_rejecting_results",
+                               "Jobs whose every result the server rejects (HTTP 400 for all): their results "
+                               "are held in the spool.", registry=REGISTRY)
+api_auth_failures = Counter("antenna_worker_api_auth_failures_total",
+                            "API calls answered 401/403 (main process: listings, result posts).", registry=REGISTRY)
 posts_pending = Gauge("antenna_worker_posts_pending", "Result POSTs queued or in flight.", registry=REGISTRY)
 batches = Counter("antenna_worker_batches_total", "Batches inferred.", ["pipeline"], registry=REGISTRY)
 api_retries = Counter("antenna_worker_api_retries_total", "API calls retried after errors.", registry=REGISTRY)

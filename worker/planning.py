@@ -33,6 +33,7 @@ from autotune import (
 )
 from autotune.corrections import default_correction_path
 from watchdog.limits import Limits, read_limits
+from worker.antenna import AntennaError
 from worker.hooks import JobContext, JobTuning
 from worker.ingest import Batch
 from worker.probing import ProbeRun, ProbeSample, fit_probe, openmp_threads_sleep, overhead_floor, sample_job
@@ -178,9 +179,13 @@ class AutotunePlanner(Planner):
                      "(a floor under each probe's fit)", slug, overhead_s, time.perf_counter() - started_s)
 
     def sample(self, worker: "Worker", ctx: JobContext) -> Optional[Batch]:
-        sample = sample_job(worker.client, ctx.job, ctx.pipeline, worker.settings,
-                            tasks_wanted=worker.settings.autotune_probe_tasks, client_info=worker.client_info,
-                            cuda=worker.cuda, threads_sleep=openmp_threads_sleep(worker.environ))
+        try:
+            sample = sample_job(worker.client, ctx.job, ctx.pipeline, worker.settings,
+                                tasks_wanted=worker.settings.autotune_probe_tasks, client_info=worker.client_info,
+                                cuda=worker.cuda, threads_sleep=openmp_threads_sleep(worker.environ))
+        except AntennaError as error:  # the reserve failed: nothing is held; plan without a probe
+            log.warning("job %d: the probe's reserve failed (%s); planning without a probe", ctx.job.id, error)
+            return None
         self._samples[ctx.job.id] = sample
         return sample.batch
 

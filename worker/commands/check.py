@@ -8,9 +8,9 @@ token is never printed, nor a URL holding a password: their lines are commented 
 
 ``worker check`` runs the checks an operator wants before ``systemctl start``: API reachable and
 the token accepted, the token allowed to reserve tasks, the device, each offered pipeline loads,
-the spool directory writable, the metrics port free, the open-files limit, the memory limit the
-watchdog will use, /dev/shm room for loader workers. One line each; exit 0 when all pass, 1
-otherwise.
+the spool (writable; results waiting, unreadable files moved aside, jobs whose every result the
+server rejects), the metrics port free, the open-files limit, the memory limit the watchdog will
+use, /dev/shm room for loader workers. One line each; exit 0 when all pass, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -244,22 +244,6 @@ def check_pipelines(settings: Settings, device: Optional["torch.device"]) -> lis
     return checks
 
 
-def check_spool(settings: Settings) -> Check:
-    """The spool (results kept while the API is down) must be writable: creates it as the start would."""
-    import tempfile
-
-    spool = settings.user_data_path / "spool"
-    try:
-        spool.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=spool, prefix=".check-"):
-            pass
-    except OSError as error:
-        return Check("spool", False, f"{spool} is not writable ({error.strerror}): fix its owner or set "
-                                     "AMI_USER_DATA_PATH")
-    waiting = sum(1 for _ in spool.glob("*.json"))
-    return Check("spool", True, f"{spool} writable, {waiting} result files waiting to be replayed")
-
-
 def check_metrics_port(settings: Settings) -> Check:
     import socket
 
@@ -278,6 +262,41 @@ def check_metrics_port(settings: Settings) -> Check:
             return Check("metrics", False, f"{host}:{port} is in use ({error.strerror}): another worker? give each "
                                            "instance its own AMI_METRICS_ADDR (HOST:0 picks a free port)")
     return Check("metrics", True, f"{host}:{port} is free")
+
+
+def check_spool(settings: Settings) -> Check:
+    """The spool must be writable (created as the start would); fails on unreadable files (moved to
+    ``corrupt/``) and on jobs whose every result the server rejected (their results are held until
+    the cause is fixed)."""
+    import tempfile
+
+    from worker.posting import Spool, SpoolCorrupt
+
+    directory = settings.user_data_path / "spool"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".check-"):
+            pass
+    except OSError as error:
+        return Check("spool", False, f"{directory} is not writable ({error.strerror}): fix its owner or set "
+                                     "AMI_USER_DATA_PATH")
+    spool = Spool(directory)
+    files, items = spool.files(), 0
+    for path in files:
+        try:
+            items += len(Spool.read(path)[1])
+        except (SpoolCorrupt, OSError):
+            pass  # the next replay moves it aside
+    corrupt_dir = spool.directory / "corrupt"
+    corrupt = len(list(corrupt_dir.iterdir())) if corrupt_dir.is_dir() else 0
+    rejections = spool.rejections()
+    parts = [f"{directory} writable; {items} results in {len(files)} files waiting"]
+    if corrupt:
+        parts.append(f"{corrupt} unreadable files moved to {corrupt_dir}: inspect and delete them")
+    parts.extend(f"job {job_id}: the server rejects every result ({cause}); they are held until the "
+                 "cause is fixed (register the pipeline's algorithms, upgrade the worker), then replayed "
+                 "at the next start" for job_id, cause in rejections.items())
+    return Check("spool", not corrupt and not rejections, "; ".join(parts))
 
 
 def run_checks(settings: Settings) -> list[Check]:

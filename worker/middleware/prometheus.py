@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "idle", "working", "draining", "stopped")
+# "unauthorized": the last listing or result post was answered 401/403 (wins over idle and working).
+STATES = ("starting", "idle", "working", "draining", "stopped", "unauthorized")
 PLAN_KNOBS = ("tasks_per_reserve", "batch_size", "num_workers", "prefetch_factor", "pin_memory", "download_threads")
 
 
@@ -327,10 +328,22 @@ class MetricsMiddleware(Middleware):
         metrics.posts_pending.set(worker.poster.pending_posts)
         retries = worker.client.retries_total + worker.poster.client.retries_total
         metrics.api_retries.inc(self._deltas.advance("retries", retries))
+        self._refresh_failures(worker)
         if worker.sampler is not None:
             metrics.watchdog_sampler_cpu_seconds.inc(self._deltas.advance("sampler_cpu_s", worker.sampler.cpu_seconds))
         if worker.stopping:
             self._set_state("draining")
+        elif worker.client.auth_rejected or worker.poster.client.auth_rejected:
+            self._set_state("unauthorized")
+
+    def _refresh_failures(self, worker: "Worker") -> None:
+        counters = worker.poster.counters
+        metrics.results_job_gone.inc(self._deltas.advance("job_gone", counters.job_gone_items))
+        metrics.results_spool_failed.inc(self._deltas.advance("spool_failed", counters.spool_failed_items))
+        metrics.spool_corrupt_files.inc(self._deltas.advance("corrupt", counters.corrupt_spool_files))
+        metrics.jobs_rejecting_results.set(len(worker.poster.rejected_jobs))
+        auth = worker.client.auth_failures_total + worker.poster.client.auth_failures_total
+        metrics.api_auth_failures.inc(self._deltas.advance("auth", auth))
 
     @staticmethod
     def _set_state(current: str) -> None:

@@ -198,6 +198,7 @@ class _Ledger:
         self.jobs: dict[int, _Job] = {}
         self._rng = random.Random(rng_seed)
         self._last_job_id = 0
+        self.job_faults = _JobFaults()
 
     def new_job_id(self) -> int:
         with self.lock:
@@ -220,7 +221,7 @@ class _Ledger:
 
     def job(self, job_id: int) -> _Job:
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or job_id in self.job_faults.deleted:
             raise ApiError(404, {"detail": f"No job with id {job_id}."})
         return job
 
@@ -230,6 +231,7 @@ class _Ledger:
             return [job for job in self.jobs.values()
                     if (slugs is None or job.pipeline_slug in slugs)
                     and (dispatch_mode is None or job.dispatch_mode == dispatch_mode)
+                    and job.id not in self.job_faults.deleted
                     and not (incomplete_only and self._settled(job))]
 
     def pick(self, jobs: list[_Job]) -> list[_Job]:
@@ -265,6 +267,7 @@ class _Ledger:
         with self.lock:
             job = self.job(job_id)
             try:
+                self.job_faults.check_results(job.id, body)
                 accepted = self._validate(job, body)
             except ApiError:
                 job.rejected_posts += 1
@@ -273,6 +276,7 @@ class _Ledger:
             for subject, task, result in accepted:
                 self._save(job, task, result)
                 answers.append({"reply_subject": subject, "status": "queued", "task_id": task.id})
+            self.job_faults.after_results(job.id, sum(t.result is not None for t in job.tasks))
             return {"status": "accepted", "job_id": job.id, "results_queued": len(answers),
                     "tasks": answers}
 
@@ -552,6 +556,7 @@ class LocalAntenna:
         self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed, save_check=self._save_error)
         self._media = _MediaStore()
         self.conditions = _Conditions()
+        self.response_faults = _ResponseFaults()
         self.stopping = threading.Event()
         self._server: Optional[_HTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -674,6 +679,26 @@ class LocalAntenna:
     def set_unavailable(self, unavailable: bool) -> None:
         """While set, every API call answers 503 (media is still served)."""
         self.conditions.unavailable = bool(unavailable)
+
+    # ---- knobs of the reliability faults (see "response and job faults" below)
+
+    def set_response_faults(self, endpoint: str, kinds: Sequence[str]) -> None:
+        """The next ``len(kinds)`` calls to ``endpoint`` are done (the ledger changes) and then answered
+        broken: ``reset`` (half the body, then a TCP reset), ``malformed`` (truncated JSON) or
+        ``misshapen`` (valid JSON of the wrong shape)."""
+        self.response_faults.set(endpoint, kinds)
+
+    def delete_job(self, job_id: int, *, after_results: int = 0) -> None:
+        """Delete ``job_id`` now, or once it has ``after_results`` accepted results: every API call
+        naming it answers 404 and listing omits it; ``report`` still reads its ledger."""
+        self._ledger.job_faults.delete(job_id, after_results)
+        if after_results <= 0:
+            logger.info("job %d deleted", job_id)
+
+    def reject_all_results(self, job_id: int, detail: Optional[str]) -> None:
+        """While ``detail`` is set, every result POST for ``job_id`` answers 400 naming its first
+        item with ``detail`` (a systematic rejection, e.g. an unregistered algorithm key)."""
+        self._ledger.job_faults.reject(job_id, detail)
 
     # ---- handler entry points (API)
 
@@ -915,7 +940,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._send_json(exc.status, exc.payload)
             return
-        self._send_json(route[4], payload)
+        _answer_with_faults(self, route[2], route[4], payload)
 
     def _route(self, method: str, sub_path: str) -> tuple[Optional[_ApiRoute], Optional[re.Match[str]]]:
         for route in self.ROUTES:
@@ -1159,6 +1184,92 @@ def _control_call(antenna: LocalAntenna, method: str, sub_path: str, body: Any) 
         antenna.set_unavailable(bool(body.get("unavailable", True)))
         return 200, {"ok": True}
     return 404, {"detail": "Not found."}
+
+
+# --------------------------------------------------------------------------- response and job faults
+# Faults of the reliability suite (tests/faults): the server does its work, then answers broken; or a
+# job disappears or rejects every result. Kept apart from the status faults above.
+
+RESPONSE_FAULTS = ("reset", "malformed", "misshapen")
+_MISSHAPEN = {"results": [{"unexpected": True}], "tasks": [{"unexpected": True}], "status": "accepted"}
+
+
+class _ResponseFaults:
+    """Per endpoint, a queue of ways to break the next answers (after the call's work is done)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[str, deque[str]] = {name: deque() for name in FAULT_ENDPOINTS}
+
+    def set(self, endpoint: str, kinds: Sequence[str]) -> None:
+        if endpoint not in self._queues:
+            raise ValueError(f"unknown fault endpoint {endpoint!r}; choose one of {FAULT_ENDPOINTS}")
+        unknown = sorted({k for k in kinds if k not in RESPONSE_FAULTS})
+        if unknown:
+            raise ValueError(f"unknown response faults {unknown}; choose from {RESPONSE_FAULTS}")
+        with self._lock:
+            self._queues[endpoint] = deque(kinds)
+
+    def next(self, endpoint: str) -> Optional[str]:
+        with self._lock:
+            queue = self._queues[endpoint]
+            return queue.popleft() if queue else None
+
+
+class _JobFaults:
+    """Jobs deleted (now or after N results) and jobs whose every result POST is rejected.
+
+    Called with the ledger's lock held."""
+
+    def __init__(self) -> None:
+        self.deleted: set[int] = set()
+        self._delete_after: dict[int, int] = {}
+        self._rejecting: dict[int, str] = {}
+
+    def delete(self, job_id: int, after_results: int) -> None:
+        if after_results <= 0:
+            self.deleted.add(job_id)
+        else:
+            self._delete_after[job_id] = after_results
+
+    def reject(self, job_id: int, detail: Optional[str]) -> None:
+        if detail is None:
+            self._rejecting.pop(job_id, None)
+        else:
+            self._rejecting[job_id] = detail
+
+    def check_results(self, job_id: int, body: Any) -> None:
+        detail = self._rejecting.get(job_id)
+        if detail is not None:
+            raise ApiError(400, {"detail": f"results[0]: {detail}"})
+
+    def after_results(self, job_id: int, results: int) -> None:
+        wanted = self._delete_after.get(job_id)
+        if wanted is not None and results >= wanted:
+            del self._delete_after[job_id]
+            self.deleted.add(job_id)
+            logger.info("job %d deleted after %d results", job_id, results)
+
+
+def _answer_with_faults(handler: _Handler, endpoint: str, status: int, payload: Any) -> None:
+    """Send ``payload``, or break the answer as the endpoint's next response fault says."""
+    fault = handler.antenna.response_faults.next(endpoint)
+    if fault is None:
+        handler._send_json(status, payload)
+        return
+    data = json.dumps(payload).encode()
+    logger.info("response fault %s on %s", fault, endpoint)
+    if fault == "misshapen":
+        handler._send_json(status, _MISSHAPEN)
+    elif fault == "malformed":
+        handler._send_bytes(status, data[: max(1, len(data) // 2)], "application/json")
+    else:  # reset: the client has the headers and part of the body, then the connection dies
+        handler._start_response(status, "application/json", len(data))
+        handler.wfile.write(data[: max(1, len(data) // 2)])
+        handler.wfile.flush()
+        handler.close_connection = True
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.connection.close()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -216,3 +216,22 @@ def test_check_fails_on_a_low_fd_limit_and_a_small_memory_limit(antenna, tmp_pat
     assert checks["api"][0] and checks["/dev/shm"][0]
     assert not checks["open files"][0] and "soft 1024, hard 2048" in checks["open files"][1]
     assert not checks["memory"][0] and "from AMI_MAX_MEMORY_BYTES" in checks["memory"][1]
+
+
+@pytest.mark.timeout(90)
+def test_check_names_a_job_whose_results_the_server_rejects_and_quarantined_spool_files(antenna, tmp_path):
+    """Failed before: `worker check` said nothing of results held in the spool (issue 14 item 9)."""
+    from worker.posting import Spool
+
+    spool = Spool(tmp_path / "user-data" / "spool")
+    spool.write(7, [{"reply_subject": "s", "result": {"error": "e", "image_id": "i"}}])
+    spool.record_rejection(7, "results[0]: algorithm key 'moth-x' is not registered")
+    (spool.directory / "corrupt").mkdir()
+    (spool.directory / "corrupt" / "1-1-a.json").write_text("{")
+    env = _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+               AMI_USER_DATA_PATH=str(tmp_path / "user-data"))
+    done = _run(["check"], env, tmp_path)
+    assert done.returncode == 1
+    ok, detail = _check_lines(done.stdout)["spool"]
+    assert not ok and "job 7" in detail and "algorithm key 'moth-x' is not registered" in detail
+    assert "1 results in 1 files" in detail and "1 unreadable" in detail
