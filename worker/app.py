@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from functools import partial
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -14,7 +15,7 @@ from worker.antenna import AntennaClient
 from worker.daemon import Worker
 from worker.hooks import Middleware
 from worker.ingest import start_fork_server, wait_for_fork_server
-from worker.pipelines import NullPipeline, ReferencePipeline, load_pipeline, select_device, warm_up
+from worker.pipelines import ADC_SLUGS, ADCOptions, load_pipeline, select_device, warm_up
 from worker.planning import Planner, build_planner, read_worker_limits
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
@@ -25,10 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def offered_slugs(settings: Settings) -> list[str]:
-    """Pipelines this worker serves: AMI_ANTENNA_PIPELINES, else every built-in one (+ TorchScript)."""
+    """Pipelines this worker serves: AMI_ANTENNA_PIPELINES, else ADC's ten (+ TorchScript).
+
+    ``synthetic-moths`` and ``null`` are served only when named, so a worker left at its defaults
+    never registers them with a real server."""
     if settings.pipeline_slugs:
         return settings.pipeline_slugs
-    slugs = [ReferencePipeline.slug, NullPipeline.slug]
+    slugs = list(ADC_SLUGS)
     if settings.pipeline_torchscript_path:
         slugs.append(settings.pipeline_torchscript_slug)
     return slugs
@@ -41,10 +45,19 @@ def make_client(settings: Settings) -> AntennaClient:
     )
 
 
+def adc_options(settings: Settings) -> ADCOptions:
+    return ADCOptions(
+        models_dir=settings.models_path, base_url=settings.models_base_url,
+        hub_dir=Path(torch.hub.get_dir()) / "models", include_logits=settings.result_include_logits,
+        idle_evict_s=settings.pipeline_idle_evict_s,
+    )
+
+
 def pipeline_loader(settings: Settings, device: torch.device):
     return partial(
         load_pipeline, device=device, torchscript_path=settings.pipeline_torchscript_path,
         torchscript_slug=settings.pipeline_torchscript_slug, reference_cost=settings.reference_pipeline_cost,
+        adc=adc_options(settings),
         localization_batch_size=settings.localization_batch_size,
         classification_batch_size=settings.classification_batch_size,
         classification_threshold=settings.classification_threshold,
@@ -52,10 +65,11 @@ def pipeline_loader(settings: Settings, device: torch.device):
 
 
 def preload_pipelines(settings: Settings, pipelines) -> None:
-    """Load every offered pipeline now: a broken model fails the start, not the first job."""
+    """Load every offered pipeline now and fetch and check its files: a missing or broken model
+    fails the start, not the first job."""
     for slug in offered_slugs(settings):
         try:
-            pipelines(slug)
+            pipelines(slug).prepare()
         except (OSError, RuntimeError, ValueError) as error:
             variable = "AMI_PIPELINE_TORCHSCRIPT_PATH" if slug == settings.pipeline_torchscript_slug else "AMI_ANTENNA_PIPELINES"
             raise SettingsError(f"{variable}: pipeline {slug!r} cannot be loaded: {str(error).splitlines()[0][:300]}") from None
@@ -107,6 +121,10 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
     (systemd's and OpenMP's variables); nothing below the CLI reads ``os.environ``."""
     settings.require_token()
     device = select_device(settings.device)
+    if device.type == "cuda" and settings.gpu_memory_fraction < 1.0:
+        torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
+        log.info("CUDA allocations capped at %.0f%% of the device (AMI_GPU_MEMORY_FRACTION)",
+                 100 * settings.gpu_memory_fraction)
     limits = read_worker_limits(settings)
     log.info("%s", startup_banner(settings, device, limits))
     client = make_client(settings)

@@ -87,13 +87,32 @@ def cmd_register(args: argparse.Namespace) -> int:
     settings.require_token()
     client = make_client(settings)
     load = pipeline_loader(settings, select_device(settings.device))
-    configs = [load(slug).config() for slug in offered_slugs(settings)]
+    configs = [_pipeline_config(load, slug) for slug in offered_slugs(settings)]
     projects = [args.project] if args.project else [int(p["id"]) for p in client.list_projects()]
     for project_id in projects:
         client.register_pipelines(project_id, settings.antenna_service_name, configs)
         print(f"registered {len(configs)} pipelines with project {project_id}: "
               + ", ".join(c["slug"] for c in configs))
     return 0
+
+
+def _pipeline_config(load, slug: str) -> dict:
+    """The registration body of ``slug``; a pipeline that cannot load (an unknown slug, a labels file
+    that cannot be fetched or read) is one line naming it."""
+    try:
+        return load(slug).config()
+    except (OSError, RuntimeError, ValueError) as error:
+        raise SettingsError(f"AMI_ANTENNA_PIPELINES: pipeline {slug!r} cannot be registered: "
+                            f"{str(error).splitlines()[0][:300]}") from None
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from worker.commands.models import run_fetch, run_list
+
+    settings = _settings(args)
+    _logging(settings)
+    action = run_fetch if args.models_command == "fetch" else run_list
+    return action(settings, args.pipelines, sys.stdout)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -196,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     register = sub.add_parser("register", parents=[common], help="register this worker's pipelines with Antenna projects")
     register.add_argument("--project", type=int, help="project id (default: every project the token sees)")
     register.set_defaults(func=cmd_register)
+
+    models = sub.add_parser("models", parents=[common], help="ADC's model files: fetch them ahead of a run, or list what is cached")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    for name, text in (("fetch", "download the weights and labels files into AMI_MODELS_DIR and check them"),
+                       ("list", "show each file: in the cache, in ADC's torch-hub cache, or missing (exit 1)")):
+        action = models_sub.add_parser(name, parents=[common], help=text)
+        action.add_argument("--pipelines", nargs="+", metavar="SLUG", help="ADC slugs, space- or comma-separated "
+                            "(default: the ADC slugs of AMI_ANTENNA_PIPELINES, else all ten)")
+    models.set_defaults(func=cmd_models)
 
     demo = sub.add_parser("demo", parents=[common], help="generate images, start a local server, run the worker, summarise")
     demo.add_argument("--small", type=int, default=24, help="small (~1.5 MB) images (default 24)")

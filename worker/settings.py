@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     pipeline_torchscript_path: Optional[Path] = None
     pipeline_torchscript_slug: str = "torchscript"
     reference_pipeline_cost: int = Field(1, ge=1, le=100)
+    models_base_url: str = "https://object-arbutus.cloud.computecanada.ca/ami-models"
+    models_dir: Optional[Path] = None
+    result_include_logits: bool = True
+    pipeline_idle_evict_s: float = Field(1800.0, ge=0.0)
+    gpu_memory_fraction: float = Field(1.0, gt=0.0, le=1.0)
     nats_url: Optional[str] = None
 
     autotune: bool = True
@@ -158,6 +163,14 @@ class Settings(BaseSettings):
         parsed = urlparse(value)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError("must be an http(s) URL such as http://localhost:8000/api/v2")
+        return value.rstrip("/")
+
+    @field_validator("models_base_url")
+    @classmethod
+    def _mirror_url(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https", "file") or (parsed.scheme != "file" and not parsed.netloc):
+            raise ValueError("must be an http(s):// or file:// URL of a copy of ADC's ami-models folder")
         return value.rstrip("/")
 
     @field_validator("metrics_addr")
@@ -207,6 +220,11 @@ class Settings(BaseSettings):
         if self.antenna_api_dataloader_num_workers is not None:
             return self.antenna_api_dataloader_num_workers
         return self.num_workers
+
+    @property
+    def models_path(self) -> Path:
+        """AMI_MODELS_DIR, else <AMI_USER_DATA_PATH>/models."""
+        return self.models_dir if self.models_dir is not None else self.user_data_path / "models"
 
     @property
     def pipeline_slugs(self) -> list[str]:

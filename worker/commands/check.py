@@ -114,6 +114,7 @@ class Check:
 
 def check_api(settings: Settings) -> Check:
     from worker.antenna import AntennaError, AntennaRejected
+    from worker.app import offered_slugs
 
     if not settings.token:
         return Check("api", False, "AMI_ANTENNA_API_AUTH_TOKEN is not set")
@@ -121,7 +122,7 @@ def check_api(settings: Settings) -> Check:
     url = redact_url(settings.antenna_api_base_url)
     try:
         projects = client.list_projects()
-        client.list_jobs(settings.pipeline_slugs or ["synthetic-moths"], limit=1)
+        client.list_jobs(offered_slugs(settings), limit=1)
     except AntennaRejected as error:
         if error.status in (401, 403):
             return Check("api", False, f"{url} rejected the token (HTTP {error.status}): "
@@ -234,7 +235,7 @@ def check_pipelines(settings: Settings, device: Optional["torch.device"]) -> lis
             continue
         started_s = time.perf_counter()
         try:
-            pipeline_loader(settings, device)(slug)
+            pipeline_loader(settings, device)(slug).prepare()  # ADC's: files fetched and whole
         except (OSError, RuntimeError, ValueError) as error:
             checks.append(Check(f"pipeline {slug}", False, f"{_first_line(error)}; check AMI_ANTENNA_PIPELINES"))
             continue

@@ -77,6 +77,10 @@ class Pipeline:
     def infer(self, images: Sequence[torch.Tensor]) -> list[list[Detection]]:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Make sure everything ``infer`` needs is at hand (files fetched and whole); called at
+        start-up so a missing file fails the start, not a job. Raises with a one-line message."""
+
     def config(self) -> dict:
         """A PipelineConfigResponse body for ``POST /projects/{id}/pipelines/``: the detector only."""
         return {"name": self.name, "slug": self.slug, "version": 1, "description": self.description,

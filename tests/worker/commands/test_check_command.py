@@ -189,14 +189,15 @@ def test_check_fails_on_cuda_asked_for_without_cuda(antenna, tmp_path):
 
 @pytest.mark.timeout(90)
 def test_check_fails_on_a_wrong_token_and_an_unreachable_api(antenna, tmp_path):
-    wrong = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url,
+    wrong = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_PIPELINES="null",
                                  AMI_ANTENNA_API_AUTH_TOKEN="wrong-token-123"), tmp_path)
     assert wrong.returncode == 1
     ok, detail = _check_lines(wrong.stdout)["api"]
     assert not ok and "rejected the token (HTTP 401)" in detail and "wrong-token-123" not in wrong.stdout
     base_url = antenna.base_url
     antenna.stop()
-    down = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN), tmp_path)
+    down = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+                                AMI_ANTENNA_PIPELINES="null"), tmp_path)
     assert down.returncode == 1
     ok, detail = _check_lines(down.stdout)["api"]
     assert not ok and "unreachable" in detail and TOKEN not in down.stdout + down.stderr
@@ -208,7 +209,8 @@ def test_check_fails_on_a_low_fd_limit_and_a_small_memory_limit(antenna, tmp_pat
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 2048))
 
     done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
-                                AMI_MAX_MEMORY_BYTES=str(512 * 2**20)), tmp_path, preexec_fn=low_fds)
+                                AMI_ANTENNA_PIPELINES="null", AMI_MAX_MEMORY_BYTES=str(512 * 2**20)), tmp_path,
+                preexec_fn=low_fds)
     assert done.returncode == 1
     checks = _check_lines(done.stdout)
     assert checks["api"][0] and checks["/dev/shm"][0]
