@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+# Start-up time autotune may spend timing the offered pipelines' per-batch cost (see AutotunePlanner.start).
+START_MEASURING_BUDGET_S = 30.0
 # OpenMP's (and so torch's) thread count: set, it pins the plan's inference_threads.
 THREADS_ENV = "OMP_NUM_THREADS"
 
@@ -172,7 +174,15 @@ class AutotunePlanner(Planner):
         self._last_plans: dict[str, LoaderPlan] = {}  # per pipeline slug: the last plan a probe measured
 
     def start(self, worker: "Worker") -> None:
-        for slug in worker.pipeline_slugs:  # before any job: off every job's clock
+        """Each offered pipeline's per-batch cost, before any job (off every job's clock), until
+        ``START_MEASURING_BUDGET_S`` is spent: the rest are measured at their first probe (once per
+        process). Ten heavy models on a CPU would otherwise hold the start for minutes."""
+        begun_s = time.perf_counter()
+        for slug in worker.pipeline_slugs:
+            if time.perf_counter() - begun_s >= START_MEASURING_BUDGET_S:
+                log.info("pipeline %s: per-batch cost left for its first probe (%.0f s of start-up spent measuring)",
+                         slug, START_MEASURING_BUDGET_S)
+                continue
             started_s = time.perf_counter()
             overhead_s = overhead_floor(worker.pipelines(slug))
             log.info("pipeline %s: %.4f s per inference batch besides its images, measured in %.2f s "

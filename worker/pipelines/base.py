@@ -176,9 +176,10 @@ def warm_up(pipeline: Pipeline, image: Optional[torch.Tensor] = None) -> bool:
 
 _BATCH_OVERHEAD_S: "weakref.WeakKeyDictionary[Pipeline, float]" = weakref.WeakKeyDictionary()
 OVERHEAD_REPEATS = 5
+OVERHEAD_BUDGET_S = 10.0
 
 
-def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS) -> float:
+def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS, budget_s: float = OVERHEAD_BUDGET_S) -> float:
     """The pipeline's per-batch inference cost in seconds, measured once per process (cached).
 
     On the synthetic warm-up image, ``repeats`` pairs of one image alone (t1) and ``b`` copies as
@@ -189,6 +190,8 @@ def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS) -> flo
     worker measures it off any job's clock (``AutotunePlanner.start``);
     the probe uses it as a floor under its own fit (``Probe.from_samples``). It is the fixed cost of
     a call (Python, operator dispatch, thread start-up), which the image's size changes little.
+    No pair starts once ``budget_s`` has passed (at least one is timed): a detector of seconds per
+    image on a CPU would otherwise spend minutes here.
     """
     cached = _BATCH_OVERHEAD_S.get(pipeline)
     if cached is not None:
@@ -200,8 +203,11 @@ def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS) -> flo
     warm_up(pipeline)
     image = _warm_up_image()
     batch = min(4, forward)
-    estimates = []
+    estimates: list[float] = []
+    begun_s = time.perf_counter()
     for _ in range(max(1, repeats)):
+        if estimates and time.perf_counter() - begun_s >= budget_s:
+            break
         started_s = time.perf_counter()
         pipeline.infer([image])
         one_s = time.perf_counter() - started_s
