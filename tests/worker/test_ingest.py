@@ -38,7 +38,7 @@ def test_every_task_arrives_once_and_faults_become_error_items(antenna, tiny_ima
         items = [item for batch in loader for item in batch.items]
         stranded = loader.stranded()
     assert sorted(i.task.image_id for i in items) == sorted(i.image_id for i in images)
-    errors = {i.task.image_id: i.error for i in items if i.error}
+    errors = {i.task.image_id: i.error.message for i in items if i.error}
     assert set(errors) == set(faults)
     assert "HTTP 404" in errors[images[0].image_id]
     assert "decompression-bomb" in errors[images[6].image_id]
@@ -360,3 +360,72 @@ def test_loader_workers_reuse_released_buffers_and_never_overwrite_held_images(a
         for item in batch.items:
             digest = hashlib.sha256(item.image.contiguous().numpy().tobytes()).hexdigest()
             assert digest == expected[item.task.image_id]
+
+
+def _repeated(images, count: int) -> list:
+    """``count`` tasks cycling over ``images`` (one file serves many tasks; ids stay unique)."""
+    import dataclasses
+
+    return [dataclasses.replace(images[n % len(images)], image_id=f"{images[n % len(images)].image_id}-r{n}")
+            for n in range(count)]
+
+
+def _loader_workers() -> list[psutil.Process]:
+    """Live loader workers: the fork server's children (``children()`` of this process is the server)."""
+    servers = [c for c in psutil.Process().children()
+               if "multiprocessing.forkserver import main" in " ".join(c.cmdline())]
+    return [w for server in servers for w in server.children() if w.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_a_long_job_ends_promptly_and_leaves_no_loader_worker_behind(antenna, tiny_images, num_workers):
+    """Over ~460 reservations' worth of ledger entries per loader worker filled a pipe nobody
+    read until close: the worker's exit then waited on it, the DataLoader's shutdown waited 2 x 5 s
+    for each worker and its SIGTERM (ignored by loader workers) left the worker alive."""
+    count = 700 * num_workers
+    job = antenna.add_job(_repeated(tiny_images[:4], count), "null")
+    loader_plan = plan(num_workers=num_workers, tasks_per_reserve=24, batch_size=24, download_threads=4)
+    with Loader(source(antenna, job), loader_plan) as loader:
+        received = 0
+        for batch in loader:
+            received += len(batch.items)
+            batch.release()
+            last_batch_s = time.monotonic()
+        ended_s = time.monotonic()
+        loader.close()
+        closed_s = time.monotonic()
+        survivors = _loader_workers()
+        stranded = loader.stranded()
+    for process in survivors:
+        process.kill()
+    assert received == count and stranded == []
+    assert ended_s - last_batch_s < 3.0, f"iteration ended {ended_s - last_batch_s:.1f} s after the last batch"
+    assert closed_s - ended_s < 4.0, f"close took {closed_s - ended_s:.1f} s"
+    assert survivors == []
+
+
+@pytest.mark.timeout(240)
+def test_an_abandoned_long_job_counts_exactly_what_it_stranded_and_closes_promptly(antenna, tiny_images):
+    job = antenna.add_job(_repeated(tiny_images[:4], 2000), "null")
+    loader_plan = plan(num_workers=2, tasks_per_reserve=24, batch_size=24, download_threads=4)
+    with Loader(source(antenna, job), loader_plan) as loader:
+        received = 0
+        for batch in loader:
+            received += len(batch.items)
+            batch.release()
+            if received >= 1200:
+                loader.abandon()
+                break
+        started_s = time.monotonic()
+        loader.close()
+        close_s = time.monotonic() - started_s
+        survivors = _loader_workers()
+        stranded = loader.stranded()
+    for process in survivors:
+        process.kill()
+    report = antenna.report(job)
+    assert len(stranded) == report.delivered - received > 0
+    assert len({t.reply_subject for t in stranded}) == len(stranded)
+    assert close_s < 4.0, f"close took {close_s:.1f} s"
+    assert survivors == []
