@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -18,6 +19,7 @@ import numpy as np
 import requests
 import simplejpeg
 import torch
+import urllib3
 from PIL import Image
 
 from worker.results import Failure, FailureReason
@@ -72,28 +74,49 @@ class DecodedImage:
     decode_s: float
 
 
-def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float) -> bytearray:
-    """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``."""
+def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float,
+             deadline_s: float = math.inf) -> bytearray:
+    """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``.
+
+    ``timeout_s`` bounds the connect and each read; ``deadline_s`` the whole download (a host
+    sending one byte a second passes every read timeout). The body is read as it arrives, so the
+    deadline is checked after every read, and no single read waits longer than the deadline.
+    """
+    started_s = time.monotonic()
+    wait_s = min(timeout_s, deadline_s)
     try:
-        with session.get(url, stream=True, timeout=timeout_s) as response:
-            if response.status_code != 200:
-                raise ImageError(f"download failed: HTTP {response.status_code} for {url}",
-                                 "not_found" if response.status_code == 404 else "http_error")
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
+        with session.get(url, stream=True, timeout=(wait_s, wait_s)) as response:
+            _check_response(response, url, max_bytes)
             body = bytearray()
-            for chunk in response.iter_content(CHUNK_BYTES):
+            while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
                 body += chunk
+                del chunk
                 if len(body) > max_bytes:
                     raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
-                del chunk
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-        reason: FailureReason = "timeout" if isinstance(error, requests.Timeout) else "connection"
-        raise ImageError(f"download failed: {type(error).__name__} for {url}", reason) from None
+                if time.monotonic() - started_s > deadline_s:
+                    raise _over_deadline(url, deadline_s)
+    except (requests.Timeout, urllib3.exceptions.TimeoutError):
+        if time.monotonic() - started_s >= deadline_s:
+            raise _over_deadline(url, deadline_s) from None
+        raise ImageError(f"download failed: a read took over {timeout_s:g} s for {url}", "timeout") from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError) as error:
+        raise ImageError(f"download failed: {type(error).__name__} for {url}", "connection") from None
     if not body:
         raise ImageError(f"download returned an empty body for {url}", "empty")
     return body  # a bytearray: decoders take it as is, and a bytes() copy would double the peak
+
+
+def _check_response(response: requests.Response, url: str, max_bytes: int) -> None:
+    if response.status_code != 200:
+        raise ImageError(f"download failed: HTTP {response.status_code} for {url}",
+                         "not_found" if response.status_code == 404 else "http_error")
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
+
+
+def _over_deadline(url: str, deadline_s: float) -> ImageError:
+    return ImageError(f"download exceeded AMI_IMAGE_DOWNLOAD_DEADLINE_S={deadline_s:g} s for {url}", "timeout")
 
 
 Allocate = Callable[[int, int], torch.Tensor]  # (height, width) -> uint8 (height, width, 3)

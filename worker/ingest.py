@@ -55,6 +55,7 @@ STOP_POLL_S = 0.1  # how often a wait for a download or a deadline looks at the 
 # A loader worker told to stop (abandon, close, a passed deadline) that is still running this long
 # afterwards is inside a call that ignores the flags (a reserve against a stalled API): it is killed.
 LOADER_EXIT_GRACE_S = 2.0
+DEADLINE_SLACK_S = 1.0  # a download's own deadline check comes first; the loader's wait gives up this much later
 
 # control.stop values: RUN reserves; DRAIN reserves no more but finishes what it holds;
 # ABANDON yields nothing more (held, unloaded tasks are stranded and then released).
@@ -70,7 +71,8 @@ class IngestSource:
     job_id: int
     api_timeout_s: float = 30.0
     api_max_attempts: int = 6
-    image_timeout_s: float = 60.0
+    image_timeout_s: float = 60.0  # connect and each read
+    image_deadline_s: float = 120.0  # the whole download (AMI_IMAGE_DOWNLOAD_DEADLINE_S)
     max_image_bytes: int = 100_000_000
     max_image_pixels: int = 80_000_000
     client_info: dict = field(default_factory=dict)
@@ -236,7 +238,7 @@ class TaskStream(IterableDataset):
         ``tasks_per_reserve`` + ``ahead`` reserved tasks. An empty reservation (the job has no task
         left for us, or the reserve failed) ends the lane once it has drained.
         """
-        pending: deque[tuple[Task, Future]] = deque()
+        pending: deque[tuple[Task, float, Future]] = deque()
         todo: deque[Task] = deque()
         more = True
         while True:
@@ -251,7 +253,8 @@ class TaskStream(IterableDataset):
             ahead = min(self.plan.download_threads, max(1, self.control.tasks_per_reserve.value))
             while todo and len(pending) < ahead:
                 task = todo.popleft()
-                pending.append((task, _start_download(self._fetch, session, task)))
+                deadline_s = time.monotonic() + self.source.image_deadline_s + DEADLINE_SLACK_S
+                pending.append((task, deadline_s, _start_download(self._fetch, session, task)))
             if more and not todo and self.control.stop.value == RUN and self.control.admit.value:
                 tasks = self._reserve(client, wait=False)
                 if tasks is not None:  # None: paused since the check; the next reserve waits
@@ -262,8 +265,8 @@ class TaskStream(IterableDataset):
                 self._wait_for_credit(worker_id)
             if self.control.stop.value == ABANDON:
                 return
-            task, future = pending.popleft()
-            item = self._load(task, future, worker_id, buffers)
+            task, deadline_s, future = pending.popleft()
+            item = self._load(task, deadline_s, future, worker_id, buffers)
             if item is None:  # abandoned while waiting for the download
                 return
             # Drop our references before suspending: a suspended generator frame would
@@ -315,25 +318,32 @@ class TaskStream(IterableDataset):
 
     def _fetch(self, session, task: Task) -> tuple[bytes, float]:
         started_s = time.perf_counter()
-        data = download(
-            session, task.image_url, max_bytes=self.source.max_image_bytes, timeout_s=self.source.image_timeout_s
-        )
+        data = download(session, task.image_url, max_bytes=self.source.max_image_bytes,
+                        timeout_s=self.source.image_timeout_s, deadline_s=self.source.image_deadline_s)
         return data, time.perf_counter() - started_s
 
-    def _wait_for_download(self, future: Future) -> Optional[tuple[bytearray, float]]:
-        """The download's result; None as soon as the loader is abandoned (the task is stranded)."""
+    def _wait_for_download(self, future: Future, deadline_s: float) -> Optional[tuple[bytearray, float]]:
+        """The download's result; None as soon as the loader is abandoned (the task is stranded).
+
+        ``download`` keeps its own deadline; this one (``time.monotonic()``, a little later) holds
+        even where it cannot, such as headers trickling in. The download's thread is left to end.
+        """
         while self.control.stop.value != ABANDON:
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                raise ImageError(f"download exceeded AMI_IMAGE_DOWNLOAD_DEADLINE_S={self.source.image_deadline_s:g} s",
+                                 "timeout")
             try:
-                return future.result(timeout=STOP_POLL_S)
+                return future.result(timeout=min(remaining_s, STOP_POLL_S))
             except FutureTimeout:
                 continue
         return None
 
-    def _load(self, task: Task, future: Future, worker_id: int,
+    def _load(self, task: Task, deadline_s: float, future: Future, worker_id: int,
               buffers: Optional["SharedImageBuffers"]) -> Optional[LoadedImage]:
         """The task's image or its error; None when the loader is abandoned while it waits."""
         try:
-            fetched = self._wait_for_download(future)
+            fetched = self._wait_for_download(future, deadline_s)
             if fetched is None:
                 return None
             data, download_s = fetched

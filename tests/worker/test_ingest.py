@@ -12,7 +12,7 @@ import torch
 from autotune.plan import LoaderPlan
 from tests.conftest import TOKEN
 from worker.testing.antenna_server import LocalAntenna
-from worker.ingest import IngestSource, Loader
+from worker.ingest import IngestSource, Loader, start_fork_server
 
 FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
 
@@ -253,7 +253,7 @@ def test_waiting_for_the_fork_server_forks_a_probe_child_once_per_server(monkeyp
 HOLDER = """
 import sys, time
 from autotune.plan import LoaderPlan
-from worker.ingest import IngestSource, Loader
+from worker.ingest import IngestSource, Loader, start_fork_server
 plan = LoaderPlan(tasks_per_reserve=2, batch_size=1, num_workers=2, prefetch_factor=1, pin_memory=False,
                   download_threads=1)
 with Loader(IngestSource(base_url=sys.argv[1], token=sys.argv[2], job_id=int(sys.argv[3])), plan) as loader:
@@ -429,3 +429,21 @@ def test_an_abandoned_long_job_counts_exactly_what_it_stranded_and_closes_prompt
     assert len({t.reply_subject for t in stranded}) == len(stranded)
     assert close_s < 4.0, f"close took {close_s:.1f} s"
     assert survivors == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_dripping_download_becomes_a_timeout_error_at_its_deadline(antenna, tiny_images, num_workers):
+    """One byte every 2 s passes every per-read timeout; the whole download has a deadline."""
+    images = tiny_images[:3]
+    job = antenna.add_job(images, "synthetic-moths", image_faults={images[1].image_id: "drip"})
+    start_fork_server(wait=True)  # its start-up (seconds on a busy machine) is not the download's
+    started_s = time.monotonic()
+    with Loader(source(antenna, job, image_deadline_s=1.0), plan(num_workers=num_workers)) as loader:
+        items = [item for batch in loader for item in batch.items]
+    took_s = time.monotonic() - started_s
+    errors = {i.task.image_id: i.error for i in items if i.error is not None}
+    assert len(items) == 3 and list(errors) == [images[1].image_id]
+    assert errors[images[1].image_id].reason == "timeout"
+    assert "AMI_IMAGE_DOWNLOAD_DEADLINE_S=1" in errors[images[1].image_id].message
+    assert took_s < 1.0 + 2.0 + 5.0, f"the loader took {took_s:.1f} s"
