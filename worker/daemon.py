@@ -130,7 +130,7 @@ class Worker:
         if self.stop.forced:
             loader.abandon()
         elif self.stop.draining:
-            loader.stop_reserving()
+            loader.stop_reserving(self.stop.drain_deadline_s)
 
     def _on_recycle(self, signum: int, _frame: object) -> None:
         self.stop.after_job = True
@@ -243,7 +243,7 @@ class Worker:
             loader.abandon()
             return True
         if self.stop.draining:
-            loader.stop_reserving()
+            loader.stop_reserving(self.stop.drain_deadline_s)
         if ctx.rebuild_requested:
             loader.abandon()  # batches already decoded still arrive and get posted
         return False
@@ -276,7 +276,8 @@ class Worker:
         return IngestSource(
             base_url=s.antenna_api_base_url, token=s.token, job_id=job_id,
             api_timeout_s=s.antenna_api_timeout_s, api_max_attempts=s.antenna_api_max_attempts,
-            image_timeout_s=s.antenna_api_timeout_s * 2, max_image_bytes=s.max_image_bytes,
+            image_timeout_s=s.antenna_api_timeout_s * 2, image_deadline_s=s.image_download_deadline_s,
+            max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels, client_info=self.client_info,
         )
 
