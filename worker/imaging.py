@@ -170,12 +170,27 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             _check_pixels(image.width, image.height, max_pixels)
-            return np.asarray(image.convert("RGB"))
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                return _grey_to_rgb8(image)
+            return np.array(image.convert("RGB"))  # writable: torch.from_numpy warns on a read-only array
     except ImageError:
         raise
     except Exception as error:  # Pillow raises many types for bad input
         hint = " (looks like an HTML page)" if data.lstrip()[:1] == b"<" else ""
         raise ImageError(f"not a decodable image{hint}: {type(error).__name__}: {error}", "not_an_image") from None
+
+
+def _grey_to_rgb8(image: Image.Image) -> np.ndarray:
+    """16-bit greyscale (modes I;16*, and I holding 16-bit values) to 8-bit RGB by its high byte.
+
+    Pillow's convert("RGB") clips these to 0..255, which turns a 16-bit image all but white.
+    Floating-point and wider integer pixels have no agreed scale: they are refused.
+    """
+    pixels = np.asarray(image)
+    if image.mode == "F" or (image.mode == "I" and (pixels.min() < 0 or pixels.max() > 0xFFFF)):
+        raise ImageError(f"unsupported pixel format {image.mode} (not 8- or 16-bit)", "not_an_image")
+    grey = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def image_session(pool_connections: int = 8) -> requests.Session:
