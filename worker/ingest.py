@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from autotune.plan import LoaderPlan
 from worker.antenna import AntennaClient, AntennaError
 from worker.imaging import ImageError, decode, download, fix_mmap_threshold, image_session
+from worker.logs import LogSetup, apply_setup, current_setup
 from worker.results import Failure
 from worker.schema import Task
 
@@ -484,8 +485,12 @@ class LoaderFailed(RuntimeError):
     """The DataLoader broke (a loader worker process died); the job can go on with a new one."""
 
 
-def init_loader_worker(main_pid: int, _worker_id: int) -> None:
-    """``worker_init_fn`` of every loader worker: ignore stop signals, exit with the main process.
+def init_loader_worker(main_pid: int, log_setup: LogSetup, _worker_id: int) -> None:
+    """``worker_init_fn`` of every loader worker: log as the main process does, ignore stop
+    signals, exit with the main process.
+
+    The fork server never configures logging, so without ``log_setup`` a worker's lines would
+    reach stderr unformatted and unredacted.
 
     Loader workers ignore SIGINT/SIGTERM: Ctrl-C in a terminal, systemd's control-group kill or
     supervisor's stopasgroup signal the whole process group, and a loader worker dying there
@@ -496,9 +501,16 @@ def init_loader_worker(main_pid: int, _worker_id: int) -> None:
     process while any worker holds its pipe. So each worker watches the main process and exits
     when it is gone; what it held is redelivered after the reservation timeout, as after any crash.
     """
+    apply_setup(log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_when_gone, args=(main_pid,), name="main-process-watch", daemon=True).start()
+
+
+def _worker_log_setup(source: IngestSource) -> LogSetup:
+    """This process's logging set-up (or its root level, as text, when it has none), with the token."""
+    setup = current_setup() or LogSetup(level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+    return setup.with_secrets(source.token)
 
 
 def _exit_when_gone(pid: int) -> None:
@@ -615,7 +627,7 @@ class Loader:
         extra: dict[str, Any] = {}
         if plan.num_workers > 0:
             extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor,
-                     "worker_init_fn": partial(init_loader_worker, os.getpid())}
+                     "worker_init_fn": partial(init_loader_worker, os.getpid(), _worker_log_setup(source))}
         with worker_count_warning_ignored():
             self.dataloader = DataLoader(
                 self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
