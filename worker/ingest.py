@@ -74,6 +74,7 @@ class IngestSource:
     api_max_attempts: int = 6
     image_timeout_s: float = 60.0  # connect and each read
     image_deadline_s: float = 120.0  # the whole download (AMI_IMAGE_DOWNLOAD_DEADLINE_S)
+    block_private_hosts: bool = False  # AMI_BLOCK_PRIVATE_IMAGE_HOSTS
     max_image_bytes: int = 100_000_000
     max_image_pixels: int = 80_000_000
     client_info: dict = field(default_factory=dict)
@@ -320,7 +321,8 @@ class TaskStream(IterableDataset):
     def _fetch(self, session, task: Task) -> tuple[bytes, float]:
         started_s = time.perf_counter()
         data = download(session, task.image_url, max_bytes=self.source.max_image_bytes,
-                        timeout_s=self.source.image_timeout_s, deadline_s=self.source.image_deadline_s)
+                        timeout_s=self.source.image_timeout_s, deadline_s=self.source.image_deadline_s,
+                        block_private_hosts=self.source.block_private_hosts)
         return data, time.perf_counter() - started_s
 
     def _wait_for_download(self, future: Future, deadline_s: float) -> Optional[tuple[bytearray, float]]:
