@@ -277,7 +277,7 @@ class Worker:
             base_url=s.antenna_api_base_url, token=s.token, job_id=job_id,
             api_timeout_s=s.antenna_api_timeout_s, api_max_attempts=s.antenna_api_max_attempts,
             image_timeout_s=s.antenna_api_timeout_s * 2, image_deadline_s=s.image_download_deadline_s,
-            max_image_bytes=s.max_image_bytes,
+            block_private_hosts=s.block_private_image_hosts, max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels, client_info=self.client_info,
         )
 
