@@ -221,7 +221,6 @@ class TaskStream(IterableDataset):
         session = image_session(self.plan.download_threads)
         buffers = None
         if in_worker:
-            self.control.pids[worker_id + 1] = os.getpid()
             buffers = SharedImageBuffers(lambda: (self.control.prefetch_depth.value + 1) * self.plan.batch_size)
         try:
             yield from self._stream(client, session, worker_id, buffers)
@@ -487,8 +486,9 @@ class LoaderFailed(RuntimeError):
     """The DataLoader broke (a loader worker process died); the job can go on with a new one."""
 
 
-def init_loader_worker(main_pid: int, log_setup: LogSetup, _worker_id: int) -> None:
-    """``worker_init_fn`` of every loader worker: log as the main process does, ignore stop
+def init_loader_worker(main_pid: int, log_setup: LogSetup, pids: Any, worker_id: int) -> None:
+    """``worker_init_fn`` of every loader worker: note its pid in ``pids[worker_id + 1]`` (the
+    Loader kills a worker that outlives its deadline), log as the main process does, ignore stop
     signals, exit with the main process.
 
     The fork server never configures logging, so without ``log_setup`` a worker's lines would
@@ -503,6 +503,7 @@ def init_loader_worker(main_pid: int, log_setup: LogSetup, _worker_id: int) -> N
     process while any worker holds its pipe. So each worker watches the main process and exits
     when it is gone; what it held is redelivered after the reservation timeout, as after any crash.
     """
+    pids[worker_id + 1] = os.getpid()
     apply_setup(log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -618,6 +619,22 @@ class Loader:
         self.plan = plan
         self.source = source
         self._context = multiprocessing.get_context(start_method)
+        try:
+            self._build(start_method)
+        except OSError as error:  # out of file descriptors (EMFILE), memory or processes
+            raise LoaderFailed(f"cannot set the loader up: {type(error).__name__}: {error}") from error
+        self._iterator: Optional[Iterator[Batch]] = None
+        self.received: dict[str, Task] = {}
+        self.reserved: dict[str, Task] = {}
+        self._closed = False
+        # Written by the main thread (possibly inside a signal handler: a plain float store),
+        # read by the watch thread.
+        self._deadline_s: Optional[float] = None
+        self._watcher: Optional[threading.Thread] = None
+        self.killed_pids: list[int] = []
+
+    def _build(self, start_method: str) -> None:
+        plan, source = self.plan, self.source
         if start_method == "forkserver" and plan.num_workers > 0:
             start_fork_server()
         # No fix_mmap_threshold() here: the process that decodes fixes it (TaskStream.__iter__: the
@@ -629,26 +646,22 @@ class Loader:
         extra: dict[str, Any] = {}
         if plan.num_workers > 0:
             extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor,
-                     "worker_init_fn": partial(init_loader_worker, os.getpid(), _worker_log_setup(source))}
+                     "worker_init_fn": partial(init_loader_worker, os.getpid(), _worker_log_setup(source),
+                                               self.control.pids)}
         with worker_count_warning_ignored():
             self.dataloader = DataLoader(
                 self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
                 collate_fn=collate, pin_memory=plan.pin_memory, **extra,
             )
-        self._iterator: Optional[Iterator[Batch]] = None
-        self.received: dict[str, Task] = {}
-        self.reserved: dict[str, Task] = {}
-        self._closed = False
-        # Written by the main thread (possibly inside a signal handler: a plain float store),
-        # read by the watch thread.
-        self._deadline_s: Optional[float] = None
-        self._watcher: Optional[threading.Thread] = None
-        self.killed_pids: list[int] = []
 
     def __iter__(self) -> Iterator[Batch]:
-        with worker_count_warning_ignored():
-            self._iterator = iter(self.dataloader)
-        self._start_watch()
+        try:
+            with worker_count_warning_ignored():
+                self._iterator = iter(self.dataloader)  # starts the loader workers
+            self._start_watch()
+        except (OSError, EOFError, RuntimeError) as error:  # EMFILE, a failed fork, "can't start new thread"
+            self._kill_workers("the loader failed to start")  # those started before the failure
+            raise LoaderFailed(f"cannot start the loader: {type(error).__name__}: {error}") from error
         while True:
             try:
                 batch = next(self._iterator)
@@ -692,8 +705,13 @@ class Loader:
         return [task for key, task in self.reserved.items() if key not in self.received]
 
     def _collect_ledger(self) -> None:
-        if not self._closed:  # close() read the ledger last, before removing it
+        if self._closed:  # close() read the ledger last, before removing it
+            return
+        try:
             self.reserved = self.control.ledger.read()
+        except OSError as error:  # out of file descriptors: the last read stands
+            log.error("job %d: cannot read the reservation ledger (%s); stranded tasks may be undercounted",
+                      self.source.job_id, error)
 
     def _start_watch(self) -> None:
         if self._watcher is None:
@@ -714,15 +732,14 @@ class Loader:
             abandoned = True
             self.control.stop.value = ABANDON
             if time.monotonic() >= deadline_s + LOADER_EXIT_GRACE_S:
-                self._kill_workers()
+                self._kill_workers(f"still running {LOADER_EXIT_GRACE_S:g} s after the loader's deadline")
 
-    def _kill_workers(self) -> None:
+    def _kill_workers(self, why: str) -> None:
         for slot in range(1, self.plan.num_workers + 1):
             pid = int(self.control.pids[slot])
             if pid <= 0 or pid in self.killed_pids or not _alive(pid):
                 continue
-            log.warning("job %d: loader worker %d (pid %d) did not stop within %.1f s of its deadline: killing it",
-                        self.source.job_id, slot - 1, pid, LOADER_EXIT_GRACE_S)
+            log.warning("job %d: killing loader worker %d (pid %d): %s", self.source.job_id, slot - 1, pid, why)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

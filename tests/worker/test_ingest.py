@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
+from pathlib import Path
 from typing import Optional
 
 import psutil
@@ -14,6 +16,7 @@ from tests.conftest import TOKEN
 from worker.testing.antenna_server import LocalAntenna
 from worker.ingest import IngestSource, Loader, start_fork_server
 
+ROOT = Path(__file__).resolve().parents[2]
 FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
 
 
@@ -447,3 +450,50 @@ def test_a_dripping_download_becomes_a_timeout_error_at_its_deadline(antenna, ti
     assert errors[images[1].image_id].reason == "timeout"
     assert "AMI_IMAGE_DOWNLOAD_DEADLINE_S=1" in errors[images[1].image_id].message
     assert took_s < 1.0 + 2.0 + 5.0, f"the loader took {took_s:.1f} s"
+
+
+START_UNDER_FD_LIMIT = """
+import os, resource, sys
+from autotune.plan import LoaderPlan
+from worker.ingest import IngestSource, Loader, LoaderFailed, start_fork_server
+
+def main():
+    if sys.argv[2] == "server-up":
+        start_fork_server(wait=True)
+    plan = LoaderPlan(tasks_per_reserve=2, batch_size=2, num_workers=2, prefetch_factor=1, pin_memory=False,
+                      download_threads=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for spare in range(0, 24, 2):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + spare, hard))
+        try:
+            with Loader(IngestSource(base_url=sys.argv[1], token="tok-never", job_id=999), plan) as loader:
+                outcome = "ok:%d" % sum(len(batch.items) for batch in loader)
+        except LoaderFailed as error:
+            outcome = "LoaderFailed"
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        print(spare, outcome, flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fork_server", ["server-up", "server-down"])
+def test_running_out_of_file_descriptors_at_loader_start_is_a_loader_failure(antenna, tmp_path, fork_server):
+    """EMFILE while the loader sets up or forks its workers is LoaderFailed (the daemon rebuilds a
+    minimal loader), never a bare OSError that ends the daemon; no loader worker is left behind."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start_under_fd_limit.py"
+    script.write_text(START_UNDER_FD_LIMIT)
+    done = subprocess.run([sys.executable, str(script), antenna.base_url, fork_server], capture_output=True,
+                          text=True, timeout=200, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    outcomes = [line.split()[1] for line in done.stdout.splitlines()]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert len(outcomes) == 12 and set(outcomes) <= {"LoaderFailed", "ok:0"}, done.stdout
+    assert outcomes[0] == "LoaderFailed", done.stdout
+    if fork_server == "server-up":  # a server started under the low limit keeps it: no recovery then
+        assert outcomes[-1] == "ok:0", done.stdout  # job 999 has no tasks
