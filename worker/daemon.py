@@ -203,7 +203,14 @@ class Worker:
         source = self.ingest_source(ctx.job.id)
         log.info("job %d: loader plan %s", ctx.job.id, ctx.plan.describe())
         self._set_inference_threads(ctx.plan.inference_threads or self.default_inference_threads)
-        with Loader(source, ctx.plan) as loader:
+        try:
+            loader = Loader(source, ctx.plan)
+        except LoaderFailed as error:  # out of file descriptors or processes: nothing was reserved
+            log.error("job %d: loader failed: %s", ctx.job.id, error)
+            ctx.rebuild_requested = True
+            ctx.notes["rebuild_reason"] = f"loader failed: {str(error)[:200]}"
+            return
+        with loader:
             ctx.loader = loader
             self._call("on_loader_start", ctx)
             try:

@@ -199,3 +199,51 @@ def test_a_killed_loader_worker_costs_only_a_redelivery_of_what_the_loader_held(
     # A dead worker breaks the DataLoader, so what both workers held is redelivered: at most
     # workers x (prefetch x batch + tasks per reserve) = 2 x (4 x 2 + 2), never more.
     assert 0 < report.redeliveries <= 2 * (4 * 2 + 2)
+
+
+class FdLimitDuringLoaderStart:
+    """Test middleware: from job start until a loader has started, the process may open no more
+    file descriptors (RLIMIT_NOFILE = those open now): the real EMFILE of a busy host."""
+
+    def __init__(self) -> None:
+        self.saved = None
+
+    def __getattr__(self, name):  # every other hook: no-op
+        return lambda *args, **kwargs: None
+
+    def on_job_start(self, worker, ctx) -> None:
+        import resource
+
+        self.saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), self.saved[1]))
+
+    def on_loader_start(self, worker, ctx) -> None:
+        self.on_job_end(worker, ctx)
+
+    def on_job_end(self, worker, ctx) -> None:
+        import resource
+
+        if self.saved is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
+            self.saved = None
+
+
+@pytest.mark.timeout(120)
+def test_running_out_of_file_descriptors_while_a_loader_starts_fails_the_loader_not_the_daemon(
+        antenna, settings_for, tiny_images, caplog):
+    job = antenna.add_job(tiny_images[:4], "synthetic-moths")
+    settings = settings_for(antenna, antenna_api_dataloader_num_workers=2, antenna_api_batch_size=2)
+    limit = FdLimitDuringLoaderStart()
+    worker = build_worker(settings, burst=True, middlewares=[limit])
+    caplog.set_level(logging.INFO, logger="worker.daemon")
+    try:
+        assert worker.run() == 0
+    finally:
+        limit.on_job_end(worker, None)
+    # each attempt (the plan's, then the minimal rebuilds) failed as a loader, reserving nothing
+    failures = re.findall(rf"job {job}: loader failed: cannot set the loader up: OSError: \[Errno 24\]", caplog.text)
+    assert len(failures) == 4, caplog.text[-3000:]
+    assert antenna.report(job).delivered == 0
+    assert build_worker(settings, burst=True, middlewares=[]).run() == 0  # descriptors back: the job is done
+    report = antenna.report(job)
+    assert report.results_ok == 4 and report.complete and report.lost == 0
