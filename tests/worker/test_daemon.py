@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import pytest
 
 from tests.conftest import TOKEN, worker_env
+from worker.antenna import JobRef
 from worker.app import build_worker
 
 FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
@@ -163,35 +165,56 @@ def test_register_sends_every_offered_pipeline(antenna, tmp_path):
     assert TOKEN not in done.stdout + done.stderr
 
 
-class KillOneLoaderWorker:
-    """Test middleware: SIGKILLs one DataLoader worker process after the first batch, once."""
+def _fork_server_of(process: psutil.Process) -> Optional[psutil.Process]:
+    """The loader's fork server: a direct child of ``process`` (its forks share its command line)."""
+    servers = [c for c in process.children() if "multiprocessing.forkserver import main" in " ".join(c.cmdline())]
+    return servers[0] if servers else None
 
-    def __init__(self) -> None:
-        self.killed: list[int] = []
+
+class KillAfterFirstBatch:
+    """Test middleware: after the first batch, SIGKILLs one real loader worker (``target='worker'``:
+    a child of the fork server, which ``children()`` of this process does not list) or the fork
+    server itself (``target='server'``), once."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.killed: Optional[psutil.Process] = None
+        self.loader_pids: set[int] = set()
+        self.server_children: list[psutil.Process] = []
 
     def __getattr__(self, name):  # every other hook: no-op
         return lambda *args, **kwargs: None
 
     def after_batch(self, worker, ctx, batch, results) -> None:
-        if self.killed:
+        if self.killed is not None:
             return
-        loaders = [p for p in psutil.Process().children() if "resource_tracker" not in " ".join(p.cmdline())]
-        if loaders:
-            loaders[0].kill()
-            self.killed.append(loaders[0].pid)
+        server = _fork_server_of(psutil.Process())
+        assert server is not None
+        self.loader_pids = {int(pid) for pid in ctx.loader.control.pids if pid}
+        self.server_children = server.children()
+        self.killed = server if self.target == "server" else self.server_children[0]
+        self.killed.kill()
 
 
 @pytest.mark.timeout(240)
-def test_a_killed_loader_worker_costs_only_a_redelivery_of_what_the_loader_held(antenna_factory, settings_for, tiny_images):
-    server = antenna_factory(reservation_timeout_s=3.0)
+def test_a_killed_loader_worker_costs_only_a_redelivery_of_what_the_loader_held(
+        antenna_factory, settings_for, tiny_images, caplog):
+    server = antenna_factory(reservation_timeout_s=8.0)
     job = server.add_job(tiny_images[:24], "synthetic-moths")
     settings = settings_for(server, antenna_api_dataloader_num_workers=2, antenna_api_batch_size=2)
-    killer = KillOneLoaderWorker()
+    killer = KillAfterFirstBatch("worker")
+    caplog.set_level(logging.INFO, logger="worker.daemon")
     first = build_worker(settings, burst=True, middlewares=[killer])
-    assert first.run() == 0 and killer.killed
+    done = first.process_job(JobRef(job, "synthetic-moths"))
+    assert killer.killed is not None
+    assert killer.killed.pid in killer.loader_pids  # a loader worker, not the fork server
+    assert "loader failed" in caplog.text
+    stranded = int(re.search(rf"job {job}: {done} images .*, (\d+) stranded", caplog.text).group(1))
     report = server.report(job)
-    assert report.lost == 0 and report.results_ok + report.reserved + report.awaiting_redelivery == 24
-    time.sleep(3.5)  # the dead worker's reservations expire and are redelivered
+    assert report.lost == 0 and report.results_ok == done
+    # exact: every delivery without a result was counted as stranded (none expires within 8 s)
+    assert 0 < stranded == report.reserved == report.delivered - done
+    time.sleep(8.5)  # the dead worker's reservations expire and are redelivered
     second = build_worker(settings, burst=True, middlewares=[])
     assert second.run() == 0
     report = server.report(job)
@@ -199,6 +222,31 @@ def test_a_killed_loader_worker_costs_only_a_redelivery_of_what_the_loader_held(
     # A dead worker breaks the DataLoader, so what both workers held is redelivered: at most
     # workers x (prefetch x batch + tasks per reserve) = 2 x (4 x 2 + 2), never more.
     assert 0 < report.redeliveries <= 2 * (4 * 2 + 2)
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_fork_server_fails_that_loader_only_and_the_next_job_gets_a_new_server(
+        antenna_factory, settings_for, tiny_images, caplog):
+    server = antenna_factory(reservation_timeout_s=3.0)
+    first_job = server.add_job(tiny_images[:16], "synthetic-moths")
+    settings = settings_for(server, antenna_api_dataloader_num_workers=2, antenna_api_batch_size=2)
+    killer = KillAfterFirstBatch("server")
+    caplog.set_level(logging.INFO, logger="worker.daemon")
+    worker = build_worker(settings, burst=True, middlewares=[killer])
+    assert worker.process_job(JobRef(first_job, "synthetic-moths")) > 0
+    assert killer.killed is not None and "loader failed" in caplog.text
+    # the dead server's loader workers do not outlive it for long
+    _gone, alive = psutil.wait_procs(killer.server_children, timeout=15)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    second_job = server.add_job(tiny_images[16:24], "synthetic-moths")
+    assert worker.process_job(JobRef(second_job, "synthetic-moths")) == 8
+    new_server = _fork_server_of(psutil.Process())
+    assert new_server is not None and new_server.pid != killer.killed.pid
+    assert server.report(second_job).complete
+    time.sleep(3.5)  # what the first job's loader held expires and is redelivered
+    assert build_worker(settings, burst=True, middlewares=[]).run() == 0
+    report = server.report(first_job)
+    assert report.complete and report.lost == 0 and report.duplicates == 0
 
 
 class FdLimitDuringLoaderStart:
