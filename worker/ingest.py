@@ -170,20 +170,31 @@ class ReservationLedger:
 
     def __init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="ami-ledger-")
+        self.unwritten: list[Task] = []  # what this process could not write (read back only here)
+
+    def __getstate__(self) -> dict:
+        return {"directory": self.directory, "unwritten": []}
 
     def record(self, tasks: Sequence[Task]) -> None:
+        """Append ``tasks``; never raises. Tasks that cannot be written (out of descriptors, disk
+        full) are kept in memory, which only this process reads, and logged by id."""
         data = memoryview(b"".join(task.model_dump_json().encode() + b"\n" for task in tasks))
         path = os.path.join(self.directory, f"{os.getpid()}.jsonl")
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            while data:
-                data = data[os.write(descriptor, data):]
-        finally:
-            os.close(descriptor)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                while data:
+                    data = data[os.write(descriptor, data):]
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            self.unwritten.extend(tasks)
+            log.error("cannot record %d reserved tasks in the ledger (%s); if stranded they are not counted: %s",
+                      len(tasks), error, ", ".join(task.id for task in tasks))
 
     def read(self) -> dict[str, Task]:
         """Every task recorded so far, by reply subject."""
-        tasks: dict[str, Task] = {}
+        tasks: dict[str, Task] = {task.reply_subject: task for task in self.unwritten}
         try:
             names = sorted(os.listdir(self.directory))
         except FileNotFoundError:
@@ -663,6 +674,7 @@ class Loader:
             self._kill_workers("the loader failed to start")  # those started before the failure
             raise LoaderFailed(f"cannot start the loader: {type(error).__name__}: {error}") from error
         while True:
+            failure = None
             try:
                 batch = next(self._iterator)
             except StopIteration:
@@ -672,7 +684,12 @@ class Loader:
                 # torch reports it as a RuntimeError, or as EOFError/ConnectionError when a batch it
                 # sent can no longer be fetched from it. Either way the loader is done; what it
                 # held is stranded.
-                raise LoaderFailed(f"{type(error).__name__}: {error}") from error
+                failure = f"{type(error).__name__}: {error}"
+            if failure is not None:
+                # Raised outside the handler, so unchained: the cause's tracebacks hold the
+                # DataLoader iterator (its queues' pipes, its workers' handles) for as long as
+                # anything keeps the exception, such as a log record's arguments.
+                raise LoaderFailed(failure)
             self.control.mark_consumed(batch)
             self.received.update((item.task.reply_subject, item.task) for item in batch.items)
             yield batch
