@@ -206,7 +206,7 @@ class Worker:
         try:
             loader = Loader(source, ctx.plan)
         except LoaderFailed as error:  # out of file descriptors or processes: nothing was reserved
-            log.error("job %d: loader failed: %s", ctx.job.id, error)
+            log.error("job %d: loader failed: %s", ctx.job.id, str(error))
             ctx.rebuild_requested = True
             ctx.notes["rebuild_reason"] = f"loader failed: {str(error)[:200]}"
             return
@@ -225,7 +225,7 @@ class Worker:
             except LoaderFailed as error:
                 # A loader worker died (the kernel's OOM killer, a segfault in a decoder): what it
                 # held is stranded below; the job goes on with a fresh, minimal loader.
-                log.error("job %d: loader failed: %s", ctx.job.id, error)
+                log.error("job %d: loader failed: %s", ctx.job.id, str(error))
                 ctx.rebuild_requested = True
                 ctx.notes["rebuild_reason"] = f"loader failed: {str(error)[:200]}"
             ctx.loader = None
