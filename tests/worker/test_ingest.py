@@ -497,3 +497,43 @@ def test_running_out_of_file_descriptors_at_loader_start_is_a_loader_failure(ant
     assert outcomes[0] == "LoaderFailed", done.stdout
     if fork_server == "server-up":  # a server started under the low limit keeps it: no recovery then
         assert outcomes[-1] == "ok:0", done.stdout  # job 999 has no tasks
+
+
+@pytest.mark.timeout(300)
+def test_one_batch_of_four_large_images_from_loader_workers_costs_at_most_4x40_mib_on_the_tree(
+        antenna, large_images):
+    """The shared-memory path: 2 loader workers decode into shared buffers the main process maps.
+    Measured over the whole tree (main, fork server, workers) as the watchdog does: PSS without
+    shmem plus each /dev/shm file held once (PSS alone misses shared pages no live process has
+    touched: the worker that decoded them has exited, the main process has not read them yet).
+    From a baseline with the workers started and idle (reserving paused) to one batch of 4
+    decoded 4096x3072 images held. One worker reserves all 4 tasks: nothing else is decoded."""
+    from watchdog.sampler import sample_tree
+
+    import threading
+
+    job = antenna.add_job(large_images, "synthetic-moths")
+    loader_plan = plan(num_workers=2, batch_size=4, tasks_per_reserve=4, download_threads=1, prefetch_factor=1)
+    with Loader(source(antenna, job), loader_plan) as loader:
+        loader.control.admit.value = 0  # workers start, then wait to reserve
+        batches = iter(loader)
+        got: dict[str, object] = {}
+        fetcher = threading.Thread(target=lambda: got.update(batch=next(batches)))
+        fetcher.start()
+        deadline_s = time.monotonic() + 60
+        while not all(loader.control.pids[1:3]) and time.monotonic() < deadline_s:
+            time.sleep(0.1)
+        time.sleep(1.0)  # their streams are set up and waiting on admit
+        gc.collect()
+        baseline_bytes = sample_tree(os.getpid()).used_bytes
+        loader.control.admit.value = 1
+        fetcher.join(120)
+        batch = got["batch"]
+        gc.collect()
+        held_bytes = sample_tree(os.getpid()).used_bytes - baseline_bytes
+        assert len(batch.items) == 4 and all(i.error is None for i in batch.items)
+        assert batch.image_bytes == 4 * 4096 * 3072 * 3
+        assert all(i.image.is_shared() for i in batch.items)  # the shared-memory path indeed
+        print(f"baseline {baseline_bytes/2**20:.0f}; tree held {held_bytes / 2**20:.1f} MiB for {batch.image_bytes / 2**20:.1f} MiB decoded")
+        assert batch.image_bytes * 0.95 <= held_bytes <= 4 * 40 * 1024 * 1024, f"held {held_bytes / 2**20:.1f} MiB"
+        del batch, got
