@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+TensorDtype = Literal["uint8", "float32"]
+PlanSource = Literal["settings", "autotune", "minimal", "benchmark"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,8 @@ class LoaderPlan:
     prefetch_factor: int
     pin_memory: bool
     download_threads: int
-    tensor_dtype: str = "uint8"
-    source: str = "settings"
+    tensor_dtype: TensorDtype = "uint8"
+    source: PlanSource = "settings"
     inference_threads: int = 0
 
     def __post_init__(self) -> None:

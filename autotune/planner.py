@@ -323,11 +323,8 @@ def _batch_choices(probe: Probe) -> tuple[int, ...]:
 
     The cost fit (per-batch overhead + per-image cost) is measured on the probe's batches only.
     On CPU a bigger batch buys nothing but that overhead, while its per-image cost grows with its
-    working set: the reference pipeline at two threads, alone on this 2-core host, took 0.069 s
-    per image at batch 4, 0.067 at 8 and 0.077 at 16 (``benchmarks/ingest_cpu.py batches``; 0.071,
-    0.075 and 0.081 in an earlier run), and in the small benchmark job batch 4 beat batch 16 in
-    all four grid pairs with two threads (by 1-14%). Extrapolating the overhead's amortisation
-    would buy exactly those batches.
+    working set (``benchmarks/ingest_cpu.py batches`` and the grid in docs/benchmarks.md measure
+    it), so extrapolating the overhead's amortisation would buy exactly the batches that lose.
     """
     if probe.cuda or probe.max_timed_batch <= 0:
         return BATCH_SIZES

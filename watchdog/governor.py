@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from watchdog.limits import MIB, Limits
 from watchdog.sampler import MemorySnapshot
 
 logger = logging.getLogger(__name__)
 
-ACTIONS = ("hold", "shrink", "grow", "pause", "resume", "rebuild")
+Action = Literal["hold", "shrink", "grow", "pause", "resume", "rebuild"]
 
 
 @dataclass(frozen=True)
@@ -75,17 +76,13 @@ class GovernorConfig:
 class Decision:
     """What the governor decided for one snapshot; ``after`` is what the loader should use."""
 
-    action: str
+    action: Action
     before: FetchLimits
     after: FetchLimits
     used_bytes: int
     soft_cap_bytes: int
     hard_cap_bytes: int
     reason: str
-
-    @property
-    def changed(self) -> bool:
-        return self.before != self.after
 
     def log_line(self) -> str:
         b, a = self.before, self.after

@@ -127,10 +127,6 @@ class CgroupPaths:
         return self.directory / ("memory.limit_in_bytes" if self.version == 1 else "memory.max")
 
     @property
-    def high_file(self) -> Path | None:
-        return self.directory / "memory.high" if self.version == 2 else None
-
-    @property
     def usage_file(self) -> Path:
         return self.directory / ("memory.usage_in_bytes" if self.version == 1 else "memory.current")
 

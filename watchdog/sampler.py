@@ -22,13 +22,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from watchdog import procfs
 from watchdog.limits import MIB, CgroupPaths
 from watchdog.proctree import ProcessTree
 
 logger = logging.getLogger(__name__)
+
+# Where a snapshot's PSS came from: every process's smaps_rollup, RSS for all (no rollup readable), or both.
+PssSource = Literal["smaps_rollup", "rss", "mixed"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class MemorySnapshot:
     mem_available_bytes: int
     open_fds: int
     shm_bytes: int
-    pss_source: str = "smaps_rollup"
+    pss_source: PssSource = "smaps_rollup"
     pss_age_s: float = 0.0
     cgroup_usage_bytes: int | None = None
     psi_some_avg10: float | None = None
@@ -146,7 +149,7 @@ class TreeMeter:
         self.deep_passes += 1
         self.deep_cpu_seconds += cost_s
 
-    def _tree_pss(self, rss: dict[int, int]) -> tuple[int, str]:
+    def _tree_pss(self, rss: dict[int, int]) -> tuple[int, PssSource]:
         total = 0
         from_rollup = 0
         for pid, rss_bytes in rss.items():

@@ -1,8 +1,14 @@
 """The Antenna API v2 client (pull mode): list jobs, reserve tasks, post results, register pipelines.
 
-Every call has a timeout. Connection errors, 429 (honouring Retry-After) and 5xx are retried with
-``backoff_delay_s``; other 4xx raise ``AntennaRejected`` at once. The token lives only in the
-session's headers and is never logged.
+Every call has a timeout. What is retried (with ``backoff_delay_s``) depends on whether the call may
+be repeated: listings, result posts (the server acknowledges by reply subject, so a repeat is a
+harmless duplicate) and registrations retry connection errors, timeouts, resets mid-response,
+malformed bodies, 429 (honouring Retry-After) and 5xx. A reserve is retried only where no
+reservation can have happened: the connection was refused or never opened, or the server itself
+answered 429 or 503. After a read timeout, a reset, a broken body or a 500/502/504 the server may
+have reserved tasks whose answer was lost; a retry would orphan them (each then costs one of its
+two deliveries), so the reserve fails at once. Other 4xx raise ``AntennaRejected`` at once. Every
+failure carries a reason code. The token lives only in the session's headers and is never logged.
 """
 from __future__ import annotations
 
@@ -10,11 +16,14 @@ import logging
 import os
 import platform
 import socket
-import time
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
+from urllib.parse import urlsplit
 
 import requests
+from pydantic import ValidationError
+from urllib3.exceptions import NewConnectionError
 
 from worker import __version__
 from worker.backoff import backoff_delay_s
@@ -23,6 +32,15 @@ from worker.schema import Task
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_PROJECT_PAGES = 1000  # a guard against a server whose ``next`` never ends
+# Statuses after which no reservation can have happened: the server refused before reserving.
+NOTHING_DONE_STATUSES = frozenset({429, 503})
+SUPERUSER_HINT = "task and result calls need a superuser's token on Antenna"
+
+UnavailableReason = Literal["refused", "connect_timeout", "read_timeout", "connection", "bad_response", "http"]
+RejectedReason = Literal["unauthorized", "forbidden", "not_found", "too_large", "invalid", "other"]
+_REJECTED_REASONS: dict[int, RejectedReason] = {
+    400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large"}
 
 
 class AntennaError(Exception):
@@ -30,16 +48,25 @@ class AntennaError(Exception):
 
 
 class AntennaUnavailable(AntennaError):
-    """The API stayed unreachable (or 5xx/429) through every attempt."""
+    """The API stayed unreachable (or 5xx/429, or answered garbage) through every attempt allowed."""
+
+    def __init__(self, message: str, reason: UnavailableReason = "http") -> None:
+        super().__init__(message)
+        self.reason: UnavailableReason = reason
 
 
 class AntennaRejected(AntennaError):
-    """The API answered a 4xx that retrying cannot fix (400 validation, 401 auth, 404)."""
+    """The API answered a 4xx that retrying cannot fix (400 validation, 401/403 auth, 404, 413)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.reason: RejectedReason = _REJECTED_REASONS.get(status, "other")
+
+    @property
+    def auth(self) -> bool:
+        return self.reason in ("unauthorized", "forbidden")
 
 
 @dataclass(frozen=True)
@@ -71,20 +98,32 @@ class AntennaClient:
         timeout_s: float = 30.0,
         max_attempts: int = 6,
         backoff_cap_s: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Optional[Callable[[float], object]] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_cap_s = backoff_cap_s
-        self._sleep = sleep
+        self._no_more_retries = threading.Event()
+        # The default sleep between retries wakes at once when ``stop_retrying`` is called.
+        self._sleep = sleep if sleep is not None else self._no_more_retries.wait
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Token {token}"
         self._session.headers["User-Agent"] = f"antenna-worker/{__version__}"
         self.retries_total = 0
+        # Called after every attempt with (method, path, status): the HTTP code as text, or
+        # "connection" / "timeout". Set by whoever watches the API (the metrics middleware).
+        self.on_attempt: Optional[Callable[[str, str, str], None]] = None
+        self.auth_failures_total = 0
+        self.auth_rejected = False  # the last answer was 401/403 (cleared by any success)
 
     def close(self) -> None:
         self._session.close()
+
+    def stop_retrying(self) -> None:
+        """From now on a failed attempt is final (calls in flight finish their current attempt): a
+        shutdown past its deadline spools what it could not post instead of retrying for minutes."""
+        self._no_more_retries.set()
 
     # --- the contract's calls ---
 
@@ -98,28 +137,48 @@ class AntennaClient:
         }
         if limit is not None:
             params["limit"] = limit
-        body = self._call("GET", "/jobs/", params=params)
-        return [JobRef(int(row["id"]), str(row.get("pipeline_slug", ""))) for row in body.get("results", [])]
+        return self._call("GET", "/jobs/", parse=_job_refs, params=params)
 
     def reserve_tasks(self, job_id: int, batch_size: int, info: Optional[dict] = None) -> list[Task]:
         """Reserve up to ``batch_size`` tasks; ``[]`` means nothing deliverable right now."""
         payload: dict[str, Any] = {"batch_size": int(batch_size)}
         if info:
             payload["client_info"] = info
-        body = self._call("POST", f"/jobs/{job_id}/tasks/", json=payload)
-        return [Task.model_validate(task) for task in body.get("tasks", [])]
+        return self._call("POST", f"/jobs/{job_id}/tasks/", parse=_tasks, replay_safe=False, json=payload)
 
     def post_results(self, job_id: int, items: list[dict], *, body_bytes: Optional[bytes] = None) -> dict:
         """POST ``{"results": items}``; ``body_bytes`` passes a pre-serialised body (the poster sizes it)."""
+        # A 2xx is the acceptance; its body is informative only, so a broken one is not a failure
+        # (retrying would post the results twice).
         if body_bytes is None:
-            return self._call("POST", f"/jobs/{job_id}/result/", json={"results": items})
+            return self._call("POST", f"/jobs/{job_id}/result/", parse=_lenient, json={"results": items})
         return self._call(
-            "POST", f"/jobs/{job_id}/result/", data=body_bytes,
+            "POST", f"/jobs/{job_id}/result/", parse=_lenient, data=body_bytes,
             headers={"Content-Type": "application/json"},
         )
 
     def list_projects(self) -> list[dict]:
-        return list(self._call("GET", "/projects/").get("results", []))
+        """Every project the token sees, following ``next`` (the server pages them 10 at a time)."""
+        projects: list[dict] = []
+        page: Optional[str] = "/projects/"
+        seen: set[str] = set()
+        while page and page not in seen and len(seen) < MAX_PROJECT_PAGES:
+            seen.add(page)
+            body = self._call("GET", page, parse=_project_page)
+            projects.extend(body["results"])
+            page = self._under_base(body.get("next"))
+        return projects
+
+    def _under_base(self, link: Optional[str]) -> Optional[str]:
+        """A ``next`` link as a path under the base URL: the token only ever goes to the configured
+        origin and scheme, whatever host or scheme a proxy-confused server writes into the link."""
+        if not link:
+            return None
+        parts, base_path = urlsplit(link), urlsplit(self.base_url).path.rstrip("/")
+        if not parts.path.startswith(base_path + "/"):
+            log.warning("not following a page link outside the API base URL: %s", parts.path)
+            return None
+        return parts.path[len(base_path):] + (f"?{parts.query}" if parts.query else "")
 
     def register_pipelines(self, project_id: int, service_name: str, pipelines: list[dict]) -> dict:
         payload = {"processing_service_name": f"{service_name} ({socket.gethostname()})", "pipelines": pipelines}
@@ -127,23 +186,38 @@ class AntennaClient:
 
     # --- mechanism ---
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict:
+    def _call(self, method: str, path: str, *, parse: Optional[Callable[[requests.Response], Any]] = None,
+              replay_safe: bool = True, **kwargs: Any) -> Any:
+        """One API call with retries; ``parse`` turns a 2xx response into the value (raising
+        ``_BadResponse`` on a body it cannot read). ``replay_safe=False``: retry only where the
+        server cannot have acted (see the module docstring)."""
+        parse = parse or _json_object
         url = self.base_url + path
         for attempt in range(1, self.max_attempts + 1):
             retry_after_s: Optional[float] = None
             try:
                 response = self._session.request(method, url, timeout=self.timeout_s, **kwargs)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                problem = f"{type(error).__name__}"
-            else:
+                self._attempted(method, path, str(response.status_code))
                 if response.status_code < 400:
-                    return _json_body(response)
-                if response.status_code not in RETRY_STATUSES:
-                    raise AntennaRejected(response.status_code, _error_text(response))
-                problem = f"HTTP {response.status_code}"
+                    value = parse(response)
+                    self.auth_rejected = False
+                    return value
+            except requests.RequestException as error:
+                reason, problem = _transport_failure(error)
+                self._attempted(method, path, "timeout" if isinstance(error, requests.Timeout) else "connection")
+                retryable = replay_safe or reason in ("refused", "connect_timeout")
+            except _BadResponse as error:
+                reason, problem, retryable = "bad_response", str(error), replay_safe
+            else:
+                self._raise_if_rejected(response, method, path)
+                reason, problem = "http", f"HTTP {response.status_code}"
+                retryable = replay_safe or response.status_code in NOTHING_DONE_STATUSES
                 retry_after_s = _retry_after_s(response)
-            if attempt == self.max_attempts:
-                raise AntennaUnavailable(f"{method} {path}: {problem} after {attempt} attempts")
+            if not retryable:
+                raise AntennaUnavailable(f"{method} {path}: {problem}; not retried, the server may have "
+                                         "acted on it", reason)
+            if attempt == self.max_attempts or self._no_more_retries.is_set():
+                raise AntennaUnavailable(f"{method} {path}: {problem} after {attempt} attempts", reason)
             delay_s = backoff_delay_s(attempt, cap_s=self.backoff_cap_s, retry_after_s=retry_after_s)
             self.retries_total += 1
             log.warning(
@@ -153,15 +227,89 @@ class AntennaClient:
             self._sleep(delay_s)
         raise AssertionError("unreachable")
 
+    def _attempted(self, method: str, path: str, status: str) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt(method, path, status)
 
-def _json_body(response: requests.Response) -> dict:
+    def _raise_if_rejected(self, response: requests.Response, method: str, path: str) -> None:
+        if response.status_code in RETRY_STATUSES:
+            return
+        error = AntennaRejected(response.status_code, f"{method} {path}: {_error_text(response)}")
+        if error.auth:
+            self.auth_failures_total += 1
+            self.auth_rejected = True
+            if error.reason == "forbidden" and ("/tasks/" in path or "/result/" in path):
+                error = AntennaRejected(response.status_code, f"{error.message} ({SUPERUSER_HINT})")
+        raise error
+
+
+class _BadResponse(Exception):
+    """A 2xx whose body is not what the contract says."""
+
+
+def _transport_failure(error: requests.RequestException) -> tuple[UnavailableReason, str]:
+    """Reason code and text of a failure below HTTP; "refused" and "connect_timeout" mean the
+    request never reached the server."""
+    if isinstance(error, requests.ConnectTimeout):
+        return "connect_timeout", "ConnectTimeout"
+    if isinstance(error, requests.Timeout):
+        return "read_timeout", type(error).__name__
+    cause = error.args[0] if error.args else None
+    if isinstance(getattr(cause, "reason", None), NewConnectionError):
+        return "refused", "connection refused or host unreachable"
+    return "connection", type(error).__name__
+
+
+def _json_object(response: requests.Response) -> dict:
     if not response.content:
         return {}
     try:
         body = response.json()
     except ValueError as error:
-        raise AntennaUnavailable(f"{response.url}: response is not JSON ({error})") from None
-    return body if isinstance(body, dict) else {"results": body}
+        raise _BadResponse(f"response is not JSON ({str(error)[:100]})") from None
+    if isinstance(body, list):
+        return {"results": body}
+    if not isinstance(body, dict):
+        raise _BadResponse(f"response is JSON {type(body).__name__}, not an object")
+    return body
+
+
+def _lenient(response: requests.Response) -> dict:
+    try:
+        return _json_object(response)
+    except _BadResponse as error:
+        log.warning("%s answered %d with a body it could not read (%s); taken as accepted",
+                    response.request.path_url.split("?")[0], response.status_code, error)
+        return {}
+
+
+def _rows(body: dict, key: str) -> list:
+    rows = body.get(key, [])
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise _BadResponse(f"'{key}' is not a list of objects")
+    return rows
+
+
+def _job_refs(response: requests.Response) -> list[JobRef]:
+    rows = _rows(_json_object(response), "results")
+    try:
+        return [JobRef(int(row["id"]), str(row.get("pipeline_slug", ""))) for row in rows]
+    except (KeyError, TypeError, ValueError) as error:
+        raise _BadResponse(f"a job row has no integer id ({error!r})") from None
+
+
+def _tasks(response: requests.Response) -> list[Task]:
+    rows = _rows(_json_object(response), "tasks")
+    try:
+        return [Task.model_validate(row) for row in rows]
+    except ValidationError as error:
+        raise _BadResponse(f"a task is malformed ({error.error_count()} errors)") from None
+
+
+def _project_page(response: requests.Response) -> dict:
+    body = _json_object(response)
+    body["results"] = _rows(body, "results")
+    return body
 
 
 def _error_text(response: requests.Response) -> str:

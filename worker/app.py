@@ -6,6 +6,8 @@ import logging
 import os
 import time
 from functools import partial
+from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -13,20 +15,24 @@ from worker.antenna import AntennaClient
 from worker.daemon import Worker
 from worker.hooks import Middleware
 from worker.ingest import start_fork_server, wait_for_fork_server
-from worker.pipelines import NullPipeline, ReferencePipeline, load_pipeline, select_device, warm_up
+from worker.pipelines import ADC_SLUGS, ADCOptions, load_pipeline, select_device, warm_up
+from worker.planning import Planner, build_planner, read_worker_limits
 from worker.posting import ResultPoster, Spool
 from worker.settings import Settings, SettingsError
-from watchdog.limits import Limits, find_cgroup, owns_cgroup, read_limits
+from watchdog.limits import Limits, find_cgroup, owns_cgroup
 from watchdog.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
 
 def offered_slugs(settings: Settings) -> list[str]:
-    """Pipelines this worker serves: AMI_ANTENNA_PIPELINES, else every built-in one (+ TorchScript)."""
+    """Pipelines this worker serves: AMI_ANTENNA_PIPELINES, else ADC's ten (+ TorchScript).
+
+    ``synthetic-moths`` and ``null`` are served only when named, so a worker left at its defaults
+    never registers them with a real server."""
     if settings.pipeline_slugs:
         return settings.pipeline_slugs
-    slugs = [ReferencePipeline.slug, NullPipeline.slug]
+    slugs = list(ADC_SLUGS)
     if settings.pipeline_torchscript_path:
         slugs.append(settings.pipeline_torchscript_slug)
     return slugs
@@ -39,27 +45,31 @@ def make_client(settings: Settings) -> AntennaClient:
     )
 
 
+def adc_options(settings: Settings) -> ADCOptions:
+    return ADCOptions(
+        models_dir=settings.models_path, base_url=settings.models_base_url,
+        hub_dir=Path(torch.hub.get_dir()) / "models", include_logits=settings.result_include_logits,
+        idle_evict_s=settings.pipeline_idle_evict_s,
+    )
+
+
 def pipeline_loader(settings: Settings, device: torch.device):
     return partial(
         load_pipeline, device=device, torchscript_path=settings.pipeline_torchscript_path,
         torchscript_slug=settings.pipeline_torchscript_slug, reference_cost=settings.reference_pipeline_cost,
+        adc=adc_options(settings),
         localization_batch_size=settings.localization_batch_size,
         classification_batch_size=settings.classification_batch_size,
         classification_threshold=settings.classification_threshold,
     )
 
 
-def default_middlewares(settings: Settings) -> list[Middleware]:
-    from worker.middleware import build_middlewares
-
-    return build_middlewares(settings)
-
-
 def preload_pipelines(settings: Settings, pipelines) -> None:
-    """Load every offered pipeline now: a broken model fails the start, not the first job."""
+    """Load every offered pipeline now and fetch and check its files: a missing or broken model
+    fails the start, not the first job."""
     for slug in offered_slugs(settings):
         try:
-            pipelines(slug)
+            pipelines(slug).prepare()
         except (OSError, RuntimeError, ValueError) as error:
             variable = "AMI_PIPELINE_TORCHSCRIPT_PATH" if slug == settings.pipeline_torchscript_slug else "AMI_ANTENNA_PIPELINES"
             raise SettingsError(f"{variable}: pipeline {slug!r} cannot be loaded: {str(error).splitlines()[0][:300]}") from None
@@ -80,18 +90,9 @@ def warm_up_pipelines(settings: Settings, pipelines) -> None:
 def freeze_startup_objects() -> None:
     """Move what start-up made (imports, models, the warm-up's survivors) out of the cyclic
     collector's reach: they live as long as the process, and a full collection then walks only
-    what jobs create. The probe's baseline and each loader's close run one; on the small benchmark
-    job the probe's took about 0.15 s before this, 2 ms after."""
+    what jobs create (the probe's baseline and each loader's close run one)."""
     gc.collect()
     gc.freeze()
-
-
-def read_worker_limits(settings: Settings) -> Limits:
-    return read_limits(
-        configured_max_bytes=settings.max_memory_bytes,
-        soft_cap_fraction=settings.watchdog_soft_cap_fraction,
-        hard_cap_fraction=settings.watchdog_hard_cap_fraction,
-    )
 
 
 def make_sampler(settings: Settings, on_sample) -> Sampler:
@@ -101,9 +102,31 @@ def make_sampler(settings: Settings, on_sample) -> Sampler:
     return Sampler(os.getpid(), interval_s=settings.watchdog_interval_s, cgroup=owned, on_sample=on_sample)
 
 
-def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None) -> Worker:
+def startup_banner(settings: Settings, device: torch.device, limits: Limits) -> str:
+    """One line with what an operator asks first: which build, on what, against which server."""
+    from worker import __version__
+    from worker.settings import redact_url
+
+    cuda = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    if device.type == "cuda":
+        cuda += f", {torch.cuda.device_count()} visible, using {torch.cuda.get_device_name(device)}"
+    return (f"antenna-worker {__version__} starting: torch {torch.__version__} ({cuda}), device {device.type}, "
+            f"API {redact_url(settings.antenna_api_base_url)}, pipelines {','.join(offered_slugs(settings))}, "
+            f"memory limit {limits.effective_limit_bytes / 2**20:.0f} MiB ({limits.limit_source})")
+
+
+def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None,
+                 planner: Planner | None = None, environ: Mapping[str, str] = {}) -> Worker:
+    """The worker ``settings`` describe. ``environ`` is the process environment as the CLI read it
+    (systemd's and OpenMP's variables); nothing below the CLI reads ``os.environ``."""
     settings.require_token()
     device = select_device(settings.device)
+    if device.type == "cuda" and settings.gpu_memory_fraction < 1.0:
+        torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
+        log.info("CUDA allocations capped at %.0f%% of the device (AMI_GPU_MEMORY_FRACTION)",
+                 100 * settings.gpu_memory_fraction)
+    limits = read_worker_limits(settings)
+    log.info("%s", startup_banner(settings, device, limits))
     client = make_client(settings)
     poster = ResultPoster(
         make_client(settings), Spool(settings.user_data_path / "spool"),
@@ -118,11 +141,15 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
     freeze_startup_objects()
     if loader_workers:
         wait_for_fork_server()  # ready means a job's loader starts at once
+    planner = build_planner(settings) if planner is None else planner
+    if middlewares is None:
+        from worker.middleware import build_middlewares
+
+        middlewares = build_middlewares(settings, planner, environ)
     worker = Worker(
         settings, client=client, poster=poster, pipelines=pipelines,
-        pipeline_slugs=offered_slugs(settings),
-        middlewares=default_middlewares(settings) if middlewares is None else middlewares,
-        burst=burst, cuda=device.type == "cuda", limits=read_worker_limits(settings),
+        pipeline_slugs=offered_slugs(settings), middlewares=middlewares, planner=planner,
+        burst=burst, cuda=device.type == "cuda", limits=limits, environ=environ,
     )
     worker.sampler = make_sampler(settings, worker._on_sample)
     return worker

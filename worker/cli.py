@@ -1,6 +1,9 @@
 """The ``worker`` command: thin. Builds settings, then the object to run, then runs it.
 
-Exit codes: 0 done, 1 a check or run failed, 2 a bad setting or argument (one line on stderr).
+A failure a user can cause is one line on stderr, ``worker: ...``, and an exit code (the README's
+table): 0 done, 1 a check or run failed, 2 a bad setting or argument, 3 the API rejected a request
+(token, project or job id; for ``run --burst``: the last listing or result post was rejected for the
+token, 401/403), 4 the API stayed unreachable, 130 interrupted, 141 stdout closed early.
 """
 from __future__ import annotations
 
@@ -8,15 +11,36 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from worker.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
 
+EXIT_BAD_SETTING = 2
+EXIT_API_REJECTED = 3
+EXIT_API_UNREACHABLE = 4
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a C tool reports `tool | head`
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line naming the fix, exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(EXIT_BAD_SETTING, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(env_file=args.env_file)
+    """Load settings, configure logging from them, and warn once about each unused AMI_ variable."""
+    from worker.logs import configure_logging
+    from worker.settings import unused_variable_warnings, variable_names
+
+    settings = load_settings(env_file=args.env_file)
+    configure_logging(settings.log_level, settings.log_format, secrets=[settings.token])
+    for line in unused_variable_warnings(variable_names(args.env_file)):
+        log.warning("%s", line)
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -24,7 +48,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(settings)
-    worker = build_worker(settings, burst=args.burst)
+    from worker.fleet import fleet_size, run_fleet
+
+    environ = dict(os.environ)
+    processes = fleet_size(settings, args.processes, environ)
+    if processes > 1:  # a parent of worker processes (worker/fleet.py)
+        if args.memray:
+            raise SettingsError("--memray records one process: use it with --processes 1")
+        return run_fleet(settings, processes, env_file=args.env_file, burst=args.burst, environ=environ)
+    worker = build_worker(settings, burst=args.burst, environ=environ)
     worker.install_signal_handlers()
     if args.memray:
         from worker.commands.profile import memray_tracking
@@ -43,7 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _logging(settings)
     return run_tune(settings, job_id=args.job, images=args.images or [], pipeline=args.pipeline,
                     write_env=Path(args.write_env) if args.write_env else None, out=sys.stdout,
-                    probe_tasks=args.probe_tasks)
+                    probe_tasks=args.probe_tasks, environ=dict(os.environ))
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -55,7 +87,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     settings.require_token()
     client = make_client(settings)
     load = pipeline_loader(settings, select_device(settings.device))
-    configs = [load(slug).config() for slug in offered_slugs(settings)]
+    configs = [_pipeline_config(load, slug) for slug in offered_slugs(settings)]
     projects = [args.project] if args.project else [int(p["id"]) for p in client.list_projects()]
     for project_id in projects:
         client.register_pipelines(project_id, settings.antenna_service_name, configs)
@@ -64,10 +96,29 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_config(load, slug: str) -> dict:
+    """The registration body of ``slug``; a pipeline that cannot load (an unknown slug, a labels file
+    that cannot be fetched or read) is one line naming it."""
+    try:
+        return load(slug).config()
+    except (OSError, RuntimeError, ValueError) as error:
+        raise SettingsError(f"AMI_ANTENNA_PIPELINES: pipeline {slug!r} cannot be registered: "
+                            f"{str(error).splitlines()[0][:300]}") from None
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from worker.commands.models import run_fetch, run_list
+
+    settings = _settings(args)
+    _logging(settings)
+    action = run_fetch if args.models_command == "fetch" else run_list
+    return action(settings, args.pipelines, sys.stdout)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from worker.testing.antenna_server import add_server_arguments, run_server
 
-    parser = argparse.ArgumentParser(prog="worker serve-antenna", description="The local Antenna-compatible server.")
+    parser = OneLineParser(prog="worker serve-antenna", description="The local Antenna-compatible server.")
     add_server_arguments(parser)
     server_args = parser.parse_args(args.server_args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
@@ -102,6 +153,12 @@ def _logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, secrets=[settings.token])
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -109,19 +166,43 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+def version_text() -> str:
+    """``antenna-worker X, torch Y, Python Z``: from package metadata, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from worker import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"antenna-worker {__version__}, torch {torch_version}, Python {sys.version.split()[0]}"
+
+
+SERVE_COMMAND = "serve-antenna"
+ENV_FILE_HELP = "dotenv file to read (default .env); before or after the subcommand"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worker", description="Self-tuning Antenna image-inference worker.")
-    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    parser = OneLineParser(prog="worker", description="Self-tuning Antenna image-inference worker.")
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--env-file", default=".env", help=ENV_FILE_HELP)
+    # Each subcommand takes --env-file too; SUPPRESS keeps the global value unless it is given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--env-file", default=argparse.SUPPRESS, help=ENV_FILE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="poll the Antenna API and process jobs until stopped")
-    run.add_argument("--burst", action="store_true", help="process every available job, then exit 0")
+    run = sub.add_parser("run", parents=[common], help="poll the Antenna API and process jobs until stopped")
+    run.add_argument("--burst", action="store_true", help="process every available job, then exit "
+                     "(0; 3 when the API rejected the token)")
     run.add_argument("--memray", metavar="OUT.bin", help="record this process's allocations with memray "
                      "(loader workers are separate processes and are not recorded; see docs/benchmarks.md)")
+    run.add_argument("--processes", type=_positive_int, metavar="N", help="run N worker processes under one parent "
+                     "(default AMI_WORKER_PROCESSES, else one per visible CUDA device, else 1); see docs/deployment.md")
     run.add_argument("--memray-native", action="store_true", help="with --memray: also record native stacks")
     run.set_defaults(func=cmd_run)
 
-    tune = sub.add_parser("tune", help="dry run of autotune: probe a job or sample images, print the plan")
+    tune = sub.add_parser("tune", parents=[common], help="dry run of autotune: probe a job or sample images, print the plan")
     target = tune.add_mutually_exclusive_group()
     target.add_argument("--job", type=int, help="job id to probe (default: the next job of the configured pipelines)")
     target.add_argument("--images", nargs="+", metavar="DIR|URL", help="sample images: a folder, files or URLs "
@@ -131,11 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--write-env", metavar="FILE", help="also write the recommended env lines to FILE")
     tune.set_defaults(func=cmd_tune)
 
-    register = sub.add_parser("register", help="register this worker's pipelines with Antenna projects")
+    register = sub.add_parser("register", parents=[common], help="register this worker's pipelines with Antenna projects")
     register.add_argument("--project", type=int, help="project id (default: every project the token sees)")
     register.set_defaults(func=cmd_register)
 
-    demo = sub.add_parser("demo", help="generate images, start a local server, run the worker, summarise")
+    models = sub.add_parser("models", parents=[common], help="ADC's model files: fetch them ahead of a run, or list what is cached")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    for name, text in (("fetch", "download the weights and labels files into AMI_MODELS_DIR and check them"),
+                       ("list", "show each file: in the cache, in ADC's torch-hub cache, or missing (exit 1)")):
+        action = models_sub.add_parser(name, parents=[common], help=text)
+        action.add_argument("--pipelines", nargs="+", metavar="SLUG", help="ADC slugs, space- or comma-separated "
+                            "(default: the ADC slugs of AMI_ANTENNA_PIPELINES, else all ten)")
+    models.set_defaults(func=cmd_models)
+
+    demo = sub.add_parser("demo", parents=[common], help="generate images, start a local server, run the worker, summarise")
     demo.add_argument("--small", type=int, default=24, help="small (~1.5 MB) images (default 24)")
     demo.add_argument("--large", type=int, default=8, help="large (~24 MB, 4096x3072) images (default 8)")
     demo.add_argument("--data-dir", default=None, help="where generated images are cached")
@@ -143,16 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     # The local server parses its own arguments: `worker run` never imports the test room.
-    serve = sub.add_parser("serve-antenna", help="run the local Antenna-compatible server "
+    serve = sub.add_parser(SERVE_COMMAND, help="run the local Antenna-compatible server "
                            "(`worker serve-antenna --help` lists its options)", add_help=False)
     serve.add_argument("server_args", nargs=argparse.REMAINDER)
     serve.set_defaults(func=cmd_serve)
 
-    config = sub.add_parser("config", help="print the effective settings and where each came from")
+    config = sub.add_parser("config", parents=[common], help="print the effective settings as an env file, grouped by "
+                            "where each came from; defaults and the token commented out")
     config.set_defaults(func=cmd_config)
 
-    check = sub.add_parser("check", help="check API reachability and auth, FD limit, memory limit, /dev/shm; "
-                                         "exit 0 when all pass, 1 otherwise")
+    check = sub.add_parser("check", parents=[common], help="check the API and token (reserve included), device, "
+                           "pipelines, spool, metrics port, FD and memory limits, /dev/shm; exit 0 when all pass, 1 otherwise")
     check.set_defaults(func=cmd_check)
     return parser
 
@@ -161,12 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 # loads, so they are set before any command imports torch. An operator's own value wins.
 # - OMP_WAIT_POLICY=PASSIVE: OpenMP threads that reach a barrier first sleep instead of spinning.
 #   On CPU the main process's intra-op threads share the cores with the loader workers (and often
-#   an image server), and a spinning thread burns a core another process needs: forced plan
-#   w1 b4 i2 on the small benchmark job, 8.17 -> 9.55 images/s, main process 35.5 -> 24.8 core-s.
+#   an image server), and a spinning thread burns a core another process needs.
 # - THP_MEM_ALLOC_ENABLE=1: torch backs CPU tensors of 2 MiB and more with transparent huge pages
 #   (where the kernel allows them on request), so the forward pass's large temporaries fault in
-#   2 MiB at a time instead of 4 KiB: forced plan w1 b16 i2, main process system time 8.7 -> 4.8
-#   core-s, 8.37 -> 8.91 images/s.
+#   2 MiB at a time instead of 4 KiB.
+# What each gains on the benchmark's small job is in README.md ("Tuning for large-image workloads").
 PROCESS_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
 
 
@@ -175,16 +265,60 @@ def apply_process_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """``serve-antenna`` hands everything after it to the local server's own parser: argparse's
+    REMAINDER would stop at the first option (``serve-antenna --port 0``)."""
+    if SERVE_COMMAND not in argv:
+        return build_parser().parse_args(argv)
+    at = argv.index(SERVE_COMMAND)
+    args = build_parser().parse_args(argv[:at + 1])
+    args.server_args = argv[at + 1:]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     apply_process_defaults()
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except SettingsError as error:
         print(f"worker: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTING
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (`worker config | head`): nothing more can be written, and the flush at
+        # exit must not fail again, so stdout goes to /dev/null from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as error:
+        code = _api_exit_code(error)
+        if code is None:
+            raise
+        print(f"worker: {api_error_line(error, args)}", file=sys.stderr)
+        return code
+
+
+def _api_exit_code(error: Exception) -> Optional[int]:
+    from worker.antenna import AntennaRejected, AntennaUnavailable
+
+    if isinstance(error, AntennaRejected):
+        return EXIT_API_REJECTED
+    if isinstance(error, AntennaUnavailable):
+        return EXIT_API_UNREACHABLE
+    return None
+
+
+def api_error_line(error: Exception, args: argparse.Namespace) -> str:
+    """One line for an API error that ends a command, naming the setting to check."""
+    from worker.antenna import AntennaRejected
+
+    text = " ".join(str(error).split())[:300]
+    if isinstance(error, AntennaRejected) and error.status in (401, 403):
+        return f"the API rejected the token ({text}): check AMI_ANTENNA_API_AUTH_TOKEN"
+    if isinstance(error, AntennaRejected):
+        return f"the API refused the request ({text}): check the ids given and AMI_ANTENNA_API_BASE_URL"
+    return f"the API is unreachable ({text}): check AMI_ANTENNA_API_BASE_URL and the network"
 
 
 if __name__ == "__main__":

@@ -1,36 +1,51 @@
-"""The worker loop: poll for jobs, per job build the loader, infer, post; drain on signals.
+"""The worker loop: poll for jobs; per job plan, build the loader, infer, post; drain on signals.
 
-Mechanism only. Policy (plans, memory governance, metrics, service notifications) arrives through
-``Middleware`` hooks. Signal handlers only set flags; the loop acts on them:
+Mechanism only. The plan comes from one injected ``Planner`` (``worker.planning``), a step of the
+loop; the rest of policy (memory governance, metrics, service notifications, autotune's learning)
+arrives through ``Middleware`` hooks (``worker.hooks``). Signal handlers only set flags; a watcher
+thread woken by ``signal.set_wakeup_fd`` passes them on to the live loader and wakes the loop:
 SIGTERM/SIGINT drain (no new reserves, finish and post in-flight work, exit 0 within
 ``AMI_SHUTDOWN_GRACE_S``), a second one forces; SIGUSR1 drains after the current job.
+
+A listing rejected for auth (401/403) is an ERROR and backs off (up to ``AUTH_BACKOFF_CAP_S``);
+``run`` in burst mode then returns ``EXIT_TOKEN_REJECTED`` (also when result posts were rejected).
 """
 from __future__ import annotations
 
 import logging
+import os
+import select
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from autotune.plan import MINIMAL_PLAN, LoaderPlan
-from worker.antenna import AntennaClient, AntennaError, JobRef, client_info
+from autotune.plan import MINIMAL_PLAN
+from watchdog.limits import Limits
+from watchdog.sampler import MemorySnapshot, Sampler
+from worker.antenna import AntennaClient, AntennaError, AntennaRejected, JobRef, client_info
+from worker.backoff import backoff_delay_s
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
 from worker.pipelines import Pipeline, run_batch
+from worker.planning import Planner, SettingsPlanner
 from worker.posting import ResultPoster
 from worker.release import TaskReleaser
+from worker.results import Failure, ImageResult
 from worker.settings import Settings
-from watchdog.limits import Limits
-from watchdog.sampler import MemorySnapshot, Sampler
 
 log = logging.getLogger(__name__)
 
 BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
+EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing or result post
+AUTH_BACKOFF_CAP_S = 300.0
+# The wake-up byte is written before the Python-level handler runs on the main thread, which then
+# sets the flags between two bytecodes: a few milliseconds cover it on a busy host.
+SIGNAL_SETTLE_S = 0.02
 
 
 @dataclass
@@ -43,20 +58,6 @@ class StopState:
     drain_deadline_s: Optional[float] = None
 
 
-def plan_from_settings(settings: Settings, *, cuda: bool) -> LoaderPlan:
-    """The plan the operator's settings describe (ADC's meanings), used when autotune is off."""
-    return LoaderPlan(
-        tasks_per_reserve=settings.antenna_api_batch_size,
-        batch_size=settings.antenna_api_batch_size,
-        num_workers=settings.dataloader_num_workers,
-        prefetch_factor=settings.antenna_api_dataloader_prefetch_factor,
-        # Pinned host memory only helps host->GPU copies; without CUDA it is pure cost.
-        pin_memory=settings.antenna_api_dataloader_pin_memory and cuda,
-        download_threads=settings.antenna_api_dataloader_download_threads,
-        source="settings",
-    )
-
-
 class Worker:
     def __init__(
         self,
@@ -67,10 +68,12 @@ class Worker:
         pipelines: Callable[[str], Pipeline],
         pipeline_slugs: Sequence[str],
         middlewares: Sequence[Middleware] = (),
+        planner: Optional[Planner] = None,
         burst: bool = False,
         cuda: bool = False,
         limits: Optional[Limits] = None,
         sampler: Optional[Sampler] = None,
+        environ: Mapping[str, str] = {},
     ) -> None:
         self.settings = settings
         self.client = client
@@ -78,6 +81,8 @@ class Worker:
         self.pipelines = pipelines
         self.pipeline_slugs = list(pipeline_slugs)
         self.middlewares = list(middlewares)
+        self.planner = planner if planner is not None else SettingsPlanner()
+        self.environ = environ  # the process environment as the CLI read it (OMP_NUM_THREADS, say)
         self.burst = burst
         self.cuda = cuda
         self.stop = StopState()
@@ -89,6 +94,8 @@ class Worker:
         self.sampler = sampler
         self._sample_listeners: list[Callable[[MemorySnapshot], None]] = []
         self.current: Optional[JobContext] = None
+        self.auth_failures_in_row = 0
+        self._auth_wait_s = 0.0
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
@@ -104,9 +111,17 @@ class Worker:
     # --- signals: handlers only set flags ---
 
     def install_signal_handlers(self) -> None:
+        """Handlers that only set flags (main thread only). The interpreter writes each signal's
+        number to a pipe (``signal.set_wakeup_fd``); a watcher thread reads it, passes the flags on
+        to the live loader and wakes the loop. An ``Event.set()`` inside the handler could deadlock
+        against the interrupted ``wait()``, which holds the same lock."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_terminate)
         signal.signal(signal.SIGINT, self._on_terminate)
         signal.signal(signal.SIGUSR1, self._on_recycle)
+        threading.Thread(target=self._watch_signals, args=(read_fd,), name="signal-watch", daemon=True).start()
 
     def _on_terminate(self, signum: int, _frame: object) -> None:
         if self.stop.draining:
@@ -114,8 +129,17 @@ class Worker:
         else:
             self.stop.draining = True
             self.stop.drain_deadline_s = time.monotonic() + self.settings.shutdown_grace_s
-        self.wake.set()
-        self._flag_loader()
+
+    def _watch_signals(self, read_fd: int) -> None:
+        while True:
+            select.select([read_fd], [], [])
+            if not os.read(read_fd, 512):
+                return
+            # The handler runs (in the main thread) after the wake-up byte is written: wait for its
+            # flags before acting on them.
+            time.sleep(SIGNAL_SETTLE_S)
+            self.wake.set()
+            self._flag_loader()
 
     def _flag_loader(self) -> None:
         """Copy the stop flags into the live loader's shared control block now.
@@ -134,7 +158,6 @@ class Worker:
 
     def _on_recycle(self, signum: int, _frame: object) -> None:
         self.stop.after_job = True
-        self.wake.set()
 
     @property
     def stopping(self) -> bool:
@@ -147,6 +170,7 @@ class Worker:
         self._call("on_start")
         if self.sampler is not None:
             self.sampler.start()
+        self.planner.start(self)
         self.poster.replay_spool()
         try:
             while not self.stopping and not self.stop.after_job:
@@ -156,18 +180,26 @@ class Worker:
                     break
                 if not did_work and not self.stopping:
                     self._call("on_idle")
-                    self.wake.wait(self.settings.antenna_idle_sleep_seconds)
+                    self.wake.wait(self._auth_wait_s or self.settings.antenna_idle_sleep_seconds)
                     self.wake.clear()
         finally:
             self._shutdown()
+        return self._exit_code()
+
+    def _exit_code(self) -> int:
+        if self.burst and (self.client.auth_rejected or self.poster.client.auth_rejected):
+            log.error("burst: exiting %d, the API rejected the token: check AMI_ANTENNA_API_AUTH_TOKEN",
+                      EXIT_TOKEN_REJECTED)
+            return EXIT_TOKEN_REJECTED
         return 0
 
     def _poll_once(self) -> bool:
         try:
             jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None)
         except AntennaError as error:
-            log.warning("listing jobs failed: %s", error)
+            self._listing_failed(error)
             return False
+        self.auth_failures_in_row, self._auth_wait_s = 0, 0.0
         did_work = False
         for job in jobs:
             if self.stopping or self.stop.after_job:
@@ -175,21 +207,32 @@ class Worker:
             did_work = self.process_job(job) > 0 or did_work
         return did_work
 
+    def _listing_failed(self, error: AntennaError) -> None:
+        if not (isinstance(error, AntennaRejected) and error.auth):
+            log.warning("listing jobs failed: %s", error)
+            return
+        self.auth_failures_in_row += 1
+        idle_s = self.settings.antenna_idle_sleep_seconds
+        self._auth_wait_s = max(idle_s, backoff_delay_s(self.auth_failures_in_row, base_s=max(idle_s, 1.0),
+                                                        cap_s=AUTH_BACKOFF_CAP_S))
+        log.error("listing jobs: the API rejected the token (%s, %d in a row); check "
+                  "AMI_ANTENNA_API_AUTH_TOKEN; next try in %.1f s", error, self.auth_failures_in_row,
+                  self._auth_wait_s)
+
     def process_job(self, job: JobRef) -> int:
         """Process what ``job`` hands out now; returns how many images got a result."""
-        pipeline = self.pipelines(job.pipeline_slug)
-        ctx = JobContext(job=job, plan=plan_from_settings(self.settings, cuda=self.cuda))
-        ctx.notes["pipeline"] = pipeline
+        ctx = JobContext(job=job, pipeline=self.pipelines(job.pipeline_slug))
         self.current = ctx
         self._call("on_job_start", ctx)
+        self._plan(ctx)
         for attempt in range(MAX_LOADER_REBUILDS_PER_JOB + 1):
-            self._run_loader(ctx, pipeline)
-            if not ctx.rebuild_requested or self.stopping or attempt == MAX_LOADER_REBUILDS_PER_JOB:
+            self._run_loader(ctx)
+            if ctx.rebuild_reason is None or self.stopping or attempt == MAX_LOADER_REBUILDS_PER_JOB:
                 break
-            log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id,
-                        ctx.notes.get("rebuild_reason", "requested"))
-            ctx.rebuild_requested = False
+            log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id, ctx.rebuild_reason)
+            ctx.rebuild_reason = None
             ctx.plan = MINIMAL_PLAN
+        ctx.stats.tasks_stranded += self.poster.take_stranded(job.id)  # results it could not post nor spool
         self._call("on_job_end", ctx)
         self._set_inference_threads(self.default_inference_threads)
         self.current = None
@@ -199,7 +242,19 @@ class Worker:
                  ctx.stats.images_per_s(), ctx.stats.tasks_stranded, ctx.stats.observed())
         return ctx.stats.images
 
-    def _run_loader(self, ctx: JobContext, pipeline: Pipeline) -> None:
+    def _plan(self, ctx: JobContext) -> None:
+        """The planning step: the planner's batch (the probe's tasks) through the batch path, then
+        the plan. The loop is ``ctx.plan``'s only writer."""
+        sample = self.planner.sample(self, ctx)
+        if sample is not None:
+            try:
+                self.handle_batch(ctx, sample)
+            finally:
+                sample.release()
+        ctx.plan = self.planner.plan(self, ctx)
+
+    def _run_loader(self, ctx: JobContext) -> None:
+        assert ctx.plan is not None, "the planning step sets the plan before any loader"
         source = self.ingest_source(ctx.job.id)
         log.info("job %d: loader plan %s", ctx.job.id, ctx.plan.describe())
         self._set_inference_threads(ctx.plan.inference_threads or self.default_inference_threads)
@@ -207,8 +262,7 @@ class Worker:
             loader = Loader(source, ctx.plan)
         except LoaderFailed as error:  # out of file descriptors or processes: nothing was reserved
             log.error("job %d: loader failed: %s", ctx.job.id, str(error))
-            ctx.rebuild_requested = True
-            ctx.notes["rebuild_reason"] = f"loader failed: {str(error)[:200]}"
+            ctx.request_rebuild(f"loader failed: {str(error)[:200]}")
             return
         with loader:
             ctx.loader = loader
@@ -216,7 +270,7 @@ class Worker:
             try:
                 for batch in loader:
                     try:
-                        self._handle_batch(ctx, pipeline, batch)
+                        self.handle_batch(ctx, batch)
                     finally:
                         batch.release()  # results are computed: loader workers may reuse the buffers
                     del batch  # not held while the next batch is awaited (one batch of images)
@@ -226,8 +280,7 @@ class Worker:
                 # A loader worker died (the kernel's OOM killer, a segfault in a decoder): what it
                 # held is stranded below; the job goes on with a fresh, minimal loader.
                 log.error("job %d: loader failed: %s", ctx.job.id, str(error))
-                ctx.rebuild_requested = True
-                ctx.notes["rebuild_reason"] = f"loader failed: {str(error)[:200]}"
+                ctx.request_rebuild(f"loader failed: {str(error)[:200]}")
             ctx.loader = None
         # After close, not before: an abandoned loader's workers may still be inside a reserve
         # call or have ledger entries in flight; close() joins them and collects the ledger.
@@ -251,13 +304,18 @@ class Worker:
             return True
         if self.stop.draining:
             loader.stop_reserving(self.stop.drain_deadline_s)
-        if ctx.rebuild_requested:
+        if ctx.rebuild_reason is not None:
             loader.abandon()  # batches already decoded still arrive and get posted
         return False
 
-    def _handle_batch(self, ctx: JobContext, pipeline: Pipeline, batch: Batch) -> None:
+    def handle_batch(self, ctx: JobContext, batch: Batch) -> None:
+        """Infer ``batch``, hand its results to the poster, count them, call ``after_batch``.
+
+        The loop's one batch path: the planner's probe batch and every loader batch come here.
+        Whatever the pipeline raises, every item ends as a result (an error result where it failed).
+        """
         started_s, started_cpu_s = time.perf_counter(), time.process_time()
-        results = run_batch(pipeline, batch.items, ctx.job.pipeline_slug)
+        results = self._infer(ctx, batch)
         ctx.stats.last_inference_s = time.perf_counter() - started_s
         ctx.stats.last_inference_cpu_s = time.process_time() - started_cpu_s
         self.poster.submit(ctx.job.id, results)
@@ -277,6 +335,15 @@ class Worker:
                 ctx.stats.images_ok += 1
         ctx.stats.batches += 1
         self._call("after_batch", ctx, batch, results)
+
+    def _infer(self, ctx: JobContext, batch: Batch) -> list[ImageResult]:
+        try:
+            return run_batch(ctx.pipeline, batch.items, ctx.job.pipeline_slug)
+        except Exception as error:  # a pipeline that breaks its contract costs this batch, not the job
+            log.exception("job %d: pipeline %s failed on a batch of %d images: each gets an error result",
+                          ctx.job.id, ctx.job.pipeline_slug, len(batch.items))
+            failure = Failure("pipeline", f"batch processing failed: {type(error).__name__}: {str(error)[:300]}")
+            return [ImageResult.error(item.task, failure) for item in batch.items]
 
     def ingest_source(self, job_id: int) -> IngestSource:
         s = self.settings
@@ -300,8 +367,10 @@ class Worker:
             self.sampler.stop()
         self.poster.close()
         self.client.close()
-        log.info("shutdown complete: %d jobs, %d results posted, %d spooled",
-                 self.jobs_done, self.poster.counters.posted_items, self.poster.counters.spooled_items)
+        counters = self.poster.counters
+        log.info("shutdown complete: %d jobs, %d results posted, %d spooled, %d results stranded (neither "
+                 "posted nor spooled)", self.jobs_done, counters.posted_items, counters.spooled_items,
+                 counters.spool_failed_items)
 
     def _call(self, hook: str, *args: object) -> None:
         for middleware in self.middlewares:

@@ -407,8 +407,8 @@ BUFFER_TAG_BYTES = len(BUFFER_TAG) + 1
 class SharedImageBuffers:
     """Shared-memory image buffers one loader worker reuses once the main process is done with them.
 
-    A fresh shared-memory segment per image is paid in page faults: on this VM allocating and
-    faulting in a 2048x1536 image's 9 MiB costs about half as much CPU as decoding it
+    A fresh shared-memory segment per image is paid in page faults: allocating and faulting in a
+    2048x1536 image's 9 MiB costs about half as much CPU as decoding it
     (docs/benchmarks.md, "Loader and main-process CPU"). So a worker keeps its buffers: each
     carries, after the pixels, a tag and a held flag. The worker sets the flag when it hands the
     image out (``hold``); the main process

@@ -4,15 +4,19 @@
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 from worker import __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (this process: CPU seconds, resident memory, open FDs, start time) and python_info.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
 
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-build_info = Info("antenna_worker_build", "Version of the running worker.", registry=REGISTRY)
+build_info = Info("antenna_worker_build", "Version of the running worker; torch, its CUDA build and the device "
+                  "once the worker has started.", registry=REGISTRY)
 build_info.info({"version": __version__})
 
 images_processed = Counter("antenna_worker_images_processed_total", "Images that got a success result.",
@@ -38,9 +42,29 @@ results_spooled = Counter("antenna_worker_results_spooled_total", "Results spool
                           registry=REGISTRY)
 results_replayed = Counter("antenna_worker_results_replayed_total", "Spooled results posted later.",
                            registry=REGISTRY)
+results_job_gone = Counter("antenna_worker_results_job_gone_total",
+                           "Results dropped because their job was deleted (HTTP 404).", registry=REGISTRY)
+results_spool_failed = Counter("antenna_worker_results_spool_failed_total",
+                               "Results neither posted nor spooled (spool write failed): their tasks are "
+                               "stranded.", registry=REGISTRY)
+spool_corrupt_files = Counter("antenna_worker_spool_corrupt_files_total",
+                              "Unreadable spool files moved to spool/corrupt/.", registry=REGISTRY)
+jobs_rejecting_results = Gauge("antenna_worker_jobs_rejecting_results",
+                               "Jobs whose every result the server rejects (HTTP 400 for all): their results "
+                               "are held in the spool.", registry=REGISTRY)
+api_auth_failures = Counter("antenna_worker_api_auth_failures_total",
+                            "API calls answered 401/403 (main process: listings, result posts).", registry=REGISTRY)
 posts_pending = Gauge("antenna_worker_posts_pending", "Result POSTs queued or in flight.", registry=REGISTRY)
 batches = Counter("antenna_worker_batches_total", "Batches inferred.", ["pipeline"], registry=REGISTRY)
 api_retries = Counter("antenna_worker_api_retries_total", "API calls retried after errors.", registry=REGISTRY)
+api_errors = Counter("antenna_worker_api_errors_total", "Failed API attempts (retried or not), by endpoint (ids as "
+                     "{id}) and status (HTTP code, or connection / timeout).", ["endpoint", "status"], registry=REGISTRY)
+api_last_success = Gauge("antenna_worker_api_last_success_timestamp_seconds",
+                         "Unix time of the last API call that succeeded: a job poll, reserve or result post.",
+                         registry=REGISTRY)
+spool_files = Gauge("antenna_worker_spool_files", "Result files in the spool on disk, waiting to be replayed "
+                    "(left by this process or an earlier one).", registry=REGISTRY)
+spool_bytes = Gauge("antenna_worker_spool_bytes", "Bytes of the result files in the spool on disk.", registry=REGISTRY)
 
 plan_value = Gauge("antenna_worker_plan_value", "Current loader plan (knob = tasks_per_reserve, batch_size, "
                    "num_workers, prefetch_factor, pin_memory, download_threads, inference_threads).", ["knob"], registry=REGISTRY)
@@ -70,8 +94,8 @@ fetch_limit = Gauge("antenna_worker_fetch_limit", "Governor's current fetch limi
                     "prefetch_depth, admit_reserves).", ["knob"], registry=REGISTRY)
 watchdog_actions = Counter("antenna_worker_watchdog_actions_total", "Governor decisions that changed something.",
                            ["action"], registry=REGISTRY)
-watchdog_sampler_cpu_seconds = Gauge("antenna_worker_watchdog_sampler_cpu_seconds",
-                                     "CPU seconds the memory sampler has spent.", registry=REGISTRY)
+watchdog_sampler_cpu_seconds = Counter("antenna_worker_watchdog_sampler_cpu_seconds",
+                                       "CPU seconds the memory sampler has spent.", registry=REGISTRY)
 
 current_job = Gauge("antenna_worker_current_job_id", "Id of the job being processed (0 when idle).",
                     registry=REGISTRY)

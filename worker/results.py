@@ -23,6 +23,7 @@ FailureReason = Literal[
     "timeout",          # the download exceeded its deadline
     "bad_url",          # a URL the worker will not fetch (scheme, redirects, blocked host)
     "inference",        # the pipeline raised on this image alone
+    "pipeline",         # the pipeline broke its contract on the whole batch (a bug, flagged in the log)
     "rejected",         # the server rejected this result as invalid
     "other",
 ]

@@ -2,15 +2,22 @@
 
 Names and defaults of the ADC worker's variables are kept so this is a drop-in replacement.
 Library code receives a ``Settings`` object; nothing below the CLI reads ``os.environ``.
+
+An empty value counts as unset (``AMI_NUM_WORKERS=`` keeps the default and pins nothing), except
+where empty is a choice of its own (``AMI_METRICS_ADDR=`` disables metrics). Every
+``*_BYTES`` setting takes a size with a unit (``4GiB``, ``512MiB``, ``1.5G``); paths expand ``~``.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
-from typing import Literal, Optional
-from urllib.parse import urlparse
+from typing import Iterable, Literal, Mapping, Optional
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "AMI_"
@@ -20,6 +27,62 @@ def default_user_data_path() -> Path:
     """The platform app dir ADC uses on Linux (XDG data home)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "AMI"
+
+
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``; other URLs unchanged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# Size suffixes, case-insensitive. K, M, G, T are powers of 1024 as in systemd's MemoryMax=, like
+# KiB..TiB; KB..TB are powers of 1000.
+SIZE_UNIT_BYTES = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size_bytes(text: str) -> int:
+    """``"4GiB"`` -> 4294967296; a bare number is bytes. Raises ValueError naming the accepted forms."""
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in SIZE_UNIT_BYTES:
+        raise ValueError("must be bytes or a size such as 4GiB, 512MiB or 1.5G "
+                         "(K/M/G/T and KiB/MiB/GiB/TiB count in 1024s, KB/MB/GB/TB in 1000s)")
+    number = match.group(1)
+    return int(number) * SIZE_UNIT_BYTES[unit] if number.isdigit() else int(float(number) * SIZE_UNIT_BYTES[unit])
+
+
+# ADC's settings (trapdata/settings.py) that this worker does not use, and why: an ADC .env works
+# here, and each of these gets one warning instead of silently doing nothing.
+_MODELS_ARE_PIPELINES = "models are chosen as pipelines with AMI_ANTENNA_PIPELINES (own detector: AMI_PIPELINE_TORCHSCRIPT_PATH)"
+ADC_IGNORED_VARIABLES = {
+    "AMI_LOCALIZATION_MODEL": _MODELS_ARE_PIPELINES,
+    "AMI_BINARY_CLASSIFICATION_MODEL": _MODELS_ARE_PIPELINES,
+    "AMI_SPECIES_CLASSIFICATION_MODEL": _MODELS_ARE_PIPELINES,
+    "AMI_FEATURE_EXTRACTOR": "no feature vectors are computed",
+    "AMI_INCLUDE_FEATURES": "results carry no feature vectors",
+    "AMI_INCLUDE_LOGITS": "results carry the logits their pipeline produces",
+    "AMI_PIPELINES": "set AMI_ANTENNA_PIPELINES instead",
+    "AMI_IMAGE_BASE_PATH": "images come from each task's image URL, not a local folder",
+    "AMI_IMAGE_BASE_URL": "images come from each task's image URL",
+    "AMI_MODEL_BASE_URL": "the built-in pipelines download no weights",
+}
+
+
+# Settings whose empty value means something (metrics off); any other empty value counts as unset.
+EMPTY_IS_A_CHOICE = frozenset({"metrics_addr"})
 
 
 class SettingsError(ValueError):
@@ -66,9 +129,16 @@ class Settings(BaseSettings):
     pipeline_torchscript_path: Optional[Path] = None
     pipeline_torchscript_slug: str = "torchscript"
     reference_pipeline_cost: int = Field(1, ge=1, le=100)
+    models_base_url: str = "https://object-arbutus.cloud.computecanada.ca/ami-models"
+    models_dir: Optional[Path] = None
+    result_include_logits: bool = True
+    pipeline_idle_evict_s: float = Field(1800.0, ge=0.0)
+    gpu_memory_fraction: float = Field(1.0, gt=0.0, le=1.0)
     nats_url: Optional[str] = None
 
     autotune: bool = True
+    # Benchmarks only (benchmarks/run.py): one LoaderPlan as JSON forced on every job; see worker/planning.py.
+    benchmark_plan_json: Optional[str] = None
     autotune_probe_tasks: int = Field(3, ge=1, le=32)
     memory_reserve_bytes: int = Field(1024**3, ge=0)
     memory_safety_factor: float = Field(0.85, gt=0.0, le=1.0)
@@ -81,6 +151,10 @@ class Settings(BaseSettings):
     watchdog_hard_cap_deadline_s: float = Field(20.0, gt=0.0)
 
     metrics_addr: str = "127.0.0.1:9464"
+    # Ports to try from AMI_METRICS_ADDR's upward when it is busy; 1: a busy port is an error.
+    metrics_port_attempts: int = Field(1, ge=1, le=1000)
+    # `worker run --processes`: worker processes under one parent (None: one per visible CUDA device, else 1).
+    worker_processes: Optional[int] = Field(None, ge=1, le=64)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_grace_s: float = Field(60.0, gt=0.0)
@@ -93,12 +167,40 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as http://localhost:8000/api/v2")
         return value.rstrip("/")
 
+    @field_validator("models_base_url")
+    @classmethod
+    def _mirror_url(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https", "file") or (parsed.scheme != "file" and not parsed.netloc):
+            raise ValueError("must be an http(s):// or file:// URL of a copy of ADC's ami-models folder")
+        return value.rstrip("/")
+
     @field_validator("metrics_addr")
     @classmethod
     def _host_port(cls, value: str) -> str:
         if value and (":" not in value or not value.rsplit(":", 1)[1].isdigit()):
             raise ValueError("must be HOST:PORT such as 127.0.0.1:9464, or empty to disable")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, values: object) -> object:
+        if not isinstance(values, dict):
+            return values
+        return {name: value for name, value in values.items()
+                if not (value == "" and name not in EMPTY_IS_A_CHOICE)}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _size_units(cls, value: object, info: ValidationInfo) -> object:
+        if info.field_name and info.field_name.endswith("_bytes") and isinstance(value, str):
+            return parse_size_bytes(value)
+        return value
+
+    @field_validator("user_data_path", "pipeline_torchscript_path")
+    @classmethod
+    def _expand_home(cls, value: Optional[Path]) -> Optional[Path]:
+        return value.expanduser() if value is not None else None
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -120,6 +222,11 @@ class Settings(BaseSettings):
         if self.antenna_api_dataloader_num_workers is not None:
             return self.antenna_api_dataloader_num_workers
         return self.num_workers
+
+    @property
+    def models_path(self) -> Path:
+        """AMI_MODELS_DIR, else <AMI_USER_DATA_PATH>/models."""
+        return self.models_dir if self.models_dir is not None else self.user_data_path / "models"
 
     @property
     def pipeline_slugs(self) -> list[str]:
@@ -147,6 +254,30 @@ def load_settings(env_file: Optional[str] = ".env", **overrides: object) -> Sett
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as error:
         raise SettingsError(_one_line(error)) from None
+
+
+def variable_names(env_file: Optional[str], environ: Optional[Mapping[str, str]] = None) -> set[str]:
+    """Names set in the environment and in ``env_file`` (upper case), for ``unused_variable_warnings``."""
+    names = set(os.environ if environ is None else environ)
+    if env_file and Path(env_file).is_file():
+        names |= set(dotenv_values(env_file))
+    return {name.upper() for name in names}
+
+
+def unused_variable_warnings(names: Iterable[str]) -> list[str]:
+    """One line per ``AMI_*`` name that is no setting: an ADC setting this worker ignores (and why),
+    or a typo with the closest setting's name."""
+    known = sorted(ENV_PREFIX + field.upper() for field in Settings.model_fields)
+    unused = sorted({name.upper() for name in names if name.upper().startswith(ENV_PREFIX)} - set(known))
+    lines = []
+    for name in unused:
+        if name in ADC_IGNORED_VARIABLES:
+            lines.append(f"{name} is an ADC setting this worker ignores: {ADC_IGNORED_VARIABLES[name]}")
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}?" if close else "`worker config` lists every setting"
+        lines.append(f"{name} is not a setting of this worker and is ignored: {hint}")
+    return lines
 
 
 def _one_line(error: ValidationError) -> str:

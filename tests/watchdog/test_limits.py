@@ -60,7 +60,7 @@ def test_parse_proc_cgroup_v1(fixture_text) -> None:
 def test_parse_proc_cgroup_v2(fixture_text) -> None:
     membership = parse_proc_cgroup(fixture_text("proc_cgroup_v2.txt"))
     assert membership.v1_paths == ()
-    assert membership.unified_path == "/system.slice/antenna-worker.middleware.systemd"
+    assert membership.unified_path == "/system.slice/antenna-worker.service"
 
 
 def test_parse_proc_cgroup_hybrid(fixture_text) -> None:
@@ -140,7 +140,7 @@ def _v2_host(host: FakeHost, fixture_text, mount: str = "sys/fs/cgroup") -> Path
     host.put("proc/self/cgroup", fixture_text("proc_cgroup_v2.txt"))
     host.put(f"{mount}/cgroup.controllers", "cpuset cpu io memory hugetlb pids\n")
     host.put(f"{mount}/system.slice/memory.max", fixture_text("v2_max_unlimited.txt"))
-    leaf = f"{mount}/system.slice/antenna-worker.middleware.systemd"
+    leaf = f"{mount}/system.slice/antenna-worker.service"
     host.put(f"{leaf}/memory.max", fixture_text("v2_max_unlimited.txt"))
     host.put(f"{leaf}/memory.high", fixture_text("v2_max_unlimited.txt"))
     host.put(f"{leaf}/memory.stat", fixture_text("memory_stat_v2.txt"))
@@ -187,7 +187,7 @@ def test_hybrid_prefers_v1_memory_controller(fake_host: FakeHost, fixture_text) 
 
 def test_hybrid_with_memory_on_unified(fake_host: FakeHost, fixture_text) -> None:
     _v2_host(fake_host, fixture_text, mount="sys/fs/cgroup/unified")
-    fake_host.put("sys/fs/cgroup/unified/system.slice/antenna-worker.middleware.systemd/memory.max", "1073741824\n")
+    fake_host.put("sys/fs/cgroup/unified/system.slice/antenna-worker.service/memory.max", "1073741824\n")
     paths = find_cgroup(fake_host.proc, fake_host.cgroup)
     assert (paths.version, paths.mount) == (2, fake_host.cgroup / "unified")
     assert paths.pressure_file == paths.directory / "memory.pressure"

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
 
 import pytest
 
@@ -94,3 +96,132 @@ def test_wrong_token_is_rejected_401_and_token_never_logged(antenna, caplog):
     client_for(antenna).list_jobs(["x"])
     assert "wrong-token-value" not in caplog.text and TOKEN not in caplog.text
     assert "retry in" in caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_list_projects_follows_every_page(antenna_factory):
+    antenna = antenna_factory(project_count=12)  # the server pages /projects/ 10 at a time
+    projects = client_for(antenna).list_projects()
+    assert sorted(int(p["id"]) for p in projects) == list(range(1, 13))
+
+
+@pytest.mark.timeout(120)
+def test_register_registers_with_projects_on_every_page(antenna_factory, tmp_path):
+    import subprocess
+
+    from tests.worker.worker_process import worker_command
+
+    antenna = antenna_factory(project_count=12)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}
+    env.update(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+               AMI_ANTENNA_PIPELINES="null", AMI_METRICS_ADDR="")
+    done = subprocess.run(worker_command("register"), env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(antenna.registered_projects) == list(range(1, 13))
+
+
+# --- failure paths (issue 14 items 6, 10, 11): each fails on a client that let requests errors and
+# --- malformed bodies escape, retried every reserve, or said nothing of 403's superuser need.
+
+def _error_items(tasks) -> list[dict]:
+    return [{"reply_subject": t.reply_subject, "result": {"error": "e", "image_id": t.image_id}} for t in tasks]
+
+
+@pytest.mark.timeout(30)
+def test_a_reset_mid_response_on_a_listing_is_retried(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:1], "synthetic-moths")
+    sleeps: list[float] = []
+    antenna.set_response_faults("jobs", ["reset"])
+    assert [j.id for j in client_for(antenna, sleeps).list_jobs(["synthetic-moths"])] == [job]
+    assert len(sleeps) == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["malformed", "misshapen"])
+def test_a_broken_listing_is_unavailable_never_a_crash(antenna, tiny_images, kind):
+    antenna.add_job(tiny_images[:1], "synthetic-moths")
+    sleeps: list[float] = []
+    antenna.set_response_faults("jobs", [kind] * 2)
+    with pytest.raises(AntennaUnavailable) as unavailable:
+        client_for(antenna, sleeps, max_attempts=2).list_jobs(["synthetic-moths"])
+    assert unavailable.value.reason == "bad_response" and len(sleeps) == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fault", ["502", "504", "reset", "malformed", "misshapen"])
+def test_a_reserve_that_may_have_reserved_is_never_retried(antenna, tiny_images, fault):
+    job = antenna.add_job(tiny_images[:4], "synthetic-moths")
+    sleeps: list[float] = []
+    if fault.isdigit():
+        antenna.set_faults("tasks", [int(fault)])
+    else:
+        antenna.set_response_faults("tasks", [fault])
+    with pytest.raises(AntennaUnavailable):
+        client_for(antenna, sleeps, max_attempts=4).reserve_tasks(job, 2)
+    assert sleeps == [] and len(antenna.reservations) == (0 if fault.isdigit() else 1)
+
+
+@pytest.mark.timeout(30)
+def test_a_reserve_read_timeout_is_not_retried_and_the_server_did_reserve(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:4], "synthetic-moths")
+    antenna.set_network(latency_s=1.0)
+    sleeps: list[float] = []
+    client = AntennaClient(antenna.base_url, TOKEN, timeout_s=0.4, max_attempts=4, sleep=sleeps.append)
+    with pytest.raises(AntennaUnavailable) as unavailable:
+        client.reserve_tasks(job, 2)
+    assert unavailable.value.reason == "read_timeout" and sleeps == []
+    antenna.set_network(latency_s=0.0)
+    deadline_s = time.monotonic() + 5
+    while not antenna.reservations and time.monotonic() < deadline_s:
+        time.sleep(0.05)
+    assert len(antenna.reservations) == 1 and antenna.report(job).reserved == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_reserve_refused_429_or_503_is_retried(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:4], "synthetic-moths")
+    sleeps: list[float] = []
+    antenna.set_faults("tasks", [429, 503], retry_after_s=0.1)
+    assert len(client_for(antenna, sleeps, max_attempts=4).reserve_tasks(job, 2)) == 2
+    assert len(sleeps) == 2 and len(antenna.reservations) == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_result_post_answered_200_with_a_broken_body_counts_as_posted(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:2], "synthetic-moths")
+    client = client_for(antenna)
+    tasks = client.reserve_tasks(job, 2)
+    antenna.set_response_faults("result", ["malformed"])
+    client.post_results(job, _error_items(tasks))
+    report = antenna.report(job)
+    assert report.results_error == 2 and report.duplicates == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_result_post_reset_mid_response_is_retried_and_the_repeat_is_a_harmless_duplicate(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:2], "synthetic-moths")
+    sleeps: list[float] = []
+    client = client_for(antenna, sleeps)
+    tasks = client.reserve_tasks(job, 2)
+    antenna.set_response_faults("result", ["reset"])
+    client.post_results(job, _error_items(tasks))
+    report = antenna.report(job)
+    assert len(sleeps) == 1 and report.results_error == 2 and report.duplicates == 2
+
+
+@pytest.mark.timeout(30)
+def test_auth_failures_carry_their_reason_and_403_on_tasks_names_the_superuser_need(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:2], "synthetic-moths")
+    client = client_for(antenna)
+    antenna.set_faults("jobs", [401])
+    with pytest.raises(AntennaRejected) as rejected:
+        client.list_jobs(["synthetic-moths"])
+    assert rejected.value.reason == "unauthorized" and client.auth_rejected and client.auth_failures_total == 1
+    antenna.set_faults("tasks", [403])
+    with pytest.raises(AntennaRejected) as forbidden:
+        client.reserve_tasks(job, 1)
+    assert forbidden.value.reason == "forbidden" and "superuser" in str(forbidden.value)
+    assert len(str(forbidden.value).splitlines()) == 1 and client.auth_failures_total == 2
+    client.list_jobs(["synthetic-moths"])
+    assert not client.auth_rejected

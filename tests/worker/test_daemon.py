@@ -212,8 +212,8 @@ def test_settings_come_from_a_dotenv_file(tmp_path):
 def test_results_spooled_while_the_api_is_down_are_replayed_first_at_the_next_start(
         antenna, settings_for, tiny_images):
     job = antenna.add_job(tiny_images[:6], "synthetic-moths")
-    # Two result bodies (batch 3) x two attempts each: every result POST of the first run fails.
-    antenna.set_faults("result", [503] * 4)
+    # Every result POST of the first run fails, the spool replay thread's retries included.
+    antenna.set_faults("result", [503] * 100)
     settings = settings_for(antenna, antenna_api_dataloader_num_workers=0, antenna_api_batch_size=3,
                             antenna_api_max_attempts=2)
     first = build_worker(settings, burst=True, middlewares=[])
@@ -221,6 +221,7 @@ def test_results_spooled_while_the_api_is_down_are_replayed_first_at_the_next_st
     assert first.poster.counters.spooled_items == 6
     report = antenna.report(job)
     assert report.results_ok == 0 and report.reserved == 6 and not report.complete
+    antenna.set_faults("result", [])
     second = build_worker(settings, burst=True, middlewares=[])
     assert second.run() == 0
     assert second.poster.counters.replayed_items == 6

@@ -14,12 +14,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, TextIO
+from typing import Mapping, Optional, Sequence, TextIO
 
 import torch
 
 from autotune import (
-    LoaderPlan,
     MemoryCalibration,
     PlanConstraints,
     PlanDecision,
@@ -32,21 +31,21 @@ from autotune import (
 from autotune.corrections import CorrectionStore, default_correction_path
 from autotune.planner import BATCH_SIZES
 from worker.antenna import JobRef
-from worker.daemon import plan_from_settings
 from worker.hooks import JobContext
 from worker.imaging import ImageError, decode, download, image_session
 from worker.ingest import LoadedImage
-from worker.schema import Task
-from worker.settings import Settings, SettingsError
-from worker.middleware.autotune import (
+from worker.planning import THREADS_ENV, constraints_for, env_name_for, plan_from_settings
+from worker.probing import (
     baseline_bytes,
-    constraints_for,
     cpu_count,
+    fit_probe,
+    openmp_threads_sleep,
     overhead_floor,
-    pinned_fields,
-    probe_job,
+    sample_job,
     time_inference,
 )
+from worker.schema import Task
+from worker.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +54,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 MAX_LOCAL_IMAGES = 8
 
 # Env names per LoaderPlan field that a static setting can express (one batch size for both).
-ENV_NAMES = (
-    ("AMI_ANTENNA_API_BATCH_SIZE", "batch_size"),
-    ("AMI_ANTENNA_API_DATALOADER_NUM_WORKERS", "num_workers"),
-    ("AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR", "prefetch_factor"),
-    ("AMI_ANTENNA_API_DATALOADER_PIN_MEMORY", "pin_memory"),
-    ("AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS", "download_threads"),
-    ("OMP_NUM_THREADS", "inference_threads"),  # torch's intra-op threads; 0 (default) writes no line
-)
+ENV_NAMES = tuple((env_name_for(field), field) for field in (
+    "batch_size", "num_workers", "prefetch_factor", "pin_memory", "download_threads",
+)) + ((THREADS_ENV, "inference_threads"),)  # torch's intra-op threads; 0 (default) writes no line
 # Which settings drive each memory component (for "what exceeds the budget").
 COMPONENT_SETTINGS = {
     "loader worker processes": "AMI_ANTENNA_API_DATALOADER_NUM_WORKERS",
@@ -176,8 +170,17 @@ def tune_report(worker, probe: Probe, source: str, tasks_probed: int, results_po
 def tune_job(worker, job: JobRef, probe_tasks: int) -> Optional[TuneReport]:
     """Probe ``job`` through the worker's own path, post the probed results, report."""
     pipeline = worker.pipelines(job.pipeline_slug)
-    ctx = JobContext(job=job, plan=plan_from_settings(worker.settings, cuda=worker.cuda))
-    run = probe_job(worker, ctx, pipeline, tasks_wanted=probe_tasks, calibration=load_calibration())
+    ctx = JobContext(job=job, pipeline=pipeline)
+    sample = sample_job(worker.client, job, pipeline, worker.settings, tasks_wanted=probe_tasks,
+                        client_info=worker.client_info, cuda=worker.cuda,
+                        threads_sleep=openmp_threads_sleep(worker.environ))
+    if sample.batch is not None:
+        try:
+            worker.handle_batch(ctx, sample.batch)  # posted like the worker's own
+        finally:
+            sample.batch.release()
+    run = fit_probe(sample, ctx.stats, worker.settings, calibration=load_calibration(), cuda=worker.cuda,
+                    forward_batch_size=pipeline.localization_batch_size)
     if not worker.poster.flush(timeout_s=worker.settings.shutdown_grace_s):
         log.error("tune: result posts still pending; they were spooled or will be redelivered")
     if run.probe is None:
@@ -190,7 +193,8 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
     """Probe local files or URLs: nothing is reserved or posted."""
     pipeline = worker.pipelines(pipeline_slug)
     items, samples = _load_images(_expand(sources), worker.settings)
-    inference = time_inference(pipeline, items, pipeline_slug, cuda=worker.cuda)
+    inference = time_inference(pipeline, items, pipeline_slug, cuda=worker.cuda,
+                               threads_sleep=openmp_threads_sleep(worker.environ))
     if not samples or not inference:
         return None
     probe = Probe.from_samples(samples, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(),
@@ -250,11 +254,12 @@ def _load_images(sources: Sequence[str], settings: Settings) -> tuple[list[Loade
 
 
 def run_tune(settings: Settings, *, job_id: Optional[int], images: Sequence[str], pipeline: Optional[str],
-             write_env: Optional[Path], out: TextIO, probe_tasks: Optional[int] = None) -> int:
+             write_env: Optional[Path], out: TextIO, probe_tasks: Optional[int] = None,
+             environ: Mapping[str, str] = {}) -> int:
     """The ``worker tune`` command; returns the exit code."""
     from worker.app import build_worker, offered_slugs
 
-    worker = build_worker(settings, burst=True, middlewares=[])
+    worker = build_worker(settings, burst=True, middlewares=[], environ=environ)
     try:
         slugs = offered_slugs(settings)
         tasks = probe_tasks or settings.autotune_probe_tasks

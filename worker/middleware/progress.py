@@ -61,6 +61,7 @@ class ProgressMiddleware(Middleware):
         self._shown = False
         self._drawn_s = 0.0
         self._filter = _ClearLine(self)
+        self._total: Optional[int] = None  # the job's images, done and queued, from the last batch
 
     def on_start(self, worker: "Worker") -> None:
         if not self.tty:
@@ -75,6 +76,9 @@ class ProgressMiddleware(Middleware):
             return
         self._drawn_s = now_s
         self.draw(worker, ctx, batch)
+
+    def on_job_start(self, worker: "Worker", ctx: JobContext) -> None:
+        self._total = None
 
     def on_job_end(self, worker: "Worker", ctx: JobContext) -> None:
         self.draw(worker, ctx, None)
@@ -91,10 +95,10 @@ class ProgressMiddleware(Middleware):
     def draw(self, worker: "Worker", ctx: JobContext, batch: Optional["Batch"]) -> None:
         if batch is not None and batch.items:
             queued = queued_after(batch.items[-1].task.reply_subject)
-            ctx.notes["progress_total"] = None if queued is None else ctx.stats.images + queued
+            self._total = None if queued is None else ctx.stats.images + queued
         snapshot = worker.sampler.latest if worker.sampler is not None else None
         line = format_progress(
-            ctx.job.id, ctx.stats.images, ctx.notes.get("progress_total"), ctx.stats.images_per_s(),
+            ctx.job.id, ctx.stats.images, self._total, ctx.stats.images_per_s(),
             snapshot.used_bytes if snapshot is not None else None,
             worker.limits.soft_cap_bytes if worker.limits is not None else None,
         )

@@ -6,13 +6,17 @@ open FDs, /dev/shm) and from the poster's counters (posted/spooled/replayed). Th
 counters are also copied at every scrape, so a scrape never lags the server by a sampler tick.
 
 Counted in this process only: the loader worker processes reserve tasks and retry their own API
-calls, so ``tasks_reserved_total`` comes from the loader's shared counter and
-``api_retries_total`` covers the main process's clients (job listing, result posts).
+calls, so ``tasks_reserved_total`` comes from the loader's shared counter, and
+``api_retries_total``, ``api_errors_total`` and the last-success timestamp cover the main
+process's clients (job polls, result posts, and reserves when there are no loader workers). The
+spool backlog is read from disk at each scrape, so it includes what an earlier process left.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -22,19 +26,22 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from worker import metrics
+from worker import __version__, metrics
 from worker.hooks import JobContext, Middleware
 from worker.metrics import REGISTRY
+from worker.settings import SettingsError
 from watchdog.sampler import MemorySnapshot
 
 if TYPE_CHECKING:
     from worker.results import ImageResult
     from worker.daemon import Worker
     from worker.ingest import Batch
+    from worker.posting import Spool
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "idle", "working", "draining", "stopped")
+# "unauthorized": the last listing or result post was answered 401/403 (wins over idle and working).
+STATES = ("starting", "idle", "working", "draining", "stopped", "unauthorized")
 PLAN_KNOBS = ("tasks_per_reserve", "batch_size", "num_workers", "prefetch_factor", "pin_memory", "download_threads")
 
 
@@ -67,11 +74,33 @@ class MetricsServer:
         self._server: Optional[WSGIServer] = None
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> "MetricsServer":
+    def bind(self, port_attempts: int = 1) -> "MetricsServer":
+        """Listen on the port, or on the next free one of ``port_attempts`` upward from it.
+
+        Raises ``SettingsError`` (one line naming AMI_METRICS_ADDR) when every port tried is in
+        use or cannot be bound, so a second instance on a busy port never runs without metrics.
+        Port 0 takes any free port.
+        """
         server_class = type("_Server", (_ThreadingWSGIServer,), {
             "address_family": socket.AF_INET6 if ":" in self.host else socket.AF_INET})
-        self._server = make_server(self.host, self.port, self._wsgi, server_class, handler_class=_QuietHandler)
+        first_port = self.port
+        last_error: Optional[OSError] = None
+        ports = [0] if first_port == 0 else range(first_port, min(65536, first_port + max(1, port_attempts)))
+        for port in ports:
+            try:
+                self._server = make_server(self.host, port, self._wsgi, server_class, handler_class=_QuietHandler)
+                break
+            except OSError as error:
+                last_error = error
+        else:
+            raise SettingsError(_bind_failure(self.host, first_port, port_attempts, last_error))
         self.port = self._server.server_address[1]
+        return self
+
+    def start(self, port_attempts: int = 1) -> "MetricsServer":
+        """Serve on a daemon thread (binding first if ``bind`` was not called)."""
+        if self._server is None:
+            self.bind(port_attempts)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,),
                                         name="metrics-http", daemon=True)
         self._thread.start()
@@ -94,25 +123,59 @@ class MetricsServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
+        if self._thread is not None:  # shutdown() waits for serve_forever, which a bound-only server never ran
+            server.shutdown()
             self._thread.join(timeout=5.0)
+        server.server_close()
+
+
+def _bind_failure(host: str, first_port: int, port_attempts: int, error: Optional[OSError]) -> str:
+    tried = f"port {first_port}" if port_attempts <= 1 else f"ports {first_port}-{first_port + port_attempts - 1}"
+    reason = "in use (another worker?)" if error is not None and error.errno == errno.EADDRINUSE \
+        else f"not available ({error.strerror if error is not None else 'unknown error'})"
+    return (f"AMI_METRICS_ADDR={host}:{first_port}: {tried} {reason}; give each instance its own port, "
+            f"{host}:0 for any free port, AMI_METRICS_PORT_ATTEMPTS=N to take the next free one, "
+            "or empty to disable metrics")
 
 
 class _Deltas:
     """Turns running totals owned elsewhere into counter increments (thread-safe)."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def advance(self, key: str, total: int) -> int:
+    def advance(self, key: str, total: float) -> float:
         with self._lock:
             delta = total - self._seen.get(key, 0)
             if delta > 0:
                 self._seen[key] = total
             return max(0, delta)
+
+
+_ID_SEGMENT = re.compile(r"/\d+(?=/)")
+
+
+def count_api_attempt(method: str, path: str, status: str) -> None:
+    """An ``AntennaClient.on_attempt`` hook: failures by endpoint and status, and the time of the
+    last success. Ids in paths become ``{id}`` so the label set stays small."""
+    if status.isdigit() and int(status) < 400:
+        metrics.api_last_success.set(time.time())
+        return
+    metrics.api_errors.labels(endpoint=_ID_SEGMENT.sub("/{id}", path), status=status).inc()
+
+
+def read_spool_backlog(spool: "Spool") -> None:
+    """Spool files and bytes as they are on disk now (a spool outlives the process that wrote it)."""
+    files_n = bytes_n = 0
+    for path in spool.files():
+        try:
+            bytes_n += path.stat().st_size
+        except FileNotFoundError:  # replayed and removed since the listing
+            continue
+        files_n += 1
+    metrics.spool_files.set(files_n)
+    metrics.spool_bytes.set(bytes_n)
 
 
 def queued_after(reply_subject: str) -> Optional[int]:
@@ -130,11 +193,18 @@ def queued_after(reply_subject: str) -> Optional[int]:
 
 
 class MetricsMiddleware(Middleware):
-    """Feeds ``worker.metrics``; serves them on ``addr`` (``HOST:PORT``) from ``on_start`` to ``on_stop``."""
+    """Feeds ``worker.metrics``; serves them on ``addr`` (``HOST:PORT``) from ``on_start`` to ``on_stop``.
 
-    def __init__(self, addr: str) -> None:
+    The port is bound here, at wiring, so a busy one fails the start (``SettingsError``) instead
+    of a worker running without metrics. With ``serve=False`` (a ``worker run --processes`` child,
+    whose values go to prometheus-client's multiprocess files) it feeds and binds nothing: the
+    parent serves every child's values on one endpoint.
+    """
+
+    def __init__(self, addr: str, *, port_attempts: int = 1, serve: bool = True) -> None:
         self.addr = addr
-        self.server: Optional[MetricsServer] = None
+        self.server: Optional[MetricsServer] = (
+            MetricsServer(addr, on_scrape=self.on_scrape).bind(port_attempts) if serve else None)
         self._worker: Optional["Worker"] = None
         self._deltas = _Deltas()
         self._job_reserved = 0
@@ -153,13 +223,23 @@ class MetricsMiddleware(Middleware):
                                 ("soft_cap", worker.limits.soft_cap_bytes),
                                 ("hard_cap", worker.limits.hard_cap_bytes)):
                 metrics.memory_limit_bytes.labels(kind=kind).set(value)
-        _time_result_posts(worker)
+        _label_build(worker)
+        for client in (worker.client, worker.poster.client):
+            client.on_attempt = count_api_attempt
+        worker.poster.post_timer = metrics.post_seconds.observe
         worker.add_sample_listener(self.on_sample)
-        self.server = MetricsServer(self.addr, on_scrape=self.refresh).start()
+        read_spool_backlog(worker.poster.spool)
+        if self.server is not None:
+            self.server.start()
 
     def on_idle(self, worker: "Worker") -> None:
         self._set_state("idle")
         self.refresh()
+
+    def on_scrape(self) -> None:
+        self.refresh()
+        if self._worker is not None:
+            read_spool_backlog(self._worker.poster.spool)
 
     def on_stop(self, worker: "Worker") -> None:
         self.refresh()  # the loop flushed posts before on_stop: these are the final numbers
@@ -178,10 +258,14 @@ class MetricsMiddleware(Middleware):
         self._set_state("draining" if worker.stopping else "working")
 
     def on_loader_start(self, worker: "Worker", ctx: JobContext) -> None:
+        """The plan's gauges and one count per loader built (a rebuild's minimal plan counts too)."""
         plan = ctx.plan
         for knob in PLAN_KNOBS:
             metrics.plan_value.labels(knob=knob).set(float(getattr(plan, knob)))
         metrics.plan_changes.labels(source=plan.source).inc()
+        if ctx.tuning is not None and ctx.tuning.decision.plan == plan:
+            metrics.plan_predicted_peak_bytes.set(ctx.tuning.decision.memory.total_bytes)
+            metrics.plan_predicted_images_per_second.set(ctx.tuning.decision.rate.pipeline_images_per_s)
 
     def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         slug = ctx.job.pipeline_slug
@@ -244,10 +328,22 @@ class MetricsMiddleware(Middleware):
         metrics.posts_pending.set(worker.poster.pending_posts)
         retries = worker.client.retries_total + worker.poster.client.retries_total
         metrics.api_retries.inc(self._deltas.advance("retries", retries))
+        self._refresh_failures(worker)
         if worker.sampler is not None:
-            metrics.watchdog_sampler_cpu_seconds.set(worker.sampler.cpu_seconds)
+            metrics.watchdog_sampler_cpu_seconds.inc(self._deltas.advance("sampler_cpu_s", worker.sampler.cpu_seconds))
         if worker.stopping:
             self._set_state("draining")
+        elif worker.client.auth_rejected or worker.poster.client.auth_rejected:
+            self._set_state("unauthorized")
+
+    def _refresh_failures(self, worker: "Worker") -> None:
+        counters = worker.poster.counters
+        metrics.results_job_gone.inc(self._deltas.advance("job_gone", counters.job_gone_items))
+        metrics.results_spool_failed.inc(self._deltas.advance("spool_failed", counters.spool_failed_items))
+        metrics.spool_corrupt_files.inc(self._deltas.advance("corrupt", counters.corrupt_spool_files))
+        metrics.jobs_rejecting_results.set(len(worker.poster.rejected_jobs))
+        auth = worker.client.auth_failures_total + worker.poster.client.auth_failures_total
+        metrics.api_auth_failures.inc(self._deltas.advance("auth", auth))
 
     @staticmethod
     def _set_state(current: str) -> None:
@@ -265,20 +361,8 @@ def _held(ctx: JobContext) -> int:
     return max(0, reserved - received)
 
 
-def _time_result_posts(worker: "Worker") -> None:
-    """Observe every result POST's seconds (retries included) by wrapping the poster's client.
+def _label_build(worker: "Worker") -> None:
+    import torch
 
-    The poster owns its client and offers no timing hook; wrapping the bound method on that one
-    instance keeps posting.py free of metrics.
-    """
-    client = worker.poster.client
-    post = client.post_results
-
-    def timed_post_results(*args: object, **kwargs: object) -> dict:
-        started_s = time.perf_counter()
-        try:
-            return post(*args, **kwargs)
-        finally:
-            metrics.post_seconds.observe(time.perf_counter() - started_s)
-
-    client.post_results = timed_post_results  # type: ignore[method-assign]
+    metrics.build_info.info({"version": __version__, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+                             "device": "cuda" if worker.cuda else "cpu"})

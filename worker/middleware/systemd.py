@@ -90,7 +90,7 @@ class Notifier:
         self._socket.close()
 
 
-def watchdog_interval_s(environ: Mapping[str, str], pid: int) -> Optional[float]:
+def keepalive_interval_s(environ: Mapping[str, str], pid: int) -> Optional[float]:
     """Half of ``WATCHDOG_USEC`` in seconds, if systemd asks this process (``WATCHDOG_PID``) to ping."""
     usec = environ.get("WATCHDOG_USEC", "")
     owner = environ.get("WATCHDOG_PID", "")
@@ -100,10 +100,10 @@ def watchdog_interval_s(environ: Mapping[str, str], pid: int) -> Optional[float]
 
 
 class ServiceMiddleware(Middleware):
-    def __init__(self, notifier: Optional[Notifier] = None, *, watchdog_interval_s: Optional[float] = None,
+    def __init__(self, notifier: Optional[Notifier] = None, *, keepalive_interval_s: Optional[float] = None,
                  stall_limit_s: float = 300.0) -> None:
         self.notifier = notifier
-        self.watchdog_interval_s = watchdog_interval_s
+        self.keepalive_interval_s = keepalive_interval_s
         self.stall_limit_s = stall_limit_s
         self.fd_limit: Optional[FdLimit] = None
         self._heartbeat_s = time.monotonic()
@@ -114,7 +114,7 @@ class ServiceMiddleware(Middleware):
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], *, stall_limit_s: float) -> "ServiceMiddleware":
-        return cls(Notifier.from_environ(environ), watchdog_interval_s=watchdog_interval_s(environ, os.getpid()),
+        return cls(Notifier.from_environ(environ), keepalive_interval_s=keepalive_interval_s(environ, os.getpid()),
                    stall_limit_s=stall_limit_s)
 
     def on_start(self, worker: "Worker") -> None:
@@ -126,8 +126,8 @@ class ServiceMiddleware(Middleware):
             return
         self.notifier.send("READY=1", f"STATUS=polling {worker.settings.antenna_api_base_url}",
                            f"MAINPID={os.getpid()}")
-        log.info("systemd notified READY=1%s", "" if self.watchdog_interval_s is None
-                 else f"; watchdog ping every {self.watchdog_interval_s:.1f} s")
+        log.info("systemd notified READY=1%s", "" if self.keepalive_interval_s is None
+                 else f"; watchdog ping every {self.keepalive_interval_s:.1f} s")
 
     def on_idle(self, worker: "Worker") -> None:
         self._beat()
@@ -197,9 +197,9 @@ class ServiceMiddleware(Middleware):
             if flags != seen:
                 self._report_flags(worker, seen, flags)
                 seen = flags
-            if self.notifier is None or self.watchdog_interval_s is None or time.monotonic() < next_ping_s:
+            if self.notifier is None or self.keepalive_interval_s is None or time.monotonic() < next_ping_s:
                 continue
-            next_ping_s = time.monotonic() + self.watchdog_interval_s
+            next_ping_s = time.monotonic() + self.keepalive_interval_s
             stalled_s = time.monotonic() - self._heartbeat_s
             # A drain is bounded by AMI_SHUTDOWN_GRACE_S and systemd's TimeoutStopSec: keep pinging.
             if stalled_s < self.stall_limit_s or worker.stopping:

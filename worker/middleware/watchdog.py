@@ -9,7 +9,7 @@ governor and applied when the next loader starts.
 
 Pause also trims the heap: ``malloc_trim`` at once on the sampler thread, ``gc.collect`` on the
 loop thread at its next hook (a collection runs finalizers on the collecting thread). Rebuild sets
-``ctx.rebuild_requested`` and abandons the loader from the sampler thread too, because a loop
+``ctx.request_rebuild`` and abandons the loader from the sampler thread too, because a loop
 waiting on a paused loader would otherwise never reach its between-batch check.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from watchdog.limits import MIB
 from watchdog.sampler import MemorySnapshot
 from worker import metrics
 from worker.hooks import JobContext, Middleware
+from worker.planning import plan_from_settings
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ class WatchdogMiddleware(Middleware):
             log.warning("watchdog: no memory limits were read, so nothing to govern: the watchdog is off")
             return
         if self.governor is None:  # on_start runs once per run(); listen once per worker
-            from worker.daemon import plan_from_settings
-
             ceiling = ceiling_of(plan_from_settings(worker.settings, cuda=worker.cuda))
             self.governor = Governor(ceiling, worker.limits, self.config)
             self._worker = worker
@@ -162,11 +161,10 @@ class WatchdogMiddleware(Middleware):
     def _rebuild(ctx: Optional[JobContext], loader: Optional["Loader"], decision: Decision) -> None:
         if ctx is None or loader is None:
             return  # no loader to end: the minimal knobs apply to the next one
-        ctx.notes["rebuild_reason"] = (
+        ctx.request_rebuild(
             f"watchdog: used {decision.used_bytes / MIB:.1f} MiB at/above the hard cap "
             f"{decision.hard_cap_bytes / MIB:.1f} MiB: {decision.reason}"
         )
-        ctx.rebuild_requested = True
         # Decoded batches still arrive and are posted; reserved, unloaded tasks are stranded and
         # released (or left for redelivery) per task by the loop when the loader ends.
         loader.abandon()

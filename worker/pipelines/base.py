@@ -77,6 +77,10 @@ class Pipeline:
     def infer(self, images: Sequence[torch.Tensor]) -> list[list[Detection]]:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Make sure everything ``infer`` needs is at hand (files fetched and whole); called at
+        start-up so a missing file fails the start, not a job. Raises with a one-line message."""
+
     def config(self) -> dict:
         """A PipelineConfigResponse body for ``POST /projects/{id}/pipelines/``: the detector only."""
         return {"name": self.name, "slug": self.slug, "version": 1, "description": self.description,
@@ -128,6 +132,8 @@ def _infer_splitting(pipeline: Pipeline, items: list) -> list:
     started_s = time.perf_counter()
     try:
         detections = pipeline.infer([item.image for item in items])
+        if len(detections) != len(items):
+            raise ValueError(f"{type(pipeline).__name__}.infer returned {len(detections)} results for {len(items)} images")
     except Exception as error:  # CUDA OOM included: torch.cuda.OutOfMemoryError is a RuntimeError
         if len(items) == 1:
             log.warning("image %s failed inference: %s", items[0].task.image_id, error)
@@ -170,20 +176,22 @@ def warm_up(pipeline: Pipeline, image: Optional[torch.Tensor] = None) -> bool:
 
 _BATCH_OVERHEAD_S: "weakref.WeakKeyDictionary[Pipeline, float]" = weakref.WeakKeyDictionary()
 OVERHEAD_REPEATS = 5
+OVERHEAD_BUDGET_S = 10.0
 
 
-def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS) -> float:
+def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS, budget_s: float = OVERHEAD_BUDGET_S) -> float:
     """The pipeline's per-batch inference cost in seconds, measured once per process (cached).
 
     On the synthetic warm-up image, ``repeats`` pairs of one image alone (t1) and ``b`` copies as
     one batch (tb; b = 4, or the forward batch when smaller, so both are one forward call). Each
     pair estimates ``(b x t1 - tb) / (b - 1)``; the median of the pairs is kept, clamped to >= 0.
     A pair is timed back to back, so a disturbance (another process taking a core) spoils one
-    estimate, which the median drops: the fastest of three of each, combined, measured 0 once in
-    six starts on this 2-core machine, where pairs give 0.02-0.045 s. About 2 s at start for the
-    reference pipeline. The worker measures it off any job's clock (``TuningMiddleware.on_start``);
+    estimate, which the median drops. About 2 s at start for the reference pipeline on 2 cores. The
+    worker measures it off any job's clock (``AutotunePlanner.start``);
     the probe uses it as a floor under its own fit (``Probe.from_samples``). It is the fixed cost of
     a call (Python, operator dispatch, thread start-up), which the image's size changes little.
+    No pair starts once ``budget_s`` has passed (at least one is timed): a detector of seconds per
+    image on a CPU would otherwise spend minutes here.
     """
     cached = _BATCH_OVERHEAD_S.get(pipeline)
     if cached is not None:
@@ -195,8 +203,11 @@ def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS) -> flo
     warm_up(pipeline)
     image = _warm_up_image()
     batch = min(4, forward)
-    estimates = []
+    estimates: list[float] = []
+    begun_s = time.perf_counter()
     for _ in range(max(1, repeats)):
+        if estimates and time.perf_counter() - begun_s >= budget_s:
+            break
         started_s = time.perf_counter()
         pipeline.infer([image])
         one_s = time.perf_counter() - started_s

@@ -43,6 +43,9 @@ from worker.testing.synthetic import PRESETS, SyntheticImage, default_cache_dir,
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v2"
+# Endpoints (fault names of ROUTES) the real server grants only to superusers (antenna-protocol.md).
+SUPERUSER_ENDPOINTS = frozenset({"tasks", "result"})
+PROJECTS_PAGE_SIZE = 10
 MEDIA_PREFIX = "/media"
 CONTROL_PREFIX = "/_control"
 FAULT_ENDPOINTS = ("jobs", "tasks", "result", "pipelines", "projects", "media")
@@ -162,6 +165,7 @@ class _Ledger:
         self.jobs: dict[int, _Job] = {}
         self._rng = random.Random(rng_seed)
         self._last_job_id = 0
+        self.job_faults = _JobFaults()
 
     def new_job_id(self) -> int:
         with self.lock:
@@ -184,7 +188,7 @@ class _Ledger:
 
     def job(self, job_id: int) -> _Job:
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or job_id in self.job_faults.deleted:
             raise ApiError(404, {"detail": f"No job with id {job_id}."})
         return job
 
@@ -194,6 +198,7 @@ class _Ledger:
             return [job for job in self.jobs.values()
                     if (slugs is None or job.pipeline_slug in slugs)
                     and (dispatch_mode is None or job.dispatch_mode == dispatch_mode)
+                    and job.id not in self.job_faults.deleted
                     and not (incomplete_only and self._settled(job))]
 
     def pick(self, jobs: list[_Job]) -> list[_Job]:
@@ -229,6 +234,7 @@ class _Ledger:
         with self.lock:
             job = self.job(job_id)
             try:
+                self.job_faults.check_results(job.id, body)
                 accepted = self._validate(job, body)
             except ApiError:
                 job.rejected_posts += 1
@@ -240,6 +246,7 @@ class _Ledger:
                 else:
                     job.duplicates += 1
                 answers.append({"reply_subject": subject, "status": "queued", "task_id": task.id})
+            self.job_faults.after_results(job.id, sum(t.result is not None for t in job.tasks))
             return {"status": "accepted", "job_id": job.id, "results_queued": len(answers),
                     "tasks": answers}
 
@@ -447,20 +454,26 @@ class LocalAntenna:
     consumer (ack wait 300 s, 2 deliveries). ``data_dir`` is where ``/_control/jobs``
     generates images (default: ``worker.testing.synthetic.default_cache_dir()``).
     ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
+    ``project_count`` projects (ids from ``project_id`` up) are listed 10 per page, as the real
+    server pages ``GET /projects/``; jobs belong to the first. ``reader_tokens`` are valid tokens of users who are not superusers: like the real server, it
+    answers them 403 on the task and result endpoints, before looking at the body.
     """
 
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, token: str = "local-token",
         reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
         data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
-        rng_seed: Optional[int] = None,
+        rng_seed: Optional[int] = None, reader_tokens: Sequence[str] = (), project_count: int = 1,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
         self.host = host
         self.port = port
         self.token = token
+        self.reader_tokens = frozenset(reader_tokens)
         self.project_id = project_id
+        self.project_ids = list(range(project_id, project_id + project_count))
+        self.registered_projects: list[int] = []
         self.data_dir = Path(data_dir) if data_dir is not None else default_cache_dir()
         self.max_request_bytes = max_request_bytes
         self.registered: list[dict] = []
@@ -469,6 +482,7 @@ class LocalAntenna:
         self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed)
         self._media = _MediaStore()
         self.conditions = _Conditions()
+        self.response_faults = _ResponseFaults()
         self.stopping = threading.Event()
         self._server: Optional[_HTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -584,6 +598,26 @@ class LocalAntenna:
         """While set, every API call answers 503 (media is still served)."""
         self.conditions.unavailable = bool(unavailable)
 
+    # ---- knobs of the reliability faults (see "response and job faults" below)
+
+    def set_response_faults(self, endpoint: str, kinds: Sequence[str]) -> None:
+        """The next ``len(kinds)`` calls to ``endpoint`` are done (the ledger changes) and then answered
+        broken: ``reset`` (half the body, then a TCP reset), ``malformed`` (truncated JSON) or
+        ``misshapen`` (valid JSON of the wrong shape)."""
+        self.response_faults.set(endpoint, kinds)
+
+    def delete_job(self, job_id: int, *, after_results: int = 0) -> None:
+        """Delete ``job_id`` now, or once it has ``after_results`` accepted results: every API call
+        naming it answers 404 and listing omits it; ``report`` still reads its ledger."""
+        self._ledger.job_faults.delete(job_id, after_results)
+        if after_results <= 0:
+            logger.info("job %d deleted", job_id)
+
+    def reject_all_results(self, job_id: int, detail: Optional[str]) -> None:
+        """While ``detail`` is set, every result POST for ``job_id`` answers 400 naming its first
+        item with ``detail`` (a systematic rejection, e.g. an unregistered algorithm key)."""
+        self._ledger.job_faults.reject(job_id, detail)
+
     # ---- handler entry points (API)
 
     def api_list_jobs(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
@@ -621,12 +655,25 @@ class LocalAntenna:
             self.result_posts.append(body)
         return self._ledger.post_results(job_id, body)
 
-    def api_projects(self) -> dict[str, Any]:
-        project = {"id": self.project_id, "name": "Local project"}
-        return {"count": 1, "next": None, "previous": None, "results": [project]}
+    def api_projects(self, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        try:
+            page = max(1, int((query.get("page") or ["1"])[0]))
+        except ValueError:
+            raise ApiError(404, {"detail": "Invalid page."}) from None
+        first = (page - 1) * PROJECTS_PAGE_SIZE
+        chosen = self.project_ids[first:first + PROJECTS_PAGE_SIZE]
+        if not chosen and page > 1:
+            raise ApiError(404, {"detail": "Invalid page."})
+
+        def link(number: int) -> Optional[str]:
+            return f"{self.base_url}/projects/?page={number}" if number >= 1 else None
+
+        more = first + PROJECTS_PAGE_SIZE < len(self.project_ids)
+        return {"count": len(self.project_ids), "next": link(page + 1) if more else None,
+                "previous": link(page - 1), "results": [{"id": i, "name": f"Local project {i}"} for i in chosen]}
 
     def api_register(self, project_id: int, body: Any) -> dict[str, Any]:
-        if project_id != self.project_id:
+        if project_id not in self.project_ids:
             raise ApiError(404, {"detail": f"No project with id {project_id}."})
         try:
             parsed = RegisterPipelines.model_validate(body)
@@ -635,6 +682,7 @@ class LocalAntenna:
         with self._ledger.lock:
             known = {p["slug"] for earlier in self.registered for p in earlier["pipelines"]}
             self.registered.append(body)
+            self.registered_projects.append(project_id)
         slugs = [p.slug for p in parsed.pipelines]
         return {"project_id": project_id, "processing_service_name": parsed.processing_service_name,
                 "pipelines_created": [s for s in slugs if s not in known],
@@ -720,7 +768,7 @@ class _Handler(BaseHTTPRequestHandler):
         ("POST", re.compile(r"/jobs/(\d+)/result/"), "result",
          lambda a, m, q, b: a.api_post_results(int(m.group(1)), b), 200),
         ("GET", re.compile(r"/projects/"), "projects",
-         lambda a, m, q, b: a.api_projects(), 200),
+         lambda a, m, q, b: a.api_projects(q), 200),
         ("POST", re.compile(r"/projects/(\d+)/pipelines/"), "pipelines",
          lambda a, m, q, b: a.api_register(int(m.group(1)), b), 201),
     ]
@@ -780,10 +828,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._injected_failure(route[2]):
             return
-        if self.headers.get("Authorization") != f"Token {self.antenna.token}":
+        authorization = self.headers.get("Authorization")
+        readers = {f"Token {token}" for token in self.antenna.reader_tokens}
+        if authorization != f"Token {self.antenna.token}" and authorization not in readers:
             detail = ("Authentication credentials were not provided." if "Authorization" not in self.headers
                       else "Invalid token.")
             self._send_json(401, {"detail": detail}, {"WWW-Authenticate": "Token"})
+            return
+        if authorization in readers and route[2] in SUPERUSER_ENDPOINTS:
+            self._send_json(403, {"detail": "You do not have permission to perform this action."})
             return
         try:
             body = json.loads(body_bytes) if body_bytes else {}
@@ -795,7 +848,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._send_json(exc.status, exc.payload)
             return
-        self._send_json(route[4], payload)
+        _answer_with_faults(self, route[2], route[4], payload)
 
     def _route(self, method: str, sub_path: str) -> tuple[Optional[_ApiRoute], Optional[re.Match[str]]]:
         for route in self.ROUTES:
@@ -1051,6 +1104,92 @@ def _control_call(antenna: LocalAntenna, method: str, sub_path: str, body: Any) 
     return 404, {"detail": "Not found."}
 
 
+# --------------------------------------------------------------------------- response and job faults
+# Faults of the reliability suite (tests/faults): the server does its work, then answers broken; or a
+# job disappears or rejects every result. Kept apart from the status faults above.
+
+RESPONSE_FAULTS = ("reset", "malformed", "misshapen")
+_MISSHAPEN = {"results": [{"unexpected": True}], "tasks": [{"unexpected": True}], "status": "accepted"}
+
+
+class _ResponseFaults:
+    """Per endpoint, a queue of ways to break the next answers (after the call's work is done)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[str, deque[str]] = {name: deque() for name in FAULT_ENDPOINTS}
+
+    def set(self, endpoint: str, kinds: Sequence[str]) -> None:
+        if endpoint not in self._queues:
+            raise ValueError(f"unknown fault endpoint {endpoint!r}; choose one of {FAULT_ENDPOINTS}")
+        unknown = sorted({k for k in kinds if k not in RESPONSE_FAULTS})
+        if unknown:
+            raise ValueError(f"unknown response faults {unknown}; choose from {RESPONSE_FAULTS}")
+        with self._lock:
+            self._queues[endpoint] = deque(kinds)
+
+    def next(self, endpoint: str) -> Optional[str]:
+        with self._lock:
+            queue = self._queues[endpoint]
+            return queue.popleft() if queue else None
+
+
+class _JobFaults:
+    """Jobs deleted (now or after N results) and jobs whose every result POST is rejected.
+
+    Called with the ledger's lock held."""
+
+    def __init__(self) -> None:
+        self.deleted: set[int] = set()
+        self._delete_after: dict[int, int] = {}
+        self._rejecting: dict[int, str] = {}
+
+    def delete(self, job_id: int, after_results: int) -> None:
+        if after_results <= 0:
+            self.deleted.add(job_id)
+        else:
+            self._delete_after[job_id] = after_results
+
+    def reject(self, job_id: int, detail: Optional[str]) -> None:
+        if detail is None:
+            self._rejecting.pop(job_id, None)
+        else:
+            self._rejecting[job_id] = detail
+
+    def check_results(self, job_id: int, body: Any) -> None:
+        detail = self._rejecting.get(job_id)
+        if detail is not None:
+            raise ApiError(400, {"detail": f"results[0]: {detail}"})
+
+    def after_results(self, job_id: int, results: int) -> None:
+        wanted = self._delete_after.get(job_id)
+        if wanted is not None and results >= wanted:
+            del self._delete_after[job_id]
+            self.deleted.add(job_id)
+            logger.info("job %d deleted after %d results", job_id, results)
+
+
+def _answer_with_faults(handler: _Handler, endpoint: str, status: int, payload: Any) -> None:
+    """Send ``payload``, or break the answer as the endpoint's next response fault says."""
+    fault = handler.antenna.response_faults.next(endpoint)
+    if fault is None:
+        handler._send_json(status, payload)
+        return
+    data = json.dumps(payload).encode()
+    logger.info("response fault %s on %s", fault, endpoint)
+    if fault == "misshapen":
+        handler._send_json(status, _MISSHAPEN)
+    elif fault == "malformed":
+        handler._send_bytes(status, data[: max(1, len(data) // 2)], "application/json")
+    else:  # reset: the client has the headers and part of the body, then the connection dies
+        handler._start_response(status, "application/json", len(data))
+        handler.wfile.write(data[: max(1, len(data) // 2)])
+        handler.wfile.flush()
+        handler.close_connection = True
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.connection.close()
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1063,7 +1202,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where generated images are cached (default {default_cache_dir()})")
     parser.add_argument("--reservation-timeout-s", type=float, default=300.0)
     parser.add_argument("--max-deliveries", type=int, default=2)
-    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT",
+    parser.add_argument("--job", action="append", default=[], metavar="PRESET:COUNT", type=_parse_job_spec,
                         help="add a job of COUNT generated images of PRESET (tiny, small, large); repeatable")
     parser.add_argument("--pipeline", default="synthetic-moths",
                         help="pipeline slug of the jobs added with --job")
@@ -1073,7 +1212,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     """Start the server with ``args`` from ``add_server_arguments``; block until SIGINT/SIGTERM."""
-    jobs = [_parse_job_spec(spec) for spec in args.job]
+    jobs = list(args.job)  # (preset, count) pairs: add_server_arguments parsed them
     antenna = LocalAntenna(host=args.host, port=args.port, token=args.token, data_dir=args.data_dir,
                            reservation_timeout_s=args.reservation_timeout_s,
                            max_deliveries=args.max_deliveries)
@@ -1109,6 +1248,6 @@ def _parse_job_spec(spec: str) -> tuple[str, int]:
     except ValueError:
         count_n = 0
     if count_n < 1 or preset not in PRESETS:
-        raise ValueError(f"--job {spec!r}: expected PRESET:COUNT with PRESET one of "
+        raise argparse.ArgumentTypeError(f"{spec!r} is not PRESET:COUNT with PRESET one of "
                          f"{sorted(PRESETS)} and COUNT >= 1, e.g. small:20")
     return preset, count_n

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import socket
 import subprocess
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from tests.conftest import TOKEN
 from tests.worker.worker_process import worker_command
 from worker.commands.check import redact_url
+from worker.settings import Settings, load_settings
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -27,12 +29,19 @@ def _run(args: list[str], env: dict[str, str], cwd, *, env_file: str = "/nonexis
 
 
 def _config_lines(stdout: str) -> dict[str, tuple[str, str]]:
-    lines = {}
+    """``AMI_NAME`` -> (value as printed, source); a commented ``# AMI_NAME=`` line keeps its ``# ``."""
+    lines, source = {}, ""
     for line in stdout.splitlines():
-        match = re.fullmatch(r"(AMI_\w+)=(.*?)\s+# (.+)", line)
-        assert match, line
-        lines[match.group(1)] = (match.group(2), match.group(3))
+        if heading := re.fullmatch(r"# (?:from (.+)|(defaults).*)", line):
+            source = heading.group(1) or "default"
+        elif match := re.fullmatch(r"(# )?(AMI_\w+)=(.*)", line):
+            lines[match.group(2)] = ((match.group(1) or "") + match.group(3), source)
     return lines
+
+
+# What systemd's EnvironmentFile= and python-dotenv both read the same way: a bare value of safe
+# characters, or a single-quoted one without quotes inside; no trailing comments.
+ENV_FILE_LINE = re.compile(r"(#.*|[A-Z][A-Z0-9_]*=([A-Za-z0-9_./:@,+=~%*-]*|'[^'\\]*'))?")
 
 
 @pytest.mark.timeout(60)
@@ -45,13 +54,51 @@ def test_config_prints_every_setting_with_its_source_and_never_the_token(tmp_pat
     assert done.returncode == 0, done.stderr
     lines = _config_lines(done.stdout)
     assert lines["AMI_ANTENNA_API_BATCH_SIZE"] == ("7", str(env_file))
-    assert lines["AMI_LOG_LEVEL"] == ("WARNING", "env")  # the environment wins over the file
-    assert lines["AMI_SHUTDOWN_GRACE_S"] == ("45.0", "env")
-    assert lines["AMI_ANTENNA_SERVICE_NAME"] == ("AMI Data Companion", "default")
-    assert lines["AMI_ANTENNA_API_AUTH_TOKEN"] == ("***", str(env_file))
-    assert lines["AMI_NATS_URL"] == ("nats://worker:***@nats.example:4222", str(env_file))
+    assert lines["AMI_LOG_LEVEL"] == ("WARNING", "the environment")  # the environment wins over the file
+    assert lines["AMI_SHUTDOWN_GRACE_S"] == ("45.0", "the environment")
+    assert lines["AMI_ANTENNA_SERVICE_NAME"] == ("# 'AMI Data Companion'", "default")
+    assert lines["AMI_ANTENNA_API_AUTH_TOKEN"] == ("# <set, not shown>", str(env_file))
+    assert lines["AMI_NATS_URL"] == ("# nats://worker:***@nats.example:4222", str(env_file))
     assert len(lines) >= 40
     assert TOKEN not in done.stdout + done.stderr and "s3cret-pass" not in done.stdout + done.stderr
+
+
+def _config_round_trip(tmp_path, env: dict[str, str]) -> tuple[str, "Settings"]:
+    """``worker config`` output written to a file and read back as the only source of settings."""
+    first = _run(["config"], _env(**env), tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert all(ENV_FILE_LINE.fullmatch(line) for line in first.stdout.splitlines()), first.stdout
+    env_file = tmp_path / "pasted.env"
+    env_file.write_text(first.stdout)
+    again = _run(["config"], _env(), tmp_path, env_file=str(env_file))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == ""  # no warnings: every name it printed is a setting
+    return first.stdout, load_settings(env_file=str(env_file))
+
+
+@pytest.mark.timeout(60)
+def test_config_output_read_back_as_an_env_file_pins_nothing(tmp_path, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("AMI_")]:
+        monkeypatch.delenv(name)
+    text, settings = _config_round_trip(tmp_path, {})
+    assert settings.explicitly_set() == set()
+    assert settings == load_settings(env_file=None)
+    assert "# AMI_ANTENNA_API_AUTH_TOKEN=<your token>" in text.splitlines()
+
+
+@pytest.mark.timeout(60)
+def test_config_output_read_back_keeps_what_was_set_and_never_the_token(tmp_path, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("AMI_")]:
+        monkeypatch.delenv(name)
+    chosen = {"AMI_ANTENNA_API_BATCH_SIZE": "7", "AMI_ANTENNA_SERVICE_NAME": "Moth rig #2 (north field)",
+              "AMI_MAX_MEMORY_BYTES": "6GiB", "AMI_ANTENNA_API_AUTH_TOKEN": TOKEN, "AMI_LOG_FORMAT": "json",
+              "AMI_METRICS_ADDR": ""}
+    text, settings = _config_round_trip(tmp_path, chosen)
+    assert TOKEN not in text
+    assert settings.explicitly_set() == set(chosen) - {"AMI_ANTENNA_API_AUTH_TOKEN"}
+    assert settings.antenna_service_name == "Moth rig #2 (north field)"
+    assert (settings.antenna_api_batch_size, settings.max_memory_bytes) == (7, 6 * 1024**3)
+    assert settings.metrics_addr == ""  # empty is a choice here: metrics off
 
 
 @pytest.mark.timeout(30)
@@ -69,28 +116,88 @@ def _check_lines(stdout: str) -> dict[str, tuple[bool, str]]:
     return found
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.timeout(90)
-def test_check_passes_against_the_local_server(antenna, tmp_path):
-    done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN),
-                tmp_path)
+def test_check_passes_against_the_local_server(antenna, tmp_path, tiny_images):
+    antenna.add_job(tiny_images[:2], "null")
+    port = _free_port()
+    done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+                                AMI_ANTENNA_PIPELINES="synthetic-moths,null", AMI_METRICS_ADDR=f"127.0.0.1:{port}",
+                                AMI_USER_DATA_PATH=str(tmp_path / "user-data")), tmp_path)
     checks = _check_lines(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert set(checks) == {"api", "open files", "memory", "/dev/shm"}
+    assert set(checks) == {"api", "reserve", "device", "pipeline synthetic-moths", "pipeline null", "spool",
+                           "metrics", "open files", "memory", "/dev/shm"}
     assert all(ok for ok, _ in checks.values())
     assert "token accepted" in checks["api"][1]
+    assert "may reserve tasks" in checks["reserve"][1]
+    assert checks["device"][1].startswith("cpu") or checks["device"][1].startswith("cuda")
+    assert f"127.0.0.1:{port} is free" in checks["metrics"][1]
+    assert str(tmp_path / "user-data" / "spool") in checks["spool"][1]
+    assert antenna.reservations == []  # the reserve check took no task
     assert TOKEN not in done.stdout + done.stderr
 
 
 @pytest.mark.timeout(90)
+def test_check_fails_on_a_token_that_may_not_reserve_a_busy_port_a_bad_spool_and_an_unknown_pipeline(
+        antenna_factory, tmp_path, tiny_images):
+    antenna = antenna_factory(reader_tokens=["reader-token-456"])
+    antenna.add_job(tiny_images[:2], "null")
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url,
+                                    AMI_ANTENNA_API_AUTH_TOKEN="reader-token-456",
+                                    AMI_ANTENNA_PIPELINES="null,no-such-model", AMI_METRICS_ADDR=f"127.0.0.1:{port}",
+                                    AMI_USER_DATA_PATH=str(not_a_dir / "user-data")), tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    checks = _check_lines(done.stdout)
+    assert checks["api"][0] and checks["pipeline null"][0]
+    ok, detail = checks["reserve"]
+    assert not ok and "HTTP 403" in detail and "superuser" in detail
+    ok, detail = checks["metrics"]
+    assert not ok and f"127.0.0.1:{port} is in use" in detail and "AMI_METRICS_ADDR" in detail
+    ok, detail = checks["spool"]
+    assert not ok and "AMI_USER_DATA_PATH" in detail
+    ok, detail = checks["pipeline no-such-model"]
+    assert not ok and "unknown pipeline" in detail
+    assert antenna.reservations == []
+
+
+@pytest.mark.timeout(90)
+def test_check_fails_on_cuda_asked_for_without_cuda(antenna, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: AMI_DEVICE=cuda is valid here")
+    done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+                                AMI_DEVICE="cuda", AMI_ANTENNA_PIPELINES="null", AMI_METRICS_ADDR=""), tmp_path)
+    assert done.returncode == 1
+    checks = _check_lines(done.stdout)
+    ok, detail = checks["device"]
+    assert not ok and "AMI_DEVICE=cuda" in detail
+    assert not checks["pipeline null"][0] and "no device" in checks["pipeline null"][1]
+
+
+@pytest.mark.timeout(90)
 def test_check_fails_on_a_wrong_token_and_an_unreachable_api(antenna, tmp_path):
-    wrong = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url,
+    wrong = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_PIPELINES="null",
                                  AMI_ANTENNA_API_AUTH_TOKEN="wrong-token-123"), tmp_path)
     assert wrong.returncode == 1
     ok, detail = _check_lines(wrong.stdout)["api"]
     assert not ok and "rejected the token (HTTP 401)" in detail and "wrong-token-123" not in wrong.stdout
     base_url = antenna.base_url
     antenna.stop()
-    down = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN), tmp_path)
+    down = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+                                AMI_ANTENNA_PIPELINES="null"), tmp_path)
     assert down.returncode == 1
     ok, detail = _check_lines(down.stdout)["api"]
     assert not ok and "unreachable" in detail and TOKEN not in down.stdout + down.stderr
@@ -102,9 +209,29 @@ def test_check_fails_on_a_low_fd_limit_and_a_small_memory_limit(antenna, tmp_pat
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 2048))
 
     done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
-                                AMI_MAX_MEMORY_BYTES=str(512 * 2**20)), tmp_path, preexec_fn=low_fds)
+                                AMI_ANTENNA_PIPELINES="null", AMI_MAX_MEMORY_BYTES=str(512 * 2**20)), tmp_path,
+                preexec_fn=low_fds)
     assert done.returncode == 1
     checks = _check_lines(done.stdout)
     assert checks["api"][0] and checks["/dev/shm"][0]
     assert not checks["open files"][0] and "soft 1024, hard 2048" in checks["open files"][1]
     assert not checks["memory"][0] and "from AMI_MAX_MEMORY_BYTES" in checks["memory"][1]
+
+
+@pytest.mark.timeout(90)
+def test_check_names_a_job_whose_results_the_server_rejects_and_quarantined_spool_files(antenna, tmp_path):
+    """Failed before: `worker check` said nothing of results held in the spool (issue 14 item 9)."""
+    from worker.posting import Spool
+
+    spool = Spool(tmp_path / "user-data" / "spool")
+    spool.write(7, [{"reply_subject": "s", "result": {"error": "e", "image_id": "i"}}])
+    spool.record_rejection(7, "results[0]: algorithm key 'moth-x' is not registered")
+    (spool.directory / "corrupt").mkdir()
+    (spool.directory / "corrupt" / "1-1-a.json").write_text("{")
+    env = _env(AMI_ANTENNA_API_BASE_URL=antenna.base_url, AMI_ANTENNA_API_AUTH_TOKEN=TOKEN,
+               AMI_USER_DATA_PATH=str(tmp_path / "user-data"))
+    done = _run(["check"], env, tmp_path)
+    assert done.returncode == 1
+    ok, detail = _check_lines(done.stdout)["spool"]
+    assert not ok and "job 7" in detail and "algorithm key 'moth-x' is not registered" in detail
+    assert "1 results in 1 files" in detail and "1 unreadable" in detail

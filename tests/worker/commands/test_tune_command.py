@@ -78,3 +78,20 @@ def test_tune_flags_current_settings_over_the_budget(antenna, large_images, tmp_
     assert "Current settings EXCEED the budget by" in done.stdout
     assert "batches assembling/queued" in done.stdout.split("EXCEED", 1)[1]
     assert "AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR" in done.stdout.split("EXCEED", 1)[1]
+
+
+@pytest.mark.timeout(180)
+def test_tune_job_with_the_results_api_down_reports_and_spools_instead_of_crashing(antenna, tiny_images, tmp_path):
+    """Failed before: the flush deadline raised TimeoutError out of `worker tune` (exit 1, a traceback)."""
+    from worker.posting import Spool
+
+    job_id = antenna.add_job(tiny_images[:6], PIPELINE)
+    antenna.set_faults("result", [503] * 100)
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES=PIPELINE, AMI_AUTOTUNE_PROBE_TASKS="3",
+                     AMI_SHUTDOWN_GRACE_S="0.5", AMI_ANTENNA_API_MAX_ATTEMPTS="10")
+    done = tune(env, tmp_path, "--job", str(job_id))
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "result posts still pending" in done.stderr
+    spooled = [Spool.read(path) for path in Spool(tmp_path / "user-data" / "spool").files()]
+    assert sum(len(items) for _, items in spooled) == 3 and antenna.report(job_id).results_ok == 0

@@ -17,15 +17,9 @@ from autotune.plan import LoaderPlan
 from worker.app import build_worker
 from worker.hooks import Middleware
 from worker.middleware import build_middlewares
-from worker.middleware.autotune import (
-    BenchmarkPlanMiddleware,
-    TuningMiddleware,
-    api_exchange_cpu_s,
-    benchmark_plan_from_env,
-    host_busy_cpu_s,
-    is_this_host,
-    pinned_fields,
-)
+from worker.middleware.autotune import TuningMiddleware
+from worker.planning import ForcedPlanner, SettingsPlanner, benchmark_plan, build_planner, pinned_fields
+from worker.probing import api_exchange_cpu_s, host_busy_cpu_s, is_this_host
 from worker.settings import SettingsError
 
 PIPELINE = "synthetic-moths"
@@ -107,7 +101,8 @@ def test_autotune_false_keeps_the_settings_plan(antenna, settings_for, tiny_imag
     job_id = antenna.add_job(tiny_images[:6], PIPELINE)
     settings = settings_for(antenna, autotune=False, antenna_pipelines=PIPELINE, antenna_api_batch_size=2,
                             antenna_api_dataloader_num_workers=0)
-    assert not any(isinstance(m, TuningMiddleware) for m in build_middlewares(settings))
+    assert isinstance(build_planner(settings), SettingsPlanner)
+    assert not any(isinstance(m, TuningMiddleware) for m in build_middlewares(settings, build_planner(settings), {}))
     caplog.set_level(logging.INFO)
     run_burst(settings)
     assert plan_lines(caplog) == []
@@ -165,7 +160,7 @@ def test_the_plan_sets_inference_threads_for_its_job_and_the_default_comes_back(
     seen = ThreadsSeen()
     plan = LoaderPlan(2, 2, 1, 1, False, 2, "uint8", "benchmark", inference_threads=1)
     worker = build_worker(settings_for(antenna, antenna_pipelines=PIPELINE), burst=True,
-                          middlewares=[BenchmarkPlanMiddleware(plan), seen])
+                          middlewares=[seen], planner=ForcedPlanner(plan))
     assert worker.run() == 0
     assert seen.seen == [1, 1, 1]
     assert torch.get_num_threads() == default
@@ -192,15 +187,23 @@ def test_an_api_exchange_costs_the_client_and_a_local_server():
 
 
 @pytest.mark.timeout(30)
-def test_benchmark_plan_env_forces_a_full_plan_and_rejects_garbage(settings_for, antenna):
-    plan = benchmark_plan_from_env({"AMI_BENCHMARK_PLAN_JSON": json.dumps({
+def test_benchmark_plan_env_forces_a_full_plan_and_rejects_garbage(settings_for, antenna, monkeypatch):
+    def from_env(text):
+        if text is None:
+            monkeypatch.delenv("AMI_BENCHMARK_PLAN_JSON", raising=False)
+        else:
+            monkeypatch.setenv("AMI_BENCHMARK_PLAN_JSON", text)
+        return settings_for(antenna)
+
+    settings = from_env(json.dumps({
         "tasks_per_reserve": 24, "batch_size": 24, "num_workers": 4, "prefetch_factor": 4,
-        "pin_memory": False, "download_threads": 8, "tensor_dtype": "float32"})})
+        "pin_memory": False, "download_threads": 8, "tensor_dtype": "float32"}))
+    plan = benchmark_plan(settings)
     assert plan is not None and plan.tensor_dtype == "float32" and plan.source == "benchmark"
-    assert benchmark_plan_from_env({}) is None
+    assert isinstance(build_planner(settings), ForcedPlanner) and build_planner(settings).forced == plan
+    assert benchmark_plan(from_env(None)) is None
     with pytest.raises(SettingsError, match="AMI_BENCHMARK_PLAN_JSON"):
-        benchmark_plan_from_env({"AMI_BENCHMARK_PLAN_JSON": '{"batch_size": 0}'})
-    assert isinstance(BenchmarkPlanMiddleware(plan), BenchmarkPlanMiddleware)
+        benchmark_plan(from_env('{"batch_size": 0}'))
 
 
 @pytest.mark.timeout(120)
@@ -209,20 +212,23 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
     """The worker command's default OMP_WAIT_POLICY=PASSIVE: no one-thread batch is run and, the
     pipeline's per-batch cost being measured at start, no image is timed alone: the sample's own
     batch (posted as results) gives the per-image cost. The plan keeps torch's count."""
-    import worker.middleware.autotune
+    import worker.planning
+    import worker.probing
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     # The start-up figure is measured (tests/worker/test_pipeline.py); fixed here, since the
     # reference pipeline's is a few ms and can measure 0 on a busy machine (then every sampled
     # image is timed alone instead). The real time_sample is counted, not replaced.
-    monkeypatch.setattr(worker.middleware.autotune, "overhead_floor", lambda pipeline: 0.02)
+    monkeypatch.setattr(worker.probing, "overhead_floor", lambda pipeline: 0.02)
+    monkeypatch.setattr(worker.planning, "overhead_floor", lambda pipeline: 0.02)
     timed_alone = []
-    real_time_sample = worker.middleware.autotune.time_sample
-    monkeypatch.setattr(worker.middleware.autotune, "time_sample",
+    real_time_sample = worker.probing.time_sample
+    monkeypatch.setattr(worker.probing, "time_sample",
                         lambda *args, **kwargs: timed_alone.append(args) or real_time_sample(*args, **kwargs))
     antenna.add_job(tiny_images[:6], PIPELINE)
     settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)
-    run_burst(settings)
+    worker = build_worker(settings, burst=True, environ=dict(os.environ))
+    assert worker.run() == 0
     assert timed_alone == []
     advisories = sorted((settings.user_data_path / "advisories").glob("*.plan.json"))
     record = json.loads(advisories[0].read_text())
@@ -233,3 +239,75 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
     assert record["probe"]["max_timed_batch"] == 3
     assert record["probe"]["inference_overhead_s"] == 0.02
     assert any("measured at start" in note for note in record["probe"]["notes"])
+
+
+class HookOrder(Middleware):
+    """Records the hooks the loop calls, with the plan each one saw."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def on_job_start(self, worker, ctx) -> None:
+        self.calls.append(("on_job_start", ctx.plan))
+
+    def on_loader_start(self, worker, ctx) -> None:
+        self.calls.append(("on_loader_start", ctx.plan.source))
+
+    def after_batch(self, worker, ctx, batch, results) -> None:
+        self.calls.append(("after_batch", None if ctx.plan is None else ctx.plan.source))
+
+
+@pytest.mark.timeout(180)
+def test_planning_is_a_loop_step_and_an_autotuned_job_counts_one_plan_change(antenna, settings_for, tiny_images):
+    """Every on_job_start runs before the probe's batch reaches after_batch; the plan is written once,
+    by the loop, after that batch; antenna_worker_plan_changes_total{source="autotune"} counts one per job."""
+    import socket
+
+    from worker import metrics
+    from worker.middleware.prometheus import MetricsMiddleware
+
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    antenna.add_job(tiny_images[:6], PIPELINE)
+    antenna.add_job(tiny_images[6:12], PIPELINE)
+    order = HookOrder()
+    changes = metrics.plan_changes.labels(source="autotune")
+    before = changes._value.get()
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)
+    worker = build_worker(settings, burst=True, middlewares=[order, MetricsMiddleware(f"127.0.0.1:{port}")])
+    assert worker.run() == 0
+    assert changes._value.get() - before == 2
+    for job_start in [i for i, (hook, _) in enumerate(order.calls) if hook == "on_job_start"]:
+        job_calls = order.calls[job_start:]
+        assert job_calls[0] == ("on_job_start", None)
+        assert job_calls[1] == ("after_batch", None)  # the probe's tasks, through the loop's batch path
+        assert job_calls[2] == ("on_loader_start", "autotune")
+
+
+@pytest.mark.timeout(180)
+def test_a_job_the_probe_cannot_sample_gets_the_last_measured_plan_else_the_minimal_one(antenna, settings_for,
+                                                                                        tiny_images, caplog):
+    """Every task out with another worker: the probe gets []. With nothing measured yet the loader
+    gets the minimal plan, never the settings' (ADC's 24/4/prefetch 4); after a measured job of the
+    same pipeline, that job's plan."""
+    from worker.antenna import AntennaClient, JobRef
+    from tests.conftest import TOKEN
+
+    busy_first = antenna.add_job(tiny_images[:4], PIPELINE)
+    measured = antenna.add_job(tiny_images[4:10], PIPELINE)
+    busy_later = antenna.add_job(tiny_images[10:14], PIPELINE)
+    other_worker = AntennaClient(antenna.base_url, TOKEN)
+    assert len(other_worker.reserve_tasks(busy_first, 10)) == 4
+    assert len(other_worker.reserve_tasks(busy_later, 10)) == 4
+    worker = build_worker(settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE), burst=True,
+                          middlewares=[])
+    caplog.set_level(logging.INFO)
+    plans = []
+    for job_id in (busy_first, measured, busy_later):
+        worker.process_job(JobRef(id=job_id, pipeline_slug=PIPELINE))
+        plans.append(next(line for line in reversed(loader_plans(caplog)) if f"job {job_id}:" in line))
+    assert "source=minimal" in plans[0] and "tasks_per_reserve=1 " in plans[0]
+    assert "source=autotune" in plans[1] and "source=settings" not in "".join(plans)
+    assert plans[2].split("loader plan ")[1] == plans[1].split("loader plan ")[1]
+    assert antenna.report(measured).results_ok == 6

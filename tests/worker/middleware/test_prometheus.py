@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -30,6 +29,9 @@ from worker.testing.synthetic import generate_preset
 DASHBOARD = ROOT / "dashboards" / "antenna-worker.json"
 FAULTS = {0: "404", 3: "corrupt"}
 IMAGES = 12
+API_FAULTS = [503, 502]
+ALERTS = ROOT / "dashboards" / "alerts.yml"
+SCRAPE_CONFIG = ROOT / "dashboards" / "prometheus.yml"
 
 
 def ensure_promtool() -> str:
@@ -73,9 +75,11 @@ def total(scraped: dict, name: str, **labels: str) -> float:
 
 
 class Run:
-    def __init__(self, during: str, after: str, report, output: str, exit_code: int, job_id: int) -> None:
+    def __init__(self, during: str, after: str, report, output: str, exit_code: int, job_id: int,
+                 started_unix_s: float, scraped_unix_s: float) -> None:
         self.during, self.after, self.report, self.output = during, after, report, output
         self.exit_code, self.job_id = exit_code, job_id
+        self.started_unix_s, self.scraped_unix_s = started_unix_s, scraped_unix_s
 
 
 def _scrape(url: str) -> str:
@@ -94,6 +98,8 @@ def run(tmp_path_factory) -> Iterator[Run]:
     with LocalAntenna(token=TOKEN, rng_seed=0) as antenna:
         # ~0.15 s per request, one download at a time: the job lasts seconds, so a scrape lands mid-job.
         antenna.set_network(latency_s=0.15)
+        antenna.set_faults("jobs", API_FAULTS, retry_after_s=0.0)  # the first poll is retried past these
+        started_unix_s = time.time()
         job_id = antenna.add_job(images, "synthetic-moths",
                                  image_faults={images[i].image_id: kind for i, kind in FAULTS.items()})
         env = worker_env(antenna, tmp_path, AMI_METRICS_ADDR="127.0.0.1:0", AMI_AUTOTUNE="false",
@@ -108,12 +114,13 @@ def run(tmp_path_factory) -> Iterator[Run]:
             worker.wait_for(rf"job {job_id}: {IMAGES} images", 120)
             # the job's line means processed; results are posted on their own thread
             after = _scrape_until_posted(url, IMAGES)
+            scraped_unix_s = time.time()
             report = antenna.report(job_id)
             worker.send(signal.SIGTERM)
             code = worker.wait(60)
         finally:
             worker.kill()
-        yield Run(during, after, report, worker.output, code, job_id)
+        yield Run(during, after, report, worker.output, code, job_id, started_unix_s, scraped_unix_s)
 
 
 def _scrape_until_posted(url: str, expected: int) -> str:
@@ -213,13 +220,116 @@ def test_every_dashboard_metric_exists_in_a_live_scrape(run):
     exprs = dashboard_expressions()
     assert len(exprs) >= 10
     used = set().union(*(metric_names(e) for e in exprs))
-    assert used and all(name.startswith("antenna_worker_") for name in used), used
+    assert used and all(name.startswith(("antenna_worker_", "process_")) for name in used), used
     missing = sorted(used - exposed)
     assert not missing, f"dashboard queries metrics the worker does not export: {missing}"
     for needed in ("antenna_worker_images_processed_total", "antenna_worker_memory_used_bytes",
                    "antenna_worker_plan_changes_total", "antenna_worker_images_failed_total",
                    "antenna_worker_posts_pending"):
         assert needed in used
+
+
+def family_types(text: str) -> dict[str, str]:
+    """Every sample name in the scrape -> its family's type (counter, gauge, histogram, ...)."""
+    types = {}
+    for family in text_string_to_metric_families(text):
+        suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                    "info": ("_info",)}.get(family.type, ("",))
+        types.update({family.name + suffix: family.type for suffix in suffixes})
+    return types
+
+
+def alert_expressions() -> list[str]:
+    import yaml
+
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+@pytest.mark.timeout(60)
+def test_rate_and_increase_apply_only_to_counters(run):
+    """rate() of a gauge holding a running total is wrong (a restart reads as a huge negative rate)."""
+    types = family_types(run.after)
+    for expr in dashboard_expressions() + alert_expressions():
+        for name in re.findall(r"\b(?:rate|irate|increase)\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", expr):
+            assert types.get(name) in ("counter", "histogram"), (name, types.get(name), expr)
+
+
+@pytest.mark.timeout(60)
+def test_process_collectors_build_labels_api_errors_last_success_and_spool(run):
+    import torch
+
+    scraped = samples(run.after)
+    assert total(scraped, "process_cpu_seconds_total") > 0
+    assert total(scraped, "process_resident_memory_bytes") > 50 * 2**20
+    assert total(scraped, "antenna_worker_build_info", version="0.1.0", torch=torch.__version__,
+                 cuda=torch.version.cuda or "none", device="cpu") == 1
+    assert total(scraped, "antenna_worker_watchdog_sampler_cpu_seconds_total") > 0
+    for status in API_FAULTS:
+        assert total(scraped, "antenna_worker_api_errors_total", endpoint="/jobs/", status=str(status)) == 1
+    assert total(scraped, "antenna_worker_api_errors_total") == len(API_FAULTS)
+    last_success = total(scraped, "antenna_worker_api_last_success_timestamp_seconds")
+    assert run.started_unix_s < last_success <= run.scraped_unix_s
+    assert ("antenna_worker_spool_files", ()) in scraped and total(scraped, "antenna_worker_spool_files") == 0
+    assert total(scraped, "antenna_worker_spool_bytes") == 0
+
+
+@pytest.mark.timeout(30)
+def test_the_spool_backlog_is_read_from_disk(tmp_path):
+    from worker.metrics import REGISTRY
+    from worker.middleware.prometheus import read_spool_backlog
+    from worker.posting import Spool
+
+    spool = Spool(tmp_path / "spool")
+    read_spool_backlog(spool)
+    assert REGISTRY.get_sample_value("antenna_worker_spool_files") == 0
+    written = [spool.write(7, [{"reply_subject": "s", "result": {}}]) for _ in range(3)]
+    read_spool_backlog(spool)  # as a fresh process finds what an earlier one left
+    assert REGISTRY.get_sample_value("antenna_worker_spool_files") == 3
+    assert REGISTRY.get_sample_value("antenna_worker_spool_bytes") == sum(p.stat().st_size for p in written)
+
+
+@pytest.mark.timeout(120)
+def test_alert_rules_and_scrape_config_pass_promtool_and_query_exported_metrics(run, tmp_path):
+    promtool = ensure_promtool()
+    done = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # check config also loads the rule files the example names, relative to the config
+    shutil.copy(SCRAPE_CONFIG, tmp_path / "prometheus.yml")
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    done = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    exposed = exposed_names(run.after) | {"up"}
+    used = set().union(*(metric_names(expr) for expr in alert_expressions()))
+    assert sorted(used - exposed) == []
+    names = {rule["alert"] for group in __import__("yaml").safe_load(ALERTS.read_text())["groups"]
+             for rule in group["rules"]}
+    assert {"AntennaWorkerDown", "AntennaWorkerNoSuccessfulPoll", "AntennaWorkerSpoolGrowing",
+            "AntennaWorkerMemoryAboveSoftCap", "AntennaWorkerImagesFailing"} <= names
+
+
+@pytest.mark.timeout(120)
+def test_alerts_fire_on_their_conditions(tmp_path):
+    """promtool's rule unit tests: each alert fires on synthetic series and stays quiet on healthy ones."""
+    promtool = ensure_promtool()
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    shutil.copy(ROOT / "tests" / "worker" / "middleware" / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    done = subprocess.run([promtool, "test", "rules", str(tmp_path / "alerts_test.yml")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_dashboard_imports_anywhere_and_keeps_ids_off_count_axes():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert "__inputs" not in dashboard
+    panels = [p for row in dashboard["panels"] for p in [row, *row.get("panels", [])]]
+    for panel in panels:
+        if "datasource" in panel:
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        exprs = [target["expr"] for target in panel.get("targets", [])]
+        if any("current_job_id" in expr for expr in exprs):
+            assert len(exprs) == 1 and panel["type"] == "stat", panel["title"]
 
 
 @pytest.mark.timeout(60)

@@ -18,9 +18,9 @@ import pytest
 
 from tests.conftest import ROOT, worker_env
 from tests.worker.worker_process import WorkerProcess, worker_command
-from worker.middleware.systemd import Notifier, watchdog_interval_s
+from worker.middleware.systemd import Notifier, keepalive_interval_s
 
-UNIT = ROOT / "systemd" / "antenna-worker.middleware.systemd"
+UNIT = ROOT / "systemd" / "antenna-worker.service"
 SUPERVISOR = ROOT / "systemd" / "supervisor" / "antenna-worker.conf"
 
 
@@ -92,11 +92,11 @@ def test_worker_run_sends_ready_watchdog_pings_status_and_stopping(antenna, tiny
 
 @pytest.mark.timeout(60)
 def test_watchdog_interval_honours_watchdog_pid():
-    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}, 42) == 15.0
-    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, 42) == 15.0
-    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "7"}, 42) is None
-    assert watchdog_interval_s({"WATCHDOG_USEC": "0"}, 42) is None
-    assert watchdog_interval_s({}, 42) is None
+    assert keepalive_interval_s({"WATCHDOG_USEC": "30000000"}, 42) == 15.0
+    assert keepalive_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, 42) == 15.0
+    assert keepalive_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "7"}, 42) is None
+    assert keepalive_interval_s({"WATCHDOG_USEC": "0"}, 42) is None
+    assert keepalive_interval_s({}, 42) is None
     assert Notifier.from_environ({"NOTIFY_SOCKET": "relative/path"}) is None
 
 
@@ -156,7 +156,7 @@ def test_systemd_analyze_verify_passes_on_the_unit(tmp_path):
     assert script.exists(), "the worker console script is not installed next to this interpreter"
     text = UNIT.read_text().replace("/opt/antenna-worker/venv/bin/worker", str(script))
     assert str(script) in text
-    unit = tmp_path / "antenna-worker.middleware.systemd"
+    unit = tmp_path / "antenna-worker.service"
     unit.write_text(text)
     done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=50)
     # verify exits 0 on settings it merely ignores (e.g. an unknown Type=); any line naming our file is a defect.

@@ -17,6 +17,7 @@ from autotune.plan import LoaderPlan
 from watchdog.limits import MIB, Limits
 from watchdog.sampler import MemorySnapshot
 from worker import metrics
+from worker.planning import ForcedPlanner
 from worker.app import build_worker
 from worker.middleware.watchdog import WatchdogMiddleware
 from worker.hooks import JobContext, Middleware
@@ -51,7 +52,7 @@ class Seen:
 
 @dataclass
 class Driver(Middleware):
-    """Forces ``plan`` on each job and, after batch N, feeds ``script[N]``'s snapshots to the guard
+    """Its ``plan`` is forced on each job (``make_worker``); after batch N it feeds ``script[N]``'s snapshots to the guard
     (after loader start number K: ``on_loader[K]``); records what the loader shows right after."""
 
     guard: WatchdogMiddleware
@@ -63,9 +64,6 @@ class Driver(Middleware):
     plans: list[str] = field(default_factory=list)
     batches: int = 0
     server: object = None
-
-    def on_job_start(self, worker, ctx: JobContext) -> None:
-        ctx.plan = self.plan
 
     def on_loader_start(self, worker, ctx: JobContext) -> None:
         self.plans.append(ctx.plan.source)
@@ -81,11 +79,11 @@ class Driver(Middleware):
         for taken_at_s, used_bytes in steps:
             decision = self.guard.observe(snap(taken_at_s, used_bytes))
             self.seen.append(Seen(decision.action, knobs(ctx), len(self.server.reservations),
-                                  ctx.rebuild_requested, ctx.loader.control.stop.value))
+                                  ctx.rebuild_reason is not None, ctx.loader.control.stop.value))
 
 
 def make_worker(settings, guard: WatchdogMiddleware, driver: Driver):
-    worker = build_worker(settings, burst=True, middlewares=[driver, guard])
+    worker = build_worker(settings, burst=True, middlewares=[driver, guard], planner=ForcedPlanner(driver.plan))
     worker.limits = LIMITS  # the governor's caps come from here, not from this machine
     worker.sampler = None  # only the driver's snapshots reach the governor
     return worker

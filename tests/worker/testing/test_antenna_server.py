@@ -459,3 +459,47 @@ def test_serve_antenna_process_serves_and_stops_on_sigterm(tmp_path: Path) -> No
             process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+# --- response and job faults (the reliability suite's knobs)
+
+def test_response_faults_break_the_answer_after_the_work_is_done(antenna: LocalAntenna, api, images) -> None:
+    job_id = antenna.add_job(images[:4], SLUG)
+    antenna.set_response_faults("tasks", ["malformed", "misshapen", "reset"])
+    first = api.post(f"{antenna.base_url}/jobs/{job_id}/tasks/", json={"batch_size": 1})
+    with pytest.raises(ValueError):
+        first.json()
+    assert api.post(f"{antenna.base_url}/jobs/{job_id}/tasks/", json={"batch_size": 1}).json()["tasks"] == [
+        {"unexpected": True}]
+    with pytest.raises(requests.exceptions.RequestException):
+        api.post(f"{antenna.base_url}/jobs/{job_id}/tasks/", json={"batch_size": 1})
+    assert antenna.report(job_id).reserved == 3  # each call reserved before its answer broke
+    assert len(_reserve(api, antenna, job_id, 1)) == 1
+    with pytest.raises(ValueError, match="unknown response faults"):
+        antenna.set_response_faults("tasks", ["teapot"])
+
+
+def test_a_deleted_job_answers_404_everywhere_and_leaves_the_listing(antenna: LocalAntenna, api, images) -> None:
+    job_id = antenna.add_job(images[:3], SLUG)
+    antenna.delete_job(job_id, after_results=1)
+    tasks = _reserve(api, antenna, job_id, 2)
+    items = [{"reply_subject": t["reply_subject"], "result": {"error": "e", "image_id": t["image_id"]}} for t in tasks]
+    assert api.post(f"{antenna.base_url}/jobs/{job_id}/result/", json={"results": items[:1]}).status_code == 200
+    assert api.post(f"{antenna.base_url}/jobs/{job_id}/result/", json={"results": items[1:]}).status_code == 404
+    assert api.post(f"{antenna.base_url}/jobs/{job_id}/tasks/", json={"batch_size": 1}).status_code == 404
+    assert api.get(f"{antenna.base_url}/jobs/", params=_jobs_query()).json()["results"] == []
+    assert antenna.report(job_id).results_error == 1
+
+
+def test_reject_all_results_answers_400_for_every_post_until_cleared(antenna: LocalAntenna, api, images) -> None:
+    job_id = antenna.add_job(images[:2], SLUG)
+    tasks = _reserve(api, antenna, job_id, 2)
+    items = [{"reply_subject": t["reply_subject"], "result": {"error": "e", "image_id": t["image_id"]}} for t in tasks]
+    antenna.reject_all_results(job_id, "algorithm key 'k' is not registered")
+    for part in (items, items[:1], items[1:]):
+        answer = api.post(f"{antenna.base_url}/jobs/{job_id}/result/", json={"results": part})
+        assert answer.status_code == 400 and "algorithm key 'k'" in answer.json()["detail"]
+    antenna.reject_all_results(job_id, None)
+    assert api.post(f"{antenna.base_url}/jobs/{job_id}/result/", json={"results": items}).status_code == 200
+    report = antenna.report(job_id)
+    assert report.rejected_posts == 3 and report.results_error == 2

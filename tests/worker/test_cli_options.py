@@ -1,0 +1,38 @@
+"""``worker``'s global options as a user types them: ``--version`` and ``--env-file`` on either side
+of the subcommand (real subprocesses)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import torch
+from worker import __version__
+
+
+def _worker(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_version_prints_the_worker_and_torch_versions():
+    done = _worker("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"antenna-worker {__version__},")
+    assert f"torch {torch.__version__.split('+')[0]}" in done.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_env_file_is_read_before_or_after_the_subcommand(tmp_path, where):
+    env_file = tmp_path / "worker.env"
+    env_file.write_text("AMI_ANTENNA_API_BATCH_SIZE=7\n")
+    option = ["--env-file", str(env_file)]
+    done = _worker(*(option + ["config"] if where == "before" else ["config"] + option), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"AMI_ANTENNA_API_BATCH_SIZE=7  # {env_file}" in [line.strip() for line in done.stdout.splitlines()] \
+        or any(line.startswith("AMI_ANTENNA_API_BATCH_SIZE=7") for line in done.stdout.splitlines())

@@ -1,0 +1,85 @@
+"""The loop under API failures, in-process against the real local server (issue 14 items 6, 11).
+
+Each test failed before the loop escalated auth failures: a rejected token was a WARNING every idle
+sleep, forever, and ``--burst`` exited 0; results that could not be spooled were not counted."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import pytest
+
+from worker.app import build_worker
+from worker.daemon import EXIT_TOKEN_REJECTED
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("endpoint", ["jobs", "result"])
+def test_burst_exits_with_the_token_rejected_code_after_a_401(antenna, settings_for, tiny_images, caplog, endpoint):
+    job = antenna.add_job(tiny_images[:2], "null")
+    antenna.set_faults(endpoint, [401] * 50)
+    worker = build_worker(settings_for(antenna, antenna_api_dataloader_num_workers=0), burst=True, middlewares=[])
+    caplog.set_level(logging.INFO)
+    assert worker.run() == EXIT_TOKEN_REJECTED == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and all("AMI_ANTENNA_API_AUTH_TOKEN" in e or "token" in e for e in errors)
+    if endpoint == "result":  # the results are kept for the next start, not failed
+        assert worker.poster.counters.spooled_items == 2 and antenna.report(job).results_ok == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_rejected_token_backs_off_the_listing(antenna, settings_for):
+    antenna.set_faults("jobs", [401] * 1000)
+    worker = build_worker(settings_for(antenna, antenna_idle_sleep_seconds=0.05), middlewares=[])
+    stop = threading.Timer(2.0, lambda: (worker._on_terminate(signal.SIGTERM, None), worker.wake.set()))
+    stop.start()
+    try:
+        assert worker.run() == 0  # a drained daemon exits 0; only --burst reports the token
+    finally:
+        stop.cancel()
+    # Without backoff: one listing per 0.05 s idle sleep, about 40 in 2 s.
+    assert 1 <= worker.client.auth_failures_total <= 8
+
+
+@pytest.mark.timeout(120)
+def test_results_that_cannot_be_spooled_count_as_stranded(antenna, settings_for, tiny_images, tmp_path, caplog):
+    job = antenna.add_job(tiny_images[:3], "null")
+    settings = settings_for(antenna, antenna_api_dataloader_num_workers=0, antenna_api_batch_size=3,
+                            antenna_api_max_attempts=1)
+    (settings.user_data_path / "spool").parent.mkdir(parents=True, exist_ok=True)
+    (settings.user_data_path / "spool").write_text("not a directory")
+    antenna.set_faults("result", [503] * 10)
+    worker = build_worker(settings, burst=True, middlewares=[])
+    caplog.set_level(logging.INFO, logger="worker.daemon")
+    assert worker.run() == 0
+    assert worker.poster.counters.spool_failed_items == 3
+    assert "3 results stranded (neither posted nor spooled)" in caplog.text
+    assert antenna.report(job).reserved == 3  # left for redelivery
+
+
+@pytest.mark.timeout(60)
+def test_the_state_gauge_and_a_counter_show_a_rejected_token(antenna, settings_for):
+    """Failed before: the gauge had no such state and no metric counted auth failures."""
+    from worker.metrics import REGISTRY
+    from worker.middleware.prometheus import MetricsMiddleware
+
+    before = REGISTRY.get_sample_value("antenna_worker_api_auth_failures_total") or 0.0
+    antenna.set_faults("jobs", [403] * 1000)
+    worker = build_worker(settings_for(antenna), middlewares=[MetricsMiddleware("127.0.0.1:0")])
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        deadline = threading.Event()
+        for _ in range(200):
+            if REGISTRY.get_sample_value("antenna_worker_state", {"state": "unauthorized"}) == 1.0:
+                break
+            deadline.wait(0.05)
+        assert REGISTRY.get_sample_value("antenna_worker_state", {"state": "unauthorized"}) == 1.0
+        assert REGISTRY.get_sample_value("antenna_worker_state", {"state": "idle"}) == 0.0
+        assert (REGISTRY.get_sample_value("antenna_worker_api_auth_failures_total") or 0.0) > before
+    finally:
+        worker._on_terminate(signal.SIGTERM, None)  # what the handler does; the watcher thread then wakes
+        worker.wake.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive()

@@ -1,0 +1,405 @@
+"""Measuring a job for autotune: a probe reserves a few tasks, loads and times them, and, once the
+loop has processed them as its first batch, fits a ``Probe`` from the numbers.
+
+The probe is two steps around the loop's own batch path (``Worker.handle_batch``):
+
+1. ``sample_job`` reserves ``AMI_AUTOTUNE_PROBE_TASKS`` tasks (default 3; the reserve's CPU prices an
+   API exchange), downloads and decodes them here (timing time to first byte, whole download and
+   decode), times what the fit needs besides the batch itself, reads the tree's baseline memory (the
+   loader's fork server included) and returns the tasks as a ``Batch``. Every reserved task is in
+   that batch, an error item where it failed: the probe never strands a task.
+2. The loop handles the batch like any other (inference and posting, timed in ``JobStats``).
+3. ``fit_probe`` builds the ``Probe`` from the sample and the batch's timing.
+
+Policy (the models, the planner) lives in ``autotune``; this module only measures.
+"""
+from __future__ import annotations
+
+import gc
+import ipaddress
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from urllib.parse import urlsplit
+
+import torch
+
+from autotune import ImageSample, InferenceSample, MemoryCalibration, Probe
+from watchdog.sampler import sample_tree
+from worker.hooks import JobStats
+from worker.imaging import ImageError, decode, download, image_session
+from worker.ingest import Batch, LoadedImage, wait_for_fork_server
+from worker.pipelines import Pipeline, batch_overhead_s, run_batch, warm_up
+from worker.results import Failure
+from worker.schema import Task
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.antenna import AntennaClient, JobRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """What one probe measured and what it did with its tasks.
+
+    ``probe`` is None when no sampled image could be used (nothing reserved, or all failed).
+    ``results_posted``: results handed to the poster for the probed tasks (one per task).
+    ``phases_s``: seconds of ``wall_s`` by step, in order (reserve, load, time_inference,
+    baseline, processing, fit; those reached).
+    """
+
+    probe: Optional[Probe]
+    tasks: int
+    images_ok: int
+    wall_s: float
+    results_posted: int = 0
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def processing_s(self) -> float:
+        """Of ``wall_s``, the probed tasks' own processing (their batch through the loop's
+        ``handle_batch``: inference and posting, which the job needs anyway)."""
+        return self.phases_s.get("processing", 0.0)
+
+    @property
+    def overhead_s(self) -> float:
+        """What probing cost the job: ``wall_s`` less ``processing_s``."""
+        return max(0.0, self.wall_s - self.processing_s)
+
+
+
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedImage], list[ImageSample],
+                                                                     Optional[float]]:
+    """Download ``tasks`` in parallel (one connection each) and decode them here, timing each step.
+
+    Also returns the CPU seconds the rest of the host spent while the downloads ran (the host's
+    busy time less this process's) when an image came from this host (a loopback or local
+    address): an image server on the same host costs the loader that much per image too. None
+    otherwise, or where ``/proc/stat`` cannot be read: on a shared host the rest of its CPU
+    time is other tenants' work, not the images'.
+
+    Parallel downloads keep the probe short on a slow network while each still times one
+    connection. Time to first byte is when the response headers arrived (a ``requests`` response
+    hook runs then, before the streamed body is read). Failures become error items, never
+    exceptions. Order follows ``tasks``.
+    """
+    host_before_s, own_before_s = host_busy_cpu_s(), time.process_time()
+    with ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="probe-download") as pool:
+        fetched = list(pool.map(lambda task: _timed_download(task, settings), tasks))
+    host_s, own_s = host_busy_cpu_s() - host_before_s, time.process_time() - own_before_s
+    served_here = any(is_this_host(task.image_url) for task in tasks)
+    external_cpu_s = max(0.0, host_s - own_s) if host_before_s >= 0 and served_here else None
+    # Decoded side by side, one thread per core (the decoder releases the GIL): three large images
+    # took 1.0 s one after another, the longest part of the probe. Each decode is timed by its
+    # thread's CPU time, which another decode on a shared core does not inflate.
+    with ThreadPoolExecutor(max(1, min(len(tasks), cpu_count())), thread_name_prefix="probe-decode") as pool:
+        outcomes = list(pool.map(lambda fetch: _timed_decode(fetch[0], fetch[4], settings), fetched))
+    loaded: list[LoadedImage] = []
+    samples: list[ImageSample] = []
+    for task, (data, download_s, first_byte_s, download_cpu_s, _), (decoded, decode_cpu_s, failure) in zip(
+            tasks, fetched, outcomes):
+        if decoded is None:
+            loaded.append(LoadedImage(task, None, failure.failure()))
+            continue
+        samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s, decode_cpu_s,
+                                   first_byte_s, download_cpu_s))
+        loaded.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
+                                  download_s, decode_cpu_s))
+    del fetched, outcomes
+    return loaded, samples, external_cpu_s
+
+
+def _timed_decode(data, error: Optional[Exception], settings: Settings):
+    """(decoded, decode CPU seconds, None) or (None, 0, the ImageError)."""
+    try:
+        if error is not None:
+            raise error
+        started_cpu_s = time.thread_time()
+        decoded = decode(data, max_pixels=settings.max_image_pixels)
+        return decoded, time.thread_time() - started_cpu_s, None
+    except ImageError as failure:
+        return None, 0.0, failure
+
+
+def api_exchange_cpu_s(round_trip_s: float, client_cpu_s: float, *, local_server: bool) -> float:
+    """Core-seconds of one API exchange on this host, from the probe's reserve call.
+
+    The client's thread CPU always counts. A server on this host spends CPU on the same cores;
+    its process is unknown, so its share is bounded twice: by what is left of the round trip
+    after the client's CPU (a shaped or slow link's wait is not CPU) and by the client's own
+    CPU (the local server answered a reserve in 0.7 ms and a post in 0.5 ms of CPU where the
+    client spent 1.8 and 1.7 ms). A remote server's time is not this host's CPU.
+    """
+    if not local_server:
+        return client_cpu_s
+    return client_cpu_s + min(client_cpu_s, max(0.0, round_trip_s - client_cpu_s))
+
+
+def is_this_host(url: str) -> bool:
+    """Whether ``url``'s host is this machine: a loopback address, or one this host's name
+    resolves to. Name lookups that fail count as elsewhere."""
+    host = urlsplit(url).hostname
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(socket.gethostbyname(host))
+        if address.is_loopback or address.is_unspecified:
+            return True
+        return str(address) in socket.gethostbyname_ex(socket.gethostname())[2]
+    except (OSError, ValueError):
+        return False
+
+
+def host_busy_cpu_s(proc_stat: Path = Path("/proc/stat")) -> float:
+    """CPU seconds the whole host has been busy (user, nice, system, irq, softirq: all CPUs
+    together) from ``/proc/stat``; -1.0 where that cannot be read (not Linux)."""
+    try:
+        with open(proc_stat) as handle:
+            fields_ = handle.readline().split()
+    except OSError:
+        return -1.0
+    if len(fields_) < 8 or fields_[0] != "cpu":
+        return -1.0
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in fields_[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed_download(task: Task, settings: Settings):
+    """(data, download_s, first_byte_s, download_cpu_s, error) for one task on its own connection."""
+    session = image_session(1)
+    headers_at: list[float] = []
+    session.hooks["response"].append(lambda response, *args, **kwargs: headers_at.append(time.perf_counter()))
+    started_s, started_cpu_s = time.perf_counter(), time.thread_time()
+    try:
+        data = download(session, task.image_url, max_bytes=settings.max_image_bytes,
+                        timeout_s=settings.antenna_api_timeout_s * 2)
+    except ImageError as error:
+        return None, 0.0, None, None, error
+    except Exception as error:  # a URL requests refuses (file://, malformed, redirect loop): this image alone
+        return None, 0.0, None, None, ImageError(f"download failed: {type(error).__name__}: {str(error)[:200]}", "bad_url")
+    finally:
+        session.close()
+    first_byte_s = (headers_at[0] - started_s) if headers_at else None
+    return data, time.perf_counter() - started_s, first_byte_s, time.thread_time() - started_cpu_s, None
+
+
+def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
+                   cuda: bool = False, threads_sleep: bool = True) -> list[InferenceSample]:
+    """Seconds per batch: each image alone, all of ``items`` as one batch (nothing posted), and
+    the batch at one thread (see ``time_one_thread``).
+
+    The pipeline is warmed up first unless it already was (``warm_up``; ``build_worker`` warms
+    every offered pipeline): lazy kernel selection would otherwise read as per-batch cost.
+    """
+    good = [item for item in items if item.image is not None]
+    if not good:
+        return []
+    warm_up(pipeline, good[0].image)
+    samples = time_sample(pipeline, good, slug, cuda=cuda, threads_sleep=threads_sleep)
+    if len(good) > 1:
+        started_s, started_cpu_s = time.perf_counter(), time.process_time()
+        run_batch(pipeline, good, slug)
+        samples.append(InferenceSample(len(good), time.perf_counter() - started_s,
+                                       cpu_s=time.process_time() - started_cpu_s))
+    return samples
+
+
+def time_sample(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
+                cuda: bool, threads_sleep: bool) -> list[InferenceSample]:
+    """What the probe times besides the sample batch at the default: images alone, and the
+    sample as one batch at one thread (see ``time_each_image`` and ``time_one_thread``).
+
+    Where the one-thread batch is timed too (on CPU, torch running more threads), only the first
+    image is timed alone, and the fit takes it as a typical image. There the planner keeps the
+    batch within what the probe timed and the per-batch cost decides little, while the probe's
+    time is the job's: on the small benchmark job each image alone cost 0.1 s, 5% of the job for
+    all three. On CUDA every image is timed alone, so the fit compares equal work: batching is
+    the main lever there.
+    """
+    one_thread = time_one_thread(pipeline, items, slug, cuda=cuda, threads_sleep=threads_sleep)
+    samples = time_each_image(pipeline, items[:1] if one_thread else items, slug)
+    return samples + ([one_thread] if one_thread else [])
+
+
+def time_each_image(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str) -> list[InferenceSample]:
+    """Each of ``items`` alone at batch size 1 at the default thread count (nothing posted).
+
+    With the same images timed as one batch, the sum of these against that batch separates the
+    per-batch cost from the per-image one on equal work: images differ (a photo with more
+    specimens costs more), so one image alone against the batch would not.
+    """
+    samples = []
+    for item in items:
+        started_s, started_cpu_s = time.perf_counter(), time.process_time()
+        run_batch(pipeline, [item], slug)
+        samples.append(InferenceSample(1, time.perf_counter() - started_s, threads=torch.get_num_threads(),
+                                       cpu_s=time.process_time() - started_cpu_s))
+    return samples
+
+
+def openmp_threads_sleep(environ: Mapping[str, str]) -> bool:
+    """True when OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE`` in the process
+    environment, the worker command's default): an idle intra-op thread then costs no CPU, and one
+    thread saves nothing over the default (the probe measures the busy share the default costs)."""
+    return environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def time_one_thread(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
+                    cuda: bool, threads_sleep: bool) -> Optional[InferenceSample]:
+    """``items`` as one batch with one intra-op thread (nothing posted); None on CUDA, when the
+    default is one thread already, or when waiting OpenMP threads sleep (``openmp_threads_sleep``:
+    one thread then only saves what the busy share says; in the benchmark two threads beat one
+    in all 8 grid pairs on small images and matched it on large ones, 0.996x on average, one
+    thread ahead in 5 of 8). Timed on the same batch the default is timed on, since
+    what a second thread gains grows with the batch. The default thread count is restored."""
+    threads = torch.get_num_threads()
+    if cuda or threads <= 1 or not items or threads_sleep:
+        return None
+    torch.set_num_threads(1)
+    try:
+        started_s = time.perf_counter()
+        run_batch(pipeline, list(items), slug)
+        return InferenceSample(len(items), time.perf_counter() - started_s, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def overhead_floor(pipeline: Pipeline) -> float:
+    """``batch_overhead_s`` (measured once, at start), or 0 where the pipeline fails on the
+    synthetic image: the probe then times every sampled image alone instead."""
+    try:
+        return batch_overhead_s(pipeline)
+    except Exception as error:
+        log.warning("per-batch cost not measured: %s: %.200s", type(error).__name__, error)
+        return 0.0
+
+
+def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
+    """This process tree's PSS now (model loaded, no loader) less the sample images it still holds.
+
+    The decoded sample tensors are private, fully resident allocations (large ones are mmapped,
+    see ``imaging.fix_mmap_threshold``), so subtracting their size leaves the baseline.
+    """
+    wait_for_fork_server()  # the loader's fork server belongs to the baseline: wait for its imports
+    gc.collect()
+    held = sum(item.image.numel() * item.image.element_size() for item in items if item.image is not None)
+    return max(0, sample_tree(os.getpid()).tree_pss_bytes - held)
+
+
+@dataclass
+class ProbeSample:
+    """What ``sample_job`` measured before the loop handles ``batch`` (None: nothing reserved)."""
+
+    batch: Optional[Batch]
+    images: list[ImageSample]
+    inference: list[InferenceSample]
+    baseline_bytes: int
+    round_trip_s: float
+    exchange_cpu_s: float
+    external_cpu_s: Optional[float]
+    overhead_floor_s: float
+    started_s: float
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> int:
+        return len(self.batch.items) if self.batch is not None else 0
+
+    @property
+    def images_ok(self) -> int:
+        return len(self.images)
+
+    def phase(self, name: str) -> None:
+        """Close the phase ``name`` at now (the phases add up to the probe's wall)."""
+        now_s = time.perf_counter()
+        self.phases_s[name] = now_s - self.started_s - sum(self.phases_s.values())
+
+
+def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, settings: Settings, *,
+               tasks_wanted: int, client_info: dict, cuda: bool, threads_sleep: bool) -> ProbeSample:
+    """Reserve ``tasks_wanted`` tasks of ``job`` and measure them; the loop then handles the batch.
+
+    Inference is timed on the sample as one batch at the default thread count: the loop's own
+    batch path, which posts every probed task's result (errors included), so that timing costs the
+    job nothing. With it, the pipeline's per-batch cost, measured at the worker's start on two
+    batch sizes (``worker.pipelines.batch_overhead_s``), separates the per-image cost. On CUDA, or
+    where that start-up figure is missing, the probe also times each sampled image alone
+    (``time_sample``, results discarded). On CPU, with torch running more threads and OpenMP's
+    waiting threads spinning (not the worker command's default), it also times the sample at one
+    thread (``time_one_thread``). A pipeline not warmed up yet is warmed here on the first sampled
+    image. A measurement that fails (a warm-up error, say) is logged and left out: the tasks still
+    go to the loop, whose batch path turns each failure into that image's error result.
+    """
+    started_s, cpu_started_s = time.perf_counter(), time.thread_time()
+    tasks = client.reserve_tasks(job.id, tasks_wanted, client_info)
+    round_trip_s = time.perf_counter() - started_s
+    sample = ProbeSample(None, [], [], 0, round_trip_s, api_exchange_cpu_s(
+        round_trip_s, time.thread_time() - cpu_started_s,
+        local_server=is_this_host(settings.antenna_api_base_url)), None, 0.0, started_s)
+    sample.phase("reserve")
+    if not tasks:
+        return sample
+    items: list[LoadedImage] = [LoadedImage(task, None, Failure("other", "probe: not loaded")) for task in tasks]
+    try:
+        items, sample.images, sample.external_cpu_s = load_sample(tasks, settings)
+        sample.phase("load")
+        good = [item for item in items if item.image is not None]
+        if good:
+            sample.overhead_floor_s = overhead_floor(pipeline)
+            sample.inference = _time_for_fit(pipeline, good, job.pipeline_slug, cuda=cuda,
+                                             overhead_floor_s=sample.overhead_floor_s, threads_sleep=threads_sleep)
+        sample.phase("time_inference")
+        sample.baseline_bytes = baseline_bytes(items)
+        sample.phase("baseline")
+    except Exception as error:  # the tasks are reserved: they go to the loop whatever failed here
+        log.warning("job %d: probe measurement failed: %s: %.200s", job.id, type(error).__name__, error)
+        sample.images, sample.inference = [], []
+    sample.batch = Batch(items)
+    return sample
+
+
+def _time_for_fit(pipeline: Pipeline, good: Sequence[LoadedImage], slug: str, *, cuda: bool,
+                  overhead_floor_s: float, threads_sleep: bool) -> list[InferenceSample]:
+    warm_up(pipeline, good[0].image)  # a no-op after the worker's start-up warm-up
+    if cuda or overhead_floor_s <= 0:
+        return time_sample(pipeline, good, slug, cuda=cuda, threads_sleep=threads_sleep)
+    one_thread = time_one_thread(pipeline, good, slug, cuda=False, threads_sleep=threads_sleep)
+    return [one_thread] if one_thread is not None else []
+
+
+def fit_probe(sample: ProbeSample, stats: JobStats, settings: Settings, *, calibration: MemoryCalibration,
+              cuda: bool, forward_batch_size: int) -> ProbeRun:
+    """The ``Probe`` from ``sample`` and the loop's timing of its batch (``stats.last_inference_s``)."""
+    sample.phase("processing")
+    inference = list(sample.inference)
+    if sample.images:  # the loaded images: the batch's items have been released by now
+        inference.append(InferenceSample(sample.images_ok, stats.last_inference_s, cpu_s=stats.last_inference_cpu_s))
+    if not sample.images:
+        return ProbeRun(None, sample.tasks, 0, time.perf_counter() - sample.started_s, sample.tasks, sample.phases_s)
+    probe = Probe.from_samples(
+        sample.images, inference, baseline_bytes=sample.baseline_bytes, cpu_count=cpu_count(), cuda=cuda,
+        reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=sample.round_trip_s,
+        calibration=calibration, forward_batch_size=forward_batch_size,
+        inference_threads=torch.get_num_threads(), external_cpu_s=sample.external_cpu_s,
+        api_exchange_cpu_s=sample.exchange_cpu_s, inference_overhead_floor_s=sample.overhead_floor_s,
+    )
+    sample.phase("fit")
+    return ProbeRun(probe, sample.tasks, sample.images_ok, time.perf_counter() - sample.started_s, sample.tasks,
+                    sample.phases_s)
