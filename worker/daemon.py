@@ -154,7 +154,7 @@ class Worker:
         if self.stop.forced:
             loader.abandon()
         elif self.stop.draining:
-            loader.stop_reserving()
+            loader.stop_reserving(self.stop.drain_deadline_s)
 
     def _on_recycle(self, signum: int, _frame: object) -> None:
         self.stop.after_job = True
@@ -258,7 +258,13 @@ class Worker:
         source = self.ingest_source(ctx.job.id)
         log.info("job %d: loader plan %s", ctx.job.id, ctx.plan.describe())
         self._set_inference_threads(ctx.plan.inference_threads or self.default_inference_threads)
-        with Loader(source, ctx.plan) as loader:
+        try:
+            loader = Loader(source, ctx.plan)
+        except LoaderFailed as error:  # out of file descriptors or processes: nothing was reserved
+            log.error("job %d: loader failed: %s", ctx.job.id, str(error))
+            ctx.request_rebuild(f"loader failed: {str(error)[:200]}")
+            return
+        with loader:
             ctx.loader = loader
             self._call("on_loader_start", ctx)
             try:
@@ -273,7 +279,7 @@ class Worker:
             except LoaderFailed as error:
                 # A loader worker died (the kernel's OOM killer, a segfault in a decoder): what it
                 # held is stranded below; the job goes on with a fresh, minimal loader.
-                log.error("job %d: loader failed: %s", ctx.job.id, error)
+                log.error("job %d: loader failed: %s", ctx.job.id, str(error))
                 ctx.request_rebuild(f"loader failed: {str(error)[:200]}")
             ctx.loader = None
         # After close, not before: an abandoned loader's workers may still be inside a reserve
@@ -297,7 +303,7 @@ class Worker:
             loader.abandon()
             return True
         if self.stop.draining:
-            loader.stop_reserving()
+            loader.stop_reserving(self.stop.drain_deadline_s)
         if ctx.rebuild_reason is not None:
             loader.abandon()  # batches already decoded still arrive and get posted
         return False
@@ -344,7 +350,8 @@ class Worker:
         return IngestSource(
             base_url=s.antenna_api_base_url, token=s.token, job_id=job_id,
             api_timeout_s=s.antenna_api_timeout_s, api_max_attempts=s.antenna_api_max_attempts,
-            image_timeout_s=s.antenna_api_timeout_s * 2, max_image_bytes=s.max_image_bytes,
+            image_timeout_s=s.antenna_api_timeout_s * 2, image_deadline_s=s.image_download_deadline_s,
+            block_private_hosts=s.block_private_image_hosts, max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels, client_info=self.client_info,
         )
 

@@ -9,16 +9,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
+import ipaddress
 import logging
+import math
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
 import simplejpeg
 import torch
+import urllib3
 from PIL import Image
+from urllib3.util.retry import Retry
 
 from worker.results import Failure, FailureReason
 
@@ -26,6 +32,14 @@ log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8"
 CHUNK_BYTES = 1 << 20
+ALLOWED_SCHEMES = ("http", "https")
+MAX_REDIRECTS = 3  # presigned-URL hosts redirect once or twice; more is a loop or a trap
+# Transient failures of an image GET (a reset or refused connection, a 5xx or 429 from a storage
+# front end) are retried a few times with a short backoff; the last answer then stands. Only GET:
+# nothing else is sent to image hosts. Retry-After is not honoured: the download deadline rules.
+IMAGE_RETRY = Retry(total=3, connect=2, read=2, status=3, other=0, redirect=False, backoff_factor=0.25,
+                    backoff_max=2.0, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=frozenset({"GET"}),
+                    raise_on_status=False, respect_retry_after_header=False)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
@@ -72,28 +86,90 @@ class DecodedImage:
     decode_s: float
 
 
-def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float) -> bytearray:
-    """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``."""
+def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float,
+             deadline_s: float = math.inf, block_private_hosts: bool = False) -> bytearray:
+    """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``.
+
+    ``timeout_s`` bounds the connect and each read; ``deadline_s`` the whole download (a host
+    sending one byte a second passes every read timeout). The body is read as it arrives, so the
+    deadline is checked after every read, and no single read waits longer than the deadline.
+    Only http(s) URLs are fetched, through at most ``MAX_REDIRECTS`` redirects, each checked
+    like the first (``check_image_url``). Transient failures are retried by the session
+    (``image_session``).
+    """
+    started_s = time.monotonic()
+    wait_s = min(timeout_s, deadline_s)
     try:
-        with session.get(url, stream=True, timeout=timeout_s) as response:
-            if response.status_code != 200:
-                raise ImageError(f"download failed: HTTP {response.status_code} for {url}",
-                                 "not_found" if response.status_code == 404 else "http_error")
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
+        with _get_following_redirects(session, url, wait_s, block_private_hosts) as response:
+            _check_response(response, url, max_bytes)
             body = bytearray()
-            for chunk in response.iter_content(CHUNK_BYTES):
+            while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
                 body += chunk
+                del chunk
                 if len(body) > max_bytes:
                     raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
-                del chunk
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-        reason: FailureReason = "timeout" if isinstance(error, requests.Timeout) else "connection"
-        raise ImageError(f"download failed: {type(error).__name__} for {url}", reason) from None
+                if time.monotonic() - started_s > deadline_s:
+                    raise _over_deadline(url, deadline_s)
+    except (requests.Timeout, urllib3.exceptions.TimeoutError):
+        if time.monotonic() - started_s >= deadline_s:
+            raise _over_deadline(url, deadline_s) from None
+        raise ImageError(f"download failed: a read took over {timeout_s:g} s for {url}", "timeout") from None
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
+        raise ImageError(f"image URL {url!r} is not a valid http(s) URL", "bad_url") from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError,
+            requests.exceptions.RetryError) as error:
+        raise ImageError(f"download failed: {type(error).__name__} for {url}", "connection") from None
     if not body:
         raise ImageError(f"download returned an empty body for {url}", "empty")
     return body  # a bytearray: decoders take it as is, and a bytes() copy would double the peak
+
+
+def _get_following_redirects(session: requests.Session, url: str, wait_s: float,
+                             block_private_hosts: bool) -> requests.Response:
+    """The streamed response at the end of at most ``MAX_REDIRECTS`` redirects from ``url``."""
+    current = url
+    for _hop in range(MAX_REDIRECTS + 1):
+        check_image_url(current, block_private_hosts=block_private_hosts)
+        response = session.get(current, stream=True, timeout=(wait_s, wait_s), allow_redirects=False)
+        if not response.is_redirect:
+            return response
+        current = urljoin(current, response.headers["Location"])
+        response.close()
+    raise ImageError(f"more than {MAX_REDIRECTS} redirects from {url}", "bad_url")
+
+
+def check_image_url(url: str, *, block_private_hosts: bool = False) -> None:
+    """Refuse (``ImageError``, reason ``bad_url``) a URL that is not http(s) with a host, and with
+    ``block_private_hosts`` one whose host resolves to a loopback, private, link-local or other
+    non-global address (cloud metadata services live there). The check resolves the name itself,
+    so a host whose DNS answer changes between this check and the connection is not caught."""
+    parts = urlsplit(url)
+    if parts.scheme not in ALLOWED_SCHEMES or not parts.hostname:
+        raise ImageError(f"image URL {url!r} is not an http(s) URL with a host", "bad_url")
+    if not block_private_hosts:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError) as error:
+        raise ImageError(f"image host {parts.hostname!r} does not resolve: {error}", "connection") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
+            raise ImageError(f"image host {parts.hostname!r} is a non-public address {address} "
+                             "(AMI_BLOCK_PRIVATE_IMAGE_HOSTS=true)", "bad_url")
+
+
+def _check_response(response: requests.Response, url: str, max_bytes: int) -> None:
+    if response.status_code != 200:
+        raise ImageError(f"download failed: HTTP {response.status_code} for {url}",
+                         "not_found" if response.status_code == 404 else "http_error")
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
+
+
+def _over_deadline(url: str, deadline_s: float) -> ImageError:
+    return ImageError(f"download exceeded AMI_IMAGE_DOWNLOAD_DEADLINE_S={deadline_s:g} s for {url}", "timeout")
 
 
 Allocate = Callable[[int, int], torch.Tensor]  # (height, width) -> uint8 (height, width, 3)
@@ -147,7 +223,9 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             _check_pixels(image.width, image.height, max_pixels)
-            return np.asarray(image.convert("RGB"))
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                return _grey_to_rgb8(image)
+            return np.array(image.convert("RGB"))  # writable: torch.from_numpy warns on a read-only array
     except ImageError:
         raise
     except Exception as error:  # Pillow raises many types for bad input
@@ -155,10 +233,24 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError(f"not a decodable image{hint}: {type(error).__name__}: {error}", "not_an_image") from None
 
 
+def _grey_to_rgb8(image: Image.Image) -> np.ndarray:
+    """16-bit greyscale (modes I;16*, and I holding 16-bit values) to 8-bit RGB by its high byte.
+
+    Pillow's convert("RGB") clips these to 0..255, which turns a 16-bit image all but white.
+    Floating-point and wider integer pixels have no agreed scale: they are refused.
+    """
+    pixels = np.asarray(image)
+    if image.mode == "F" or (image.mode == "I" and (pixels.min() < 0 or pixels.max() > 0xFFFF)):
+        raise ImageError(f"unsupported pixel format {image.mode} (not 8- or 16-bit)", "not_an_image")
+    grey = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
 def image_session(pool_connections: int = 8) -> requests.Session:
-    """A session for image hosts: never carries the API token."""
+    """A session for image hosts: never carries the API token; GETs are retried (``IMAGE_RETRY``)."""
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_connections, pool_maxsize=pool_connections)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_connections, pool_maxsize=pool_connections,
+                                            max_retries=IMAGE_RETRY)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

@@ -23,18 +23,20 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import queue
 import select
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import warnings
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -42,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from autotune.plan import LoaderPlan
 from worker.antenna import AntennaClient, AntennaError
 from worker.imaging import ImageError, decode, download, fix_mmap_threshold, image_session
+from worker.logs import LogSetup, apply_setup, current_setup
 from worker.results import Failure
 from worker.schema import Task
 
@@ -49,6 +52,11 @@ log = logging.getLogger(__name__)
 
 MAX_LOADER_WORKERS = 64
 WAIT_POLL_S = 0.02
+STOP_POLL_S = 0.1  # how often a wait for a download or a deadline looks at the stop flags
+# A loader worker told to stop (abandon, close, a passed deadline) that is still running this long
+# afterwards is inside a call that ignores the flags (a reserve against a stalled API): it is killed.
+LOADER_EXIT_GRACE_S = 2.0
+DEADLINE_SLACK_S = 1.0  # a download's own deadline check comes first; the loader's wait gives up this much later
 
 # control.stop values: RUN reserves; DRAIN reserves no more but finishes what it holds;
 # ABANDON yields nothing more (held, unloaded tasks are stranded and then released).
@@ -64,7 +72,9 @@ class IngestSource:
     job_id: int
     api_timeout_s: float = 30.0
     api_max_attempts: int = 6
-    image_timeout_s: float = 60.0
+    image_timeout_s: float = 60.0  # connect and each read
+    image_deadline_s: float = 120.0  # the whole download (AMI_IMAGE_DOWNLOAD_DEADLINE_S)
+    block_private_hosts: bool = False  # AMI_BLOCK_PRIVATE_IMAGE_HOSTS
     max_image_bytes: int = 100_000_000
     max_image_pixels: int = 80_000_000
     client_info: dict = field(default_factory=dict)
@@ -130,7 +140,8 @@ class SharedControl:
         self.produced = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)
         self.consumed = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)
         self.reserved_total = context.Value("q", 0)
-        self.ledger: Any = context.Queue()
+        self.pids = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)  # slot 0: unused
+        self.ledger = ReservationLedger()
 
     def set_limits(self, *, tasks_per_reserve: int, prefetch_depth: int, admit: bool) -> None:
         self.tasks_per_reserve.value = max(1, tasks_per_reserve)
@@ -142,18 +153,63 @@ class SharedControl:
             slot = item.worker_id + 1  # slot 0: the main process (num_workers=0)
             self.consumed[slot] += 1
 
-    def drain_ledger(self) -> list[Task]:
-        """Tasks workers reported as reserved since the last call."""
-        tasks: list[Task] = []
-        while True:
-            try:
-                tasks.extend(self.ledger.get_nowait())
-            except queue.Empty:
-                return tasks
-
     def close(self) -> None:
-        self.ledger.close()
-        self.ledger.join_thread()
+        self.ledger.remove()
+
+
+class ReservationLedger:
+    """Every task a loader reserved, for the main process to read at any time, exactly.
+
+    The reserving process (a loader worker, or the main process when ``num_workers == 0``) appends
+    one JSON line per task to a file of its own as soon as the reserve call returns, before it
+    does anything else with the tasks, so a worker killed later has lost nothing it reserved.
+    Files rather than a multiprocessing queue: a queue's pipe that is read only at close fills
+    after a few hundred tasks, and the writer's exit then waits on it for ever. Picklable: it is
+    a directory path (under the temporary directory, removed by ``remove``).
+    """
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="ami-ledger-")
+        self.unwritten: list[Task] = []  # what this process could not write (read back only here)
+
+    def __getstate__(self) -> dict:
+        return {"directory": self.directory, "unwritten": []}
+
+    def record(self, tasks: Sequence[Task]) -> None:
+        """Append ``tasks``; never raises. Tasks that cannot be written (out of descriptors, disk
+        full) are kept in memory, which only this process reads, and logged by id."""
+        data = memoryview(b"".join(task.model_dump_json().encode() + b"\n" for task in tasks))
+        path = os.path.join(self.directory, f"{os.getpid()}.jsonl")
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                while data:
+                    data = data[os.write(descriptor, data):]
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            self.unwritten.extend(tasks)
+            log.error("cannot record %d reserved tasks in the ledger (%s); if stranded they are not counted: %s",
+                      len(tasks), error, ", ".join(task.id for task in tasks))
+
+    def read(self) -> dict[str, Task]:
+        """Every task recorded so far, by reply subject."""
+        tasks: dict[str, Task] = {task.reply_subject: task for task in self.unwritten}
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return tasks
+        for name in names:
+            with open(os.path.join(self.directory, name), "rb") as handle:
+                for line in handle:
+                    if not line.endswith(b"\n"):
+                        break  # its writer was killed mid-line, inside the reserve that returned it
+                    task = Task.model_validate_json(line)
+                    tasks[task.reply_subject] = task
+        return tasks
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class TaskStream(IterableDataset):
@@ -174,18 +230,16 @@ class TaskStream(IterableDataset):
             timeout_s=self.source.api_timeout_s, max_attempts=self.source.api_max_attempts,
         )
         session = image_session(self.plan.download_threads)
-        pool = ThreadPoolExecutor(self.plan.download_threads, thread_name_prefix="download")
         buffers = None
         if in_worker:
             buffers = SharedImageBuffers(lambda: (self.control.prefetch_depth.value + 1) * self.plan.batch_size)
         try:
-            yield from self._stream(client, session, pool, worker_id, buffers)
+            yield from self._stream(client, session, worker_id, buffers)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            session.close()
+            session.close()  # downloads still running (abandoned) fail on their own deadline
             client.close()
 
-    def _stream(self, client, session, pool, worker_id: int,
+    def _stream(self, client, session, worker_id: int,
                 buffers: Optional[SharedImageBuffers]) -> Iterator[LoadedImage]:
         """Reserve, download ``ahead`` at a time, decode, yield; see the module docstring.
 
@@ -196,7 +250,7 @@ class TaskStream(IterableDataset):
         ``tasks_per_reserve`` + ``ahead`` reserved tasks. An empty reservation (the job has no task
         left for us, or the reserve failed) ends the lane once it has drained.
         """
-        pending: deque[tuple[Task, Future]] = deque()
+        pending: deque[tuple[Task, float, Future]] = deque()
         todo: deque[Task] = deque()
         more = True
         while True:
@@ -211,7 +265,8 @@ class TaskStream(IterableDataset):
             ahead = min(self.plan.download_threads, max(1, self.control.tasks_per_reserve.value))
             while todo and len(pending) < ahead:
                 task = todo.popleft()
-                pending.append((task, pool.submit(self._fetch, session, task)))
+                deadline_s = time.monotonic() + self.source.image_deadline_s + DEADLINE_SLACK_S
+                pending.append((task, deadline_s, _start_download(self._fetch, session, task)))
             if more and not todo and self.control.stop.value == RUN and self.control.admit.value:
                 tasks = self._reserve(client, wait=False)
                 if tasks is not None:  # None: paused since the check; the next reserve waits
@@ -222,8 +277,10 @@ class TaskStream(IterableDataset):
                 self._wait_for_credit(worker_id)
             if self.control.stop.value == ABANDON:
                 return
-            task, future = pending.popleft()
-            item = self._load(task, future, worker_id, buffers)
+            task, deadline_s, future = pending.popleft()
+            item = self._load(task, deadline_s, future, worker_id, buffers)
+            if item is None:  # abandoned while waiting for the download
+                return
             # Drop our references before suspending: a suspended generator frame would
             # otherwise keep the last compressed JPEG (24 MB for a large image) alive.
             del future
@@ -253,7 +310,7 @@ class TaskStream(IterableDataset):
         if tasks:
             with self.control.reserved_total.get_lock():
                 self.control.reserved_total.value += len(tasks)
-            self.control.ledger.put(tasks)
+            self.control.ledger.record(tasks)
         return tasks
 
     def _wait_for_credit(self, worker_id: int) -> None:
@@ -273,15 +330,36 @@ class TaskStream(IterableDataset):
 
     def _fetch(self, session, task: Task) -> tuple[bytes, float]:
         started_s = time.perf_counter()
-        data = download(
-            session, task.image_url, max_bytes=self.source.max_image_bytes, timeout_s=self.source.image_timeout_s
-        )
+        data = download(session, task.image_url, max_bytes=self.source.max_image_bytes,
+                        timeout_s=self.source.image_timeout_s, deadline_s=self.source.image_deadline_s,
+                        block_private_hosts=self.source.block_private_hosts)
         return data, time.perf_counter() - started_s
 
-    def _load(self, task: Task, future: Future, worker_id: int,
-              buffers: Optional["SharedImageBuffers"]) -> LoadedImage:
+    def _wait_for_download(self, future: Future, deadline_s: float) -> Optional[tuple[bytearray, float]]:
+        """The download's result; None as soon as the loader is abandoned (the task is stranded).
+
+        ``download`` keeps its own deadline; this one (``time.monotonic()``, a little later) holds
+        even where it cannot, such as headers trickling in. The download's thread is left to end.
+        """
+        while self.control.stop.value != ABANDON:
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                raise ImageError(f"download exceeded AMI_IMAGE_DOWNLOAD_DEADLINE_S={self.source.image_deadline_s:g} s",
+                                 "timeout")
+            try:
+                return future.result(timeout=min(remaining_s, STOP_POLL_S))
+            except FutureTimeout:
+                continue
+        return None
+
+    def _load(self, task: Task, deadline_s: float, future: Future, worker_id: int,
+              buffers: Optional["SharedImageBuffers"]) -> Optional[LoadedImage]:
+        """The task's image or its error; None when the loader is abandoned while it waits."""
         try:
-            data, download_s = future.result()
+            fetched = self._wait_for_download(future, deadline_s)
+            if fetched is None:
+                return None
+            data, download_s = fetched
             decoded = decode(data, max_pixels=self.source.max_image_pixels,
                              allocate=buffers.allocate if buffers is not None else None)
         except ImageError as error:
@@ -299,6 +377,27 @@ class TaskStream(IterableDataset):
         return LoadedImage(
             task, image, None, len(data), decoded.width, decoded.height, download_s, decoded.decode_s, worker_id
         )
+
+
+def _start_download(fetch: Callable[..., Any], *args: Any) -> Future:
+    """Run ``fetch(*args)`` on a thread of its own and return its future.
+
+    A daemon thread per download, not an executor: an executor's threads are joined when the
+    process exits, so one download stuck on a slow host would hold up a loader worker's exit
+    (and the DataLoader's shutdown). A download left behind ends on its own deadline.
+    """
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fetch(*args))
+        except BaseException as error:  # handed to the waiting thread, which classifies it
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="download", daemon=True).start()
+    return future
 
 
 BUFFER_TAG = b"AWIMGBF"  # 7 bytes after the pixels of a reusable buffer; then the held flag
@@ -398,8 +497,13 @@ class LoaderFailed(RuntimeError):
     """The DataLoader broke (a loader worker process died); the job can go on with a new one."""
 
 
-def init_loader_worker(main_pid: int, _worker_id: int) -> None:
-    """``worker_init_fn`` of every loader worker: ignore stop signals, exit with the main process.
+def init_loader_worker(main_pid: int, log_setup: LogSetup, pids: Any, worker_id: int) -> None:
+    """``worker_init_fn`` of every loader worker: note its pid in ``pids[worker_id + 1]`` (the
+    Loader kills a worker that outlives its deadline), log as the main process does, ignore stop
+    signals, exit with the main process.
+
+    The fork server never configures logging, so without ``log_setup`` a worker's lines would
+    reach stderr unformatted and unredacted.
 
     Loader workers ignore SIGINT/SIGTERM: Ctrl-C in a terminal, systemd's control-group kill or
     supervisor's stopasgroup signal the whole process group, and a loader worker dying there
@@ -410,9 +514,17 @@ def init_loader_worker(main_pid: int, _worker_id: int) -> None:
     process while any worker holds its pipe. So each worker watches the main process and exits
     when it is gone; what it held is redelivered after the reservation timeout, as after any crash.
     """
+    pids[worker_id + 1] = os.getpid()
+    apply_setup(log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_when_gone, args=(main_pid,), name="main-process-watch", daemon=True).start()
+
+
+def _worker_log_setup(source: IngestSource) -> LogSetup:
+    """This process's logging set-up (or its root level, as text, when it has none), with the token."""
+    setup = current_setup() or LogSetup(level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+    return setup.with_secrets(source.token)
 
 
 def _exit_when_gone(pid: int) -> None:
@@ -503,7 +615,14 @@ def worker_count_warning_ignored() -> Iterator[None]:
 
 
 class Loader:
-    """A DataLoader for one job, with explicit teardown. Use as a context manager."""
+    """A DataLoader for one job, with explicit teardown. Use as a context manager.
+
+    Holds itself to a deadline whatever the network does: once the deadline given to
+    ``stop_reserving`` (or the moment of ``abandon``/``close``) passes, loader workers yield
+    nothing more, and one still running ``LOADER_EXIT_GRACE_S`` later is killed (a thread of this
+    process watches: ``_watch``). Every task a worker reserved is in its ledger, so what never
+    reached this process is counted exactly by ``stranded``.
+    """
 
     def __init__(self, source: IngestSource, plan: LoaderPlan, *, start_method: str = "forkserver") -> None:
         if plan.num_workers > MAX_LOADER_WORKERS:
@@ -511,6 +630,22 @@ class Loader:
         self.plan = plan
         self.source = source
         self._context = multiprocessing.get_context(start_method)
+        try:
+            self._build(start_method)
+        except OSError as error:  # out of file descriptors (EMFILE), memory or processes
+            raise LoaderFailed(f"cannot set the loader up: {type(error).__name__}: {error}") from error
+        self._iterator: Optional[Iterator[Batch]] = None
+        self.received: dict[str, Task] = {}
+        self.reserved: dict[str, Task] = {}
+        self._closed = False
+        # Written by the main thread (possibly inside a signal handler: a plain float store),
+        # read by the watch thread.
+        self._deadline_s: Optional[float] = None
+        self._watcher: Optional[threading.Thread] = None
+        self.killed_pids: list[int] = []
+
+    def _build(self, start_method: str) -> None:
+        plan, source = self.plan, self.source
         if start_method == "forkserver" and plan.num_workers > 0:
             start_fork_server()
         # No fix_mmap_threshold() here: the process that decodes fixes it (TaskStream.__iter__: the
@@ -522,70 +657,128 @@ class Loader:
         extra: dict[str, Any] = {}
         if plan.num_workers > 0:
             extra = {"multiprocessing_context": self._context, "prefetch_factor": plan.prefetch_factor,
-                     "worker_init_fn": partial(init_loader_worker, os.getpid())}
+                     "worker_init_fn": partial(init_loader_worker, os.getpid(), _worker_log_setup(source),
+                                               self.control.pids)}
         with worker_count_warning_ignored():
             self.dataloader = DataLoader(
                 self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
                 collate_fn=collate, pin_memory=plan.pin_memory, **extra,
             )
-        self._iterator: Optional[Iterator[Batch]] = None
-        self.received: dict[str, Task] = {}
-        self.reserved: dict[str, Task] = {}
-        self._closed = False
 
     def __iter__(self) -> Iterator[Batch]:
-        with worker_count_warning_ignored():
-            self._iterator = iter(self.dataloader)
+        try:
+            with worker_count_warning_ignored():
+                self._iterator = iter(self.dataloader)  # starts the loader workers
+            self._start_watch()
+        except (OSError, EOFError, RuntimeError) as error:  # EMFILE, a failed fork, "can't start new thread"
+            self._kill_workers("the loader failed to start")  # those started before the failure
+            raise LoaderFailed(f"cannot start the loader: {type(error).__name__}: {error}") from error
         while True:
+            failure = None
             try:
                 batch = next(self._iterator)
             except StopIteration:
                 return
             except Exception as error:
-                # A loader worker died (OOM killer, a decoder segfault): torch reports it as a
-                # RuntimeError, or as EOFError/ConnectionError when a batch it sent can no longer
-                # be fetched from it. Either way the loader is done; what it held is stranded.
-                raise LoaderFailed(f"{type(error).__name__}: {error}") from error
+                # A loader worker died (OOM killer, a decoder segfault, killed at the deadline):
+                # torch reports it as a RuntimeError, or as EOFError/ConnectionError when a batch it
+                # sent can no longer be fetched from it. Either way the loader is done; what it
+                # held is stranded.
+                failure = f"{type(error).__name__}: {error}"
+            if failure is not None:
+                # Raised outside the handler, so unchained: the cause's tracebacks hold the
+                # DataLoader iterator (its queues' pipes, its workers' handles) for as long as
+                # anything keeps the exception, such as a log record's arguments.
+                raise LoaderFailed(failure)
             self.control.mark_consumed(batch)
             self.received.update((item.task.reply_subject, item.task) for item in batch.items)
             yield batch
             del batch  # not held while the next batch is awaited: that is one batch of images
 
-    def stop_reserving(self) -> None:
-        """Drain: workers finish what they hold and stop; iteration then ends by itself."""
+    def stop_reserving(self, deadline_s: Optional[float] = None) -> None:
+        """Drain: workers finish what they hold and stop; iteration then ends by itself.
+
+        ``deadline_s`` (``time.monotonic()``): when it passes the loader is abandoned, whatever
+        its workers are waiting for. Safe to call from a signal handler (stores only).
+        """
         self.control.stop.value = max(self.control.stop.value, DRAIN)
+        if deadline_s is not None and (self._deadline_s is None or deadline_s < self._deadline_s):
+            self._deadline_s = deadline_s
 
     def abandon(self) -> None:
-        """Workers yield nothing more; batches already decoded still arrive and should be used."""
+        """Workers yield nothing more; batches already decoded still arrive and should be used.
+        A worker that has not ended ``LOADER_EXIT_GRACE_S`` from now is killed."""
         self.control.stop.value = ABANDON
+        now_s = time.monotonic()
+        if self._deadline_s is None or now_s < self._deadline_s:
+            self._deadline_s = now_s
 
     def stranded(self) -> list[Task]:
         """Tasks a worker reserved that never reached the main process (after a crash or abort).
 
-        Complete only after ``close()``: until the workers are joined, one may still be inside a
-        reserve call or have ledger entries in flight.
+        Exact after ``close()``; before it, a worker may still be inside a reserve call.
         """
         self._collect_ledger()
         return [task for key, task in self.reserved.items() if key not in self.received]
 
     def _collect_ledger(self) -> None:
-        if self._closed:  # close() collected the ledger last, before releasing it
+        if self._closed:  # close() read the ledger last, before removing it
             return
-        for task in self.control.drain_ledger():
-            self.reserved[task.reply_subject] = task
+        try:
+            self.reserved = self.control.ledger.read()
+        except OSError as error:  # out of file descriptors: the last read stands
+            log.error("job %d: cannot read the reservation ledger (%s); stranded tasks may be undercounted",
+                      self.source.job_id, error)
+
+    def _start_watch(self) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="loader-deadline", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        """Abandon at the deadline; kill loader workers still running the grace after it."""
+        abandoned = False
+        while not self._closed:
+            time.sleep(STOP_POLL_S)
+            deadline_s = self._deadline_s
+            if deadline_s is None or time.monotonic() < deadline_s:
+                continue
+            if not abandoned and self.control.stop.value != ABANDON:
+                log.warning("job %d: loader deadline passed: abandoning what it holds (counted as stranded)",
+                            self.source.job_id)
+            abandoned = True
+            self.control.stop.value = ABANDON
+            if time.monotonic() >= deadline_s + LOADER_EXIT_GRACE_S:
+                self._kill_workers(f"still running {LOADER_EXIT_GRACE_S:g} s after the loader's deadline")
+
+    def _kill_workers(self, why: str) -> None:
+        for slot in range(1, self.plan.num_workers + 1):
+            pid = int(self.control.pids[slot])
+            if pid <= 0 or pid in self.killed_pids or not _alive(pid):
+                continue
+            log.warning("job %d: killing loader worker %d (pid %d): %s", self.source.job_id, slot - 1, pid, why)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.killed_pids.append(pid)
 
     def close(self) -> None:
-        """Stop and join every loader worker process, then release shared state."""
-        self.control.stop.value = ABANDON
+        """Stop and join every loader worker process (killing one that hangs), then release shared state."""
+        self.abandon()
         iterator, self._iterator = self._iterator, None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        if iterator is not None:
+            self._start_watch()  # kills a worker that ignores the stop while torch joins it
+            if hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
         del iterator
         self._collect_ledger()
         self._closed = True
+        if self._watcher is not None:
+            self._watcher.join()
         self.control.close()
-        # The DataLoader's queues and our ledger hold POSIX semaphores in /dev/shm; they are
-        # freed when collected, and reference cycles inside the DataLoader delay that.
+        # The DataLoader's queues hold POSIX semaphores in /dev/shm; they are freed when
+        # collected, and reference cycles inside the DataLoader delay that.
         self.dataloader = None  # type: ignore[assignment]
         gc.collect()
 

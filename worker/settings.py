@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     antenna_max_post_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
     max_image_bytes: int = Field(100_000_000, ge=1024)
     max_image_pixels: int = Field(80_000_000, ge=1)
+    image_download_deadline_s: float = Field(120.0, gt=0)
+    block_private_image_hosts: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     pipeline_torchscript_path: Optional[Path] = None
     pipeline_torchscript_slug: str = "torchscript"

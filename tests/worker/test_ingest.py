@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
+from pathlib import Path
 from typing import Optional
 
 import psutil
@@ -12,8 +14,9 @@ import torch
 from autotune.plan import LoaderPlan
 from tests.conftest import TOKEN
 from worker.testing.antenna_server import LocalAntenna
-from worker.ingest import IngestSource, Loader
+from worker.ingest import IngestSource, Loader, start_fork_server
 
+ROOT = Path(__file__).resolve().parents[2]
 FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
 
 
@@ -38,7 +41,7 @@ def test_every_task_arrives_once_and_faults_become_error_items(antenna, tiny_ima
         items = [item for batch in loader for item in batch.items]
         stranded = loader.stranded()
     assert sorted(i.task.image_id for i in items) == sorted(i.image_id for i in images)
-    errors = {i.task.image_id: i.error for i in items if i.error}
+    errors = {i.task.image_id: i.error.message for i in items if i.error}
     assert set(errors) == set(faults)
     assert "HTTP 404" in errors[images[0].image_id]
     assert "decompression-bomb" in errors[images[6].image_id]
@@ -253,7 +256,7 @@ def test_waiting_for_the_fork_server_forks_a_probe_child_once_per_server(monkeyp
 HOLDER = """
 import sys, time
 from autotune.plan import LoaderPlan
-from worker.ingest import IngestSource, Loader
+from worker.ingest import IngestSource, Loader, start_fork_server
 plan = LoaderPlan(tasks_per_reserve=2, batch_size=1, num_workers=2, prefetch_factor=1, pin_memory=False,
                   download_threads=1)
 with Loader(IngestSource(base_url=sys.argv[1], token=sys.argv[2], job_id=int(sys.argv[3])), plan) as loader:
@@ -360,3 +363,177 @@ def test_loader_workers_reuse_released_buffers_and_never_overwrite_held_images(a
         for item in batch.items:
             digest = hashlib.sha256(item.image.contiguous().numpy().tobytes()).hexdigest()
             assert digest == expected[item.task.image_id]
+
+
+def _repeated(images, count: int) -> list:
+    """``count`` tasks cycling over ``images`` (one file serves many tasks; ids stay unique)."""
+    import dataclasses
+
+    return [dataclasses.replace(images[n % len(images)], image_id=f"{images[n % len(images)].image_id}-r{n}")
+            for n in range(count)]
+
+
+def _loader_workers() -> list[psutil.Process]:
+    """Live loader workers: the fork server's children (``children()`` of this process is the server)."""
+    servers = [c for c in psutil.Process().children()
+               if "multiprocessing.forkserver import main" in " ".join(c.cmdline())]
+    return [w for server in servers for w in server.children() if w.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_a_long_job_ends_promptly_and_leaves_no_loader_worker_behind(antenna, tiny_images, num_workers):
+    """Over ~460 reservations' worth of ledger entries per loader worker filled a pipe nobody
+    read until close: the worker's exit then waited on it, the DataLoader's shutdown waited 2 x 5 s
+    for each worker and its SIGTERM (ignored by loader workers) left the worker alive."""
+    count = 700 * num_workers
+    job = antenna.add_job(_repeated(tiny_images[:4], count), "null")
+    loader_plan = plan(num_workers=num_workers, tasks_per_reserve=24, batch_size=24, download_threads=4)
+    with Loader(source(antenna, job), loader_plan) as loader:
+        received = 0
+        for batch in loader:
+            received += len(batch.items)
+            batch.release()
+            last_batch_s = time.monotonic()
+        ended_s = time.monotonic()
+        loader.close()
+        closed_s = time.monotonic()
+        survivors = _loader_workers()
+        stranded = loader.stranded()
+    for process in survivors:
+        process.kill()
+    assert received == count and stranded == []
+    assert ended_s - last_batch_s < 3.0, f"iteration ended {ended_s - last_batch_s:.1f} s after the last batch"
+    assert closed_s - ended_s < 4.0, f"close took {closed_s - ended_s:.1f} s"
+    assert survivors == []
+
+
+@pytest.mark.timeout(240)
+def test_an_abandoned_long_job_counts_exactly_what_it_stranded_and_closes_promptly(antenna, tiny_images):
+    job = antenna.add_job(_repeated(tiny_images[:4], 2000), "null")
+    loader_plan = plan(num_workers=2, tasks_per_reserve=24, batch_size=24, download_threads=4)
+    with Loader(source(antenna, job), loader_plan) as loader:
+        received = 0
+        for batch in loader:
+            received += len(batch.items)
+            batch.release()
+            if received >= 1200:
+                loader.abandon()
+                break
+        started_s = time.monotonic()
+        loader.close()
+        close_s = time.monotonic() - started_s
+        survivors = _loader_workers()
+        stranded = loader.stranded()
+    for process in survivors:
+        process.kill()
+    report = antenna.report(job)
+    assert len(stranded) == report.delivered - received > 0
+    assert len({t.reply_subject for t in stranded}) == len(stranded)
+    assert close_s < 4.0, f"close took {close_s:.1f} s"
+    assert survivors == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_dripping_download_becomes_a_timeout_error_at_its_deadline(antenna, tiny_images, num_workers):
+    """One byte every 2 s passes every per-read timeout; the whole download has a deadline."""
+    images = tiny_images[:3]
+    job = antenna.add_job(images, "synthetic-moths", image_faults={images[1].image_id: "drip"})
+    start_fork_server(wait=True)  # its start-up (seconds on a busy machine) is not the download's
+    started_s = time.monotonic()
+    with Loader(source(antenna, job, image_deadline_s=1.0), plan(num_workers=num_workers)) as loader:
+        items = [item for batch in loader for item in batch.items]
+    took_s = time.monotonic() - started_s
+    errors = {i.task.image_id: i.error for i in items if i.error is not None}
+    assert len(items) == 3 and list(errors) == [images[1].image_id]
+    assert errors[images[1].image_id].reason == "timeout"
+    assert "AMI_IMAGE_DOWNLOAD_DEADLINE_S=1" in errors[images[1].image_id].message
+    assert took_s < 1.0 + 2.0 + 5.0, f"the loader took {took_s:.1f} s"
+
+
+START_UNDER_FD_LIMIT = """
+import os, resource, sys
+from autotune.plan import LoaderPlan
+from worker.ingest import IngestSource, Loader, LoaderFailed, start_fork_server
+
+def main():
+    if sys.argv[2] == "server-up":
+        start_fork_server(wait=True)
+    plan = LoaderPlan(tasks_per_reserve=2, batch_size=2, num_workers=2, prefetch_factor=1, pin_memory=False,
+                      download_threads=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for spare in range(0, 24, 2):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + spare, hard))
+        try:
+            with Loader(IngestSource(base_url=sys.argv[1], token="tok-never", job_id=999), plan) as loader:
+                outcome = "ok:%d" % sum(len(batch.items) for batch in loader)
+        except LoaderFailed as error:
+            outcome = "LoaderFailed"
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        print(spare, outcome, flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fork_server", ["server-up", "server-down"])
+def test_running_out_of_file_descriptors_at_loader_start_is_a_loader_failure(antenna, tmp_path, fork_server):
+    """EMFILE while the loader sets up or forks its workers is LoaderFailed (the daemon rebuilds a
+    minimal loader), never a bare OSError that ends the daemon; no loader worker is left behind."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start_under_fd_limit.py"
+    script.write_text(START_UNDER_FD_LIMIT)
+    done = subprocess.run([sys.executable, str(script), antenna.base_url, fork_server], capture_output=True,
+                          text=True, timeout=200, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    outcomes = [line.split()[1] for line in done.stdout.splitlines()]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert len(outcomes) == 12 and set(outcomes) <= {"LoaderFailed", "ok:0"}, done.stdout
+    assert outcomes[0] == "LoaderFailed", done.stdout
+    if fork_server == "server-up":  # a server started under the low limit keeps it: no recovery then
+        assert outcomes[-1] == "ok:0", done.stdout  # job 999 has no tasks
+
+
+@pytest.mark.timeout(300)
+def test_one_batch_of_four_large_images_from_loader_workers_costs_at_most_4x40_mib_on_the_tree(
+        antenna, large_images):
+    """The shared-memory path: 2 loader workers decode into shared buffers the main process maps.
+    Measured over the whole tree (main, fork server, workers) as the watchdog does: PSS without
+    shmem plus each /dev/shm file held once (PSS alone misses shared pages no live process has
+    touched: the worker that decoded them has exited, the main process has not read them yet).
+    From a baseline with the workers started and idle (reserving paused) to one batch of 4
+    decoded 4096x3072 images held. One worker reserves all 4 tasks: nothing else is decoded."""
+    from watchdog.sampler import sample_tree
+
+    import threading
+
+    job = antenna.add_job(large_images, "synthetic-moths")
+    loader_plan = plan(num_workers=2, batch_size=4, tasks_per_reserve=4, download_threads=1, prefetch_factor=1)
+    with Loader(source(antenna, job), loader_plan) as loader:
+        loader.control.admit.value = 0  # workers start, then wait to reserve
+        batches = iter(loader)
+        got: dict[str, object] = {}
+        fetcher = threading.Thread(target=lambda: got.update(batch=next(batches)))
+        fetcher.start()
+        deadline_s = time.monotonic() + 60
+        while not all(loader.control.pids[1:3]) and time.monotonic() < deadline_s:
+            time.sleep(0.1)
+        time.sleep(1.0)  # their streams are set up and waiting on admit
+        gc.collect()
+        baseline_bytes = sample_tree(os.getpid()).used_bytes
+        loader.control.admit.value = 1
+        fetcher.join(120)
+        batch = got["batch"]
+        gc.collect()
+        held_bytes = sample_tree(os.getpid()).used_bytes - baseline_bytes
+        assert len(batch.items) == 4 and all(i.error is None for i in batch.items)
+        assert batch.image_bytes == 4 * 4096 * 3072 * 3
+        assert all(i.image.is_shared() for i in batch.items)  # the shared-memory path indeed
+        print(f"baseline {baseline_bytes/2**20:.0f}; tree held {held_bytes / 2**20:.1f} MiB for {batch.image_bytes / 2**20:.1f} MiB decoded")
+        assert batch.image_bytes * 0.95 <= held_bytes <= 4 * 40 * 1024 * 1024, f"held {held_bytes / 2**20:.1f} MiB"
+        del batch, got

@@ -139,3 +139,34 @@ def test_a_stop_signal_to_the_whole_process_group_still_drains_cleanly(antenna, 
     assert report.lost == 0 and report.results_ok + report.results_error == report.delivered == done
     assert (report.reserved, report.redeliveries) == (0, 0)
     assert re.search(rf"job {job_id}: {done} images .*, 0 stranded", worker.output)
+
+
+@pytest.mark.timeout(120)
+def test_a_drain_holds_its_grace_against_an_image_host_that_drips_bytes(antenna, tiny_images, tmp_path):
+    """Each read from a host sending one byte every 2 s succeeds, so only a total deadline ends
+    such a download. With a 2 s grace the worker must exit within grace + 5 s of SIGTERM, the
+    tasks its loader still held (the dripping ones) logged as stranded and left reserved."""
+    images = tiny_images[:10]
+    job_id = antenna.add_job(images, "synthetic-moths",
+                             image_faults={image.image_id: "drip" for image in images[4:]})
+    grace_s = 2.0
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_LOG_LEVEL="DEBUG",
+                     AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="1",
+                     AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR="1",
+                     AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS="2", AMI_SHUTDOWN_GRACE_S=str(grace_s))
+    worker = WorkerProcess(["run"], env, tmp_path)
+    try:
+        worker.wait_for(rf"job {job_id}: [1-9]\d*/", 90)
+        sent_s = worker.send(signal.SIGTERM)
+        code = worker.wait(grace_s + 30)
+        took_s = time.monotonic() - sent_s
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    assert took_s < grace_s + 5.0, f"exit took {took_s:.1f} s after SIGTERM with a {grace_s} s grace"
+    done = _images_done(worker, job_id)
+    stranded = int(re.search(rf"job {job_id}: {done} images .*, (\d+) stranded", worker.output).group(1))
+    report = antenna.report(job_id)
+    assert stranded > 0 and report.lost == 0
+    assert report.results_ok + report.results_error == done
+    assert report.reserved == stranded and report.delivered == done + stranded

@@ -59,9 +59,10 @@ PROJECTS_PAGE_SIZE = 10
 MEDIA_PREFIX = "/media"
 CONTROL_PREFIX = "/_control"
 FAULT_ENDPOINTS = ("jobs", "tasks", "result", "pipelines", "projects", "media")
-IMAGE_FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb", "slow")
+IMAGE_FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb", "slow", "drip")
 DISPATCH_MODES = ("async_api", "sync_api")
 SLOW_STALL_S = 5.0
+DRIP_INTERVAL_S = 2.0  # "drip": the real body, one byte every DRIP_INTERVAL_S (a stalled link)
 BOMB_SIDE_PX = 60000
 TASK_QUEUE_DOWN = {"error": "Task queue temporarily unavailable"}
 _MEDIA_CHUNK_BYTES = 256 * 1024
@@ -1148,6 +1149,21 @@ def _serve_fault(handler: _Handler, entry: _MediaEntry) -> None:
         handler.write_shaped([data])
     elif kind == "reset":
         _reset_mid_body(handler, real())
+    elif kind == "drip":
+        _drip(handler, real())
+
+
+def _drip(handler: _Handler, real: bytes) -> None:
+    """Headers at once, then one byte every ``DRIP_INTERVAL_S`` until the body is sent, the client
+    hangs up or the server stops: every read succeeds, so only a total deadline ends it."""
+    handler._start_response(200, "image/jpeg", len(real))
+    handler.wfile.flush()
+    for offset in range(len(real)):
+        if handler.antenna.stopping.wait(DRIP_INTERVAL_S):
+            break
+        handler._write_counted(real[offset:offset + 1])
+        handler.wfile.flush()
+    handler.close_connection = True
 
 
 def _reset_mid_body(handler: _Handler, real: bytes) -> None:

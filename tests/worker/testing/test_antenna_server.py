@@ -309,8 +309,9 @@ def _fetch_fault(antenna: LocalAntenna, api, images, kind: str) -> tuple[dict, A
 def test_each_image_fault_serves_its_broken_body(antenna: LocalAntenna, api, images, kind: str) -> None:
     real = images[0].path.read_bytes()
     task, got = _fetch_fault(antenna, api, images, kind)
-    if kind in ("reset", "slow"):
-        # reset: RST mid-body; slow: headers, then a 5 s stall that outlasts the 1.5 s read timeout.
+    if kind in ("reset", "slow", "drip"):
+        # reset: RST mid-body; slow: headers, then a 5 s stall that outlasts the 1.5 s read timeout;
+        # drip: one byte every 2 s, each read outlasting the 1.5 s read timeout too.
         broken = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
         assert isinstance(got, broken), got
         return
@@ -333,6 +334,21 @@ def test_each_image_fault_serves_its_broken_body(antenna: LocalAntenna, api, ima
     elif kind == "bomb":
         height, width = simplejpeg.decode_jpeg_header(body)[:2]
         assert (height, width) == (BOMB_SIDE_PX, BOMB_SIDE_PX) and len(body) < 10_000
+
+
+@pytest.mark.timeout(30)
+def test_the_drip_fault_sends_the_real_body_one_byte_every_interval(antenna: LocalAntenna, api, images) -> None:
+    from worker.testing.antenna_server import DRIP_INTERVAL_S
+
+    job_id = antenna.add_job(images[:1], SLUG, image_faults={images[0].image_id: "drip"})
+    task = _reserve(api, antenna, job_id, 1)[0]
+    with requests.get(task["image_url"], stream=True, timeout=(5, DRIP_INTERVAL_S + 3)) as response:
+        assert int(response.headers["Content-Length"]) == images[0].path.stat().st_size
+        started_s = time.monotonic()
+        first, second = response.raw.read(1), response.raw.read(1)
+        took_s = time.monotonic() - started_s
+    assert first + second == images[0].path.read_bytes()[:2]
+    assert 2 * DRIP_INTERVAL_S - 0.5 <= took_s < 2 * DRIP_INTERVAL_S + 2
 
 
 def test_faults_on_an_external_image_source_use_a_stand_in_jpeg(antenna: LocalAntenna, api) -> None:

@@ -1,0 +1,154 @@
+"""Decoding and download rules of ``worker.imaging`` on real bytes and a real local server."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.imaging import ImageError, decode
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_greyscale_png_decodes_to_its_high_byte_not_to_white():
+    grey = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 20).astype(np.uint16)
+    data = _png(grey)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    decoded = decode(data, max_pixels=10**6)
+    assert decoded.tensor.shape == (3, 48, 64)
+    expected = (grey >> 8).astype(np.uint8)
+    for channel in range(3):
+        assert np.array_equal(decoded.tensor[channel].numpy(), expected)
+
+
+def test_an_8_bit_png_still_decodes_exactly():
+    rgb = np.random.default_rng(1).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(decode(_png(rgb), max_pixels=10**6).tensor.permute(1, 2, 0).numpy(), rgb)
+
+
+def test_a_floating_point_image_is_an_error_result_not_a_guess():
+    buffer = io.BytesIO()
+    Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(buffer, format="TIFF")
+    with pytest.raises(ImageError) as raised:
+        decode(buffer.getvalue(), max_pixels=10**6)
+    assert raised.value.reason == "not_an_image" and "F" in str(raised.value)
+
+
+# --- download rules, against the real local server and a small redirecting server on loopback
+
+import socket  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+from worker.imaging import MAX_REDIRECTS, download, image_session  # noqa: E402
+
+
+class _Hops(BaseHTTPRequestHandler):
+    """``/hop/N`` redirects to ``/hop/N-1``; ``/hop/0`` to ``server.target``; ``/to-file`` to a
+    file:// URL; ``/reset-once/X`` resets the first connection for X (RST before any answer),
+    then redirects to ``server.target``."""
+
+    protocol_version = "HTTP/1.1"
+    reset: set[str] = set()
+
+    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+        self.server.requests += 1  # type: ignore[attr-defined]
+        if self.path.startswith("/reset-once/") and self.path not in self.reset:
+            self.reset.add(self.path)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            return
+        if self.path.startswith("/hop/") and self.path != "/hop/0":
+            location = f"/hop/{int(self.path.rsplit('/', 1)[1]) - 1}"
+        elif self.path == "/to-file":
+            location = "file:///etc/passwd"
+        else:
+            location = self.server.target  # type: ignore[attr-defined]
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hops(antenna, tiny_images):
+    job = antenna.add_job(tiny_images[:1], "synthetic-moths")
+    from worker.antenna import AntennaClient
+    from tests.conftest import TOKEN
+
+    client = AntennaClient(antenna.base_url, TOKEN)
+    image_url = client.reserve_tasks(job, 1)[0].image_url
+    client.close()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hops)
+    server.daemon_threads = True
+    server.target, server.requests = image_url, 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server, image_url, tiny_images[0].path.read_bytes()
+    server.shutdown()
+    server.server_close()
+
+
+def _get(url: str, **kwargs) -> bytearray:
+    with image_session(2) as session:
+        return download(session, url, max_bytes=10**8, timeout_s=10.0, **kwargs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "http:///x.jpg", "gopher://h/x"])
+def test_a_url_that_is_not_http_is_a_bad_url_error(url):
+    with pytest.raises(ImageError) as raised:
+        _get(url)
+    assert raised.value.reason == "bad_url"
+
+
+@pytest.mark.timeout(30)
+def test_redirects_are_followed_at_most_max_redirects_times_and_only_to_http(hops):
+    server, _image_url, real = hops
+    origin = f"http://127.0.0.1:{server.server_address[1]}"
+    assert _get(f"{origin}/hop/{MAX_REDIRECTS - 1}") == real  # MAX_REDIRECTS redirects: fine
+    for url in (f"{origin}/hop/{MAX_REDIRECTS}", f"{origin}/to-file"):
+        with pytest.raises(ImageError) as raised:
+            _get(url)
+        assert raised.value.reason == "bad_url", url
+
+
+@pytest.mark.timeout(30)
+def test_private_hosts_are_refused_only_when_asked(hops):
+    server, image_url, real = hops
+    assert _get(image_url) == real  # loopback is allowed by default (tests and on-premises servers)
+    for url in (image_url, f"http://localhost:{server.server_address[1]}/hop/0"):
+        with pytest.raises(ImageError) as raised:
+            _get(url, block_private_hosts=True)
+        assert raised.value.reason == "bad_url" and "AMI_BLOCK_PRIVATE_IMAGE_HOSTS" in str(raised.value)
+    redirected = f"http://127.0.0.1:{server.server_address[1]}/hop/0"
+    with pytest.raises(ImageError):
+        _get(redirected, block_private_hosts=True)
+
+
+@pytest.mark.timeout(60)
+def test_transient_5xx_and_a_reset_are_retried_for_image_gets(antenna, hops):
+    server, image_url, real = hops
+    before = antenna.report(antenna.job_ids()[0]).media_bytes_served
+    antenna.set_faults("media", [503, 502])
+    assert _get(image_url) == real  # two 5xx answers, then the image
+    assert antenna.report(antenna.job_ids()[0]).media_bytes_served == before + len(real)
+    origin = f"http://127.0.0.1:{server.server_address[1]}"
+    served = server.requests
+    assert _get(f"{origin}/reset-once/a") == real  # a reset before the answer, then the redirect
+    assert server.requests == served + 2
+    antenna.set_faults("media", [503] * 10)
+    with pytest.raises(ImageError) as raised:
+        _get(image_url)
+    assert raised.value.reason == "http_error" and "HTTP 503" in str(raised.value)
