@@ -52,7 +52,7 @@ START_MARK = "<!-- adc-cpu-benchmark:start -->"
 END_MARK = "<!-- adc-cpu-benchmark:end -->"
 MODELS_ROOT = ROOT / ".cache" / "adc-bench"
 # 2048x1536 JPEGs (the "small" preset: a trap camera's frame); the detector resizes to 800 px itself.
-WORKLOAD_FULL = Workload("adc-small", "small", 32)
+WORKLOAD_FULL = Workload("adc-small", "small", 40)
 WORKLOAD_QUICK = Workload("adc-small", "small", 4)
 LOGITS_IMAGES_FULL = 8
 LOGITS_IMAGES_QUICK = 2

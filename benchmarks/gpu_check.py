@@ -244,18 +244,24 @@ def timed(what: str, batch: int, device: torch.device, run: Callable[[], object]
 def measure_batches(make: Callable[..., object], device: torch.device, sizes: Sequence[int], repeats: int) -> list[Measured]:
     out = []
     for size in sizes:
-        pipeline = make(size, size)
-        models = pipeline.loaded_models()  # type: ignore[attr-defined]
-        pinned = host_images(size, pinned=True)
-        out.append(timed("pipeline", size, device, lambda: pipeline.infer(pinned), repeats))  # type: ignore[attr-defined]
-        on_device = [i.to(device) for i in pinned]
-        with torch.no_grad():
-            out.append(timed("detector", size, device,
-                             lambda: models.detector([i.float().div_(255.0) for i in on_device]), repeats))
-            crops = torch.rand(size, 3, models.classifier.spec.input_size_px, models.classifier.spec.input_size_px, device=device)
-            out.append(timed("species classifier", size, device, lambda: models.classifier.model(crops), repeats))
-        del on_device, crops
-        torch.cuda.empty_cache()
+        out += measure_batch(make, device, size, repeats)
+        torch.cuda.empty_cache()  # this size's inputs are gone: the next size starts from the models alone
+    return out
+
+
+def measure_batch(make: Callable[..., object], device: torch.device, size: int, repeats: int) -> list[Measured]:
+    """The whole pipeline (detector and classifier batch ``size``), then each model alone."""
+    pipeline = make(size, size)
+    models = pipeline.loaded_models()  # type: ignore[attr-defined]
+    pinned = host_images(size, pinned=True)
+    out = [timed("pipeline", size, device, lambda: pipeline.infer(pinned), repeats)]  # type: ignore[attr-defined]
+    on_device = [i.to(device) for i in pinned]
+    side_px = models.classifier.spec.input_size_px
+    crops = torch.rand(size, 3, side_px, side_px, device=device)
+    with torch.no_grad():
+        # the detector's input as ADCPipeline makes it: float [0, 1] converted on the device
+        out.append(timed("detector", size, device, lambda: models.detector([i.float().div_(255.0) for i in on_device]), repeats))
+        out.append(timed("species classifier", size, device, lambda: models.classifier.model(crops), repeats))
     return out
 
 
@@ -269,7 +275,16 @@ def throughput_rows(measured: Sequence[Measured]) -> list[Row]:
     return rows
 
 
-def check_planned(make: Callable[..., object], device: torch.device, fraction: float) -> list[Row]:
+def per_item_bytes(measured: Sequence[Measured], what: str) -> float:
+    """Peak growth per extra item between the smallest and the largest measured batch."""
+    points = sorted((m.batch, m.peak_bytes - m.baseline_bytes) for m in measured if m.what == what)
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return 0.0
+    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+
+def check_planned(make: Callable[..., object], device: torch.device, fraction: float,
+                  measured: Sequence[Measured]) -> list[Row]:
     from worker.settings import Settings
 
     localization = Settings.model_fields["localization_batch_size"].default
@@ -284,10 +299,13 @@ def check_planned(make: Callable[..., object], device: torch.device, fraction: f
     peak = torch.cuda.max_memory_allocated(device)
     total = torch.cuda.get_device_properties(device).total_memory
     budget = int(fraction * total)
+    detector_item = per_item_bytes(measured, "detector")
+    fits = int((budget - peak) / detector_item) + localization if detector_item > 0 and budget > peak else 0
     return [Row("planned", "the model batch sizes the worker runs with fit AMI_GPU_MEMORY_FRACTION x device memory",
                 f"detector batch {localization}, classifier batch {classification} (settings defaults: this build plans "
                 f"no model batch size from device memory); peak {peak / MiB:,.0f} MiB vs budget {fraction:g} x "
-                f"{total / MiB:,.0f} = {budget / MiB:,.0f} MiB", "pass" if peak <= budget else "FAIL")]
+                f"{total / MiB:,.0f} = {budget / MiB:,.0f} MiB; the detector's measured {detector_item / MiB:,.0f} MiB "
+                f"per extra image would allow a detector batch of about {fits}", "pass" if peak <= budget else "FAIL")]
 
 
 class SplitLog(logging.Handler):
@@ -319,8 +337,8 @@ def check_oom_split(make: Callable[..., object], device: torch.device, measured:
             try:
                 results = pipeline.infer(images)  # type: ignore[attr-defined]
             except torch.cuda.OutOfMemoryError:
-                outcome = f"cap {cap_bytes / MiB:,.0f} MiB: one image alone ran out of memory"
-                continue
+                outcome = f"cap {cap_bytes / MiB:,.0f} MiB ({headroom:g} x one item's need): one image alone ran out of memory"
+                break  # lower caps fail the same way
             complete = len(results) == count and all(len(r) == 1 and len(r[0].classifications) == 2 for r in results)
             if handler.messages:
                 ok = complete
@@ -365,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += check_device_float(make, device)
         measured = measure_batches(make, device, sorted(set(sizes) | {1}), args.repeats)
         rows += throughput_rows(measured)
-        rows += check_planned(make, device, fraction)
+        rows += check_planned(make, device, fraction, measured)
         rows += check_oom_split(make, device, measured)
     name = torch.cuda.get_device_name(device)
     print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, {SLUG} ({args.classes:,} species), "
