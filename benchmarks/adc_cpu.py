@@ -228,10 +228,8 @@ def _row(label: str, runs: list[RunResult]) -> str:
     outcome = "all done" if all(r.completed for r in runs) else \
         ", ".join(f"exit {r.exit_code} {r.results_ok}/{r.images}" for r in runs)
     return (f"| {label} | {first.plan} | {len(runs)} | {median_rate(runs):.3f} | "
-            f"{max(r.peak_bytes for r in runs) / MiB:,.0f} | {predicted / MiB:,.0f} | {per_result:,.0f} | {outcome} |"
-            if predicted else
-            f"| {label} | {first.plan} | {len(runs)} | {median_rate(runs):.3f} | "
-            f"{max(r.peak_bytes for r in runs) / MiB:,.0f} |  | {per_result:,.0f} | {outcome} |")
+            f"{max(r.peak_bytes for r in runs) / MiB:,.0f} | {f'{predicted / MiB:,.0f}' if predicted else ''} | "
+            f"{per_result:,.0f} | {outcome} |")
 
 
 def write_section(doc: Path, text: str) -> None:
