@@ -129,6 +129,7 @@ class TimedAntenna(LocalAntenna):
         self.ready_at_s: Optional[float] = None
         self.reserve_times_s: list[float] = []
         self.result_times_s: list[tuple[float, int]] = []
+        self.result_bytes = 0  # every posted result item as the worker encodes it (compact JSON)
 
     def api_list_jobs(self, query: Any) -> dict[str, Any]:
         # The worker lists jobs once its pipeline is loaded: the same event for every configuration.
@@ -144,6 +145,7 @@ class TimedAntenna(LocalAntenna):
 
     def api_post_results(self, job_id: int, body: Any) -> dict[str, Any]:
         answer = super().api_post_results(job_id, body)
+        self.result_bytes += sum(len(json.dumps(item, separators=(",", ":")).encode()) for item in body.get("results", []))
         self.result_times_s.append((time.monotonic(), len(body.get("results", []))))
         return answer
 
@@ -212,6 +214,7 @@ class RunResult:
     predicted_peak_bytes: int = 0
     probe_wall_s: float = 0.0
     probe_overhead_s: float = 0.0
+    result_bytes: int = 0
     history: list[tuple[float, int]] = field(default_factory=list)
 
     @property
@@ -252,7 +255,7 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             cgroup.limit_bytes if cgroup else limit_bytes,
             plan=advisory.get("plan", "") or _logged_plan(log_path),
             predicted_peak_bytes=advisory.get("predicted", 0), probe_wall_s=advisory.get("probe_wall_s", 0.0),
-            probe_overhead_s=advisory.get("probe_overhead_s", 0.0),
+            probe_overhead_s=advisory.get("probe_overhead_s", 0.0), result_bytes=server.result_bytes,
             history=[(m.taken_at_s - meter.history[0].taken_at_s, m.total_bytes) for m in meter.history],
         )
         if log_path.exists():
