@@ -8,6 +8,8 @@ The images are one tiny preset image served for every task; still minutes of CPU
 """
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import re
 import subprocess
@@ -57,6 +59,9 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+@pytest.mark.long_job
+@pytest.mark.skipif(os.environ.get("ANTENNA_TEST_LONG_JOB") != "1", reason="about 15 min per case on 2 cores "
+                    "(5,000 tasks through the reference pipeline): ANTENNA_TEST_LONG_JOB=1 runs it")
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_a_5000_task_burst_job_exits_promptly_and_leaves_nothing_behind(tiny_images, tmp_path, num_workers):
