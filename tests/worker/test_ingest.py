@@ -535,5 +535,7 @@ def test_one_batch_of_four_large_images_from_loader_workers_costs_at_most_4x40_m
         assert batch.image_bytes == 4 * 4096 * 3072 * 3
         assert all(i.image.is_shared() for i in batch.items)  # the shared-memory path indeed
         print(f"baseline {baseline_bytes/2**20:.0f}; tree held {held_bytes / 2**20:.1f} MiB for {batch.image_bytes / 2**20:.1f} MiB decoded")
-        assert batch.image_bytes * 0.95 <= held_bytes <= 4 * 40 * 1024 * 1024, f"held {held_bytes / 2**20:.1f} MiB"
+        # The lower bound proves the measure sees the shared-memory images (plain tree PSS read -0.9 MiB
+        # here); the tree's other memory moves by a few MiB between the two samples.
+        assert batch.image_bytes * 0.9 <= held_bytes <= 4 * 40 * 1024 * 1024, f"held {held_bytes / 2**20:.1f} MiB"
         del batch, got

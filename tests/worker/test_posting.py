@@ -172,7 +172,7 @@ def test_replay_goes_past_a_failing_file_drops_a_deleted_jobs_results_and_retrie
     assert poster.replay_spool() == 4  # 2 dropped (job gone), 2 posted; the first file is kept
     assert antenna.report(jobs[2]).results_error == 2 and antenna.report(jobs[0]).results_error == 0
     assert poster.counters.job_gone_items == 2 and len(spool_files(tmp_path)) == 1
-    assert len([r for r in caplog.records if f"job {jobs[1]} " in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if r.name == "worker.posting" and f"job {jobs[1]} " in r.getMessage()]) == 1
     assert poster.replay_spool() == 0  # not due yet: no POST
     clock.now_s += 5.0
     assert poster.replay_spool() == 2 and spool_files(tmp_path) == []
