@@ -600,6 +600,26 @@ def _fork_server_pid() -> Optional[int]:
     return pid if isinstance(pid, int) else None
 
 
+def retire_refusing_fork_server() -> None:
+    """Kill a fork server that refuses connections, so the next loader starts a fresh one.
+
+    A request cut off half-sent (this process ran out of file descriptors while passing its
+    pipes) ends the server with EOFError. It then spends seconds, longer on a busy machine,
+    tearing down its preloaded torch: not yet a zombie, so ``ensure_running`` keeps it, yet no
+    longer listening, so every loader started meanwhile is refused. Its forked loader workers
+    belong to their loaders (which track and kill them by pid) and live on without it.
+    """
+    pid = _fork_server_pid()
+    if pid is None:
+        return
+    log.warning("the loader fork server (pid %d) refuses connections; it is killed and restarts with "
+                   "the next loader", pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _no_op() -> None:
     pass
 
@@ -672,6 +692,8 @@ class Loader:
             self._start_watch()
         except (OSError, EOFError, RuntimeError) as error:  # EMFILE, a failed fork, "can't start new thread"
             self._kill_workers("the loader failed to start")  # those started before the failure
+            if isinstance(error, ConnectionRefusedError) and self._context.get_start_method() == "forkserver":
+                retire_refusing_fork_server()
             raise LoaderFailed(f"cannot start the loader: {type(error).__name__}: {error}") from error
         while True:
             failure = None

@@ -115,14 +115,21 @@ def test_a_bad_argument_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_config_into_a_closed_pipe_ends_quietly(tmp_path):
-    """``worker config | head -1``: the reader leaves early; no BrokenPipeError traceback."""
+    """``worker config | head -1``: the reader has left; no BrokenPipeError traceback, exit 141.
+
+    The reader's end is closed before the command starts, so its first write meets the broken
+    pipe whatever the pace (a reader closing after one line may lose the race to a config that
+    fits the pipe's buffer and exits 0)."""
     env = _env()
-    config = subprocess.Popen(worker_command("config"), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-    assert config.stdout is not None and config.stderr is not None
-    with config.stdout, config.stderr:
-        config.stdout.readline()
-        config.stdout.close()  # as head does after its lines
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        config = subprocess.Popen(worker_command("config"), env=env, cwd=tmp_path, stdout=write_end,
+                                  stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert config.stderr is not None
+    with config.stderr:
         stderr = config.stderr.read().decode()
     assert config.wait(timeout=50) == 141, stderr
     assert stderr == ""

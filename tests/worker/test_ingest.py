@@ -469,7 +469,7 @@ def main():
             with Loader(IngestSource(base_url=sys.argv[1], token="tok-never", job_id=999), plan) as loader:
                 outcome = "ok:%d" % sum(len(batch.items) for batch in loader)
         except LoaderFailed as error:
-            outcome = "LoaderFailed"
+            outcome = "LoaderFailed " + str(error)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         print(spare, outcome, flush=True)
@@ -495,8 +495,10 @@ def test_running_out_of_file_descriptors_at_loader_start_is_a_loader_failure(ant
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert len(outcomes) == 12 and set(outcomes) <= {"LoaderFailed", "ok:0"}, done.stdout
     assert outcomes[0] == "LoaderFailed", done.stdout
-    if fork_server == "server-up":  # a server started under the low limit keeps it: no recovery then
-        assert outcomes[-1] == "ok:0", done.stdout  # job 999 has no tasks
+    # Recovery once descriptors suffice, for good: a fork server killed by a half-sent request (or
+    # started under a limit too low for its imports) is replaced, whatever its teardown's pace.
+    first_ok = outcomes.index("ok:0") if "ok:0" in outcomes else len(outcomes)
+    assert first_ok <= 8 and set(outcomes[first_ok:]) == {"ok:0"}, done.stdout  # job 999 has no tasks
 
 
 @pytest.mark.timeout(300)
