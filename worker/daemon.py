@@ -7,8 +7,9 @@ thread woken by ``signal.set_wakeup_fd`` passes them on to the live loader and w
 SIGTERM/SIGINT drain (no new reserves, finish and post in-flight work, exit 0 within
 ``AMI_SHUTDOWN_GRACE_S``), a second one forces; SIGUSR1 drains after the current job.
 
-A listing rejected for auth (401/403) is an ERROR and backs off (up to ``AUTH_BACKOFF_CAP_S``);
-``run`` in burst mode then returns ``EXIT_TOKEN_REJECTED`` (also when result posts were rejected).
+A listing, or a loader's reserve, rejected for auth (401/403) is an ERROR and backs off (up to
+``AUTH_BACKOFF_CAP_S``); ``run`` in burst mode then returns ``EXIT_TOKEN_REJECTED`` (also when
+result posts were rejected).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
-EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing or result post
+EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing, reserve or result post
 AUTH_BACKOFF_CAP_S = 300.0
 # The wake-up byte is written before the Python-level handler runs on the main thread, which then
 # sets the flags between two bytecodes: a few milliseconds cover it on a busy host.
@@ -96,6 +97,7 @@ class Worker:
         self.current: Optional[JobContext] = None
         self.auth_failures_in_row = 0
         self._auth_wait_s = 0.0
+        self.reserve_rejected = False  # a loader's reserve met 401/403 in the last poll
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
@@ -187,7 +189,7 @@ class Worker:
         return self._exit_code()
 
     def _exit_code(self) -> int:
-        if self.burst and (self.client.auth_rejected or self.poster.client.auth_rejected):
+        if self.burst and (self.client.auth_rejected or self.poster.client.auth_rejected or self.reserve_rejected):
             log.error("burst: exiting %d, the API rejected the token: check AMI_ANTENNA_API_AUTH_TOKEN",
                       EXIT_TOKEN_REJECTED)
             return EXIT_TOKEN_REJECTED
@@ -199,24 +201,32 @@ class Worker:
         except AntennaError as error:
             self._listing_failed(error)
             return False
-        self.auth_failures_in_row, self._auth_wait_s = 0, 0.0
+        self.reserve_rejected = False
         did_work = False
         for job in jobs:
             if self.stopping or self.stop.after_job:
                 break
             did_work = self.process_job(job) > 0 or did_work
+        if not self.reserve_rejected:
+            self.auth_failures_in_row, self._auth_wait_s = 0, 0.0
         return did_work
 
     def _listing_failed(self, error: AntennaError) -> None:
         if not (isinstance(error, AntennaRejected) and error.auth):
             log.warning("listing jobs failed: %s", error)
             return
+        self._token_rejected(f"listing jobs: {error}")
+
+    def _token_rejected(self, what: str) -> None:
+        """The API rejected the token (a listing, or a reserve in the loader): ERROR, back off, and
+        in burst mode exit ``EXIT_TOKEN_REJECTED``. A reserve made in a loader worker is seen here
+        only through the loader (the worker logged the server's answer and the superuser hint)."""
         self.auth_failures_in_row += 1
         idle_s = self.settings.antenna_idle_sleep_seconds
         self._auth_wait_s = max(idle_s, backoff_delay_s(self.auth_failures_in_row, base_s=max(idle_s, 1.0),
                                                         cap_s=AUTH_BACKOFF_CAP_S))
-        log.error("listing jobs: the API rejected the token (%s, %d in a row); check "
-                  "AMI_ANTENNA_API_AUTH_TOKEN; next try in %.1f s", error, self.auth_failures_in_row,
+        log.error("%s: the API rejected the token (%d in a row); check AMI_ANTENNA_API_AUTH_TOKEN "
+                  "(reserving tasks needs a superuser's); next try in %.1f s", what, self.auth_failures_in_row,
                   self._auth_wait_s)
 
     def process_job(self, job: JobRef) -> int:
@@ -284,6 +294,10 @@ class Worker:
             ctx.loader = None
         # After close, not before: an abandoned loader's workers may still be inside a reserve
         # call or have ledger entries in flight; close() joins them and collects the ledger.
+        rejected_status = loader.reserve_auth_status()
+        if rejected_status is not None:
+            self.reserve_rejected = True
+            self._token_rejected(f"the loader's reserve for job {ctx.job.id} got HTTP {rejected_status}")
         stranded = loader.stranded()
         if stranded:
             ctx.stats.tasks_stranded += len(stranded)

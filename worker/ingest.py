@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autotune.plan import LoaderPlan
-from worker.antenna import AntennaClient, AntennaError
+from worker.antenna import AntennaClient, AntennaError, AntennaRejected
 from worker.imaging import ImageError, decode, download, fix_mmap_threshold, image_session
 from worker.logs import LogSetup, apply_setup, current_setup
 from worker.results import Failure
@@ -141,6 +141,9 @@ class SharedControl:
         self.consumed = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)
         self.reserved_total = context.Value("q", 0)
         self.pids = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)  # slot 0: unused
+        # The HTTP status of a reserve the API rejected for the token (401/403), 0 if none: the
+        # reserving process stops, and only the main process can act on it (exit code, backoff).
+        self.reserve_auth_status = context.Value("i", 0, lock=False)
         self.ledger = ReservationLedger()
 
     def set_limits(self, *, tasks_per_reserve: int, prefetch_depth: int, admit: bool) -> None:
@@ -306,6 +309,8 @@ class TaskStream(IterableDataset):
             tasks = client.reserve_tasks(self.source.job_id, wanted, self.source.client_info)
         except AntennaError as error:
             log.warning("job %d: reserve failed, this loader worker stops: %s", self.source.job_id, error)
+            if isinstance(error, AntennaRejected) and error.auth:
+                self.control.reserve_auth_status.value = error.status
             return []
         if tasks:
             with self.control.reserved_total.get_lock():
@@ -734,6 +739,10 @@ class Loader:
         now_s = time.monotonic()
         if self._deadline_s is None or now_s < self._deadline_s:
             self._deadline_s = now_s
+
+    def reserve_auth_status(self) -> Optional[int]:
+        """The HTTP status (401/403) of a reserve the API rejected for the token, if one was."""
+        return self.control.reserve_auth_status.value or None
 
     def stranded(self) -> list[Task]:
         """Tasks a worker reserved that never reached the main process (after a crash or abort).

@@ -247,3 +247,22 @@ def test_a_failing_probe_reserve_is_no_crash(fault_server, tiny_images, tmp_path
     server.set_faults("tasks", [])
     assert run_burst(server, tmp_path, AMI_AUTOTUNE="true").code == 0
     assert_resolved(server.report(job))
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+def test_a_rejected_token_on_the_loaders_reserve_exits_3(fault_server, tiny_images, tmp_path, num_workers):
+    """With autotune off no probe reserves in the main process: the loader's reserves (in loader
+    workers, or in the main process with 0 workers) are the first to meet a 403 (a token that may
+    list jobs but is not a superuser's). The job yields nothing, and ``--burst`` must say why: exit 3
+    and the superuser hint, as when the probe's reserve is rejected, not 0 as if the queue were empty."""
+    server = fault_server()
+    job = _job(server, tiny_images)
+    server.set_faults("tasks", [403] * 100)
+    first = run_burst(server, tmp_path, AMI_AUTOTUNE="false", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS=num_workers)
+    assert "Traceback" not in first.output, first.output[-3000:]
+    assert first.code == EXIT_TOKEN_REJECTED, first.output[-3000:]
+    assert "superuser" in first.output and "AMI_ANTENNA_API_AUTH_TOKEN" in first.output
+    assert server.report(job).delivered == 0
+    server.set_faults("tasks", [])
+    assert run_burst(server, tmp_path, AMI_AUTOTUNE="false", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS=num_workers).code == 0
+    assert_resolved(server.report(job))
