@@ -24,7 +24,7 @@ PACKAGES = ("worker", "autotune", "watchdog")
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("worker", "worker.schema", "worker.results", "worker.settings", "worker.backoff", "worker.logs",
      "worker.metrics"),
-    ("worker.antenna", "worker.imaging", "worker.posting", "worker.release", "worker.pipelines"),
+    ("worker.antenna", "worker.imaging", "worker.loading", "worker.posting", "worker.release", "worker.pipelines"),
     ("worker.ingest", "worker.loader_server", "worker.hooks"),
     ("worker.probing",),
     ("worker.planning",),

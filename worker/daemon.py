@@ -31,6 +31,7 @@ from worker.antenna import AntennaClient, AntennaError, AntennaRejected, JobRef,
 from worker.backoff import backoff_delay_s
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
+from worker.loading import image_timeout_s
 from worker.pipelines import Pipeline, run_batch
 from worker.planning import Planner, SettingsPlanner
 from worker.posting import ResultPoster
@@ -364,7 +365,7 @@ class Worker:
         return IngestSource(
             base_url=s.antenna_api_base_url, token=s.token, job_id=job_id,
             api_timeout_s=s.antenna_api_timeout_s, api_max_attempts=s.antenna_api_max_attempts,
-            image_timeout_s=s.antenna_api_timeout_s * 2, image_deadline_s=s.image_download_deadline_s,
+            image_timeout_s=image_timeout_s(s), image_deadline_s=s.image_download_deadline_s,
             block_private_hosts=s.block_private_image_hosts, max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels, client_info=self.client_info,
         )

@@ -83,11 +83,13 @@ class DecodedImage:
     tensor: torch.Tensor  # uint8, shape (3, height, width); a view, may be non-contiguous
     width: int
     height: int
-    decode_s: float
+    decode_s: float  # wall seconds
+    decode_cpu_s: float = 0.0  # the decoding thread's CPU seconds
 
 
 def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float,
-             deadline_s: float = math.inf, block_private_hosts: bool = False) -> bytearray:
+             deadline_s: float = math.inf, block_private_hosts: bool = False,
+             on_headers: Optional[Callable[[], None]] = None) -> bytearray:
     """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``.
 
     ``timeout_s`` bounds the connect and each read; ``deadline_s`` the whole download (a host
@@ -95,12 +97,13 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     deadline is checked after every read, and no single read waits longer than the deadline.
     Only http(s) URLs are fetched, through at most ``MAX_REDIRECTS`` redirects, each checked
     like the first (``check_image_url``). Transient failures are retried by the session
-    (``image_session``).
+    (``image_session``). ``on_headers`` is called as each response's headers arrive (a redirect's
+    too), before its body is read.
     """
     started_s = time.monotonic()
     wait_s = min(timeout_s, deadline_s)
     try:
-        with _get_following_redirects(session, url, wait_s, block_private_hosts) as response:
+        with _get_following_redirects(session, url, wait_s, block_private_hosts, on_headers) as response:
             _check_response(response, url, max_bytes)
             body = bytearray()
             while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
@@ -109,10 +112,10 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
                 if len(body) > max_bytes:
                     raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
                 if time.monotonic() - started_s > deadline_s:
-                    raise _over_deadline(url, deadline_s)
+                    raise over_deadline(url, deadline_s)
     except (requests.Timeout, urllib3.exceptions.TimeoutError):
         if time.monotonic() - started_s >= deadline_s:
-            raise _over_deadline(url, deadline_s) from None
+            raise over_deadline(url, deadline_s) from None
         raise ImageError(f"download failed: a read took over {timeout_s:g} s for {url}", "timeout") from None
     except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
         raise ImageError(f"image URL {url!r} is not a valid http(s) URL", "bad_url") from None
@@ -124,13 +127,15 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     return body  # a bytearray: decoders take it as is, and a bytes() copy would double the peak
 
 
-def _get_following_redirects(session: requests.Session, url: str, wait_s: float,
-                             block_private_hosts: bool) -> requests.Response:
+def _get_following_redirects(session: requests.Session, url: str, wait_s: float, block_private_hosts: bool,
+                             on_headers: Optional[Callable[[], None]]) -> requests.Response:
     """The streamed response at the end of at most ``MAX_REDIRECTS`` redirects from ``url``."""
     current = url
     for _hop in range(MAX_REDIRECTS + 1):
         check_image_url(current, block_private_hosts=block_private_hosts)
         response = session.get(current, stream=True, timeout=(wait_s, wait_s), allow_redirects=False)
+        if on_headers is not None:
+            on_headers()
         if not response.is_redirect:
             return response
         current = urljoin(current, response.headers["Location"])
@@ -168,7 +173,7 @@ def _check_response(response: requests.Response, url: str, max_bytes: int) -> No
         raise ImageError(f"image is {int(declared)} bytes, over AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
 
 
-def _over_deadline(url: str, deadline_s: float) -> ImageError:
+def over_deadline(url: str, deadline_s: float) -> ImageError:
     return ImageError(f"download exceeded AMI_IMAGE_DOWNLOAD_DEADLINE_S={deadline_s:g} s for {url}", "timeout")
 
 
@@ -181,13 +186,14 @@ def decode(data: bytes | bytearray, *, max_pixels: int, allocate: Optional[Alloc
     JPEGs decode straight into the tensor ``allocate(height, width)`` returns (inside DataLoader
     worker processes: a shared-memory buffer, so handing it to the main process copies nothing).
     """
-    started_s = time.perf_counter()
+    started_s, started_cpu_s = time.perf_counter(), time.thread_time()
     if data[:2] == JPEG_MAGIC:
         hwc = _decode_jpeg(data, max_pixels, allocate or _allocate_private)
     else:
         hwc = torch.from_numpy(_decode_pillow(data, max_pixels))
     height, width = hwc.shape[:2]
-    return DecodedImage(hwc.permute(2, 0, 1), width, height, time.perf_counter() - started_s)
+    return DecodedImage(hwc.permute(2, 0, 1), width, height, time.perf_counter() - started_s,
+                        time.thread_time() - started_cpu_s)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

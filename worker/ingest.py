@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autotune.plan import LoaderPlan
 from worker.antenna import AntennaClient, AntennaError, AntennaRejected
-from worker.imaging import ImageError, decode, download, fix_mmap_threshold, image_session
+from worker.imaging import fix_mmap_threshold, image_session
+from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
 from worker.logs import LogSetup, apply_setup, current_setup
-from worker.results import Failure
 from worker.schema import Task
 
 log = logging.getLogger(__name__)
@@ -82,20 +82,12 @@ class IngestSource:
     def __repr__(self) -> str:  # keep the token out of any repr that reaches a log
         return f"IngestSource(base_url={self.base_url!r}, job_id={self.job_id})"
 
-
-@dataclass
-class LoadedImage:
-    """One task's image, or the reason it has none."""
-
-    task: Task
-    image: Optional[torch.Tensor]  # uint8 (3, H, W), or float32 when the plan says so
-    error: Optional[Failure] = None
-    jpeg_bytes: int = 0
-    width: int = 0
-    height: int = 0
-    download_s: float = 0.0
-    decode_s: float = 0.0
-    worker_id: int = -1
+    @property
+    def images(self) -> ImageLoader:
+        """How this job's images are loaded (the one path the probe and ``worker tune`` use too)."""
+        return ImageLoader(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           timeout_s=self.image_timeout_s, deadline_s=self.image_deadline_s,
+                           block_private_hosts=self.block_private_hosts)
 
 
 @dataclass
@@ -222,6 +214,7 @@ class TaskStream(IterableDataset):
         self.source = source
         self.plan = plan
         self.control = control
+        self.images = source.images
 
     def __iter__(self) -> Iterator[LoadedImage]:
         info = get_worker_info()
@@ -333,24 +326,19 @@ class TaskStream(IterableDataset):
                 return
             time.sleep(WAIT_POLL_S)
 
-    def _fetch(self, session, task: Task) -> tuple[bytes, float]:
-        started_s = time.perf_counter()
-        data = download(session, task.image_url, max_bytes=self.source.max_image_bytes,
-                        timeout_s=self.source.image_timeout_s, deadline_s=self.source.image_deadline_s,
-                        block_private_hosts=self.source.block_private_hosts)
-        return data, time.perf_counter() - started_s
+    def _fetch(self, session, task: Task) -> Fetched:
+        return self.images.fetch(session, task.image_url)
 
-    def _wait_for_download(self, future: Future, deadline_s: float) -> Optional[tuple[bytearray, float]]:
+    def _wait_for_download(self, future: Future, task: Task, deadline_s: float) -> Optional[Fetched]:
         """The download's result; None as soon as the loader is abandoned (the task is stranded).
 
-        ``download`` keeps its own deadline; this one (``time.monotonic()``, a little later) holds
+        The download keeps its own deadline; this one (``time.monotonic()``, a little later) holds
         even where it cannot, such as headers trickling in. The download's thread is left to end.
         """
         while self.control.stop.value != ABANDON:
             remaining_s = deadline_s - time.monotonic()
             if remaining_s <= 0:
-                raise ImageError(f"download exceeded AMI_IMAGE_DOWNLOAD_DEADLINE_S={self.source.image_deadline_s:g} s",
-                                 "timeout")
+                raise self.images.over_deadline(task.image_url)
             try:
                 return future.result(timeout=min(remaining_s, STOP_POLL_S))
             except FutureTimeout:
@@ -359,19 +347,18 @@ class TaskStream(IterableDataset):
 
     def _load(self, task: Task, deadline_s: float, future: Future, worker_id: int,
               buffers: Optional["SharedImageBuffers"]) -> Optional[LoadedImage]:
-        """The task's image or its error; None when the loader is abandoned while it waits."""
+        """The task's image or its error; None when the loader is abandoned while it waits.
+
+        Download and decode are ``worker.loading.ImageLoader``'s steps, which map every fault to
+        a failure; what is the lane's own is the deadline wait and where the pixels go.
+        """
         try:
-            fetched = self._wait_for_download(future, deadline_s)
+            fetched = self._wait_for_download(future, task, deadline_s)
             if fetched is None:
                 return None
-            data, download_s = fetched
-            decoded = decode(data, max_pixels=self.source.max_image_pixels,
-                             allocate=buffers.allocate if buffers is not None else None)
-        except ImageError as error:
-            return LoadedImage(task, None, error.failure(), worker_id=worker_id)
-        except Exception as error:  # a bug in a decoder must cost one image, not the job
-            log.exception("job %d: image %s failed unexpectedly", self.source.job_id, task.image_id)
-            return LoadedImage(task, None, Failure("other", f"{type(error).__name__}: {error}"), worker_id=worker_id)
+            decoded = self.images.decode(fetched, allocate=buffers.allocate if buffers is not None else None)
+        except Exception as error:  # an ImageError; anything else (a bug) costs one image, not the job
+            return failed(task, error, worker_id=worker_id)
         image = decoded.tensor
         if self.plan.tensor_dtype == "float32":  # legacy ADC behaviour, benchmarks only
             image = image.float().div_(255.0)
@@ -379,9 +366,7 @@ class TaskStream(IterableDataset):
                 image.share_memory_()
         elif buffers is not None:
             buffers.hold(image)  # from here until the main process calls release_image
-        return LoadedImage(
-            task, image, None, len(data), decoded.width, decoded.height, download_s, decoded.decode_s, worker_id
-        )
+        return loaded(task, fetched, decoded, image=image, worker_id=worker_id)
 
 
 def _start_download(fetch: Callable[..., Any], *args: Any) -> Future:

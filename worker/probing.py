@@ -32,8 +32,9 @@ import torch
 from autotune import ImageSample, InferenceSample, MemoryCalibration, Probe
 from watchdog.sampler import sample_tree
 from worker.hooks import JobStats
-from worker.imaging import ImageError, decode, download, image_session
-from worker.ingest import Batch, LoadedImage, wait_for_fork_server
+from worker.imaging import DecodedImage, ImageError, image_session
+from worker.ingest import Batch, wait_for_fork_server
+from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
 from worker.pipelines import Pipeline, batch_overhead_s, run_batch, warm_up
 from worker.results import Failure
 from worker.schema import Task
@@ -95,14 +96,14 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     otherwise, or where ``/proc/stat`` cannot be read: on a shared host the rest of its CPU
     time is other tenants' work, not the images'.
 
+    Each image goes through the loader lane's own steps and limits (``worker.loading.ImageLoader``).
     Parallel downloads keep the probe short on a slow network while each still times one
-    connection. Time to first byte is when the response headers arrived (a ``requests`` response
-    hook runs then, before the streamed body is read). Failures become error items, never
-    exceptions. Order follows ``tasks``.
+    connection. Failures become error items, never exceptions. Order follows ``tasks``.
     """
+    images = ImageLoader.from_settings(settings)
     host_before_s, own_before_s = host_busy_cpu_s(), time.process_time()
     with ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="probe-download") as pool:
-        fetched = list(pool.map(lambda task: _timed_download(task, settings), tasks))
+        fetched = list(pool.map(lambda task: _fetch_alone(images, task), tasks))
     host_s, own_s = host_busy_cpu_s() - host_before_s, time.process_time() - own_before_s
     served_here = any(is_this_host(task.image_url) for task in tasks)
     external_cpu_s = max(0.0, host_s - own_s) if host_before_s >= 0 and served_here else None
@@ -110,32 +111,42 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     # took 1.0 s one after another, the longest part of the probe. Each decode is timed by its
     # thread's CPU time, which another decode on a shared core does not inflate.
     with ThreadPoolExecutor(max(1, min(len(tasks), cpu_count())), thread_name_prefix="probe-decode") as pool:
-        outcomes = list(pool.map(lambda fetch: _timed_decode(fetch[0], fetch[4], settings), fetched))
-    loaded: list[LoadedImage] = []
-    samples: list[ImageSample] = []
-    for task, (data, download_s, first_byte_s, download_cpu_s, _), (decoded, decode_cpu_s, failure) in zip(
-            tasks, fetched, outcomes):
-        if decoded is None:
-            loaded.append(LoadedImage(task, None, failure.failure()))
-            continue
-        samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s, decode_cpu_s,
-                                   first_byte_s, download_cpu_s))
-        loaded.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
-                                  download_s, decode_cpu_s))
-    del fetched, outcomes
-    return loaded, samples, external_cpu_s
+        decoded = list(pool.map(lambda fetch: _decode(images, fetch), fetched))
+    loaded_items: list[LoadedImage] = []
+    for task, fetch, outcome in zip(tasks, fetched, decoded):
+        if isinstance(fetch, Fetched) and isinstance(outcome, DecodedImage):
+            loaded_items.append(loaded(task, fetch, outcome))
+        else:  # a failed fetch is its decode's outcome too
+            loaded_items.append(failed(task, outcome))
+    del fetched, decoded
+    return loaded_items, image_samples(loaded_items), external_cpu_s
 
 
-def _timed_decode(data, error: Optional[Exception], settings: Settings):
-    """(decoded, decode CPU seconds, None) or (None, 0, the ImageError)."""
+def image_samples(items: Sequence[LoadedImage]) -> list[ImageSample]:
+    """What the fit needs of each loaded image: sizes, wall seconds of the download, and CPU
+    seconds of the decode (another decode on a shared core does not inflate them)."""
+    return [ImageSample(item.jpeg_bytes, item.width, item.height, item.download_s, item.decode_cpu_s,
+                        item.first_byte_s, item.download_cpu_s) for item in items if item.image is not None]
+
+
+def _fetch_alone(images: ImageLoader, task: Task) -> Fetched | ImageError:
+    """``task``'s image on a connection of its own, or why not."""
+    session = image_session(1)
     try:
-        if error is not None:
-            raise error
-        started_cpu_s = time.thread_time()
-        decoded = decode(data, max_pixels=settings.max_image_pixels)
-        return decoded, time.thread_time() - started_cpu_s, None
-    except ImageError as failure:
-        return None, 0.0, failure
+        return images.fetch(session, task.image_url)
+    except ImageError as error:
+        return error
+    finally:
+        session.close()
+
+
+def _decode(images: ImageLoader, fetched: Fetched | ImageError) -> DecodedImage | ImageError:
+    if isinstance(fetched, ImageError):
+        return fetched
+    try:
+        return images.decode(fetched)
+    except ImageError as error:
+        return error
 
 
 def api_exchange_cpu_s(round_trip_s: float, client_cpu_s: float, *, local_server: bool) -> float:
@@ -179,25 +190,6 @@ def host_busy_cpu_s(proc_stat: Path = Path("/proc/stat")) -> float:
         return -1.0
     user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in fields_[1:8])
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def _timed_download(task: Task, settings: Settings):
-    """(data, download_s, first_byte_s, download_cpu_s, error) for one task on its own connection."""
-    session = image_session(1)
-    headers_at: list[float] = []
-    session.hooks["response"].append(lambda response, *args, **kwargs: headers_at.append(time.perf_counter()))
-    started_s, started_cpu_s = time.perf_counter(), time.thread_time()
-    try:
-        data = download(session, task.image_url, max_bytes=settings.max_image_bytes,
-                        timeout_s=settings.antenna_api_timeout_s * 2)
-    except ImageError as error:
-        return None, 0.0, None, None, error
-    except Exception as error:  # a URL requests refuses (file://, malformed, redirect loop): this image alone
-        return None, 0.0, None, None, ImageError(f"download failed: {type(error).__name__}: {str(error)[:200]}", "bad_url")
-    finally:
-        session.close()
-    first_byte_s = (headers_at[0] - started_s) if headers_at else None
-    return data, time.perf_counter() - started_s, first_byte_s, time.thread_time() - started_cpu_s, None
 
 
 def time_inference(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,

@@ -11,7 +11,6 @@ run never strands a task, and says so. The API token never reaches the output.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, TextIO
@@ -32,13 +31,14 @@ from autotune.corrections import CorrectionStore, default_correction_path
 from autotune.planner import BATCH_SIZES
 from worker.antenna import JobRef
 from worker.hooks import JobContext
-from worker.imaging import ImageError, decode, download, image_session
-from worker.ingest import LoadedImage
+from worker.imaging import image_session
+from worker.loading import ImageLoader, LoadedImage
 from worker.planning import THREADS_ENV, constraints_for, env_name_for, plan_from_settings
 from worker.probing import (
     baseline_bytes,
     cpu_count,
     fit_probe,
+    image_samples,
     openmp_threads_sleep,
     overhead_floor,
     sample_job,
@@ -225,32 +225,22 @@ def _expand(sources: Sequence[str]) -> list[str]:
 
 
 def _load_images(sources: Sequence[str], settings: Settings) -> tuple[list[LoadedImage], list]:
-    from autotune import ImageSample
-
+    """Each of ``sources`` loaded one after another through the worker's own image path and
+    limits (``worker.loading.ImageLoader``), local files read as they are; an unusable one is
+    logged and left out of the samples."""
+    images = ImageLoader.from_settings(settings, local_files=True)
     session = image_session(1)
     items: list[LoadedImage] = []
-    samples: list = []
     try:
         for index, source in enumerate(sources):
             task = Task(id=f"tune-{index}", image_id=Path(source).name, image_url=source, reply_subject="tune")
-            started_s = time.perf_counter()
-            try:
-                if source.startswith(("http://", "https://")):
-                    data = download(session, source, max_bytes=settings.max_image_bytes,
-                                    timeout_s=settings.antenna_api_timeout_s * 2)
-                else:
-                    data = bytearray(Path(source).read_bytes())
-                download_s = time.perf_counter() - started_s
-                decoded = decode(data, max_pixels=settings.max_image_pixels)
-            except ImageError as error:
-                log.warning("tune: %s unusable: %s", source, error)
-                continue
-            samples.append(ImageSample(len(data), decoded.width, decoded.height, download_s, decoded.decode_s))
-            items.append(LoadedImage(task, decoded.tensor, None, len(data), decoded.width, decoded.height,
-                                     download_s, decoded.decode_s))
+            item = images.load(session, task)
+            if item.error is not None:
+                log.warning("tune: %s unusable: %s", source, item.error)
+            items.append(item)
     finally:
         session.close()
-    return items, samples
+    return items, image_samples(items)
 
 
 def run_tune(settings: Settings, *, job_id: Optional[int], images: Sequence[str], pipeline: Optional[str],
