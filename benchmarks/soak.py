@@ -24,8 +24,8 @@ tree is back to its idle size (no loader worker left), this process takes an idl
 - the tree's memory mappings (lines of /proc/PID/maps): a file or segment mapped per job;
 - open descriptors of the main process and of the whole tree;
 - /dev/shm entries that were not there before the worker started, less those that only processes
-  outside the tree hold (another program's, such as a test suite's forkserver semaphores); an entry
-  nobody holds counts as the tree's;
+  outside the tree hold (another program's, such as a test suite's forkserver semaphores) and those
+  gone 0.5 s later; an entry nobody holds counts as the tree's;
 - threads of the main process and of the tree; processes in the tree.
 
 Growth is the last idle sample minus the idle sample after the warm-up (the first
@@ -69,6 +69,7 @@ SETTLE_TIMEOUT_S = 30.0
 # The tree must keep its idle size this long before an idle sample (a loader worker that is still
 # exiting, or the daemon's next empty listing, would otherwise land in the sample).
 SETTLE_STABLE_S = 1.0
+SHM_RECHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class TreeSample:
     tree_fds: int
     shm_entries_new: int  # /dev/shm names not there before the worker started, less those other programs hold
     shm_entries_foreign: int  # new names held (mapped or open) only by processes outside the tree
+    shm_names_seen: list[str]  # every new name the first listing saw (transient ones included)
     main_threads: int
     tree_threads: int
     processes: int
@@ -165,13 +167,20 @@ def take_sample(pid: int, after_job: int, batches_done: int, started_s: float, s
     rollups = {p: read_rollup(p) for p in pids}
     anon = sum(rollup[1] for rollup in rollups.values())
     new_shm = shm_entries() - shm_baseline
+    seen = sorted(new_shm)
     foreign = foreign_shm_entries(new_shm, set(pids))
+    if new_shm:
+        # An entry counts only when it outlives the holder scan: other programs create and unlink
+        # entries (a semaphore, a segment) within milliseconds, and an idle tree creates none.
+        time.sleep(SHM_RECHECK_S)
+        new_shm &= shm_entries()
     return TreeSample(
         after_job=after_job, batches_done=batches_done, elapsed_s=round(time.monotonic() - started_s, 1),
         memory_bytes=memory.total_bytes, pss_bytes=memory.pss_bytes, shm_held_bytes=memory.shm_bytes,
         main_fds=main.open_fds if main else 0,
         tree_fds=sum(reading.open_fds for reading in fds.values() if reading is not None),
-        shm_entries_new=len(new_shm - foreign), shm_entries_foreign=len(foreign),
+        shm_entries_new=len(new_shm - foreign), shm_entries_foreign=len(new_shm & foreign),
+        shm_names_seen=seen,
         main_threads=read_threads(pid), tree_threads=sum(read_threads(p) for p in pids), processes=len(pids),
         anon_pss_bytes=anon, anon_shm_bytes=anon + memory.shm_bytes,
         tree_mappings=sum(_count_lines(f"/proc/{p}/maps") for p in pids),

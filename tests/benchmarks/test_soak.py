@@ -16,7 +16,7 @@ from worker.testing.antenna_server import JobReport
 MiB = 1024 * 1024
 IDLE = TreeSample(after_job=0, batches_done=0, elapsed_s=0.0, memory_bytes=800 * MiB, pss_bytes=800 * MiB,
                   shm_held_bytes=0, anon_pss_bytes=600 * MiB, anon_shm_bytes=600 * MiB, tree_mappings=1400,
-                  main_fds=8, tree_fds=21, shm_entries_new=0, shm_entries_foreign=0, main_threads=6,
+                  main_fds=8, tree_fds=21, shm_entries_new=0, shm_entries_foreign=0, shm_names_seen=[], main_threads=6,
                   tree_threads=8, processes=3, process_pss_bytes={})
 PARAMS = SoakParams(jobs=3, batches_per_job=2, batch=2, loader_workers=2, warmup_jobs=1,
                     pipeline="null", interval_s=1.0, max_pending_posts=1)
