@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,11 +113,50 @@ def read_threads(pid: int) -> int:
     return 0
 
 
-def shm_entries() -> set[str]:
+def shm_entries(directory: Path = SHM_DIR) -> set[str]:
     try:
-        return set(os.listdir(SHM_DIR))
+        return set(os.listdir(directory))
     except OSError:
         return set()
+
+
+@dataclass(frozen=True)
+class ShmView:
+    """Where the soak counts /dev/shm entries. ``private``: the worker runs in its own mount
+    namespace with a fresh tmpfs on /dev/shm (``unshare``, root), read from outside through
+    /proc/PID/root/dev/shm, so every entry there is the tree's. Else the host's /dev/shm, less the
+    entries present before the worker started and those only other processes hold."""
+
+    private: bool
+    baseline: frozenset[str]
+
+    def directory(self, pid: int) -> Path:
+        return Path(f"/proc/{pid}/root/dev/shm") if self.private else SHM_DIR
+
+    def new_entries(self, pid: int) -> set[str]:
+        return shm_entries(self.directory(pid)) - self.baseline
+
+    def command(self, command: list[str]) -> list[str]:
+        if not self.private:
+            return command
+        mount = 'mount -t tmpfs -o mode=1777 soak-shm /dev/shm && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", *command]
+
+    @staticmethod
+    def choose(mode: str) -> "ShmView":
+        """``mode``: private, host or auto (private where root and ``unshare`` allow it)."""
+        if mode == "auto":
+            mode = "private" if _can_unshare() else "host"
+        if mode == "private":
+            return ShmView(True, frozenset())
+        return ShmView(False, frozenset(shm_entries()))
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(ShmView(True, frozenset()).command(["true"]), capture_output=True, timeout=30)
+    return probe.returncode == 0
 
 
 def foreign_shm_entries(names: set[str], tree: set[int]) -> set[str]:
@@ -159,21 +199,21 @@ def _held_shm_names(pid: int) -> set[str]:
     return names
 
 
-def take_sample(pid: int, after_job: int, batches_done: int, started_s: float, shm_baseline: set[str]) -> TreeSample:
+def take_sample(pid: int, after_job: int, batches_done: int, started_s: float, shm: ShmView) -> TreeSample:
     memory = read_tree_memory(pid)
     pids = tree_pids(pid)
     fds = {p: procfs.read_fds(p) for p in pids}
     main = fds.get(pid)
     rollups = {p: read_rollup(p) for p in pids}
     anon = sum(rollup[1] for rollup in rollups.values())
-    new_shm = shm_entries() - shm_baseline
+    new_shm = shm.new_entries(pid)
     seen = sorted(new_shm)
-    foreign = foreign_shm_entries(new_shm, set(pids))
-    if new_shm:
+    foreign = set() if shm.private else foreign_shm_entries(new_shm, set(pids))
+    if new_shm and not shm.private:
         # An entry counts only when it outlives the holder scan: other programs create and unlink
         # entries (a semaphore, a segment) within milliseconds, and an idle tree creates none.
         time.sleep(SHM_RECHECK_S)
-        new_shm &= shm_entries()
+        new_shm &= shm.new_entries(pid)
     return TreeSample(
         after_job=after_job, batches_done=batches_done, elapsed_s=round(time.monotonic() - started_s, 1),
         memory_bytes=memory.total_bytes, pss_bytes=memory.pss_bytes, shm_held_bytes=memory.shm_bytes,
@@ -250,12 +290,11 @@ def soak_env(base_url: str, token: str, scratch: Path, params: SoakParams) -> di
     return env
 
 
-def run_soak(params: SoakParams, images: list, log_path: Path) -> dict[str, Any]:
+def run_soak(params: SoakParams, images: list, log_path: Path, shm: ShmView) -> dict[str, Any]:
     token = secrets.token_hex(12)
     with SoakAntenna(token=token) as server, tempfile.TemporaryDirectory(prefix="soak-") as scratch:
         env = soak_env(server.base_url, token, Path(scratch), params)
-        command = [sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "run"]
-        shm_baseline = shm_entries()
+        command = shm.command([sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "run"])
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             meter: Optional[TreeMeterThread] = None
@@ -263,14 +302,14 @@ def run_soak(params: SoakParams, images: list, log_path: Path) -> dict[str, Any]
                 started_s = time.monotonic()
                 _wait_ready(server, process)
                 idle_processes = len(tree_pids(process.pid))
-                samples = [take_sample(process.pid, 0, 0, started_s, shm_baseline)]
+                samples = [take_sample(process.pid, 0, 0, started_s, shm)]
                 print(_sample_line(samples[0]), flush=True)
                 meter = TreeMeterThread(process.pid, interval_s=params.interval_s).start()
                 reports: list[JobReport] = []
                 for index in range(1, params.jobs + 1):
                     reports.append(_run_job(server, process, images, params, index))
                     settled = _settle(process, idle_processes)
-                    sample = take_sample(process.pid, index, index * params.batches_per_job, started_s, shm_baseline)
+                    sample = take_sample(process.pid, index, index * params.batches_per_job, started_s, shm)
                     samples.append(sample)
                     print(_sample_line(sample) + ("" if settled else "  (tree did not return to idle size)"), flush=True)
                 wall_s = time.monotonic() - started_s
@@ -283,7 +322,8 @@ def run_soak(params: SoakParams, images: list, log_path: Path) -> dict[str, Any]
                 except subprocess.TimeoutExpired:
                     process.kill()
                     exit_code = process.wait()
-        new_shm = shm_entries() - shm_baseline
+        # A private /dev/shm goes with its namespace: only the host's can be read after the exit.
+        new_shm = set() if shm.private else shm.new_entries(0)
         leftover = sorted(new_shm - foreign_shm_entries(new_shm, set()))
     return {"samples": samples, "reports": reports, "exit_code": exit_code, "wall_s": wall_s,
             "idle_processes": idle_processes, "peak_in_flight_bytes": meter.peak_total_bytes if meter else 0,
@@ -407,6 +447,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-pending-posts", type=int, default=1,
                         help="the poster's thread pool size (AMI_ANTENNA_MAX_PENDING_POSTS; default 1: the pool "
                         "starts threads on demand up to this size, which would read as thread growth)")
+    parser.add_argument("--shm", choices=("auto", "private", "host"), default="auto",
+                        help="where /dev/shm entries are counted: a private tmpfs for the worker (root + unshare; "
+                        "auto picks it where possible) or the host's, shared with every other program")
     parser.add_argument("--interval", type=float, default=1.0, help="in-flight memory meter interval, s")
     parser.add_argument("--output", type=Path, default=None, help=f"JSON results (default {RESULTS.relative_to(ROOT)}; "
                         "--quick: a temporary file unless given)")
@@ -422,11 +465,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from worker.testing.synthetic import default_cache_dir, generate_preset
 
     images = generate_preset(default_cache_dir(), "tiny", 200, seed=11)
-    log_path = Path(tempfile.gettempdir()) / "soak-worker.log"
+    log_path = Path(tempfile.gettempdir()) / f"soak-worker-{os.getpid()}.log"
     print(f"soak: {params.jobs} jobs x {params.batches_per_job} batches of {params.batch} ({params.batches} batches, "
           f"{params.jobs * params.tasks_per_job} tiny images), {params.loader_workers} loader workers, pipeline "
           f"{params.pipeline}; worker log {log_path}", flush=True)
-    result = run_soak(params, images, log_path)
+    shm = ShmView.choose(args.shm)
+    print(f"/dev/shm: {'private tmpfs in its own mount namespace' if shm.private else 'the host one'}", flush=True)
+    result = run_soak(params, images, log_path, shm)
     grown = growth(result["samples"], params.warmup_jobs)
     all_checks = checks(result, grown, params)
     print_table(grown, all_checks)
@@ -438,7 +483,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "params": asdict(params),
         "batches": params.batches, "wall_s": round(result["wall_s"], 1), "exit_code": result["exit_code"],
         "idle_processes": result["idle_processes"], "peak_in_flight_bytes": result["peak_in_flight_bytes"],
-        "shm_entries_left_after_exit": result["shm_entries_left_after_exit"], "growth": grown,
+        "shm_entries_left_after_exit": result["shm_entries_left_after_exit"], "shm_private": shm.private,
+        "growth": grown,
         "checks": [asdict(check) for check in all_checks], "passed": passed,
         "samples": [asdict(sample) for sample in result["samples"]],
         "reports": [report.as_dict() for report in result["reports"]],
