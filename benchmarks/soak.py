@@ -23,15 +23,17 @@ tree is back to its idle size (no loader worker left), this process takes an idl
   where anonymous PSS moved under 1 MiB;
 - the tree's memory mappings (lines of /proc/PID/maps): a file or segment mapped per job;
 - open descriptors of the main process and of the whole tree;
-- /dev/shm entries that were not there before the worker started, less those that only processes
-  outside the tree hold (another program's, such as a test suite's forkserver semaphores) and those
-  gone 0.5 s later; an entry nobody holds counts as the tree's;
+- /dev/shm entries: as root, the worker runs in its own mount namespace with a fresh tmpfs on
+  /dev/shm (``ShmView``), so every entry there is the tree's; else the host's /dev/shm, less the
+  entries there before the worker started, those only processes outside the tree hold (a test
+  suite's forkserver semaphores) and those gone 0.5 s later (an entry nobody holds counts);
 - threads of the main process and of the tree; processes in the tree.
 
 Growth is the last idle sample minus the idle sample after the warm-up (the first
 ``--warmup-jobs`` jobs, default 8): like for like, no loader running. The thresholds (issue 14):
-tree memory < 50 MiB; descriptors (main process and tree), /dev/shm entries, threads and processes 0. A meter thread also samples tree memory every
-``--interval`` s during the jobs (the in-flight peak). The server's ledger must show every task
+tree memory < 50 MiB; descriptors, /dev/shm entries, threads (main process and tree) and
+processes 0. A meter thread also samples tree memory every ``--interval`` s during the jobs (the
+in-flight peak). The server's ledger must show every task
 of every job with an accepted result, none lost, none posted twice. Exit 1 when a check fails.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -359,8 +361,6 @@ def _run_job(server: SoakAntenna, process: subprocess.Popen, images: list, param
 
 
 def _renamed(image: Any, job_index: int, position: int) -> Any:
-    from dataclasses import replace
-
     return replace(image, image_id=str(job_index * 1_000_000 + position + 1))
 
 
@@ -417,6 +417,7 @@ def checks(result: dict[str, Any], grown: dict[str, dict[str, int]], params: Soa
         Check("tree FD growth", grown["tree_fds"]["growth"], "= 0", grown["tree_fds"]["growth"] == 0),
         Check("/dev/shm entry growth", grown["shm_entries_new"]["growth"], "= 0", grown["shm_entries_new"]["growth"] == 0),
         Check("main process thread growth", grown["main_threads"]["growth"], "= 0", grown["main_threads"]["growth"] == 0),
+        Check("tree thread growth", grown["tree_threads"]["growth"], "= 0", grown["tree_threads"]["growth"] == 0),
         Check("tree process growth", grown["processes"]["growth"], "= 0", grown["processes"]["growth"] == 0),
     ]
 
