@@ -41,7 +41,7 @@ class CorrectionStore:
     def update(self, pipeline_slug: str, predicted_bytes: int, observed_bytes: int) -> float:
         """Fold one job in and return the new factor.
 
-        ``predicted_bytes`` must be the UNcorrected prediction (``MemoryEstimate.raw_total_bytes``):
+        ``predicted_bytes`` must be the UNcorrected prediction (``MemoryEstimate.raw_job_peak_bytes``):
         the ratio observed/predicted then estimates the factor itself. Non-positive inputs are
         ignored (the current factor is returned).
         """

@@ -5,7 +5,9 @@ process when ``num_workers == 0``) keeps up to ``min(download_threads, tasks_per
 downloads in flight, decodes one image at a time into shared memory, assembles a batch, and may
 run ``prefetch_factor`` batches ahead of the main process; with pin_memory the main process holds a
 pinned copy of every batch handed over; the main process holds the batch being inferred (and, on
-CPU, its float copy and the model's activations). Sizes use the LARGEST probed image.
+CPU, its float copies and the model's activations, measured per pipeline where the probe carries
+it: ``autotune/inference_memory.py``). Sizes use the LARGEST probed image. The probe's own sample
+batch, inferred before any plan, can be a job's peak: ``MemoryEstimate.job_peak_bytes``.
 
 Per-image and per-worker constants live in ``MemoryCalibration`` (``autotune/calibration.py``).
 A per-pipeline ``CorrectionStore`` (``autotune/corrections.py``) learns how far the
@@ -48,11 +50,25 @@ class MemoryEstimate:
     inference_batch_bytes: int
     total_bytes: int
     correction: float = 1.0
+    probe_batch_bytes: int = 0
 
     @property
     def raw_total_bytes(self) -> int:
-        """The sum of components before the correction (what ``CorrectionStore.update`` wants)."""
+        """The sum of components before the correction: the plan's own peak."""
         return sum(bytes_ for _, bytes_ in self.components())
+
+    @property
+    def raw_job_peak_bytes(self) -> int:
+        """The job's peak before the correction: the plan's, or the probe's batch where that was
+        higher (what ``CorrectionStore.update`` compares with the job's observed peak)."""
+        return max(self.raw_total_bytes, self.probe_batch_bytes)
+
+    @property
+    def job_peak_bytes(self) -> int:
+        """The job's predicted peak: ``total_bytes``, or the corrected probe batch where higher.
+        The probe's batch ran before the plan, so plans are chosen on ``total_bytes``; a job
+        whose plan is smaller than the probe's batch still peaked there."""
+        return max(self.total_bytes, int(round(self.probe_batch_bytes * self.correction)))
 
     def components(self) -> tuple[tuple[str, int], ...]:
         """(label, bytes) in table order."""
@@ -65,6 +81,8 @@ class MemoryEstimate:
         for label, bytes_ in self.components():
             lines.append(f"{label:<28}{bytes_ / MiB:>10.1f}{bytes_ / raw:>8.1%}")
         lines.append(f"{f'total (x{self.correction:.2f} correction)':<28}{self.total_bytes / MiB:>10.1f}{'':>8}")
+        if self.probe_batch_bytes > self.raw_total_bytes:
+            lines.append(f"{'job peak (probe batch)':<28}{self.job_peak_bytes / MiB:>10.1f}{'':>8}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, object]:
@@ -113,7 +131,8 @@ def predict_peak(
         batch_bytes + _host_inference_bytes(plan, probe, calibration),
     )
     ints = tuple(int(round(value)) for value in components)
-    return MemoryEstimate(*ints, total_bytes=int(round(sum(ints) * correction)), correction=correction)
+    return MemoryEstimate(*ints, total_bytes=int(round(sum(ints) * correction)), correction=correction,
+                          probe_batch_bytes=probe_batch_bytes(probe, calibration))
 
 
 def _conversion_scratch(plan: LoaderPlan) -> float:
@@ -126,12 +145,33 @@ def _conversion_scratch(plan: LoaderPlan) -> float:
 
 
 def _host_inference_bytes(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration) -> float:
-    """On CPU the float copy and activations are host memory; on CUDA they live on the device.
-
-    Pipelines split an ingest batch into forward batches of ``probe.forward_batch_size`` images
-    (AMI_LOCALIZATION_BATCH_SIZE for the built-in ones): activations scale with that, not more.
-    """
+    """On CPU the float copies and activations are host memory; on CUDA they live on the device."""
     if probe.cuda:
         return 0.0
-    images = plan.batch_size if probe.forward_batch_size <= 0 else min(plan.batch_size, probe.forward_batch_size)
+    return inference_call_bytes(forward_images(plan.batch_size, probe), probe, calibration)
+
+
+def forward_images(batch_size: int, probe: Probe) -> int:
+    """Images in one forward call: pipelines split an ingest batch into forward batches of
+    ``probe.forward_batch_size`` (AMI_LOCALIZATION_BATCH_SIZE for the built-in ones)."""
+    return batch_size if probe.forward_batch_size <= 0 else min(batch_size, probe.forward_batch_size)
+
+
+def inference_call_bytes(images: int, probe: Probe, calibration: MemoryCalibration) -> float:
+    """Host bytes above steady state while ``images`` of the largest sampled size are inferred.
+
+    Measured for this pipeline where the probe carries it (a fixed cost per call plus, per image,
+    its float copies and its pixels at the model's input: ``autotune/inference_memory.py``);
+    otherwise the calibration's figure per input pixel of the reference pipeline.
+    """
+    if probe.inference_bytes_per_input_pixel > 0 or probe.inference_fixed_bytes > 0:
+        return probe.inference_fixed_bytes + images * probe.inference_bytes_per_image()
     return images * calibration.model_input_pixels * calibration.inference_bytes_per_input_pixel
+
+
+def probe_batch_bytes(probe: Probe, calibration: MemoryCalibration) -> int:
+    """The job's earlier peak, while the probe's own sample goes through the loop as one batch
+    (before any plan): the baseline, the sample's decoded images, and its forward call."""
+    images = probe.sample_count
+    inference = 0.0 if probe.cuda else inference_call_bytes(forward_images(images, probe), probe, calibration)
+    return int(round(probe.baseline_bytes + images * probe.decoded_bytes_per_image + inference))

@@ -151,7 +151,10 @@ class PlanDecision:
         return (
             f"autotune plan: {self.plan.describe()} | predicted peak {self.memory.total_bytes / MiB:.0f} MiB "
             f"of budget {self.budget_bytes / MiB:.0f} MiB ({share:.0%}, {verdict}, correction "
-            f"x{self.memory.correction:.2f}) | {self.rate.describe()} | {self.candidates_considered} candidates"
+            f"x{self.memory.correction:.2f})"
+            + (f" | job peak {self.memory.job_peak_bytes / MiB:.0f} MiB (the probe's batch)"
+               if self.memory.job_peak_bytes > self.memory.total_bytes else "")
+            + f" | {self.rate.describe()} | {self.candidates_considered} candidates"
             + "".join(f" | {reason}" for reason in self.reasons if reason.startswith("pinned"))
         )
 

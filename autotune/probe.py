@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from autotune.calibration import MemoryCalibration, load_calibration
+from autotune.inference_memory import InferenceMemory
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ class Probe:
     api_exchange_cpu_s: float = 0.0
     inference_busy_threads: float = 0.0
     max_timed_batch: int = 0
+    model_input_pixels: int = 0
+    float_copy_bytes_per_image: int = 0
+    inference_fixed_bytes: int = 0
+    inference_bytes_per_input_pixel: float = 0.0
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -122,7 +127,8 @@ class Probe:
         for name in ("download_latency_s", "decode_s_per_image", "inference_overhead_s",
                      "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s",
                      "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image",
-                     "api_exchange_cpu_s", "inference_busy_threads"):
+                     "api_exchange_cpu_s", "inference_busy_threads", "model_input_pixels",
+                     "float_copy_bytes_per_image", "inference_fixed_bytes", "inference_bytes_per_input_pixel"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Probe.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -147,6 +153,9 @@ class Probe:
         external_cpu_s: Optional[float] = None,
         api_exchange_cpu_s: Optional[float] = None,
         inference_overhead_floor_s: float = 0.0,
+        inference_memory: Optional[InferenceMemory] = None,
+        model_input_pixels: int = 0,
+        float_copy_bytes_per_image: int = 0,
     ) -> "Probe":
         """Summarise samples into a Probe.
 
@@ -172,6 +181,11 @@ class Probe:
         sample (the worker times it at start, repeated, on a synthetic image): the sample's fit
         separates it from a few timings of a few images, and timing noise of a few percent can
         zero it, which makes batch 1 look as fast as any. The fit never goes below it.
+        ``inference_memory``: the pipeline's measured memory per forward call (host bytes on CPU;
+        see ``autotune/inference_memory.py``); ``model_input_pixels`` and
+        ``float_copy_bytes_per_image``: the LARGEST sampled image at the model's input and the
+        float copies the pipeline keeps of it at its own size (the pipeline declares both).
+        Unmeasured (None), the memory model falls back on the calibration's reference figure.
         """
         if not images:
             raise ValueError("Probe.from_samples needs at least one ImageSample")
@@ -202,6 +216,8 @@ class Probe:
             notes.append(f"inference timed at {inference_threads} threads only: the planner keeps that count")
         if len({sample.batch_size for sample in at_default}) < 2 and inference_overhead_floor_s <= 0:
             notes.append("inference timed at one batch size: per-batch overhead taken as 0")
+        if inference_memory is None:
+            notes.append("inference memory not measured: the calibration's reference-pipeline figure per input pixel")
         if worker_process_bytes is None:
             worker_process_bytes = (calibration or load_calibration()).worker_process_bytes
             notes.append("worker_process_bytes from calibration")
@@ -248,8 +264,17 @@ class Probe:
             api_exchange_cpu_s=max(0.0, float(api_exchange_cpu_s or 0.0)),
             inference_busy_threads=busy_threads,
             max_timed_batch=max(sample.batch_size for sample in at_default),
+            model_input_pixels=max(0, int(model_input_pixels)),
+            float_copy_bytes_per_image=max(0, int(float_copy_bytes_per_image)),
+            inference_fixed_bytes=inference_memory.fixed_bytes if inference_memory else 0,
+            inference_bytes_per_input_pixel=inference_memory.bytes_per_input_pixel if inference_memory else 0.0,
             notes=tuple(notes),
         )
+
+    def inference_bytes_per_image(self) -> float:
+        """Measured memory one more image adds to a forward call, for the largest sampled image
+        (its float copies plus its model input pixels); 0 when not measured."""
+        return self.float_copy_bytes_per_image + self.model_input_pixels * self.inference_bytes_per_input_pixel
 
     def download_s_per_image(self) -> float:
         """Seconds one connection takes for the median image: latency + bytes / bandwidth."""
@@ -343,6 +368,11 @@ class Probe:
             f"  memory          baseline {self.baseline_bytes / MiB:.0f} MiB (model loaded), "
             f"{self.worker_process_bytes / MiB:.0f} MiB per loader worker process",
         ]
+        if self.inference_bytes_per_input_pixel > 0:
+            lines.append(
+                f"  inference mem   {self.inference_fixed_bytes / MiB:.0f} MiB per forward call + "
+                f"{self.inference_bytes_per_image() / MiB:.0f} MiB per image ({self.model_input_pixels:,} px at the model's "
+                f"input x {self.inference_bytes_per_input_pixel:.1f} B + {self.float_copy_bytes_per_image / MiB:.0f} MiB float copies)")
         if self.cuda:
             lines.append(
                 f"  host->device    {self.host_to_device_bytes_per_s / 1e9:.1f} GB/s pageable, "

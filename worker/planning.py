@@ -36,7 +36,15 @@ from watchdog.limits import Limits, read_limits
 from worker.antenna import AntennaError
 from worker.hooks import JobContext, JobTuning
 from worker.ingest import Batch
-from worker.probing import ProbeRun, ProbeSample, fit_probe, openmp_threads_sleep, overhead_floor, sample_job
+from worker.probing import (
+    ProbeRun,
+    ProbeSample,
+    fit_probe,
+    openmp_threads_sleep,
+    overhead_floor,
+    plan_device_batches,
+    sample_job,
+)
 from worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -185,8 +193,11 @@ class AutotunePlanner(Planner):
                 continue
             started_s = time.perf_counter()
             overhead_s = overhead_floor(worker.pipelines(slug))
-            log.info("pipeline %s: %.4f s per inference batch besides its images, measured in %.2f s "
-                     "(a floor under each probe's fit)", slug, overhead_s, time.perf_counter() - started_s)
+            if overhead_s is not None:
+                log.info("pipeline %s: %.4f s per inference batch besides its images, measured in %.2f s "
+                         "(a floor under each probe's fit)", slug, overhead_s, time.perf_counter() - started_s)
+            if worker.cuda:  # the same calls measured its device memory: plan its model batches
+                plan_device_batches(worker.pipelines(slug), worker.settings.gpu_memory_fraction)
 
     def sample(self, worker: "Worker", ctx: JobContext) -> Optional[Batch]:
         try:

@@ -30,12 +30,21 @@ from urllib.parse import urlsplit
 import torch
 
 from autotune import ImageSample, InferenceSample, MemoryCalibration, Probe
+from autotune.inference_memory import (
+    InferenceMemory,
+    MemoryReading,
+    ModelBatchPlan,
+    fit_inference_memory,
+    plan_model_batch,
+    usable_device_bytes,
+)
 from watchdog.sampler import sample_tree
 from worker.hooks import JobStats
 from worker.imaging import DecodedImage, ImageError, image_session
 from worker.ingest import Batch, wait_for_fork_server
 from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
-from worker.pipelines import Pipeline, batch_overhead_s, run_batch, warm_up
+from worker.pipelines import Pipeline, batch_overhead_s, inference_peaks, run_batch, warm_up
+from worker.pipelines.base import MEASURE_IMAGE_SIZE
 from worker.results import Failure
 from worker.schema import Task
 from worker.settings import Settings
@@ -273,14 +282,16 @@ def time_one_thread(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str,
         torch.set_num_threads(threads)
 
 
-def overhead_floor(pipeline: Pipeline) -> float:
-    """``batch_overhead_s`` (measured once, at start), or 0 where the pipeline fails on the
-    synthetic image: the probe then times every sampled image alone instead."""
+def overhead_floor(pipeline: Pipeline) -> Optional[float]:
+    """``batch_overhead_s`` (measured once, at start), or None where the pipeline fails on the
+    synthetic image: the probe then times every sampled image alone instead. A measured 0 (a
+    detector whose batch of four costs four single images) is a measurement: timing each sampled
+    image alone again would cost the job seconds per image and tell nothing new."""
     try:
         return batch_overhead_s(pipeline)
     except Exception as error:
         log.warning("per-batch cost not measured: %s: %.200s", type(error).__name__, error)
-        return 0.0
+        return None
 
 
 def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
@@ -295,6 +306,78 @@ def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
     return max(0, sample_tree(os.getpid()).tree_pss_bytes - held)
 
 
+def inference_memory(pipeline: Pipeline) -> Optional[InferenceMemory]:
+    """The pipeline's memory per forward call, fitted from the calls ``batch_overhead_s`` measured
+    at start (``inference_peaks``: host RSS on CPU, device bytes on CUDA) on its synthetic image,
+    priced per pixel at the model's input (``Pipeline.model_input``); None where not measured."""
+    width, height = MEASURE_IMAGE_SIZE
+    geometry = pipeline.model_input(width, height)
+    readings = [MemoryReading(items, bytes_) for items, bytes_ in inference_peaks(pipeline)]
+    return fit_inference_memory(readings, input_pixels_per_item=geometry.pixels,
+                                float_copy_bytes_per_item=geometry.float_copy_bytes(width, height))
+
+
+CROP_COUNTS = (1, 4)  # crops per classifier pass measured on CUDA (two points: fixed + per crop)
+
+
+@dataclass(frozen=True)
+class DeviceBatches:
+    """The model batch sizes planned for one pipeline on a CUDA device."""
+
+    localization: ModelBatchPlan
+    classification: Optional[ModelBatchPlan]
+
+
+def plan_device_batches(pipeline: Pipeline, fraction: float) -> Optional[DeviceBatches]:
+    """On CUDA: measure the pipeline's device memory per image and per crop, then set its
+    ``localization_batch_size`` and ``classification_batch_size`` to the largest (at most the
+    settings') whose predicted peak fits this worker's share of the device
+    (``usable_device_bytes``: ``fraction`` x the card less what this process holds, at most what
+    is free). None on CPU or when nothing could be measured. Detector images are priced at the
+    synthetic measuring image's size; a larger image that does not fit is split by the
+    out-of-memory retry.
+    """
+    device = pipeline.device
+    if device.type != "cuda":
+        return None
+    detector = inference_memory(pipeline)
+    crops = fit_inference_memory([MemoryReading(n, b) for n, b in pipeline.crop_peaks(CROP_COUNTS)],
+                                 input_pixels_per_item=1)
+    if detector is None:
+        return None
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    reusable = torch.cuda.memory_reserved(device) - allocated  # our allocator's cache is ours to reuse
+    usable = usable_device_bytes(free_bytes + max(0, reusable), total_bytes, fraction, allocated)
+    planned = DeviceBatches(
+        plan_model_batch(detector, usable, pipeline.localization_batch_size),
+        None if crops is None else plan_model_batch(crops, usable, pipeline.classification_batch_size))
+    pipeline.localization_batch_size = planned.localization.items
+    if planned.classification is not None:
+        pipeline.classification_batch_size = planned.classification.items
+    log.info("pipeline %s on %s: detector batch %d (%s); classifier batch %s", pipeline.slug, device,
+             planned.localization.items, planned.localization.reason,
+             "unmeasured" if planned.classification is None else
+             f"{planned.classification.items} ({planned.classification.reason})")
+    return planned
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The largest sampled image as the model sees it (``Pipeline.model_input``)."""
+
+    model_input_pixels: int = 0
+    float_copy_bytes: int = 0
+
+    @classmethod
+    def largest(cls, pipeline: Pipeline, images: Sequence[ImageSample]) -> "ImageGeometry":
+        inputs = [(pipeline.model_input(image.width, image.height), image) for image in images]
+        if not inputs:
+            return cls()
+        return cls(max(model.pixels for model, _ in inputs),
+                   max(model.float_copy_bytes(image.width, image.height) for model, image in inputs))
+
+
 @dataclass
 class ProbeSample:
     """What ``sample_job`` measured before the loop handles ``batch`` (None: nothing reserved)."""
@@ -306,9 +389,11 @@ class ProbeSample:
     round_trip_s: float
     exchange_cpu_s: float
     external_cpu_s: Optional[float]
-    overhead_floor_s: float
+    overhead_floor_s: Optional[float]  # None: not measured
     started_s: float
     phases_s: dict[str, float] = field(default_factory=dict)
+    inference_memory: Optional[InferenceMemory] = None
+    geometry: ImageGeometry = ImageGeometry()
 
     @property
     def tasks(self) -> int:
@@ -357,6 +442,8 @@ def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, setti
             sample.overhead_floor_s = overhead_floor(pipeline)
             sample.inference = _time_for_fit(pipeline, good, job.pipeline_slug, cuda=cuda,
                                              overhead_floor_s=sample.overhead_floor_s, threads_sleep=threads_sleep)
+            sample.inference_memory = None if cuda else inference_memory(pipeline)
+            sample.geometry = ImageGeometry.largest(pipeline, sample.images)
         sample.phase("time_inference")
         sample.baseline_bytes = baseline_bytes(items)
         sample.phase("baseline")
@@ -368,9 +455,9 @@ def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, setti
 
 
 def _time_for_fit(pipeline: Pipeline, good: Sequence[LoadedImage], slug: str, *, cuda: bool,
-                  overhead_floor_s: float, threads_sleep: bool) -> list[InferenceSample]:
+                  overhead_floor_s: Optional[float], threads_sleep: bool) -> list[InferenceSample]:
     warm_up(pipeline, good[0].image)  # a no-op after the worker's start-up warm-up
-    if cuda or overhead_floor_s <= 0:
+    if cuda or overhead_floor_s is None:
         return time_sample(pipeline, good, slug, cuda=cuda, threads_sleep=threads_sleep)
     one_thread = time_one_thread(pipeline, good, slug, cuda=False, threads_sleep=threads_sleep)
     return [one_thread] if one_thread is not None else []
@@ -390,7 +477,9 @@ def fit_probe(sample: ProbeSample, stats: JobStats, settings: Settings, *, calib
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=sample.round_trip_s,
         calibration=calibration, forward_batch_size=forward_batch_size,
         inference_threads=torch.get_num_threads(), external_cpu_s=sample.external_cpu_s,
-        api_exchange_cpu_s=sample.exchange_cpu_s, inference_overhead_floor_s=sample.overhead_floor_s,
+        api_exchange_cpu_s=sample.exchange_cpu_s, inference_overhead_floor_s=sample.overhead_floor_s or 0.0,
+        inference_memory=sample.inference_memory, model_input_pixels=sample.geometry.model_input_pixels,
+        float_copy_bytes_per_image=sample.geometry.float_copy_bytes,
     )
     sample.phase("fit")
     return ProbeRun(probe, sample.tasks, sample.images_ok, time.perf_counter() - sample.started_s, sample.tasks,

@@ -201,7 +201,7 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
                                cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s,
                                forward_batch_size=pipeline.localization_batch_size,
                                inference_threads=torch.get_num_threads(),
-                               inference_overhead_floor_s=overhead_floor(pipeline))
+                               inference_overhead_floor_s=overhead_floor(pipeline) or 0.0)
     del items  # before planning: the sample images are not part of any plan's memory
     return tune_report(worker, probe, f"{len(samples)} sample images (pipeline {pipeline_slug}); "
                        "local files time as a fast network", 0, 0, pipeline_slug)

@@ -71,7 +71,7 @@ class TuningMiddleware(Middleware):
         if observed <= 0:  # no sampler running: one exact reading is better than none
             observed = observed_bytes(sample_tree(os.getpid()))
         slug = ctx.job.pipeline_slug
-        self.corrections.update(slug, tuning.decision.memory.raw_total_bytes, observed)
+        self.corrections.update(slug, tuning.decision.memory.raw_job_peak_bytes, observed)
         self._write_advisory(worker, ctx, tuning, observed, end_of_batch)
 
     def _write_advisory(self, worker: "Worker", ctx: JobContext, tuning: JobTuning,
@@ -83,7 +83,7 @@ class TuningMiddleware(Middleware):
             limit_bytes=worker.limits.effective_limit_bytes if worker.limits else 0,
             reserve_bytes=settings.memory_reserve_bytes, safety_factor=settings.memory_safety_factor,
             memory_samples_bytes=end_of_batch, peak_bytes=observed_peak_bytes,
-            predicted_bytes=tuning.decision.memory.total_bytes, plan=tuning.decision.plan,
+            predicted_bytes=tuning.decision.memory.job_peak_bytes, plan=tuning.decision.plan,
             alternatives=alternatives,
         )
         path = write_advisory(advisory, self.advisory_dir)

@@ -264,7 +264,7 @@ class MetricsMiddleware(Middleware):
             metrics.plan_value.labels(knob=knob).set(float(getattr(plan, knob)))
         metrics.plan_changes.labels(source=plan.source).inc()
         if ctx.tuning is not None and ctx.tuning.decision.plan == plan:
-            metrics.plan_predicted_peak_bytes.set(ctx.tuning.decision.memory.total_bytes)
+            metrics.plan_predicted_peak_bytes.set(ctx.tuning.decision.memory.job_peak_bytes)
             metrics.plan_predicted_images_per_second.set(ctx.tuning.decision.rate.pipeline_images_per_s)
 
     def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:

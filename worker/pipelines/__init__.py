@@ -16,8 +16,10 @@ from worker.pipelines.base import (
     OVERHEAD_REPEATS,
     Classification,
     Detection,
+    ModelInput,
     Pipeline,
     batch_overhead_s,
+    inference_peaks,
     run_batch,
     warm_up,
 )
@@ -29,8 +31,8 @@ from worker.settings import SettingsError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ADC_SLUGS", "ADCOptions", "OVERHEAD_REPEATS", "Classification", "Detection", "NullPipeline", "Pipeline", "ReferencePipeline",
-    "TorchScriptPipeline", "batch_overhead_s", "load_pipeline", "run_batch", "select_device", "warm_up",
+    "ADC_SLUGS", "ADCOptions", "OVERHEAD_REPEATS", "Classification", "Detection", "ModelInput", "NullPipeline", "Pipeline", "ReferencePipeline",
+    "TorchScriptPipeline", "batch_overhead_s", "inference_peaks", "load_pipeline", "run_batch", "select_device", "warm_up",
 ]
 
 

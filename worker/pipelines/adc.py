@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.pipelines.architectures import check_checkpoint_file, load_model
-from worker.pipelines.base import Classification, Detection, Pipeline
+from worker.pipelines.architectures import check_checkpoint_file, detector_input_size, load_model
+from worker.pipelines.base import Classification, Detection, ModelInput, Pipeline, call_peak_bytes
 from worker.pipelines.catalog import (
     DETECTOR_SCORE_THRESHOLD,
     MOTH_LABEL,
@@ -213,6 +213,27 @@ class ADCPipeline(Pipeline):
             },
         }
 
+    def model_input(self, width: int, height: int) -> ModelInput:
+        """The detector's own resize (short side 800 px, long side at most 1333, padded to 32):
+        activations scale with that; the float copy of the whole chunk is at full size."""
+        input_width, input_height = detector_input_size(width, height)
+        return ModelInput(input_width * input_height, 1)
+
+    @torch.no_grad()
+    def crop_peaks(self, counts: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """The terminal classifier over ``n`` crops of a synthetic image on the device, one forward
+        pass each (``n`` above ``classification_batch_size`` is run in one pass all the same)."""
+        classifier = self.loaded_models().classifier
+        image = torch.full((3, 768, 1024), 128, dtype=torch.uint8, device=self.device)
+        box: Box = (100, 100, 612, 612)
+        peaks = []
+        for count in counts:
+            items = [(0, box)] * max(1, count)
+            peak = call_peak_bytes(self.device, lambda: self._classify_chunk(classifier, [image], items))
+            if peak >= 0:
+                peaks.append((len(items), peak))
+        return tuple(peaks)
+
     # --- model lifecycle ----------------------------------------------------------------------
     def prepare(self) -> None:
         """Fetch every weights file and check it is whole; raises a one-line error otherwise."""
@@ -311,15 +332,19 @@ class ADCPipeline(Pipeline):
 
     def _classify(self, classifier: LoadedClassifier, images: list[torch.Tensor],
                   items: list[tuple[int, Box]]) -> list[Classification]:
-        size_px = classifier.spec.input_size_px
-
         def forward(chunk: list[tuple[int, Box]]) -> list[Classification]:
-            crops = torch.cat([_crop(images[index], box, size_px) for index, box in chunk])
-            logits = classifier.model((crops - classifier.mean) / classifier.std)
-            return self._classifications(classifier, logits)
+            return self._classify_chunk(classifier, images, chunk)
 
         return run_chunked(forward, items, self.classification_batch_size, f"{classifier.spec.key} batch",
                            self._limits.setdefault(classifier.spec.key, ChunkLimit()))
+
+    def _classify_chunk(self, classifier: LoadedClassifier, images: list[torch.Tensor],
+                        chunk: list[tuple[int, Box]]) -> list[Classification]:
+        """One forward pass over ``chunk``'s crops (cut on the device, normalised there)."""
+        size_px = classifier.spec.input_size_px
+        crops = torch.cat([_crop(images[index], box, size_px) for index, box in chunk])
+        logits = classifier.model((crops - classifier.mean) / classifier.std)
+        return self._classifications(classifier, logits)
 
     def _classifications(self, classifier: LoadedClassifier, logits: torch.Tensor) -> list[Classification]:
         logits = logits.float()

@@ -16,6 +16,7 @@ strict checkpoint loading with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -59,6 +60,20 @@ class TuringResNet50(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.backbone(x)), 1))
 
 
+DETECTOR_MIN_SIZE_PX = 800  # torchvision's FasterRCNN defaults, as ADC builds it
+DETECTOR_MAX_SIZE_PX = 1333
+DETECTOR_SIZE_DIVISIBLE_PX = 32  # the transform pads the batch to multiples of this
+
+
+def detector_input_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of the tensor the detector's backbone sees for a ``width x height`` image:
+    scaled so the short side is 800 px unless the long side would pass 1333, then padded to
+    multiples of 32 (``GeneralizedRCNNTransform``)."""
+    scale = min(DETECTOR_MIN_SIZE_PX / max(1, min(width, height)), DETECTOR_MAX_SIZE_PX / max(1, max(width, height)))
+    step = DETECTOR_SIZE_DIVISIBLE_PX
+    return tuple(-(-math.floor(side * scale) // step) * step for side in (width, height))  # type: ignore[return-value]
+
+
 def build_detector() -> nn.Module:
     import torchvision
     from torchvision.models.detection import FasterRCNN
@@ -68,8 +83,8 @@ def build_detector() -> nn.Module:
     # torchvision's fasterrcnn_resnet50_fpn with a pretrained backbone: FrozenBatchNorm2d and 3
     # trainable layers (trainability does not matter at inference; it is kept for equal modules).
     backbone = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    return FasterRCNN(_resnet_fpn_extractor(backbone, 3), num_classes=2,
-                      box_detections_per_img=DETECTOR_BOXES_PER_IMAGE)
+    return FasterRCNN(_resnet_fpn_extractor(backbone, 3), num_classes=2, min_size=DETECTOR_MIN_SIZE_PX,
+                      max_size=DETECTOR_MAX_SIZE_PX, box_detections_per_img=DETECTOR_BOXES_PER_IMAGE)
 
 
 def build_classifier(architecture: ArchitectureKind, num_classes: int) -> nn.Module:

@@ -14,7 +14,7 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -59,6 +59,20 @@ class Detection:
     classifications: tuple[Classification, ...] = ()
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """What one image of ``width x height`` becomes inside ``infer``: ``pixels`` at the model's
+    input (after the pipeline's or the model's own resize) and ``float_copies``, the float32
+    copies of the whole image at its own size held while a forward batch runs (ADC's pipelines
+    and TorchScript: 1, converted on the device; the reference pipeline resizes first: 0)."""
+
+    pixels: int
+    float_copies: int = 1
+
+    def float_copy_bytes(self, width: int, height: int) -> int:
+        return self.float_copies * width * height * 3 * 4
+
+
 class Pipeline:
     """Base class. ``infer`` takes uint8 (3,H,W) tensors and returns detections per image."""
 
@@ -76,6 +90,17 @@ class Pipeline:
 
     def infer(self, images: Sequence[torch.Tensor]) -> list[list[Detection]]:
         raise NotImplementedError
+
+    def model_input(self, width: int, height: int) -> ModelInput:
+        """The model's view of a ``width x height`` image (memory is priced per model input
+        pixel). Default: the image at its own size, converted to float once."""
+        return ModelInput(width * height, 1)
+
+    def crop_peaks(self, counts: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """``(crops, peak bytes above steady state)`` of the terminal classifier's forward pass
+        over each of ``counts`` synthetic crops (``call_peak_bytes``), for pipelines with a crop
+        classifier whose batch is ``classification_batch_size``; empty (the default) otherwise."""
+        return ()
 
     def prepare(self) -> None:
         """Make sure everything ``infer`` needs is at hand (files fetched and whole); called at
@@ -175,8 +200,10 @@ def warm_up(pipeline: Pipeline, image: Optional[torch.Tensor] = None) -> bool:
 
 
 _BATCH_OVERHEAD_S: "weakref.WeakKeyDictionary[Pipeline, float]" = weakref.WeakKeyDictionary()
+_INFERENCE_PEAKS: "weakref.WeakKeyDictionary[Pipeline, tuple[tuple[int, int], ...]]" = weakref.WeakKeyDictionary()
 OVERHEAD_REPEATS = 5
 OVERHEAD_BUDGET_S = 10.0
+MEASURE_IMAGE_SIZE = (1024, 768)  # (width, height) of the synthetic image the start-up measures
 
 
 def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS, budget_s: float = OVERHEAD_BUDGET_S) -> float:
@@ -191,37 +218,93 @@ def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS, budget
     the probe uses it as a floor under its own fit (``Probe.from_samples``). It is the fixed cost of
     a call (Python, operator dispatch, thread start-up), which the image's size changes little.
     No pair starts once ``budget_s`` has passed (at least one is timed): a detector of seconds per
-    image on a CPU would otherwise spend minutes here.
+    image on a CPU would otherwise spend minutes here. The same calls measure the pipeline's
+    memory (``inference_peaks``).
     """
     cached = _BATCH_OVERHEAD_S.get(pipeline)
     if cached is not None:
         return cached
     forward = int(getattr(pipeline, "localization_batch_size", 4) or 4)
-    if forward < 2:  # every image is its own forward call: per-image and per-call cost are one
-        _BATCH_OVERHEAD_S[pipeline] = 0.0
-        return 0.0
     warm_up(pipeline)
     image = _warm_up_image()
+    if forward < 2:  # every image is its own forward call: per-image and per-call cost are one
+        _INFERENCE_PEAKS[pipeline] = ((1, peak_increase_bytes(pipeline, [image])),)
+        _BATCH_OVERHEAD_S[pipeline] = 0.0
+        return 0.0
     batch = min(4, forward)
     estimates: list[float] = []
+    peaks: list[tuple[int, int]] = []
     begun_s = time.perf_counter()
     for _ in range(max(1, repeats)):
         if estimates and time.perf_counter() - begun_s >= budget_s:
             break
         started_s = time.perf_counter()
-        pipeline.infer([image])
+        peaks.append((1, peak_increase_bytes(pipeline, [image])))
         one_s = time.perf_counter() - started_s
         started_s = time.perf_counter()
-        pipeline.infer([image] * batch)
+        peaks.append((batch, peak_increase_bytes(pipeline, [image] * batch)))
         many_s = time.perf_counter() - started_s
         estimates.append((batch * one_s - many_s) / (batch - 1))
     overhead_s = max(0.0, statistics.median(estimates))
     _BATCH_OVERHEAD_S[pipeline] = overhead_s
+    _INFERENCE_PEAKS[pipeline] = tuple((items, bytes_) for items, bytes_ in peaks if bytes_ >= 0)
     return overhead_s
 
 
+def inference_peaks(pipeline: Pipeline) -> tuple[tuple[int, int], ...]:
+    """``(images, peak bytes above steady state)`` of each call ``batch_overhead_s`` made (measured
+    then, once per process), on the synthetic ``MEASURE_IMAGE_SIZE`` image: the process's peak RSS
+    on CPU, the caching allocator's peak on CUDA. Empty where the peak cannot be read."""
+    batch_overhead_s(pipeline)
+    return _INFERENCE_PEAKS.get(pipeline, ())
+
+
+def peak_increase_bytes(pipeline: Pipeline, images: Sequence[torch.Tensor]) -> int:
+    """Run ``pipeline.infer(images)`` (results discarded) and return its peak memory above the
+    state before the call (``call_peak_bytes``); -1 where it cannot be read."""
+    return call_peak_bytes(pipeline.device, lambda: pipeline.infer(list(images)))
+
+
+def call_peak_bytes(device: torch.device, call: Callable[[], object]) -> int:
+    """Run ``call`` and return its peak memory above the state before it; -1 where unreadable.
+
+    CPU: ``/proc/self/clear_refs`` 5 resets the process's peak RSS (VmHWM) to its current RSS, so
+    VmHWM after the call less VmRSS before is the call's peak, threads and allocator included.
+    CUDA: the caching allocator's peak of allocated bytes above those allocated before.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    before = _status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        before = -1
+    call()
+    peak = _status_bytes("VmHWM") if before >= 0 else -1
+    return max(0, peak - before) if peak >= 0 else -1
+
+
+def _status_bytes(key: str) -> int:
+    """A ``kB`` line of ``/proc/self/status`` in bytes; -1 where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
 def _warm_up_image() -> torch.Tensor:
-    image = torch.full((3, 768, 1024), 215, dtype=torch.uint8)
+    width, height = MEASURE_IMAGE_SIZE
+    image = torch.full((3, height, width), 215, dtype=torch.uint8)
     image[:, 200:300, 300:420] = 60
     image[:, 450:530, 600:690] = 45
     return image

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.pipelines.base import Classification, Detection, Pipeline
+from worker.pipelines.base import Classification, Detection, ModelInput, Pipeline
 from worker.schema import AlgorithmReference
 
 DETECT_SIZE = (384, 512)  # (height, width) the detector's backbone sees; boxes are scaled back
@@ -158,6 +158,11 @@ class ReferencePipeline(Pipeline):
                 {"index": i, "label": label} for i, label in enumerate(self.labels)]},
         })
         return config
+
+    def model_input(self, width: int, height: int) -> ModelInput:
+        """The detector's ``DETECT_SIZE``; on CPU the image is resized as uint8 before the float
+        conversion (no full-size float copy), on CUDA converted first, on the device."""
+        return ModelInput(DETECT_SIZE[0] * DETECT_SIZE[1], 0 if self.device.type == "cpu" else 1)
 
     def infer(self, images: Sequence[torch.Tensor]) -> list[list[Detection]]:
         found: list[list[tuple[float, float, float, float, float]]] = []

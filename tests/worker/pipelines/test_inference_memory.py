@@ -1,0 +1,64 @@
+"""The probe's measured inference memory on real pipelines on CPU: peak RSS above steady state per
+forward call, priced per pixel at the model's input (``Pipeline.model_input``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.imaging import fix_mmap_threshold
+from worker.loading import LoadedImage
+from worker.pipelines import NullPipeline, ReferencePipeline, batch_overhead_s
+from worker.pipelines.architectures import build_detector, detector_input_size
+from worker.pipelines.base import MEASURE_IMAGE_SIZE, _warm_up_image, peak_increase_bytes
+from worker.pipelines.reference import DETECT_SIZE
+from worker.probing import _time_for_fit, inference_memory, plan_device_batches
+from worker.schema import Task
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def reference() -> ReferencePipeline:
+    fix_mmap_threshold()  # as the worker runs: large tensors are mmapped and returned when freed
+    return ReferencePipeline(torch.device("cpu"), localization_batch_size=8)
+
+
+@pytest.mark.timeout(60)
+def test_the_measured_inference_memory_scales_with_the_forward_batch(reference):
+    """The reference detector on CPU: 8 images in one call need about 4x what 2 need, and the fit
+    from the start-up calls (1 and 4 images) predicts both within 30%."""
+    image = _warm_up_image()
+    peak_increase_bytes(reference, [image] * 8)  # steady state: the allocator has seen the call once
+    two = peak_increase_bytes(reference, [image] * 2)
+    eight = peak_increase_bytes(reference, [image] * 8)
+    assert two > 0 and 3.0 <= eight / two <= 5.5, (two, eight)
+    memory = inference_memory(reference)
+    assert memory is not None and memory.readings >= 2
+    assert memory.input_pixels_per_item == DETECT_SIZE[0] * DETECT_SIZE[1]
+    assert memory.float_copy_bytes_per_item == 0  # resized as uint8 before the float conversion on CPU
+    for images, measured in ((2, two), (8, eight)):
+        assert memory.call_bytes(images) == pytest.approx(measured, rel=0.3)
+    assert plan_device_batches(reference, 0.5) is None  # CPU: the model batches stay as configured
+
+
+def test_the_detectors_model_input_is_its_own_resize():
+    """``detector_input_size`` is the tensor FasterRCNN's transform hands its backbone."""
+    detector = build_detector().eval()
+    for width, height in ((2048, 1536), (1024, 768), (6000, 1000), (500, 333)):
+        batched, _ = detector.transform([torch.zeros(3, height, width)])
+        assert tuple(batched.tensors.shape[-2:]) == detector_input_size(width, height)[::-1]
+    assert detector_input_size(*MEASURE_IMAGE_SIZE) == detector_input_size(4096, 3072) == (1088, 800)
+
+
+@pytest.mark.timeout(30)
+def test_a_measured_zero_batch_cost_does_not_time_each_sampled_image_again():
+    """A per-batch cost measured at start as 0 (FasterRCNN on a CPU: four images cost four single
+    ones) is a measurement: the probe used to take it as missing and ran every sampled image
+    alone again, about 10 s of a job's time for three 2048x1536 images."""
+    pipeline = NullPipeline(torch.device("cpu"), localization_batch_size=1)
+    assert batch_overhead_s(pipeline) == 0.0  # one image per forward call: no per-batch cost by construction
+    items = [LoadedImage(Task(id=str(i), image_id=str(i), image_url="http://x/i.jpg", reply_subject="r"),
+                         torch.zeros(3, 8, 8, dtype=torch.uint8)) for i in range(3)]
+    assert _time_for_fit(pipeline, items, "null", cuda=False, overhead_floor_s=0.0, threads_sleep=True) == []
+    unmeasured = _time_for_fit(pipeline, items, "null", cuda=False, overhead_floor_s=None, threads_sleep=True)
+    assert [sample.batch_size for sample in unmeasured] == [1, 1, 1]
