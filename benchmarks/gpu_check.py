@@ -19,8 +19,10 @@ Checks:
               grows by less than a float32 copy of the batch
   throughput  images/s and peak device memory (``torch.cuda.max_memory_allocated``) of the whole
               pipeline, the detector model and the species classifier at each batch size
-  planned     the model batch sizes the worker runs with (AMI_LOCALIZATION_BATCH_SIZE,
-              AMI_CLASSIFICATION_BATCH_SIZE defaults) against the measured peak and the budget
+  planned     the model batch sizes the worker plans on CUDA (``plan_device_batches``: activation
+              memory per image and per crop measured at start, at most the settings'
+              AMI_LOCALIZATION_BATCH_SIZE / AMI_CLASSIFICATION_BATCH_SIZE, the defaults and 64/256)
+              against the measured peak of a batch that size and the budget
               AMI_GPU_MEMORY_FRACTION x device memory
   oom-split   with ``torch.cuda.set_per_process_memory_fraction`` set so a detector chunk cannot
               fit, ``infer`` splits the chunk (ADCPipeline's out-of-memory path) and every image
@@ -286,38 +288,47 @@ def throughput_rows(measured: Sequence[Measured]) -> list[Row]:
     return rows
 
 
-def per_item_bytes(measured: Sequence[Measured], what: str) -> float:
-    """Peak growth per extra item between the smallest and the largest measured batch."""
-    points = sorted((m.batch, m.peak_bytes - m.baseline_bytes) for m in measured if m.what == what)
-    if len(points) < 2 or points[-1][0] == points[0][0]:
-        return 0.0
-    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+PLAN_CEILINGS = ((8, 20), (64, 256))  # (detector, classifier) settings: the defaults, and room to grow
 
 
 def check_planned(make: Callable[..., object], device: torch.device, fraction: float,
                   measured: Sequence[Measured]) -> list[Row]:
-    from worker.settings import Settings
+    """The worker's own model-batch planner (``worker.probing.plan_device_batches``: device memory
+    per image and per crop measured at start, against ``fraction`` x the card) at each ceiling in
+    ``PLAN_CEILINGS``; then the pipeline runs a batch of the planned size and its measured peak is
+    compared with the planned prediction and the budget."""
+    from worker.pipelines.base import call_peak_bytes
+    from worker.probing import inference_memory, plan_device_batches
 
-    localization = Settings.model_fields["localization_batch_size"].default
-    classification = Settings.model_fields["classification_batch_size"].default
-    pipeline = make(localization, classification)
-    images = host_images(localization, pinned=True)
-    pipeline.infer(images)  # type: ignore[attr-defined]
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    pipeline.infer(images)  # type: ignore[attr-defined]
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
     total = torch.cuda.get_device_properties(device).total_memory
     budget = int(fraction * total)
-    detector_item = per_item_bytes(measured, "detector")
-    fits = (f"about {int((budget - peak) / detector_item) + localization}" if detector_item > 0 and budget > peak
-            else "n/a")
-    return [Row("planned", "the model batch sizes the worker runs with fit AMI_GPU_MEMORY_FRACTION x device memory",
-                f"detector batch {localization}, classifier batch {classification} (settings defaults: this build plans "
-                f"no model batch size from device memory); peak {peak / MiB:,.0f} MiB vs budget {fraction:g} x "
-                f"{total / MiB:,.0f} = {budget / MiB:,.0f} MiB; the detector's measured {detector_item / MiB:,.0f} MiB "
-                f"per extra image would allow a detector batch of {fits}", "pass" if peak <= budget else "FAIL")]
+    rows = []
+    for localization, classification in PLAN_CEILINGS:
+        pipeline = make(localization, classification)
+        planned = plan_device_batches(pipeline, fraction)  # type: ignore[arg-type]
+        if planned is None:
+            rows.append(Row("planned", f"model batches planned under {fraction:g} x device memory",
+                            "nothing measured", "FAIL"))
+            continue
+        images = host_images(planned.localization.items, pinned=True)
+        pipeline.infer(images)  # type: ignore[attr-defined]
+        peak = call_peak_bytes(device, lambda: pipeline.infer(images))  # type: ignore[attr-defined]
+        whole = torch.cuda.max_memory_allocated(device)
+        height, width = IMAGE_SHAPE[1:]
+        geometry = pipeline.model_input(width, height)  # type: ignore[attr-defined]
+        memory = inference_memory(pipeline)  # type: ignore[arg-type]
+        predicted = memory.call_bytes(len(images), geometry.pixels, geometry.float_copy_bytes(width, height)) if memory else 0
+        classifier = planned.classification
+        rows.append(Row(
+            "planned", f"model batches planned from measured activation memory fit {fraction:g} x device memory",
+            f"ceiling {localization}/{classification}: detector batch {planned.localization.items} "
+            f"({planned.localization.reason}), classifier batch "
+            f"{classifier.items if classifier else 'unplanned'}; {len(images)} images of {IMAGE_SHAPE[2]}x{IMAGE_SHAPE[1]}: "
+            f"peak above the models {peak / MiB:,.0f} MiB vs predicted {predicted / MiB:,.0f} MiB at this image size; allocated peak {whole / MiB:,.0f} MiB vs "
+            f"budget {fraction:g} x {total / MiB:,.0f} = {budget / MiB:,.0f} MiB",
+            "pass" if whole <= budget else "FAIL"))
+        torch.cuda.empty_cache()
+    return rows
 
 
 class SplitLog(logging.Handler):

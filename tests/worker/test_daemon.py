@@ -188,6 +188,8 @@ def test_worker_subprocess_logs_never_contain_the_token(antenna, tiny_images, tm
     ("AMI_ANTENNA_API_BASE_URL", "ftp://example.org/api"),
     ("AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR", "-1"),
     ("AMI_WATCHDOG_SOFT_CAP_FRACTION", "lots"),
+    ("AMI_GPU_MEMORY_FRACTION", "0"),
+    ("AMI_GPU_MEMORY_FRACTION", "1.5"),
 ])
 def test_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(tmp_path, variable, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}

@@ -35,10 +35,12 @@ from worker.imaging import image_session
 from worker.loading import ImageLoader, LoadedImage
 from worker.planning import THREADS_ENV, constraints_for, env_name_for, plan_from_settings
 from worker.probing import (
+    ImageGeometry,
     baseline_bytes,
     cpu_count,
     fit_probe,
     image_samples,
+    inference_memory,
     openmp_threads_sleep,
     overhead_floor,
     sample_job,
@@ -197,11 +199,15 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
                                threads_sleep=openmp_threads_sleep(worker.environ))
     if not samples or not inference:
         return None
+    geometry = ImageGeometry.largest(pipeline, samples)
     probe = Probe.from_samples(samples, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(),
                                cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s,
                                forward_batch_size=pipeline.localization_batch_size,
                                inference_threads=torch.get_num_threads(),
-                               inference_overhead_floor_s=overhead_floor(pipeline) or 0.0)
+                               inference_overhead_floor_s=overhead_floor(pipeline) or 0.0,
+                               inference_memory=None if worker.cuda else inference_memory(pipeline),
+                               model_input_pixels=geometry.model_input_pixels,
+                               float_copy_bytes_per_image=geometry.float_copy_bytes)
     del items  # before planning: the sample images are not part of any plan's memory
     return tune_report(worker, probe, f"{len(samples)} sample images (pipeline {pipeline_slug}); "
                        "local files time as a fast network", 0, 0, pipeline_slug)
