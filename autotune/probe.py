@@ -76,6 +76,10 @@ class Probe:
     ``decoded_bytes_per_image`` is the uint8 size of the LARGEST sampled image (memory is sized
     conservatively); rates use the median image. ``worker_process_bytes`` comes from the
     calibration unless it was measured. ``notes`` say how each derived number was obtained.
+    ``model_input_pixels`` and ``float_copy_bytes_per_image``: the largest sampled image as the
+    pipeline's model sees it; ``inference_fixed_bytes`` and ``inference_bytes_per_input_pixel``:
+    the pipeline's measured host memory per forward call (0 and 0.0: not measured, the
+    calibration's reference figure applies).
     """
 
     sample_count: int
