@@ -160,9 +160,17 @@ def test_batch_overhead_is_measured_once_from_one_image_against_one_forward_batc
     assert len(pipeline.calls) == 1 + 2 * OVERHEAD_REPEATS
 
 
-def test_batch_overhead_is_zero_without_inference_when_every_image_is_its_own_forward_call():
+def test_batch_overhead_is_zero_without_timing_pairs_when_every_image_is_its_own_forward_call():
+    """No (1, b) timing pairs for a pipeline whose every image is its own forward call (a detector
+    of seconds per image would spend minutes on them): the warmed pipeline gets one call, the one
+    whose peak memory prices an image for the memory model (``inference_peaks``)."""
     from worker.pipelines import batch_overhead_s
+    from worker.pipelines.base import inference_peaks, warm_up
 
     pipeline = _TimedCalls(localization_batch_size=1)
+    warm_up(pipeline)  # the worker warms every pipeline at start-up, before autotune measures
+    pipeline.calls.clear()
     assert batch_overhead_s(pipeline) == 0.0
-    assert pipeline.calls == []
+    assert pipeline.calls == [1]
+    assert [images for images, _ in inference_peaks(pipeline)] == [1]
+    assert pipeline.calls == [1]  # cached
