@@ -60,8 +60,8 @@ def _running(process: psutil.Process) -> bool:
 
 
 @pytest.mark.long_job
-@pytest.mark.skipif(os.environ.get("ANTENNA_TEST_LONG_JOB") != "1", reason="about 15 min per case on 2 cores "
-                    "(5,000 tasks through the reference pipeline): ANTENNA_TEST_LONG_JOB=1 runs it")
+@pytest.mark.skipif(os.environ.get("ANTENNA_TEST_LONG_JOB") != "1", reason="4-15 min per case on 2 cores, "
+                    "quiet to busy (5,000 tasks through the reference pipeline): ANTENNA_TEST_LONG_JOB=1 runs it")
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_a_5000_task_burst_job_exits_promptly_and_leaves_nothing_behind(tiny_images, tmp_path, num_workers):
