@@ -4,7 +4,10 @@ Built from ONE ``LoaderPlan``. Each loader worker process (or the main process w
 ``num_workers == 0``) loops: reserve ``tasks_per_reserve`` tasks (read from shared state at each
 reserve, so the watchdog can shrink it without a restart), download up to ``download_threads`` at
 a time, wait for credit, decode to uint8 CHW (float conversion happens on the inference device)
-and yield one ``LoadedImage`` per task. The next reservation is made once the current one's last
+and yield one ``LoadedImage`` per task, taking downloads in the order they finish, not the order
+they started (``TaskStream._next_download``); batches reach the main process in the order they
+are ready, whichever worker filled them (``in_order=False``), so one slow download holds up its
+own image only. The next reservation is made once the current one's last
 download is under way, so reserving never drains the lane's downloads (``TaskStream._stream``).
 A failed download or decode yields an item with ``error`` set: it never fails the batch.
 
@@ -31,7 +34,8 @@ import threading
 import time
 import warnings
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_futures
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -273,7 +277,10 @@ class TaskStream(IterableDataset):
                 self._wait_for_credit(worker_id)
             if self.control.stop.value == ABANDON:
                 return
-            task, deadline_s, future = pending.popleft()
+            entry = self._next_download(pending)
+            if entry is None:  # abandoned while waiting for a download
+                return
+            task, deadline_s, future = entry
             item = self._load(task, deadline_s, future, worker_id, buffers)
             if item is None:  # abandoned while waiting for the download
                 return
@@ -328,6 +335,28 @@ class TaskStream(IterableDataset):
 
     def _fetch(self, session, task: Task) -> Fetched:
         return self.images.fetch(session, task.image_url)
+
+    def _next_download(self, pending: deque) -> Optional[tuple[Task, float, Future]]:
+        """Take the first of ``pending`` to finish, whatever order they started in; None once the
+        loader is abandoned.
+
+        One slow download (a far object store's tail) then holds up only its own image: the
+        decoder goes on with the downloads that finished behind it. A download whose deadline
+        passes first is taken as it is, and ``_load`` turns it into an error result.
+        """
+        while self.control.stop.value != ABANDON:
+            for entry in pending:
+                if entry[2].done():
+                    pending.remove(entry)
+                    return entry
+            first_due = min(pending, key=lambda entry: entry[1])
+            remaining_s = first_due[1] - time.monotonic()
+            if remaining_s <= 0:
+                pending.remove(first_due)
+                return first_due
+            wait_for_futures([entry[2] for entry in pending], timeout=min(remaining_s, STOP_POLL_S),
+                             return_when=FIRST_COMPLETED)
+        return None
 
     def _wait_for_download(self, future: Future, task: Task, deadline_s: float) -> Optional[Fetched]:
         """The download's result; None as soon as the loader is abandoned (the task is stranded).
@@ -672,7 +701,7 @@ class Loader:
         with worker_count_warning_ignored():
             self.dataloader = DataLoader(
                 self.dataset, batch_size=plan.batch_size, num_workers=plan.num_workers,
-                collate_fn=collate, pin_memory=plan.pin_memory, **extra,
+                collate_fn=collate, pin_memory=plan.pin_memory, in_order=False, **extra,
             )
 
     def __iter__(self) -> Iterator[Batch]:

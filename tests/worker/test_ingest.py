@@ -452,6 +452,29 @@ def test_a_dripping_download_becomes_a_timeout_error_at_its_deadline(antenna, ti
     assert took_s < 1.0 + 2.0 + 5.0, f"the loader took {took_s:.1f} s"
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("num_workers, download_threads, tasks_per_reserve", [(0, 4, 8), (1, 4, 8), (2, 1, 1)])
+def test_one_slow_download_holds_up_only_its_own_image(antenna, tiny_images, num_workers, download_threads,
+                                                       tasks_per_reserve):
+    """Head-of-line blocking: the first image stalls 5 s before its body ("slow"). Within a lane
+    the decoder takes downloads as they finish (0 and 1 workers, 4 connections: the slow one
+    started first); across lanes the main process takes batches as they are ready (2 workers, one
+    connection each: the lane holding the slow image is stuck, the other is not). Either way the
+    other images all arrive first; taken in order, the slow one came first and the rest waited."""
+    images = tiny_images[:9]
+    slow = images[0].image_id
+    job = antenna.add_job(images, "synthetic-moths", image_faults={slow: "slow"})
+    start_fork_server(wait=True)
+    loader_plan = plan(num_workers=num_workers, download_threads=download_threads,
+                       tasks_per_reserve=tasks_per_reserve, batch_size=1, prefetch_factor=2)
+    with Loader(source(antenna, job, image_deadline_s=30.0), loader_plan) as loader:
+        order = [item.task.image_id for batch in loader for item in batch.items if item.error is None]
+    assert sorted(order) == sorted(image.image_id for image in images)
+    # With two one-connection lanes, the task the stuck lane reserved ahead waits behind it.
+    behind = 1 if num_workers == 2 else 0
+    assert order.index(slow) >= len(images) - 1 - behind, order
+
+
 START_UNDER_FD_LIMIT = """
 import os, resource, sys
 from autotune.plan import LoaderPlan
