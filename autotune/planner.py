@@ -24,7 +24,7 @@ from autotune.calibration import MemoryCalibration
 from autotune.memory_model import MemoryEstimate, predict_peak
 from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from autotune.probe import Probe
-from autotune.throughput_model import RateEstimate, predict_rate, transfer_share
+from autotune.throughput_model import RateEstimate, connections_in_flight, predict_rate, transfer_share
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PREFETCH_FACTORS = (1, 2, 4)
-DOWNLOAD_THREADS = (1, 2, 4, 8, 16, 32)
+DOWNLOAD_THREADS = (1, 2, 4, 8, 16, 32, 64)
 TASKS_PER_RESERVE = (1, 2, 4, 8, 16, 32, 64, 128)
 # Plans within 2% of the best predicted rate are ties (the smallest peak wins). The probe's noise
 # moves every plan's rate together (one probe prices them all); what separates plans is the
@@ -407,6 +407,7 @@ def _reasons(
     if ties > 1:
         reasons.append(f"smallest peak among {ties} plans within {TIE_TOLERANCE:.0%} of the best {best_rate:.2f} images/s")
     reasons.append(_pin_reason(plan, probe, constraints))
+    reasons.append(_downloads_reason(plan, rate, probe))
     reasons.append(_threads_reason(plan, rate, probe, constraints))
     if plan.num_workers > 0 and "prefetch_factor" not in constraints.pinned:
         reasons.append(f"prefetch_factor {plan.prefetch_factor}: a deeper queue would gain under "
@@ -433,6 +434,17 @@ def _pin_reason(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) ->
     if share < constraints.min_transfer_share_for_pin:
         return f"pin_memory off: host->device copy is {share:.0%} of inference time (< {constraints.min_transfer_share_for_pin:.0%})"
     return f"pin_memory {'on' if plan.pin_memory else 'off (did not pay for its memory)'}: copy is {share:.0%} of inference time"
+
+
+def _downloads_reason(plan: LoaderPlan, rate: RateEstimate, probe: Probe) -> str:
+    """Little's law: images/s x seconds per download = downloads in flight the plan needs."""
+    download_s = probe.download_s_per_image()
+    needed = rate.pipeline_images_per_s * download_s
+    in_flight = connections_in_flight(plan)
+    return (f"downloads in flight {in_flight} ({max(1, plan.num_workers)} lane(s) x "
+            f"{min(plan.download_threads, plan.tasks_per_reserve)}): Little's law, {rate.pipeline_images_per_s:.2f} "
+            f"images/s x {download_s:.3f} s per download needs {needed:.1f}; compressed bytes in flight up to "
+            f"{in_flight * probe.max_jpeg_bytes / MiB:.0f} MiB")
 
 
 def _threads_reason(plan: LoaderPlan, rate: RateEstimate, probe: Probe, constraints: PlanConstraints) -> str:

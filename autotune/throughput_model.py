@@ -69,7 +69,12 @@ UNLIMITED_PER_S = 1e9
 # Squared coefficient of variation of the loader's and the inference's times per batch (1 would
 # be exponential); see "Coupling" above.
 STAGE_SCV = 0.5
+LARGEST_BATCH = 64  # the inference bound's batch: the planner's largest
 BOTTLENECKS = ("reserve", "download", "decode", "inference", "cpu", "main_process")
+# What bounds a plan, in an operator's words: the download bottleneck is latency-bound when a
+# request's wait is most of a download, bandwidth-bound when the body's transfer is.
+REGIMES = ("latency-bound", "bandwidth-bound", "decode-bound", "inference-bound", "cpu-bound",
+           "reserve-bound", "main-process-bound")
 
 
 @dataclass(frozen=True)
@@ -86,13 +91,14 @@ class RateEstimate:
     inference_images_per_s: float
     pipeline_images_per_s: float
     bottleneck: str
+    regime: str = ""  # one of REGIMES: the bottleneck in an operator's words
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def describe(self) -> str:
         return (
-            f"{self.pipeline_images_per_s:.2f} images/s (bottleneck {self.bottleneck}: "
+            f"{self.pipeline_images_per_s:.2f} images/s, {self.regime or self.bottleneck} (bottleneck {self.bottleneck}: "
             f"download {self.download_images_per_s:.1f}, decode {self.decode_images_per_s:.1f}, "
             f"loader {self.loader_images_per_s:.1f}, inference {self.inference_images_per_s:.1f})"
         )
@@ -128,7 +134,59 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
         pipeline = min(loader, inference)
     if plan.num_workers > 0 and loader < inference and bottleneck != "cpu":
         bottleneck = _loader_bottleneck(reserve, probe.api_round_trip_s, streaming_s, download_s / connections, decode_s)
-    return RateEstimate(download, decode, loader, inference, pipeline, bottleneck)
+    return RateEstimate(download, decode, loader, inference, pipeline, bottleneck, regime(bottleneck, probe))
+
+
+def regime(bottleneck: str, probe: Probe) -> str:
+    """The bottleneck as one of ``REGIMES``: a download bottleneck is latency-bound when the
+    request's latency is at least the body's transfer time, bandwidth-bound otherwise."""
+    if bottleneck == "download":
+        transfer_s = probe.median_jpeg_bytes / probe.download_bytes_per_s
+        return "latency-bound" if probe.download_latency_s >= transfer_s else "bandwidth-bound"
+    return {"decode": "decode-bound", "inference": "inference-bound", "cpu": "cpu-bound",
+            "reserve": "reserve-bound", "main_process": "main-process-bound"}.get(bottleneck, bottleneck)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What no plan can beat on this job, each stage alone: the CPU decoding (every core decoding,
+    nothing else), the link at ``link_connections`` connections (Little's law: connections /
+    seconds per download) and the model (its per-image cost, the per-batch overhead amortised)."""
+
+    decode_images_per_s: float
+    link_images_per_s: float
+    link_connections: int
+    inference_images_per_s: float
+
+    def lines(self, probe: Probe) -> list[str]:
+        download_s = probe.download_s_per_image()
+        return [
+            f"  decode     {self.decode_images_per_s:8.1f} images/s  ({probe.cpu_count} cores x "
+            f"{_per_s(1, probe.decode_s_per_image):.1f} decodes/s per core)",
+            f"  link       {self.link_images_per_s:8.1f} images/s  ({self.link_connections} connections / "
+            f"{download_s:.3f} s per download: {probe.download_latency_s:.3f} s latency + "
+            f"{probe.median_jpeg_bytes / max(1.0, probe.download_bytes_per_s):.3f} s transfer)",
+            f"  inference  {self.inference_images_per_s:8.1f} images/s  (the model alone at batch {LARGEST_BATCH}: "
+            f"{probe.inference_per_image_s:.4f} s per image plus its per-batch overhead)",
+        ]
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def bounds(probe: Probe, connections: int) -> Bounds:
+    """``Bounds`` of ``probe``'s job with at most ``connections`` downloads in flight."""
+    return Bounds(
+        decode_images_per_s=_per_s(probe.cpu_count, probe.decode_s_per_image),
+        link_images_per_s=_per_s(connections, probe.download_s_per_image()),
+        link_connections=connections,
+        inference_images_per_s=_per_s(LARGEST_BATCH, probe.inference_s(LARGEST_BATCH)),
+    )
+
+
+def connections_in_flight(plan: LoaderPlan) -> int:
+    """Downloads a plan keeps in flight: each lane's ``min(download_threads, tasks_per_reserve)``."""
+    return max(1, plan.num_workers) * min(plan.download_threads, plan.tasks_per_reserve)
 
 
 def buffered_rate(producer_per_s: float, consumer_per_s: float, buffer_batches: int, scv: float = 1.0) -> float:

@@ -14,6 +14,8 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 START_MARK = "<!-- autotune-benchmark:start -->"
 END_MARK = "<!-- autotune-benchmark:end -->"
+REGIMES_START = "<!-- ingest-regimes:start -->"
+REGIMES_END = "<!-- ingest-regimes:end -->"
 
 
 def _mib(value: float) -> str:
@@ -197,10 +199,11 @@ def section(meta: dict, sections: dict) -> str:
              "on this shared 2-core machine, and the highest of 16 single grid draws overstates its plan's rate. "
              "The grid's best is the repeated grid plan with the highest median. Peaks and plots are the first "
              "draw's.", ""]
-    for entry in sections["workloads"]:
+    reference = [entry for entry in sections["workloads"] if entry["workload"].pipeline != "null"]
+    for entry in reference:
         lines.extend(workload_table(entry))
     lines.extend(["### Done-when checks", ""])
-    for entry in sections["workloads"]:
+    for entry in reference:
         lines.extend(verdicts(entry))
     lines.append("")
     large = next((e for e in sections["workloads"] if e["workload"].name == "large"), None)
@@ -212,16 +215,79 @@ def section(meta: dict, sections: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def regimes_section(meta: dict, sections: dict) -> str:
+    """Every workload against its decode bound and link bound, and the throughput model's prediction."""
+    lines = [REGIMES_START, "## Ingest against the physical bounds", "",
+             "Command:", "", "```", meta["command"], "```", "",
+             f"Run {meta['started']} on {meta['cores']} cores; load average before {meta['load_before'][0]:.2f}, "
+             f"after {meta['load_after'][0]:.2f}. Each workload reports three figures from the same run "
+             "(`benchmarks/bounds.py`): the decode bound (cores x the single-core decode rate of its images), the "
+             "link bound (a plain 64-connection downloader, its own process, pulling every image of the job once "
+             "from the same server under the same shaping) and the worker's images/s (autotune; the median of the "
+             "draws). `null-*` workloads run the null pipeline (inference costs nothing: the stand-in for a GPU "
+             "host), the others the reference pipeline on CPU. images/s: from the worker's first job listing to "
+             "its last accepted result; steady: from 25% of the job on; with close: to the worker's exit. The "
+             "model's prediction (the plan line's images/s, a steady-state figure) is compared with the steady "
+             "rate; its bound is the plan line's. Jobs of 600 or 120 tasks serve 200 or 60 distinct files in turn. "
+             "Task latency: from a task's reserve to its accepted result, the first draw's.",
+             "",
+             "| workload | decode bound | link bound | worker images/s (draws) | / min bound | steady | with close "
+             "| predicted (bound) | predicted / steady | task latency p50 / p99 s | peak MiB | predicted MiB | plan |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    checks = []
+    for entry in sections["workloads"]:
+        bounds = entry.get("bounds")
+        runs = draws_of(entry, "c")
+        if not bounds or not runs:
+            continue
+        w = entry["workload"]
+        whole, steady = median_rate(runs), median_rate(runs, "steady_images_per_s")
+        close = median_rate(runs, "with_close_images_per_s")
+        predicted = statistics.median(r.predicted_images_per_s for r in runs)
+        low = min(bounds["decode_per_s"], bounds["link_per_s"])
+        first = runs[0]
+        lines.append(
+            f"| {w.name} | {bounds['decode_per_s']:.1f} | {bounds['link_per_s']:.1f} | {whole:.2f} "
+            f"({', '.join(f'{r.images_per_s:.2f}' for r in runs)}) | {whole / low:.2f} | {steady:.2f} | {close:.2f} | "
+            f"{predicted:.2f} ({first.bottleneck}) | {predicted / steady if steady else 0:.2f} | "
+            f"{first.task_latency_s.get('p50', 0):.2f} / {first.task_latency_s.get('p99', 0):.2f} | {_mib(first.peak_bytes)} | "
+            f"{_mib(first.predicted_peak_bytes)} | {first.plan} |")
+        if w.pipeline == "null":
+            checks.append(f"- {w.name}: {whole:.2f} images/s = {whole / low:.2f} x min(decode {bounds['decode_per_s']:.1f}, "
+                          f"link {bounds['link_per_s']:.1f}) -> {'PASS' if whole >= 0.75 * low else 'MISS'} (>= 0.75)")
+        errors = [r.predicted_images_per_s / r.steady_images_per_s - 1 for r in runs if r.steady_images_per_s]
+        if errors:
+            error = statistics.median(errors)
+            checks.append(f"- {w.name}: predicted {predicted:.2f} vs steady {steady:.2f} images/s: median error "
+                          f"{error:+.0%} -> {'PASS' if abs(error) <= 0.2 else 'MISS'} (+-20%)")
+        peaks = [r.predicted_peak_bytes / r.peak_bytes - 1 for r in runs if r.predicted_peak_bytes and r.peak_bytes]
+        if peaks:
+            error = statistics.median(peaks)
+            over = [r for r in runs if r.peak_bytes > r.predicted_peak_bytes > 0]
+            checks.append(f"- {w.name}: predicted/measured peak median {error:+.0%} -> "
+                          f"{'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%); measured above the prediction in "
+                          f"{len(over)} of {len(peaks)} draws")
+    lines.extend(["", "### Checks", "", *checks, "", REGIMES_END])
+    return "\n".join(lines) + "\n"
+
+
+def _replace_marked(text: str, start: str, end: str, new: str) -> str:
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        return head + new.rstrip("\n") + tail
+    return text.rstrip("\n") + "\n\n" + new
+
+
 def write_docs(meta: dict, sections: dict, doc: Path, plot: Path) -> None:
+    """The autotune section when reference workloads ran, the regimes section when any bounds were
+    measured; each replaces only its own marked part of ``doc``."""
     large = next((e for e in sections["workloads"] if e["workload"].name == "large"), None)
     if large is not None:
         plot_large(large, meta["limit_bytes"], plot)
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    new = section(meta, sections)
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        _, tail = rest.split(END_MARK, 1)
-        text = head + new.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + new
+    if any(entry["workload"].pipeline != "null" for entry in sections["workloads"]) or sections["oom"]:
+        text = _replace_marked(text, START_MARK, END_MARK, section(meta, sections))
+    if any(entry.get("bounds") for entry in sections["workloads"]):
+        text = _replace_marked(text, REGIMES_START, REGIMES_END, regimes_section(meta, sections))
     doc.write_text(text)

@@ -32,13 +32,12 @@ import argparse
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -66,18 +65,36 @@ METER_INTERVAL_S = 0.5
 
 @dataclass(frozen=True)
 class Workload:
+    """``count`` tasks over ``distinct`` image files (default: as many as tasks), taken in turn."""
+
     name: str
     preset: str
     count: int
     latency_s: float = 0.0
     bandwidth_bytes_per_s: Optional[float] = None
+    pipeline: str = "synthetic-moths"
+    distinct: Optional[int] = None
+    jitter_s: float = 0.0  # mean extra delay per image request, exponential (the local server's jitter)
+
+    def with_count(self, count: int) -> "Workload":
+        return replace(self, count=count, distinct=None if self.distinct is None else min(self.distinct, count))
 
 
 WORKLOADS = (
     Workload("small", "small", 200),
     Workload("large", "large", 60),
     Workload("slow", "small", 200, latency_s=0.3, bandwidth_bytes_per_s=2e6),
+    # The regimes, with the null pipeline (inference costs nothing: a GPU host's stand-in), autotune
+    # only, against the decode bound and the link bound (``benchmarks/bounds.py``).
+    Workload("null-small", "small", 600, pipeline="null", distinct=200),
+    Workload("null-large", "large", 120, pipeline="null", distinct=60),
+    Workload("null-small-far", "small", 600, latency_s=0.3, bandwidth_bytes_per_s=5e6, pipeline="null", distinct=200),
+    Workload("null-large-far", "large", 120, latency_s=0.1, bandwidth_bytes_per_s=10e6, pipeline="null", distinct=60),
+    # Head-of-line blocking: 50 ms latency plus an exponential extra wait of mean 250 ms per image
+    # (1% of requests wait over 1.2 s): the tail a far object store has.
+    Workload("null-small-tail", "small", 600, latency_s=0.05, pipeline="null", distinct=200, jitter_s=0.25),
 )
+REFERENCE_WORKLOADS = ("small", "large", "slow")
 ADC_PLAN = LoaderPlan(24, 24, 4, 4, False, 8, "float32", "benchmark")
 # The grid: DataLoader workers x (batch = tasks per reserve) x download threads x inference
 # threads (1, or torch's default: the CPU count), prefetch 2.
@@ -130,6 +147,8 @@ class TimedAntenna(LocalAntenna):
         self.reserve_times_s: list[float] = []
         self.result_times_s: list[tuple[float, int]] = []
         self.result_bytes = 0  # every posted result item as the worker encodes it (compact JSON)
+        self.reserved_at_s: dict[str, float] = {}  # reply subject -> when it was (last) reserved
+        self.task_latencies_s: list[float] = []  # per accepted result: seconds since its task's reserve
 
     def api_list_jobs(self, query: Any) -> dict[str, Any]:
         # The worker lists jobs once its pipeline is loaded: the same event for every configuration.
@@ -140,13 +159,18 @@ class TimedAntenna(LocalAntenna):
     def api_reserve(self, job_id: int, body: Any) -> dict[str, Any]:
         answer = super().api_reserve(job_id, body)
         if answer.get("tasks"):
-            self.reserve_times_s.append(time.monotonic())
+            now_s = time.monotonic()
+            self.reserve_times_s.append(now_s)
+            self.reserved_at_s.update((task["reply_subject"], now_s) for task in answer["tasks"])
         return answer
 
     def api_post_results(self, job_id: int, body: Any) -> dict[str, Any]:
         answer = super().api_post_results(job_id, body)
         self.result_bytes += sum(len(json.dumps(item, separators=(",", ":")).encode()) for item in body.get("results", []))
-        self.result_times_s.append((time.monotonic(), len(body.get("results", []))))
+        now_s = time.monotonic()
+        self.result_times_s.append((now_s, len(body.get("results", []))))
+        self.task_latencies_s.extend(now_s - self.reserved_at_s[item["reply_subject"]]
+                                     for item in body.get("results", []) if item.get("reply_subject") in self.reserved_at_s)
         return answer
 
 
@@ -216,6 +240,10 @@ class RunResult:
     probe_overhead_s: float = 0.0
     result_bytes: int = 0
     history: list[tuple[float, int]] = field(default_factory=list)
+    predicted_images_per_s: float = 0.0
+    bottleneck: str = ""
+    with_close_images_per_s: float = 0.0  # from the same start to the process's exit
+    task_latency_s: dict[str, float] = field(default_factory=dict)  # p50/p90/p99/max, reserve -> accepted result
 
     @property
     def oom_killed(self) -> bool:
@@ -230,7 +258,8 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             memray_out: Optional[Path] = None, tag: str = "") -> RunResult:
     token = secrets.token_hex(12)
     with TimedAntenna(token=token) as server, tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        server.set_network(latency_s=workload.latency_s, bandwidth_bytes_per_s=workload.bandwidth_bytes_per_s)
+        server.set_network(latency_s=workload.latency_s, bandwidth_bytes_per_s=workload.bandwidth_bytes_per_s,
+                           jitter_s=workload.jitter_s)
         job_id = server.add_job(images, config.pipeline)
         env = worker_env(server.base_url, token, Path(scratch), config)
         command = [sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "run", "--burst"]
@@ -241,7 +270,7 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             env["AMI_MAX_MEMORY_BYTES"] = str(limit_bytes)
         log_path = Path(scratch) / "worker.log"
         try:
-            exit_code, meter = _run_process(cgroup.join_command(command) if cgroup else command, env, log_path)
+            exit_code, meter, exited_at_s = _run_process(cgroup.join_command(command) if cgroup else command, env, log_path)
             cgroup_stats = cgroup.stats() if cgroup else {}
         finally:
             if cgroup is not None:
@@ -257,6 +286,9 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             predicted_peak_bytes=advisory.get("predicted", 0), probe_wall_s=advisory.get("probe_wall_s", 0.0),
             probe_overhead_s=advisory.get("probe_overhead_s", 0.0), result_bytes=server.result_bytes,
             history=[(m.taken_at_s - meter.history[0].taken_at_s, m.total_bytes) for m in meter.history],
+            predicted_images_per_s=advisory.get("predicted_rate", 0.0), bottleneck=advisory.get("bottleneck", ""),
+            with_close_images_per_s=_with_close_rate(server, exited_at_s),
+            task_latency_s=percentiles(server.task_latencies_s),
         )
         if log_path.exists():
             LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -280,7 +312,8 @@ def worker_env(base_url: str, token: str, scratch: Path, config: Config) -> dict
     return env
 
 
-def _run_process(command: list[str], env: dict[str, str], log_path: Path) -> tuple[int, TreeMeterThread]:
+def _run_process(command: list[str], env: dict[str, str], log_path: Path) -> tuple[int, TreeMeterThread, float]:
+    """(exit code, the tree's meter, monotonic time of the exit)."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         meter = TreeMeterThread(process.pid, interval_s=METER_INTERVAL_S).start()
@@ -290,8 +323,29 @@ def _run_process(command: list[str], env: dict[str, str], log_path: Path) -> tup
             process.kill()
             exit_code = process.wait()
         finally:
+            exited_at_s = time.monotonic()
             meter.stop()
-    return exit_code, meter
+    return exit_code, meter, exited_at_s
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p90, p99 and max of ``values`` (nearest rank); {} when there are none."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(share: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, int(round(share * len(ordered))) - 1))]
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": ordered[-1]}
+
+
+def _with_close_rate(server: "TimedAntenna", exited_at_s: float) -> float:
+    """Accepted results per second from the job's start to the worker's exit (its close included)."""
+    done = sum(n for _, n in server.result_times_s)
+    started_s = server.ready_at_s if server.ready_at_s is not None else (
+        server.reserve_times_s[0] if server.reserve_times_s else exited_at_s)
+    return done / (exited_at_s - started_s) if exited_at_s > started_s else 0.0
 
 
 def _rates(server: TimedAntenna, tasks: int) -> tuple[float, float, float]:
@@ -327,7 +381,10 @@ def _plan_record(scratch: Path) -> dict[str, Any]:
     record = json.loads(records[0].read_text())
     advisory = json.loads(advisories[0].read_text())
     plan = LoaderPlan(**record["decision"]["plan"])
+    rate = record["decision"].get("rate", {})
     return {"plan": short_plan(plan), "predicted": int(advisory["predicted_bytes"]),
+            "predicted_rate": float(rate.get("pipeline_images_per_s", 0.0)),
+            "bottleneck": str(rate.get("regime") or rate.get("bottleneck", "")),
             "probe_wall_s": float(record["probe_wall_s"]),
             "probe_overhead_s": float(record.get("probe_overhead_s", record["probe_wall_s"]))}
 
@@ -346,20 +403,7 @@ def _logged_plan(log_path: Path) -> str:
     return ""
 
 
-# ---------------------------------------------------------------- decode rate
-
-
-def single_core_decode_rate(images: list) -> float:
-    """Images/s one core decodes (median of the sample), as the ingest ceiling's yardstick."""
-    from worker.imaging import decode
-
-    seconds = []
-    for image in images[:5]:
-        data = bytearray(image.path.read_bytes())
-        started_s = time.perf_counter()
-        decode(data, max_pixels=80_000_000)
-        seconds.append(time.perf_counter() - started_s)
-    return 1.0 / statistics.median(seconds)
+# ---------------------------------------------------------------- cores
 
 
 def cores() -> int:
@@ -400,9 +444,9 @@ def _site(stack: list) -> str:
 def run_workload(workload: Workload, all_configs: list[Config], limit_bytes: int, repeats: int = 1) -> dict[str, Any]:
     """Every configuration once, then ``repeats - 1`` more draws of the contenders (see ``contenders``)
     in rotating order; the ingest ceiling's null run is drawn ``repeats`` times too."""
-    from worker.testing.synthetic import default_cache_dir, generate_preset
-
-    images = generate_preset(default_cache_dir(), workload.preset, workload.count, seed=0)
+    images = workload_images(workload)
+    if workload.pipeline == "null":
+        return run_regime(workload, images, limit_bytes, repeats)
     results = []
     for config in all_configs:
         result = run_one(workload, images, config, limit_bytes)
@@ -417,8 +461,9 @@ def run_workload(workload: Workload, all_configs: list[Config], limit_bytes: int
             _print_result(workload, config, result)
             draws[config.key].append(result)
     ceiling = None
+    bounds = measure_bounds(workload, images)
     if workload.latency_s == 0:
-        rate = single_core_decode_rate(images)
+        rate = bounds["single_core_decode_per_s"]
         null_config = Config("null", "ingest ceiling (null pipeline, autotune)", {"AMI_AUTOTUNE": "true"}, pipeline="null")
         nulls = [run_one(workload, images, null_config, limit_bytes, tag=f"r{round_}-" if round_ else "")
                  for round_ in range(max(1, repeats))]
@@ -426,7 +471,51 @@ def run_workload(workload: Workload, all_configs: list[Config], limit_bytes: int
         print(f"  {workload.name:<6}null {nulls[0].plan} " + ", ".join(
             f"{r.images_per_s:.2f} (steady {r.steady_images_per_s:.2f})" for r in nulls)
             + f" img/s vs 0.6 x {cores()} x {rate:.1f} = {0.6 * cores() * rate:.1f}", flush=True)
-    return {"workload": workload, "results": results, "draws": draws, "ceiling": ceiling}
+    return {"workload": workload, "results": results, "draws": draws, "ceiling": ceiling, "bounds": bounds}
+
+
+def workload_images(workload: Workload) -> list:
+    """The job's images: ``workload.distinct`` generated files, each served as several tasks."""
+    from worker.testing.synthetic import default_cache_dir, generate_preset
+
+    files = generate_preset(default_cache_dir(), workload.preset, workload.distinct or workload.count, seed=0)
+    return [replace(files[index % len(files)], image_id=f"{files[index % len(files)].image_id}-{index // len(files)}")
+            if index >= len(files) else files[index] for index in range(workload.count)]
+
+
+def measure_bounds(workload: Workload, images: list) -> dict[str, Any]:
+    """The decode bound and the link bound of ``workload`` (``benchmarks/bounds.py``), measured now."""
+    from benchmarks.bounds import LINK_THREADS, decode_bound, link_bound
+
+    decode, single = decode_bound([image.path for image in images], cores())
+    with TimedAntenna(token=secrets.token_hex(12)) as server:
+        server.set_network(latency_s=workload.latency_s, bandwidth_bytes_per_s=workload.bandwidth_bytes_per_s,
+                           jitter_s=workload.jitter_s)
+        job_id = server.add_job(images, workload.pipeline)
+        link = link_bound(server.image_urls(job_id), LINK_THREADS)
+    bounds = {"decode_per_s": decode, "single_core_decode_per_s": single, "cores": cores(),
+              "link_per_s": link["images_per_s"], "link": link}
+    print(f"  {workload.name:<6}bounds: decode {decode:.1f} ({cores()} x {single:.1f}), link {link['images_per_s']:.1f} "
+          f"images/s ({LINK_THREADS} connections, {link['failures']} failures)", flush=True)
+    return bounds
+
+
+def run_regime(workload: Workload, images: list, limit_bytes: int, repeats: int) -> dict[str, Any]:
+    """The null pipeline, autotuned, ``repeats`` draws, against the workload's two bounds."""
+    bounds = measure_bounds(workload, images)
+    config = Config("c", "autotune (null pipeline)", {"AMI_AUTOTUNE": "true"}, pipeline="null")
+    runs = []
+    for round_ in range(max(1, repeats)):
+        result = run_one(workload, images, config, limit_bytes, tag=f"r{round_}-" if round_ else "")
+        _print_result(workload, config, result)
+        latency = result.task_latency_s
+        print(f"        task latency p50 {latency.get('p50', 0):.2f} p99 {latency.get('p99', 0):.2f} "
+              f"max {latency.get('max', 0):.2f} s; "
+              f"steady {result.steady_images_per_s:.2f}, with close {result.with_close_images_per_s:.2f}, "
+              f"predicted {result.predicted_images_per_s:.2f} ({result.bottleneck}), predicted peak "
+              f"{result.predicted_peak_bytes / MiB:.0f} MiB", flush=True)
+        runs.append(result)
+    return {"workload": workload, "results": runs[:1], "draws": {"c": runs}, "ceiling": None, "bounds": bounds}
 
 
 def contenders(results: list[RunResult], grid_points: int = 2) -> set[str]:
@@ -457,7 +546,8 @@ def oom_check(images: list, limit_bytes: int) -> list[RunResult]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", default="small,large,slow")
+    parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
+                        help="comma-separated names: " + ", ".join(w.name for w in WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="few images and 2 grid points: a trial run")
     parser.add_argument("--limit-gib", type=float, default=8.0, help="cgroup limit of every table run")
     parser.add_argument("--repeats", type=int, default=3,
@@ -476,8 +566,7 @@ def main() -> int:
     load_before = os.getloadavg()
     wanted = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
     if args.quick:
-        wanted = [Workload(w.name, w.preset, {"small": 30, "large": 8, "slow": 30}[w.name], w.latency_s,
-                           w.bandwidth_bytes_per_s) for w in wanted]
+        wanted = [w.with_count(8 if w.preset == "large" else 30) for w in wanted]
     limit_bytes = int(args.limit_gib * GiB)
     sections: dict[str, Any] = {"workloads": [], "oom": [], "memray": None}
     if not args.only_memray:
@@ -530,6 +619,7 @@ def to_jsonable(meta: dict, sections: dict) -> dict:
         "meta": meta,
         "workloads": [{"workload": asdict(w["workload"]), "results": [result_dict(r) for r in w["results"]],
                        "draws": {key: [result_dict(r) for r in runs] for key, runs in w.get("draws", {}).items()},
+                       "bounds": w.get("bounds"),
                        "ceiling": None if w["ceiling"] is None else {
                            **w["ceiling"], "result": result_dict(w["ceiling"]["result"]),
                            "draws": [result_dict(r) for r in w["ceiling"].get("draws", [])]}}

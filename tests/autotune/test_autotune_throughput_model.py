@@ -6,7 +6,9 @@ import random
 import pytest
 
 from autotune.plan import LoaderPlan
-from autotune.throughput_model import UNLIMITED_PER_S, buffered_rate, predict_rate, transfer_share
+from autotune.throughput_model import (
+    UNLIMITED_PER_S, bounds, buffered_rate, connections_in_flight, predict_rate, transfer_share,
+)
 
 
 def plan(**changes) -> LoaderPlan:
@@ -218,3 +220,38 @@ def test_one_connection_barely_faster_than_the_decoder_stalls_it(make_probe):
     four = predict_rate(plan(num_workers=1, tasks_per_reserve=64, download_threads=4), probe)
     assert four.loader_images_per_s == pytest.approx(20.0, rel=0.02)  # the decoder's rate
     assert one.loader_images_per_s < 0.9 * four.loader_images_per_s
+
+
+def test_the_plan_names_its_bound_in_an_operators_words(make_probe):
+    """A download bottleneck is latency-bound when the request's wait is most of a download and
+    bandwidth-bound when the body's transfer is; the plan line (``describe``) carries the word."""
+    cuda = dict(cuda=True, inference_per_image_s=0.0005, decode_s_per_image=0.005, median_jpeg_bytes=1_000_000)
+    far = make_probe(**cuda, download_latency_s=0.3, download_bytes_per_s=5e6, api_round_trip_s=0.3)
+    thin = make_probe(**cuda, download_latency_s=0.01, download_bytes_per_s=2e5, api_round_trip_s=0.01)
+    near = make_probe(**{**cuda, "decode_s_per_image": 0.05}, download_latency_s=0.001, download_bytes_per_s=1e9,
+                      api_round_trip_s=0.001)
+    few = plan(download_threads=2, tasks_per_reserve=32)
+    assert predict_rate(few, far).regime == "latency-bound"
+    assert predict_rate(few, thin).regime == "bandwidth-bound"
+    assert predict_rate(plan(), near).regime == "decode-bound"
+    slow_model = make_probe(cuda=True, inference_per_image_s=0.5, decode_s_per_image=0.005)
+    assert predict_rate(plan(), slow_model).regime == "inference-bound"
+    assert "latency-bound" in predict_rate(few, far).describe()
+
+
+def test_bounds_are_each_stage_alone(make_probe):
+    """Decode: cores x one core's rate. Link: Little's law, connections / seconds per download.
+    Inference: the model at the largest batch. No plan is predicted above the lowest."""
+    probe = make_probe(cuda=True, cpu_count=2, decode_s_per_image=0.025, download_latency_s=0.3,
+                       download_bytes_per_s=5e6, median_jpeg_bytes=1_000_000, inference_overhead_s=0.02,
+                       inference_per_image_s=0.001)
+    limits = bounds(probe, connections=32)
+    assert limits.decode_images_per_s == pytest.approx(2 / 0.025)
+    assert limits.link_images_per_s == pytest.approx(32 / (0.3 + 0.2))
+    assert limits.inference_images_per_s == pytest.approx(64 / (probe.inference_s(64)))
+    for candidate in (plan(), plan(num_workers=4, download_threads=8, tasks_per_reserve=8), plan(num_workers=1)):
+        rate = predict_rate(candidate, probe).pipeline_images_per_s
+        assert rate <= min(limits.decode_images_per_s, limits.inference_images_per_s,
+                           bounds(probe, connections_in_flight(candidate)).link_images_per_s) * 1.0001
+    text = "\n".join(limits.lines(probe))
+    assert "80.0 images/s" in text and "64.0 images/s" in text and "32 connections" in text

@@ -41,3 +41,38 @@ def test_without_repeats_every_grid_plan_competes_on_its_one_draw():
     entry = {"workload": Workload("small", "small", 200), "results": first, "ceiling": None}
     assert grid_best(entry)[0] == "d1"
     assert "0.86 x grid best" in "\n".join(verdicts(entry))
+
+
+def test_regimes_are_checked_against_the_lower_bound_the_prediction_and_the_peak():
+    """The null-pipeline check is the whole-job median against 0.75 x min(decode, link); the
+    model's prediction is compared with the steady rate, the peak with the predicted peak."""
+    from dataclasses import replace
+
+    from benchmarks.report import regimes_section
+
+    def null(rate: float, steady: float, predicted: float, peak_mib: int) -> RunResult:
+        return replace(run("c", rate, predicted_mib=1000, peak_mib=peak_mib), steady_images_per_s=steady,
+                       predicted_images_per_s=predicted, bottleneck="latency-bound",
+                       task_latency_s={"p50": 0.6, "p99": 1.9})
+
+    workload = Workload("null-small-far", "small", 600, latency_s=0.3, bandwidth_bytes_per_s=5e6, pipeline="null")
+    entry = {"workload": workload, "results": [], "ceiling": None,
+             "bounds": {"decode_per_s": 80.0, "link_per_s": 60.0},
+             "draws": {"c": [null(44.0, 50.0, 55.0, 900), null(46.0, 52.0, 55.0, 950), null(40.0, 49.0, 55.0, 1100)]}}
+    meta = {"command": "python benchmarks/run.py", "started": "now", "cores": 2, "load_before": [0.5], "load_after": [1.0]}
+    text = regimes_section(meta, {"workloads": [entry]})
+    # median 44 / min(80, 60) = 0.73 < 0.75; predicted 55 / steady median 50 = +10%; peaks +11%, -5%, -9%
+    assert "44.00 images/s = 0.73 x min(decode 80.0, link 60.0) -> MISS (>= 0.75)" in text
+    assert "predicted 55.00 vs steady 50.00 images/s: median error +10% -> PASS (+-20%)" in text
+    assert "measured above the prediction in 1 of 3 draws" in text
+    assert "| 0.60 / 1.90 |" in text
+
+
+def test_the_plain_downloader_pulls_every_image_once(antenna, tiny_images):
+    """The link bound's downloader, against the real local server: every image, no failure."""
+    from benchmarks.bounds import link_bound
+
+    job = antenna.add_job(tiny_images[:6], "synthetic-moths")
+    figures = link_bound(antenna.image_urls(job), threads=4)
+    assert figures["images"] == 6 and figures["failures"] == 0 and figures["threads"] == 4
+    assert figures["bytes_per_s"] > 0

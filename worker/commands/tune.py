@@ -29,6 +29,7 @@ from autotune import (
 )
 from autotune.corrections import CorrectionStore, default_correction_path
 from autotune.planner import BATCH_SIZES
+from autotune.throughput_model import bounds, connections_in_flight
 from worker.antenna import JobRef
 from worker.hooks import JobContext
 from worker.imaging import image_session
@@ -92,7 +93,11 @@ class TuneReport:
 
     def text(self) -> str:
         c = self.constraints
+        limits = bounds(self.probe, connections_in_flight(self.recommended.plan))
         out = [f"worker tune: {self.source}", "", "Measured", self.probe.describe(), "",
+               "Bounds (each stage alone; no plan beats the lowest)", *limits.lines(self.probe),
+               f"  the recommended plan is {self.recommended.rate.regime or self.recommended.rate.bottleneck}: "
+               f"{self.recommended.rate.pipeline_images_per_s:.2f} images/s predicted", "",
                f"Budget: {c.budget_bytes / MiB:,.0f} MiB ((effective limit - reserve) x safety), "
                f"reservation timeout {c.reservation_timeout_s:.0f} s", "",
                "Predicted peak memory: recommended plan vs current settings",

@@ -477,6 +477,12 @@ class _MediaStore:
 class _Network:
     latency_s: float = 0.0
     bandwidth_bytes_per_s: Optional[float] = None
+    jitter_s: float = 0.0
+    rng: random.Random = field(default_factory=random.Random, compare=False)
+
+    def media_jitter_s(self) -> float:
+        """The extra wait of one media request (0 without jitter)."""
+        return self.rng.expovariate(1.0 / self.jitter_s) if self.jitter_s > 0 else 0.0
 
 
 class _Conditions:
@@ -661,6 +667,11 @@ class LocalAntenna:
     def report(self, job_id: int) -> JobReport:
         return self._ledger.report(job_id, self._media.requests_with_auth, self._media.bytes_served)
 
+    def image_urls(self, job_id: int) -> list[str]:
+        """The image URL of every task of ``job_id``, in task order (what a plain downloader pulls)."""
+        with self._ledger.lock:
+            return [task.image_url for task in self._ledger.job(job_id).tasks]
+
     def job_ids(self) -> list[int]:
         with self._ledger.lock:
             return list(self._ledger.jobs)
@@ -671,11 +682,17 @@ class LocalAntenna:
         """The next ``len(statuses)`` calls to ``endpoint`` answer these statuses, then normal."""
         self.conditions.set_faults(endpoint, statuses, retry_after_s)
 
-    def set_network(self, *, latency_s: float = 0.0, bandwidth_bytes_per_s: Optional[float] = None) -> None:
-        """Latency before every request; bandwidth cap per media response (None: none)."""
-        if latency_s < 0 or (bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s <= 0):
-            raise ValueError("latency_s must be >= 0 and bandwidth_bytes_per_s > 0 or None")
-        self.conditions.network = _Network(latency_s, bandwidth_bytes_per_s)
+    def set_network(self, *, latency_s: float = 0.0, bandwidth_bytes_per_s: Optional[float] = None,
+                    jitter_s: float = 0.0, seed: int = 0) -> None:
+        """Latency before every request; bandwidth cap per media response (None: none).
+
+        ``jitter_s``: each media request also waits an exponentially distributed extra delay of
+        that mean (drawn from ``seed``): most requests are near ``latency_s``, a few wait several
+        times the mean, like an object store's tail.
+        """
+        if latency_s < 0 or jitter_s < 0 or (bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s <= 0):
+            raise ValueError("latency_s and jitter_s must be >= 0 and bandwidth_bytes_per_s > 0 or None")
+        self.conditions.network = _Network(latency_s, bandwidth_bytes_per_s, jitter_s, random.Random(seed))
 
     def set_unavailable(self, unavailable: bool) -> None:
         """While set, every API call answers 503 (media is still served)."""
@@ -898,7 +915,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith(CONTROL_PREFIX + "/"):
             self._control(method, path[len(CONTROL_PREFIX):])
             return
-        latency_s = self.antenna.conditions.network.latency_s
+        network = self.antenna.conditions.network
+        latency_s = network.latency_s
+        if path.startswith(MEDIA_PREFIX + "/"):
+            latency_s += network.media_jitter_s()
         if latency_s > 0:
             self.antenna.stopping.wait(latency_s)
         if path.startswith(MEDIA_PREFIX + "/") and method == "GET":
@@ -1194,7 +1214,8 @@ def _control_call(antenna: LocalAntenna, method: str, sub_path: str, body: Any) 
         return 200, {"ok": True}
     if method == "POST" and sub_path == "/network":
         antenna.set_network(latency_s=float(body.get("latency_s", 0.0)),
-                            bandwidth_bytes_per_s=body.get("bandwidth_bytes_per_s"))
+                            bandwidth_bytes_per_s=body.get("bandwidth_bytes_per_s"),
+                            jitter_s=float(body.get("jitter_s", 0.0)))
         return 200, {"ok": True}
     if method == "POST" and sub_path == "/unavailable":
         antenna.set_unavailable(bool(body.get("unavailable", True)))
@@ -1309,6 +1330,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projects", type=int, default=1, help="how many projects GET /projects/ lists")
     parser.add_argument("--latency-s", type=float, default=0.0)
     parser.add_argument("--bandwidth-bytes-per-s", type=float, default=None)
+    parser.add_argument("--jitter-s", type=float, default=0.0, help="mean extra delay per media request (exponential)")
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -1318,7 +1340,8 @@ def run_server(args: argparse.Namespace) -> int:
                            reservation_timeout_s=args.reservation_timeout_s,
                            max_deliveries=args.max_deliveries, require_registration=args.require_registration,
                            project_count=max(1, args.projects))
-    antenna.set_network(latency_s=args.latency_s, bandwidth_bytes_per_s=args.bandwidth_bytes_per_s)
+    antenna.set_network(latency_s=args.latency_s, bandwidth_bytes_per_s=args.bandwidth_bytes_per_s,
+                        jitter_s=args.jitter_s)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

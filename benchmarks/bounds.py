@@ -1,0 +1,119 @@
+"""The two physical bounds a workload is measured against: the CPUs' decode rate and the link.
+
+    python -m benchmarks.bounds download URLS_FILE --threads 64   # one plain-downloader run, JSON out
+
+decode bound: cores x the single-core decode rate of the job's images (the median of a few,
+decoded in this process the way the loader decodes them). No loader can decode faster.
+
+link bound: a plain many-connection downloader, nothing but ``requests`` sessions on ``threads``
+threads pulling every image of the job once from the same server, under the same shaping, in a
+process of its own (so the benchmark's server thread does not share its interpreter lock). It
+reads each body whole and keeps none. What it reaches is what the link (latency, per-connection
+bandwidth, the server) allows at that many connections; the worker also spends its CPU on
+decoding, this downloader does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+LINK_THREADS = 64
+LINK_TIMEOUT_S = 600
+
+
+def decode_bound(paths: Sequence[Path], cores: int, sample: int = 5) -> tuple[float, float]:
+    """(cores x single-core images/s, single-core images/s) from decoding ``sample`` images."""
+    sys.path.insert(0, str(ROOT))
+    from worker.imaging import decode
+
+    seconds = []
+    for path in list(paths)[:sample]:
+        data = bytearray(Path(path).read_bytes())
+        started_s = time.perf_counter()
+        decode(data, max_pixels=80_000_000)
+        seconds.append(time.perf_counter() - started_s)
+    single = 1.0 / statistics.median(seconds)
+    return cores * single, single
+
+
+def link_bound(urls: Sequence[str], threads: int = LINK_THREADS) -> dict[str, float]:
+    """Run the plain downloader in a subprocess over ``urls``; its JSON figures (images_per_s...)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".urls", delete=False) as handle:
+        handle.write("\n".join(urls))
+        listing = handle.name
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "benchmarks.bounds", "download", listing, "--threads", str(threads)],
+            cwd=ROOT, capture_output=True, text=True, timeout=LINK_TIMEOUT_S, check=True,
+        )
+    finally:
+        os.unlink(listing)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def download_all(urls: Sequence[str], threads: int) -> dict[str, float]:
+    """Download every URL once on ``threads`` threads (a session each); images/s over the whole run."""
+    import requests
+
+    todo: "queue.Queue[str]" = queue.Queue()
+    for url in urls:
+        todo.put(url)
+    sizes: list[int] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        with requests.Session() as session:
+            while True:
+                try:
+                    url = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    response = session.get(url, timeout=120)
+                    response.raise_for_status()
+                    size = len(response.content)
+                except Exception as error:  # counted, reported: a bound with failures is no bound
+                    with lock:
+                        failures.append(f"{url}: {error}")
+                    continue
+                with lock:
+                    sizes.append(size)
+
+    started_s = time.monotonic()
+    workers = [threading.Thread(target=run, daemon=True) for _ in range(min(threads, len(urls)))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    wall_s = time.monotonic() - started_s
+    return {"threads": threads, "images": len(sizes), "failures": len(failures), "wall_s": wall_s,
+            "images_per_s": len(sizes) / wall_s if wall_s > 0 else 0.0,
+            "bytes_per_s": sum(sizes) / wall_s if wall_s > 0 else 0.0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    download = commands.add_parser("download", help="download every URL in a file (one per line) once")
+    download.add_argument("urls", type=Path)
+    download.add_argument("--threads", type=int, default=LINK_THREADS)
+    args = parser.parse_args()
+    urls = [line.strip() for line in args.urls.read_text().splitlines() if line.strip()]
+    print(json.dumps(download_all(urls, args.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
