@@ -2,11 +2,11 @@
 
 The loader model follows ``worker/ingest.py``. Each loader worker (one "lane"; the main process
 when ``num_workers == 0``) streams its reserved images through ``c = min(download_threads,
-tasks_per_reserve)`` connections and ONE decoder, and makes its next reservation while the current
-one's last downloads are in flight, so the stream never drains. The decoder stops for the
-reserve's round trip; the downloads go on. A reservation of R images so takes
+tasks_per_reserve)`` connections and ONE decoder, and makes its next reservation, on a thread of its own, as the current
+one's last download starts, so the stream never drains: the c downloads then in flight keep the
+decoder busy for c steps while the reserve's round trip runs. A reservation of R images so takes
 
-    max(R x stream_s, R x decode_s + round_trip)
+    R x stream_s + max(0, round_trip - c x stream_s)
 
 where ``stream_s`` is ~max(download_s / c, decode_s), one download is ``latency + bytes /
 bandwidth`` for the median image, and the max is priced as a two-station line with c bodies of
@@ -115,8 +115,10 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     stream_s = 1.0 / buffered_rate(_per_s(connections, download_s), _per_s(1, decode_s), connections, STAGE_SCV)
     reserve = plan.tasks_per_reserve
     streaming_s = reserve * stream_s
-    decoding_s = reserve * decode_s + probe.api_round_trip_s  # the decoder waits out the round trip
-    loader = _per_s(lanes * reserve, max(streaming_s, decoding_s))
+    # The next reserve goes out (on its own thread) as the reservation's last download starts:
+    # the c downloads then in flight keep the decoder busy for c steps; a longer round trip stalls.
+    stall_s = max(0.0, probe.api_round_trip_s - connections * stream_s)
+    loader = _per_s(lanes * reserve, streaming_s + stall_s)
     download = _per_s(lanes * connections, download_s)
     decode = _per_s(min(lanes, probe.cpu_count), probe.decode_s_per_image)
     full_inference = _per_s(plan.batch_size, inference_batch_s(plan, probe))
@@ -133,7 +135,7 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     else:
         pipeline = min(loader, inference)
     if plan.num_workers > 0 and loader < inference and bottleneck != "cpu":
-        bottleneck = _loader_bottleneck(reserve, probe.api_round_trip_s, streaming_s, download_s / connections, decode_s)
+        bottleneck = _loader_bottleneck(stall_s, streaming_s, download_s / connections, decode_s)
     return RateEstimate(download, decode, loader, inference, pipeline, bottleneck, regime(bottleneck, probe))
 
 
@@ -270,10 +272,9 @@ def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
     return max(rate, min(loader, lanes * share / load_core_s)), rate, True
 
 
-def _loader_bottleneck(reserve: int, round_trip_s: float, streaming_s: float, download_step_s: float,
-                       decode_s: float) -> str:
-    if reserve * decode_s + round_trip_s > streaming_s:  # the decoder's side is the longer one
-        return "reserve" if round_trip_s >= reserve * decode_s else "decode"
+def _loader_bottleneck(stall_s: float, streaming_s: float, download_step_s: float, decode_s: float) -> str:
+    if stall_s >= streaming_s:  # a lane waits on reserves longer than it streams
+        return "reserve"
     return "download" if download_step_s >= decode_s else "decode"
 
 

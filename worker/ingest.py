@@ -244,54 +244,87 @@ class TaskStream(IterableDataset):
         """Reserve, download ``ahead`` at a time, decode, yield; see the module docstring.
 
         The next reservation is made as soon as the current one's last download is submitted
-        (while ``admit`` allows it), so its round trip and first downloads overlap the last
-        downloads in flight: reserving only once the lane had drained cost it a round trip plus a
-        whole download per reservation (1.3 s on a 300 ms, 2 MB/s link). A lane so holds at most
-        ``tasks_per_reserve`` + ``ahead`` reserved tasks. An empty reservation (the job has no task
-        left for us, or the reserve failed) ends the lane once it has drained.
+        (while ``admit`` allows it), on a thread of its own, so its round trip overlaps the
+        downloads in flight and the decoder: reserving only once the lane had drained cost it a
+        round trip plus a whole download per reservation (1.3 s on a 300 ms, 2 MB/s link), and
+        reserving on the decoding thread still stopped the decoder for each round trip (15% of a
+        lane's time on a 300 ms link). A lane so holds at most ``tasks_per_reserve`` + ``ahead``
+        reserved tasks. An empty reservation (the job has no task left for us, or the reserve
+        failed) ends the lane once it has drained. A reservation in flight when the lane ends is
+        waited for (``_settle``): its tasks are in the ledger before the process can exit.
         """
         pending: deque[tuple[Task, float, Future]] = deque()
         todo: deque[Task] = deque()
         more = True
-        while True:
-            if not todo and not pending:
-                if not more or self.control.stop.value != RUN:
-                    return
-                todo.extend(self._reserve(client) or [])
-                if not todo:
-                    return
-            # Downloads ahead are also bounded by the live tasks_per_reserve: a shrink then cuts
-            # the compressed JPEGs held now (24 MB each when large), not only at the next reserve.
-            ahead = min(self.plan.download_threads, max(1, self.control.tasks_per_reserve.value))
-            while todo and len(pending) < ahead:
-                task = todo.popleft()
-                deadline_s = time.monotonic() + self.source.image_deadline_s + DEADLINE_SLACK_S
-                pending.append((task, deadline_s, _start_download(self._fetch, session, task)))
-            if more and not todo and self.control.stop.value == RUN and self.control.admit.value:
-                tasks = self._reserve(client, wait=False)
-                if tasks is not None:  # None: paused since the check; the next reserve waits
-                    more = bool(tasks)
-                    todo.extend(tasks)
+        reserving: Optional[Future] = None
+        try:
+            while True:
+                if reserving is not None and (reserving.done() or (not todo and not pending)):
+                    tasks = self._settle(reserving)
+                    if self.control.stop.value == ABANDON:
+                        return  # the reservation is waited for below, not used
+                    reserving = None
+                    if tasks is not None:  # None: paused since the check (or abandoned); reserve again later
+                        more = more and bool(tasks)
+                        todo.extend(tasks)
+                if not todo and not pending:
+                    if not more or self.control.stop.value != RUN:
+                        return
+                    todo.extend(self._reserve(client) or [])
+                    if not todo:
+                        return
+                # Downloads ahead are also bounded by the live tasks_per_reserve: a shrink then cuts
+                # the compressed JPEGs held now (24 MB each when large), not only at the next reserve.
+                ahead = min(self.plan.download_threads, max(1, self.control.tasks_per_reserve.value))
+                while todo and len(pending) < ahead:
+                    task = todo.popleft()
+                    deadline_s = time.monotonic() + self.source.image_deadline_s + DEADLINE_SLACK_S
+                    pending.append((task, deadline_s, _on_thread("download", self._fetch, session, task)))
+                if (more and not todo and reserving is None and self.control.stop.value == RUN
+                        and self.control.admit.value):
+                    reserving = _on_thread("reserve", partial(self._reserve, wait=False), client)
                     continue
-            if buffers is not None:  # in a loader worker process
-                self._wait_for_credit(worker_id)
-            if self.control.stop.value == ABANDON:
-                return
-            entry = self._next_download(pending)
-            if entry is None:  # abandoned while waiting for a download
-                return
-            task, deadline_s, future = entry
-            item = self._load(task, deadline_s, future, worker_id, buffers)
-            if item is None:  # abandoned while waiting for the download
-                return
-            # Drop our references before suspending: a suspended generator frame would
-            # otherwise keep the last compressed JPEG (24 MB for a large image) alive.
-            del future
-            # Counted before the yield: the decoded image is held from now on, while the
-            # DataLoader ships it only once its batch is full.
-            self.control.produced[worker_id + 1] += 1
-            yield item
-            del item
+                if buffers is not None:  # in a loader worker process
+                    self._wait_for_credit(worker_id)
+                if self.control.stop.value == ABANDON:
+                    return
+                entry = self._next_download(pending)
+                if entry is None:  # abandoned while waiting for a download
+                    return
+                task, deadline_s, future = entry
+                del entry
+                item = self._load(task, deadline_s, future, worker_id, buffers)
+                if item is None:  # abandoned while waiting for the download
+                    return
+                # Drop our references before suspending: a suspended generator frame would
+                # otherwise keep the last compressed JPEG (24 MB for a large image) alive.
+                del future
+                # Counted before the yield: the decoded image is held from now on, while the
+                # DataLoader ships it only once its batch is full.
+                self.control.produced[worker_id + 1] += 1
+                yield item
+                del item
+        finally:
+            if reserving is not None:  # its tasks reach the ledger (stranded, released) before we exit
+                self._settle(reserving, until_abandoned=False)
+
+    def _settle(self, reserving: Future, *, until_abandoned: bool = True) -> Optional[list[Task]]:
+        """The tasks of a reservation made on its own thread (None: paused, or given up on).
+
+        Waits for it, looking at the stop flag: once the loader is abandoned it gives up (the
+        reserve records what it gets in the ledger on its own) unless ``until_abandoned`` is
+        False; then it waits up to the API timeout, so a lane's process never exits in the middle
+        of a reserve whose tasks the ledger would miss.
+        """
+        give_up_s = time.monotonic() + self.source.api_timeout_s * max(1, self.source.api_max_attempts) + 1.0
+        while time.monotonic() < give_up_s:
+            if until_abandoned and self.control.stop.value == ABANDON:
+                return None
+            try:
+                return reserving.result(timeout=STOP_POLL_S)
+            except FutureTimeout:
+                continue
+        return None
 
     def _reserve(self, client: AntennaClient, *, wait: bool = True) -> Optional[list[Task]]:
         """Reserve up to the live ``tasks_per_reserve``; [] when there is nothing (or the reserve
@@ -398,10 +431,10 @@ class TaskStream(IterableDataset):
         return loaded(task, fetched, decoded, image=image, worker_id=worker_id)
 
 
-def _start_download(fetch: Callable[..., Any], *args: Any) -> Future:
-    """Run ``fetch(*args)`` on a thread of its own and return its future.
+def _on_thread(name: str, function: Callable[..., Any], *args: Any) -> Future:
+    """Run ``function(*args)`` on a daemon thread of its own and return its future.
 
-    A daemon thread per download, not an executor: an executor's threads are joined when the
+    A daemon thread per call, not an executor: an executor's threads are joined when the
     process exits, so one download stuck on a slow host would hold up a loader worker's exit
     (and the DataLoader's shutdown). A download left behind ends on its own deadline.
     """
@@ -411,11 +444,11 @@ def _start_download(fetch: Callable[..., Any], *args: Any) -> Future:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(fetch(*args))
+            future.set_result(function(*args))
         except BaseException as error:  # handed to the waiting thread, which classifies it
             future.set_exception(error)
 
-    threading.Thread(target=run, name="download", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future
 
 

@@ -203,7 +203,7 @@ def test_small_images_on_a_slow_network_get_more_concurrency(make_probe, calibra
 
 
 def test_grid_size_is_bounded(make_probe, calibration):
-    # 2 CPUs, no CUDA: workers 0..4 (prefetch 1 only without workers) x 7 batches x 26 (threads,
+    # 2 CPUs, no CUDA: workers 0..4 (prefetch 1 only without workers) x 7 batches x 28 (threads,
     # reserve) pairs: threads from 2 (1 when reserving one task) up to below the reserve, plus the
     # smallest count >= reserve where there is one. About 0.05 s here; the CUDA grid at 16 CPUs (9 worker counts, pin on
     # and off) is the largest and must stay under ~12k (about 0.15 s).
@@ -211,7 +211,7 @@ def test_grid_size_is_bounded(make_probe, calibration):
     decision = choose_plan(probe, constraints_for(probe, 8 * GiB), calibration)
     pairs = sum(len([t for t in DOWNLOAD_THREADS if min(2, reserve) <= t < reserve])
                 + any(t >= reserve for t in DOWNLOAD_THREADS) for reserve in TASKS_PER_RESERVE)
-    assert decision.candidates_considered == (1 + 4 * 3) * 7 * pairs == 13 * 7 * 26
+    assert decision.candidates_considered == (1 + 4 * 3) * 7 * pairs == 13 * 7 * 28
     # a lane reserving two or more downloads on two connections or more, and reserves hold a batch
     # (the 300 s timeout allows it here)
     for plan in [decision.plan] + [o.plan for o in plan_options(probe, constraints_for(probe, 8 * GiB), calibration)]:
@@ -232,7 +232,7 @@ def test_inference_threads_follow_where_the_cpu_goes(make_probe, calibration, la
     assert heavy.plan.inference_threads == 1
     assert light.plan.inference_threads == 2
     assert any(reason.startswith("inference_threads 1: loading takes") for reason in heavy.reasons)
-    assert heavy.candidates_considered == 2 * 13 * 7 * 26  # one thread and the default, each timed
+    assert heavy.candidates_considered == 2 * 13 * 7 * 28  # one thread and the default, each timed
     # CUDA, or no one-thread timing: the default only; an operator's OMP_NUM_THREADS is kept
     cuda = make_probe(cuda=True, **{**large_images, "decode_s_per_image": 0.35}, single_thread_inference_s=0.1)
     assert choose_plan(cuda, constraints_for(cuda, 8 * GiB), calibration).plan.inference_threads == 2
