@@ -188,7 +188,7 @@ def choose_plan(
         return _minimal_decision(probe, constraints, calibration, correction, count)
     best_rate = max(p.rate.pipeline_images_per_s for p in feasible)
     window = [p for p in feasible if p.rate.pipeline_images_per_s >= (1.0 - TIE_TOLERANCE) * best_rate]
-    chosen = min(window, key=partial(_tie_key, more_threads=probe.inference_busy_threads > 0))
+    chosen = min(window, key=partial(_tie_key, more_threads=probe.inference_busy_threads > 0, probe=probe))
     plan = chosen.plan.with_changes(source="autotune")
     reasons = _reasons(plan, chosen.memory, chosen.rate, probe, constraints, len(window), best_rate)
     decision = PlanDecision(plan, chosen.memory, chosen.rate, count, True, reasons, constraints.budget_bytes)
@@ -366,12 +366,34 @@ def _pin_helps(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) -> 
     return constraints.cuda and probe.cuda and transfer_share(plan, probe) >= constraints.min_transfer_share_for_pin
 
 
-def _tie_key(item: _Priced, more_threads: bool = False) -> tuple:
+def downloads_needed(rate: RateEstimate, probe: Probe) -> float:
+    """Little's law at the plan's own ceiling: downloads in flight to feed its decoders (or the
+    model, when slower) at full speed = that rate x seconds per download. The decoders' ceiling
+    is taken at the fastest sampled decode (``Probe.decode_floor_s_per_image``): the link is
+    provisioned for what the cores can do undisturbed, the rate predicted with the median."""
+    return decode_ceiling(rate, probe) * probe.download_s_per_image()
+
+
+def decode_ceiling(rate: RateEstimate, probe: Probe) -> float:
+    """The plan's decoders at the fastest sampled decode, or the model's rate where lower."""
+    floor_s = probe.decode_floor_s_per_image
+    speedup = probe.decode_s_per_image / floor_s if 0 < floor_s < probe.decode_s_per_image else 1.0
+    return min(rate.decode_images_per_s * speedup, rate.inference_images_per_s)
+
+
+def _tie_key(item: _Priced, more_threads: bool = False, probe: Optional[Probe] = None) -> tuple:
     plan = item.plan
+    # Among ties, first the plans whose downloads in flight could feed their decoders at full
+    # speed (Little's law): when the model says the CPU is the bound, connections add nothing to
+    # the predicted rate, yet the probe's CPU figure is a three-image sample (it moved 30% between
+    # runs of one job), and a plan provisioned only for it left a far link's lanes waiting on
+    # downloads (null pipeline, 300 ms link: 33 images/s at 32 in flight, 42 at 96). Compressed
+    # bodies are cheap next to decoded images; memory still decides among the rest.
+    short = probe is not None and connections_in_flight(plan) < downloads_needed(item.rate, probe)
     # Reserving what one batch needs: each reserve is a request the Antenna server serves for
     # every worker of a fleet, and a reserve per image costs more than the model's round trip.
     reserve_off_batch = abs(math.log2(plan.tasks_per_reserve) - math.log2(plan.batch_size))
-    return (item.memory.total_bytes, plan.num_workers, reserve_off_batch, plan.tasks_per_reserve,
+    return (short, item.memory.total_bytes, plan.num_workers, reserve_off_batch, plan.tasks_per_reserve,
             plan.download_threads, plan.prefetch_factor, plan.batch_size, plan.pin_memory,
             -plan.inference_threads if more_threads else plan.inference_threads)
 
@@ -439,12 +461,12 @@ def _pin_reason(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) ->
 def _downloads_reason(plan: LoaderPlan, rate: RateEstimate, probe: Probe) -> str:
     """Little's law: images/s x seconds per download = downloads in flight the plan needs."""
     download_s = probe.download_s_per_image()
-    needed = rate.pipeline_images_per_s * download_s
+    ceiling = decode_ceiling(rate, probe)
     in_flight = connections_in_flight(plan)
     return (f"downloads in flight {in_flight} ({max(1, plan.num_workers)} lane(s) x "
-            f"{min(plan.download_threads, plan.tasks_per_reserve)}): Little's law, {rate.pipeline_images_per_s:.2f} "
-            f"images/s x {download_s:.3f} s per download needs {needed:.1f}; compressed bytes in flight up to "
-            f"{in_flight * probe.max_jpeg_bytes / MiB:.0f} MiB")
+            f"{min(plan.download_threads, plan.tasks_per_reserve)}): Little's law, the lanes' ceiling "
+            f"{ceiling:.1f} images/s x {download_s:.3f} s per download needs {downloads_needed(rate, probe):.1f}; "
+            f"compressed bytes in flight up to {in_flight * probe.max_jpeg_bytes / MiB:.0f} MiB")
 
 
 def _threads_reason(plan: LoaderPlan, rate: RateEstimate, probe: Probe, constraints: PlanConstraints) -> str:

@@ -102,6 +102,10 @@ class Probe:
     cuda: bool
     reservation_timeout_s: float = 300.0
     api_round_trip_s: float = 0.0
+    max_pending_posts: int = 5  # result posts in flight at once (AMI_ANTENNA_MAX_PENDING_POSTS)
+    # The fastest sampled decode per pixel, at the median image's pixels: what a core can do when
+    # nothing else disturbs it (noise only adds CPU time). 0: not measured (use decode_s_per_image).
+    decode_floor_s_per_image: float = 0.0
     host_to_device_bytes_per_s: float = 0.0
     pinned_host_to_device_bytes_per_s: float = 0.0
     forward_batch_size: int = 0
@@ -128,6 +132,8 @@ class Probe:
             raise ValueError(f"Probe.download_bytes_per_s must be > 0, got {self.download_bytes_per_s}")
         if self.inference_threads < 1:
             raise ValueError(f"Probe.inference_threads must be >= 1, got {self.inference_threads}")
+        if self.max_pending_posts < 1:
+            raise ValueError(f"Probe.max_pending_posts must be >= 1, got {self.max_pending_posts}")
         for name in ("download_latency_s", "decode_s_per_image", "inference_overhead_s",
                      "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s",
                      "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image",
@@ -146,6 +152,7 @@ class Probe:
         cpu_count: int,
         cuda: bool,
         reservation_timeout_s: float = 300.0,
+        max_pending_posts: int = 5,
         worker_process_bytes: Optional[int] = None,
         download_latency_s: Optional[float] = None,
         api_round_trip_s: Optional[float] = None,
@@ -249,6 +256,8 @@ class Probe:
             download_latency_s=latency_s,
             download_bytes_per_s=bytes_per_s,
             decode_s_per_image=statistics.median(image.decode_s for image in images),
+            decode_floor_s_per_image=min(image.decode_s / max(1, image.width * image.height) for image in images)
+            * statistics.median(image.width * image.height for image in images),
             inference_overhead_s=overhead_s,
             inference_per_image_s=per_image_s,
             baseline_bytes=int(baseline_bytes),
@@ -256,6 +265,7 @@ class Probe:
             cpu_count=int(cpu_count),
             cuda=bool(cuda),
             reservation_timeout_s=float(reservation_timeout_s),
+            max_pending_posts=int(max_pending_posts),
             api_round_trip_s=latency_s if api_round_trip_s is None else float(api_round_trip_s),
             host_to_device_bytes_per_s=pageable,
             pinned_host_to_device_bytes_per_s=pinned,

@@ -17,7 +17,9 @@ reservations of 128 tasks per lane amortise, more than a 200-task job can spread
 ``cpu_count`` share cores (decode_s grows by lanes / cpu_count). Inference of a batch of b takes
 ``overhead x ceil(b / forward_batch_size) + per_image x b`` (pipelines split ingest batches into
 forward batches); pin_memory on CUDA replaces the pageable host->device copy in
-``per_image`` by the pinned one. Result posts run on their own thread and are not priced.
+``per_image`` by the pinned one. Result posts run on their own threads, one per batch and
+``max_pending_posts`` at a time, each an API round trip: ``post_rate`` caps the pipeline (batch 1
+against a 300 ms server posts at most 17 images/s, which the null pipeline measured: 15).
 
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
 inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) the loader
@@ -70,11 +72,11 @@ UNLIMITED_PER_S = 1e9
 # be exponential); see "Coupling" above.
 STAGE_SCV = 0.5
 LARGEST_BATCH = 64  # the inference bound's batch: the planner's largest
-BOTTLENECKS = ("reserve", "download", "decode", "inference", "cpu", "main_process")
+BOTTLENECKS = ("reserve", "download", "decode", "inference", "cpu", "main_process", "post")
 # What bounds a plan, in an operator's words: the download bottleneck is latency-bound when a
 # request's wait is most of a download, bandwidth-bound when the body's transfer is.
 REGIMES = ("latency-bound", "bandwidth-bound", "decode-bound", "inference-bound", "cpu-bound",
-           "reserve-bound", "main-process-bound")
+           "reserve-bound", "main-process-bound", "post-bound")
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,16 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
         pipeline = min(loader, inference)
     if plan.num_workers > 0 and loader < inference and bottleneck != "cpu":
         bottleneck = _loader_bottleneck(stall_s, streaming_s, download_s / connections, decode_s)
+    posting = post_rate(plan, probe)
+    if posting < pipeline:
+        pipeline, bottleneck = posting, "post"
     return RateEstimate(download, decode, loader, inference, pipeline, bottleneck, regime(bottleneck, probe))
+
+
+def post_rate(plan: LoaderPlan, probe: Probe) -> float:
+    """Images/s the result posts allow: one post per batch, ``max_pending_posts`` in flight, each
+    a round trip (a far server's latency): batch 1 on a 300 ms link posts at most 5 / 0.3 s."""
+    return _per_s(probe.max_pending_posts * plan.batch_size, probe.api_round_trip_s)
 
 
 def regime(bottleneck: str, probe: Probe) -> str:
@@ -146,7 +157,8 @@ def regime(bottleneck: str, probe: Probe) -> str:
         transfer_s = probe.median_jpeg_bytes / probe.download_bytes_per_s
         return "latency-bound" if probe.download_latency_s >= transfer_s else "bandwidth-bound"
     return {"decode": "decode-bound", "inference": "inference-bound", "cpu": "cpu-bound",
-            "reserve": "reserve-bound", "main_process": "main-process-bound"}.get(bottleneck, bottleneck)
+            "reserve": "reserve-bound", "main_process": "main-process-bound",
+            "post": "post-bound"}.get(bottleneck, bottleneck)
 
 
 @dataclass(frozen=True)

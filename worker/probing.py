@@ -475,6 +475,7 @@ def fit_probe(sample: ProbeSample, stats: JobStats, settings: Settings, *, calib
     probe = Probe.from_samples(
         sample.images, inference, baseline_bytes=sample.baseline_bytes, cpu_count=cpu_count(), cuda=cuda,
         reservation_timeout_s=settings.antenna_reservation_timeout_s, api_round_trip_s=sample.round_trip_s,
+        max_pending_posts=settings.antenna_max_pending_posts,
         calibration=calibration, forward_batch_size=forward_batch_size,
         inference_threads=torch.get_num_threads(), external_cpu_s=sample.external_cpu_s,
         api_exchange_cpu_s=sample.exchange_cpu_s, inference_overhead_floor_s=sample.overhead_floor_s or 0.0,

@@ -255,3 +255,17 @@ def test_bounds_are_each_stage_alone(make_probe):
                            bounds(probe, connections_in_flight(candidate)).link_images_per_s) * 1.0001
     text = "\n".join(limits.lines(probe))
     assert "80.0 images/s" in text and "64.0 images/s" in text and "32 connections" in text
+
+
+def test_result_posts_cap_the_rate_on_a_far_server(make_probe):
+    """One post per batch, max_pending_posts in flight, each a round trip: batch 1 against a
+    300 ms server posts at most 5 / 0.3 images/s however fast the rest is; batch 8 lifts it."""
+    probe = make_probe(cuda=True, inference_per_image_s=0.0001, decode_s_per_image=0.005, api_round_trip_s=0.3,
+                       download_latency_s=0.3, download_bytes_per_s=50e6, max_pending_posts=5)
+    one = predict_rate(plan(batch_size=1, download_threads=32), probe)
+    assert one.pipeline_images_per_s == pytest.approx(5 / 0.3)
+    assert one.bottleneck == "post" and one.regime == "post-bound"
+    eight = predict_rate(plan(batch_size=8, download_threads=32), probe)
+    assert eight.pipeline_images_per_s == pytest.approx(5 * 8 / 0.3)
+    many = predict_rate(plan(batch_size=64, download_threads=32, tasks_per_reserve=64), probe)
+    assert many.bottleneck != "post" and many.pipeline_images_per_s > eight.pipeline_images_per_s

@@ -207,6 +207,7 @@ def tune_images(worker, sources: Sequence[str], pipeline_slug: str) -> Optional[
     geometry = ImageGeometry.largest(pipeline, samples)
     probe = Probe.from_samples(samples, inference, baseline_bytes=baseline_bytes(items), cpu_count=cpu_count(),
                                cuda=worker.cuda, reservation_timeout_s=worker.settings.antenna_reservation_timeout_s,
+                               max_pending_posts=worker.settings.antenna_max_pending_posts,
                                forward_batch_size=pipeline.localization_batch_size,
                                inference_threads=torch.get_num_threads(),
                                inference_overhead_floor_s=overhead_floor(pipeline) or 0.0,
