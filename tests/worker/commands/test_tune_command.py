@@ -1,6 +1,7 @@
 """``worker tune`` as operators run it: a real subprocess against the real local server."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,12 @@ def test_tune_images_prints_tables_and_env_lines_and_writes_them(antenna, tiny_i
     assert "probe of 4 images" in out and "640x480" in out
     assert "recommended MiB" in out and "current MiB" in out  # the side-by-side memory table
     assert "batches assembling/queued" in out and "total (corrected)" in out
-    assert out.count("images/s (bottleneck") >= 2  # recommended and current rates
+    assert len(re.findall(r"images/s, [a-z-]+-bound \(bottleneck", out)) >= 2  # recommended and current rates
+    # the bounds, each stage alone, and which one limits the recommended plan
+    assert "Bounds (each stage alone; no plan beats the lowest)" in out
+    assert re.search(r"decode +[0-9.]+ images/s +\(\d+ cores x", out)
+    assert re.search(r"link +[0-9.]+ images/s +\(\d+ connections / ", out)
+    assert re.search(r"the recommended plan is [a-z-]+-bound: [0-9.]+ images/s predicted", out)
     assert "Current settings" in out
     written = env_file.read_text().splitlines()
     assert [line.split("=")[0] for line in written] == list(ENV_NAMES)
