@@ -146,6 +146,7 @@ class Fleet:
         self.stop = _StopState()
         self.exit_code = 0
         self._wake = threading.Event()
+        self._stopping_announced = False
         self._metrics_dir: Optional[str] = None
         self._server = None
         self._next_keepalive_s = 0.0
@@ -182,10 +183,19 @@ class Fleet:
                 self._wake.wait(POLL_S)
                 self._wake.clear()
         finally:
+            # Every child may have ended in the reap that stopped the fleet (two children exiting 2
+            # at once), before the loop handled the stop it queued: systemd still hears STOPPING=1.
+            self._announce_stopping(notifier)
             self._kill_all()
             self._stop_metrics()
         log.info("fleet: stopped (exit %d)", self.exit_code)
         return self.exit_code
+
+    def _announce_stopping(self, notifier) -> None:
+        """STOPPING=1 to systemd, once."""
+        if notifier is not None and not self._stopping_announced:
+            self._stopping_announced = True
+            notifier.send("STOPPING=1")
 
     def _keepalive(self, notifier) -> None:
         """WATCHDOG=1 every half of systemd's WATCHDOG_USEC, from the loop (a hung loop stops it)."""
@@ -221,8 +231,7 @@ class Fleet:
                 self.stop.deadline_s = time.monotonic() + self.settings.shutdown_grace_s + STOP_MARGIN_S
                 log.info("fleet: %s: draining %d children (deadline %.0f s)", signal.Signals(signum).name,
                          len(self._live()), self.settings.shutdown_grace_s + STOP_MARGIN_S)
-                if notifier is not None:
-                    notifier.send("STOPPING=1")
+                self._announce_stopping(notifier)
             else:
                 log.warning("fleet: second %s: the children force", signal.Signals(signum).name)
             for child in self.children:
