@@ -79,8 +79,12 @@ def test_children_exiting_mid_sampling_never_raise(caplog: pytest.LogCaptureFixt
     stop = threading.Event()
 
     def churn() -> None:
+        # A pause between children: without one, a child is alive at nearly every sample, and
+        # the counts differ only when a sample hits the moment between a reap and the next fork
+        # (a fresh-clone CI run saw {3} alone in 3 s).
         while not stop.is_set():
             subprocess.run([sys.executable, "-c", "import time; time.sleep(0.02)"], check=True)
+            stop.wait(0.05)
 
     meter = TreeMeter(os.getpid(), deep_budget_fraction=None)
     churner = threading.Thread(target=churn, daemon=True)
