@@ -560,8 +560,13 @@ def main() -> int:
                              "hand workaround at num_workers=0 so loading is in the recorded process)")
     parser.add_argument("--only-memray", action="store_true", help="just the memray run")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where the figures go (default benchmarks/results.json, or benchmarks/regimes-results.json "
+                             "when only null-pipeline workloads run)")
     args = parser.parse_args()
+    if args.json is None:
+        only_regimes = all(w.pipeline == "null" for w in WORKLOADS if w.name in args.workloads.split(","))
+        args.json = ROOT / "benchmarks" / ("regimes-results.json" if only_regimes else "results.json")
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
     wanted = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
