@@ -119,7 +119,7 @@ def predict_peak(
     lanes = max(1, workers)
     tensor_bytes = probe.decoded_bytes_per_image * (BYTES_PER_FLOAT32 if plan.tensor_dtype == "float32" else 1)
     batch_bytes = tensor_bytes * plan.batch_size
-    connections = min(plan.download_threads, plan.tasks_per_reserve)
+    connections = plan.downloads_per_lane
     queued_batches = workers * plan.prefetch_factor
     components = (
         probe.baseline_bytes,

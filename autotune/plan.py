@@ -53,7 +53,12 @@ class LoaderPlan:
         """Most reserved tasks one loader worker holds before yielding them: a reservation, plus
         the previous one's last downloads still in flight when it was made (the ingest reserves
         ahead so its round trip overlaps them)."""
-        return self.tasks_per_reserve + min(self.download_threads, self.tasks_per_reserve)
+        return self.tasks_per_reserve + self.downloads_per_lane
+
+    @property
+    def downloads_per_lane(self) -> int:
+        """Downloads one loader worker keeps in flight: it never downloads ahead of its reservation."""
+        return min(self.download_threads, self.tasks_per_reserve)
 
     def with_changes(self, **changes: object) -> "LoaderPlan":
         return replace(self, **changes)

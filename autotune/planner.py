@@ -464,8 +464,8 @@ def _downloads_reason(plan: LoaderPlan, rate: RateEstimate, probe: Probe) -> str
     ceiling = decode_ceiling(rate, probe)
     in_flight = connections_in_flight(plan)
     return (f"downloads in flight {in_flight} ({max(1, plan.num_workers)} lane(s) x "
-            f"{min(plan.download_threads, plan.tasks_per_reserve)}): Little's law, the lanes' ceiling "
-            f"{ceiling:.1f} images/s x {download_s:.3f} s per download needs {downloads_needed(rate, probe):.1f}; "
+            f"{plan.downloads_per_lane}): Little's law, the lanes' ceiling "
+            f"{ceiling:.1f} images/s x {download_s:.3f} s per download needs {ceiling * download_s:.1f}; "
             f"compressed bytes in flight up to {in_flight * probe.max_jpeg_bytes / MiB:.0f} MiB")
 
 

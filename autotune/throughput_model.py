@@ -109,7 +109,7 @@ class RateEstimate:
 def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     """Predicted steady-state rates of ``plan`` on ``probe``'s job; see the module docstring."""
     lanes = max(1, plan.num_workers)
-    connections = min(plan.download_threads, plan.tasks_per_reserve)
+    connections = plan.downloads_per_lane
     download_s = probe.download_s_per_image()
     decode_s = probe.decode_s_per_image * max(1.0, lanes / probe.cpu_count)
     # Within a lane the downloads (c connections, c bodies ahead) feed one decoder: a tandem line
@@ -184,9 +184,6 @@ class Bounds:
             f"{probe.inference_per_image_s:.4f} s per image plus its per-batch overhead)",
         ]
 
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
 
 def bounds(probe: Probe, connections: int) -> Bounds:
     """``Bounds`` of ``probe``'s job with at most ``connections`` downloads in flight."""
@@ -199,8 +196,8 @@ def bounds(probe: Probe, connections: int) -> Bounds:
 
 
 def connections_in_flight(plan: LoaderPlan) -> int:
-    """Downloads a plan keeps in flight: each lane's ``min(download_threads, tasks_per_reserve)``."""
-    return max(1, plan.num_workers) * min(plan.download_threads, plan.tasks_per_reserve)
+    """Downloads a plan keeps in flight: ``LoaderPlan.downloads_per_lane`` in each lane."""
+    return max(1, plan.num_workers) * plan.downloads_per_lane
 
 
 def buffered_rate(producer_per_s: float, consumer_per_s: float, buffer_batches: int, scv: float = 1.0) -> float:

@@ -34,7 +34,6 @@ LINK_TIMEOUT_S = 600
 
 def decode_bound(paths: Sequence[Path], cores: int, sample: int = 5) -> tuple[float, float]:
     """(cores x single-core images/s, single-core images/s) from decoding ``sample`` images."""
-    sys.path.insert(0, str(ROOT))
     from worker.imaging import decode
 
     seconds = []

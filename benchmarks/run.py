@@ -156,6 +156,12 @@ class TimedAntenna(LocalAntenna):
             self.ready_at_s = time.monotonic()
         return super().api_list_jobs(query)
 
+    def job_started_s(self) -> Optional[float]:
+        """When the job's clock starts: the worker's first job listing, else its first reserve."""
+        if self.ready_at_s is not None:
+            return self.ready_at_s
+        return self.reserve_times_s[0] if self.reserve_times_s else None
+
     def api_reserve(self, job_id: int, body: Any) -> dict[str, Any]:
         answer = super().api_reserve(job_id, body)
         if answer.get("tasks"):
@@ -343,9 +349,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def _with_close_rate(server: "TimedAntenna", exited_at_s: float) -> float:
     """Accepted results per second from the job's start to the worker's exit (its close included)."""
     done = sum(n for _, n in server.result_times_s)
-    started_s = server.ready_at_s if server.ready_at_s is not None else (
-        server.reserve_times_s[0] if server.reserve_times_s else exited_at_s)
-    return done / (exited_at_s - started_s) if exited_at_s > started_s else 0.0
+    started_s = server.job_started_s()
+    return done / (exited_at_s - started_s) if started_s is not None and exited_at_s > started_s else 0.0
 
 
 def _rates(server: TimedAntenna, tasks: int) -> tuple[float, float, float]:
@@ -360,7 +365,7 @@ def _rates(server: TimedAntenna, tasks: int) -> tuple[float, float, float]:
     if not server.reserve_times_s or not server.result_times_s:
         return 0.0, 0.0, 0.0
     done = sum(n for _, n in server.result_times_s)
-    started_s = server.ready_at_s if server.ready_at_s is not None else server.reserve_times_s[0]
+    started_s = server.job_started_s()
     wall_s = server.result_times_s[-1][0] - started_s
     count, steady_from_s, steady_from_count = 0, None, 0
     for at_s, n in server.result_times_s:

@@ -7,8 +7,9 @@ a time, wait for credit, decode to uint8 CHW (float conversion happens on the in
 and yield one ``LoadedImage`` per task, taking downloads in the order they finish, not the order
 they started (``TaskStream._next_download``); batches reach the main process in the order they
 are ready, whichever worker filled them (``in_order=False``), so one slow download holds up its
-own image only. The next reservation is made once the current one's last
-download is under way, so reserving never drains the lane's downloads (``TaskStream._stream``).
+own image only. The next reservation is made, on a thread of its own, once the current one's last
+download is under way, so reserving never drains the lane's downloads nor stops the decoder
+(``TaskStream._stream``).
 A failed download or decode yields an item with ``error`` set: it never fails the batch.
 
 Credit: a worker decodes its next image only while fewer than ``prefetch_depth x batch_size`` of
