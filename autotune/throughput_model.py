@@ -21,6 +21,13 @@ forward batches); pin_memory on CUDA replaces the pageable host->device copy in
 ``max_pending_posts`` at a time, each an API round trip: ``post_rate`` caps the pipeline (batch 1
 against a 300 ms server posts at most 17 images/s, which the null pipeline measured: 15).
 
+Handing batches over: the main process takes each batch a loader worker hands it (the queue, a
+shared-memory descriptor per image) and posts its results: ``HANDOFF_CPU_S_PER_*`` plus the post
+the probe times, core-seconds that count against the CPU like the loading's. With
+``prefetch_factor`` 1 a lane asks for its next batch only once the main process has taken the
+last, so it also idles for that turnaround each batch (``handoff_wait_s``); deeper prefetch
+hides it.
+
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
 inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) the loader
 workers and the inference share the cores, and the kernel shares them fairly between runnable
@@ -72,6 +79,14 @@ UNLIMITED_PER_S = 1e9
 # be exponential); see "Coupling" above.
 STAGE_SCV = 0.5
 LARGEST_BATCH = 64  # the inference bound's batch: the planner's largest
+# The main process's own CPU per batch a loader worker hands it, besides the result post the probe
+# times (``Probe.api_exchange_cpu_s``): taking the batch off the queue, mapping each image's
+# shared-memory buffer (a descriptor passed per image), the batch's bookkeeping and its post thread.
+# perf on 2 cores, null pipeline, 2048x1536 images: the main process took 2.25 core-ms per image at
+# batch 2 and 0.87 at batch 8, i.e. 3.7 ms per batch (1.7 of them the post the probe measured)
+# and 0.4 ms per image; a DataLoader alone moving such images took 0.3 ms per image.
+HANDOFF_CPU_S_PER_BATCH = 0.002
+HANDOFF_CPU_S_PER_IMAGE = 0.0004
 BOTTLENECKS = ("reserve", "download", "decode", "inference", "cpu", "main_process", "post")
 # What bounds a plan, in an operator's words: the download bottleneck is latency-bound when a
 # request's wait is most of a download, bandwidth-bound when the body's transfer is.
@@ -120,7 +135,10 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     # The next reserve goes out (on its own thread) as the reservation's last download starts:
     # the c downloads then in flight keep the decoder busy for c steps; a longer round trip stalls.
     stall_s = max(0.0, probe.api_round_trip_s - connections * stream_s)
-    loader = _per_s(lanes * reserve, streaming_s + stall_s)
+    # With prefetch_factor 1 a lane asks for its next batch only once the main process has taken
+    # this one: it idles for the main process's turnaround, each batch.
+    handoff_s = reserve / plan.batch_size * handoff_wait_s(plan, probe) if plan.prefetch_factor <= 1 else 0.0
+    loader = _per_s(lanes * reserve, streaming_s + stall_s + handoff_s)
     download = _per_s(lanes * connections, download_s)
     decode = _per_s(min(lanes, probe.cpu_count), probe.decode_s_per_image)
     full_inference = _per_s(plan.batch_size, inference_batch_s(plan, probe))
@@ -129,6 +147,11 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
         bottleneck = "main_process"
     elif not probe.cuda:
         loader, inference, cpu_bound = _cpu_shared(loader, full_inference, plan, probe)
+        if cpu_bound and handoff_s > 0:
+            # The CPU bound assumes every core busy; a lane waiting on the handoff leaves its core
+            # idle for that share of its cycle (nothing else on the host is runnable enough to fill it).
+            busy = (streaming_s + stall_s) / (streaming_s + stall_s + handoff_s)
+            loader, inference = loader * busy, inference * busy
         bottleneck = "cpu" if cpu_bound else "inference"
     else:
         inference, bottleneck = full_inference, "inference"
@@ -142,6 +165,27 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     if posting < pipeline:
         pipeline, bottleneck = posting, "post"
     return RateEstimate(download, decode, loader, inference, pipeline, bottleneck, regime(bottleneck, probe))
+
+
+def handoff_cpu_s_per_image(plan: LoaderPlan, probe: Probe) -> float:
+    """Core-seconds per image the main process spends taking batches from loader workers (0 when
+    it loads them itself), besides the result posts: ``HANDOFF_CPU_S_PER_*``."""
+    if plan.num_workers == 0:
+        return 0.0
+    return HANDOFF_CPU_S_PER_BATCH / max(1, plan.batch_size) + HANDOFF_CPU_S_PER_IMAGE
+
+
+def handoff_wait_s(plan: LoaderPlan, probe: Probe) -> float:
+    """Seconds a lane with prefetch_factor 1 waits per batch for the main process to take it and
+    ask for the next: the main process's CPU for that batch (its handoff and its result post) at
+    the share of a core it gets beside the decoding lanes. Measured on 2 cores at batch 8: 52.8
+    images/s at prefetch 1, 56.9 at prefetch 2, a wait of ~20 ms per batch."""
+    if plan.num_workers == 0:
+        return 0.0
+    batch = max(1, plan.batch_size)
+    cpu_s = HANDOFF_CPU_S_PER_BATCH + batch * HANDOFF_CPU_S_PER_IMAGE + probe.api_exchange_cpu_s
+    share = min(1.0, probe.cpu_count / (plan.num_workers + 1))
+    return cpu_s / share
 
 
 def post_rate(plan: LoaderPlan, probe: Probe) -> float:
@@ -265,7 +309,8 @@ def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
     cores, lanes = probe.cpu_count, max(1, plan.num_workers)
     threads = inference_threads(plan, probe)
     image_s = 1.0 / full_inference  # inference wall seconds per image at `threads`, CPU to itself
-    load_core_s = probe.loader_cpu_s_per_image() + probe.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size)
+    load_core_s = (probe.loader_cpu_s_per_image() + probe.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size)
+                   + handoff_cpu_s_per_image(plan, probe))
     infer_core_s = probe.inference_cpu_s_per_image(threads, image_s)
     cpu_rate = cores / (load_core_s + infer_core_s)
     rate = min(loader, full_inference, cpu_rate)

@@ -96,10 +96,11 @@ WORKLOADS = (
 )
 REFERENCE_WORKLOADS = ("small", "large", "slow")
 ADC_PLAN = LoaderPlan(24, 24, 4, 4, False, 8, "float32", "benchmark")
-# The grid: DataLoader workers x (batch = tasks per reserve) x download threads x inference
-# threads (1, or torch's default: the CPU count), prefetch 2.
-GRID = tuple(LoaderPlan(batch, batch, workers, 2, False, threads, "uint8", "benchmark", inference)
-             for workers in (1, 2) for batch in (4, 16) for threads in (4, 16) for inference in (1, 0))
+# The grid: DataLoader workers x batch x download threads (up to 64) x inference threads (1, or
+# torch's default: the CPU count), prefetch 2. A lane downloads at most its reservation at once, so
+# each plan reserves max(batch, threads) tasks: every thread count is in play.
+GRID = tuple(LoaderPlan(max(batch, threads), batch, workers, 2, False, threads, "uint8", "benchmark", inference)
+             for workers in (1, 2) for batch in (4, 16) for threads in (4, 16, 64) for inference in (1, 0))
 
 
 @dataclass(frozen=True)

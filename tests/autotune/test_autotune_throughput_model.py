@@ -7,7 +7,8 @@ import pytest
 
 from autotune.plan import LoaderPlan
 from autotune.throughput_model import (
-    UNLIMITED_PER_S, bounds, buffered_rate, connections_in_flight, predict_rate, transfer_share,
+    UNLIMITED_PER_S, bounds, buffered_rate, connections_in_flight, handoff_cpu_s_per_image, handoff_wait_s,
+    predict_rate, transfer_share,
 )
 
 
@@ -86,8 +87,10 @@ def test_on_cpu_decoding_takes_cores_from_inference(make_probe):
     cpu = predict_rate(plan(num_workers=4), make_probe(cuda=False, **kwargs))
     gpu = predict_rate(plan(num_workers=4), make_probe(cuda=True, **kwargs))
     assert gpu.inference_images_per_s == pytest.approx(10.0)  # inference alone
-    # each image: 0.1 s of all cores for inference + 0.2 core-s of decode on 2 cores
-    assert cpu.inference_images_per_s == pytest.approx(1 / (0.1 + 0.2 / 2))
+    # each image: 0.1 s of all cores for inference + 0.2 core-s of decode (and the main
+    # process's handoff) on 2 cores
+    handoff = handoff_cpu_s_per_image(plan(num_workers=4), make_probe(cuda=False, **kwargs))
+    assert cpu.inference_images_per_s == pytest.approx(1 / (0.1 + (0.2 + handoff) / 2))
     assert cpu.bottleneck == "cpu"
     assert cpu.pipeline_images_per_s <= cpu.inference_images_per_s
     # inference's threads need more than a fair share (0.1 s per image vs 0.2 / 4 per lane): it is
@@ -147,14 +150,16 @@ def test_one_inference_thread_wins_when_decoding_is_most_of_the_cpu_work(make_pr
     one = predict_rate(plan(num_workers=2, batch_size=1, inference_threads=1), probe)
     two = predict_rate(plan(num_workers=2, batch_size=1, inference_threads=2), probe)
     # two threads hold both cores 0.084 s per image: 2 / (0.35 + 2 x 0.084) images/s at most
-    assert two.loader_images_per_s == pytest.approx(2 / (0.35 + 0.168), rel=1e-6)
+    # (the decode plus the main process's handoff of each image)
+    handoff = handoff_cpu_s_per_image(plan(num_workers=2, batch_size=1), probe)
+    assert two.loader_images_per_s == pytest.approx(2 / (0.35 + handoff + 0.168), rel=1e-6)
     assert one.pipeline_images_per_s > two.pipeline_images_per_s
     # the default (0) is the probe's thread count
     assert predict_rate(plan(num_workers=2, batch_size=1), probe) == two
     # CPU bound either way; inference needs less than a fair share, so the loader is held back
     # and inference runs at its share of a core with both lanes busy (2 / 3 of a core)
     assert one.bottleneck == "cpu"
-    assert one.loader_images_per_s == pytest.approx(2 / (0.35 + 0.1))
+    assert one.loader_images_per_s == pytest.approx(2 / (0.35 + handoff + 0.1))
     assert one.inference_images_per_s == pytest.approx((2 / 3) / 0.1)
 
 
@@ -187,12 +192,14 @@ def test_api_exchanges_are_priced_per_reserve_and_per_batch(make_probe):
     small = predict_rate(plan(tasks_per_reserve=2, batch_size=1), probe)
     large = predict_rate(plan(tasks_per_reserve=16, batch_size=16), probe)
     assert small.bottleneck == large.bottleneck == "cpu"
-    assert small.loader_images_per_s == pytest.approx(2 / (0.05 + 0.015 + 1e-6), rel=1e-4)
-    assert large.loader_images_per_s == pytest.approx(2 / (0.05 + 0.01 / 8 + 1e-6), rel=1e-4)
-    # unmeasured (0), batch and reservation size cost nothing on the CPU
+    small_handoff = handoff_cpu_s_per_image(plan(tasks_per_reserve=2, batch_size=1), probe)
+    large_handoff = handoff_cpu_s_per_image(plan(tasks_per_reserve=16, batch_size=16), probe)
+    assert small.loader_images_per_s == pytest.approx(2 / (0.05 + 0.015 + small_handoff + 1e-6), rel=1e-4)
+    assert large.loader_images_per_s == pytest.approx(2 / (0.05 + 0.01 / 8 + large_handoff + 1e-6), rel=1e-4)
+    # unmeasured (0), batch and reservation size cost only the main process's handoff per batch
     free = make_probe(**cheap)
     assert predict_rate(plan(tasks_per_reserve=2, batch_size=1), free).loader_images_per_s == pytest.approx(
-        predict_rate(plan(tasks_per_reserve=16, batch_size=16), free).loader_images_per_s, rel=1e-6)
+        2 / (0.05 + small_handoff + 1e-6), rel=1e-4)
 
 
 def test_lanes_share_the_cores_with_busy_inference_threads(make_probe):
@@ -269,3 +276,25 @@ def test_result_posts_cap_the_rate_on_a_far_server(make_probe):
     assert eight.pipeline_images_per_s == pytest.approx(5 * 8 / 0.3)
     many = predict_rate(plan(batch_size=64, download_threads=32, tasks_per_reserve=64), probe)
     assert many.bottleneck != "post" and many.pipeline_images_per_s > eight.pipeline_images_per_s
+
+
+def test_a_lane_at_prefetch_1_idles_for_the_main_process_turnaround(make_probe):
+    # a decode-only job on 2 cores (null pipeline) whose image server shares the host: at prefetch
+    # 1 each lane waits, every batch, for the main process to take it and ask for the next;
+    # prefetch 2 hides that wait
+    probe = make_probe(decode_s_per_image=0.03, inference_overhead_s=0.0, inference_per_image_s=1e-6,
+                       inference_threads=1, download_latency_s=0.0, download_bytes_per_s=1e12,
+                       api_round_trip_s=0.0, api_exchange_cpu_s=0.002, external_cpu_s_per_image=0.01,
+                       cpu_count=2)
+    shallow = predict_rate(plan(batch_size=4, tasks_per_reserve=16, prefetch_factor=1), probe)
+    deep = predict_rate(plan(batch_size=4, tasks_per_reserve=16, prefetch_factor=2), probe)
+    wait_s = handoff_wait_s(plan(batch_size=4), probe)
+    # the main process's CPU for a batch at the 2/3 of a core it gets beside two decoding lanes
+    assert wait_s == pytest.approx((0.002 + 4 * 0.0004 + 0.002) / (2 / 3))
+    assert shallow.bottleneck == deep.bottleneck == "cpu"
+    # the lanes' cores idle for the wait's share of their cycle: 4 decodes, then the wait
+    assert shallow.pipeline_images_per_s / deep.pipeline_images_per_s == pytest.approx(
+        4 * 0.03 / (4 * 0.03 + wait_s), rel=0.02)
+    # no loader workers: the main process loads its own batches, nothing to wait for
+    assert handoff_wait_s(plan(num_workers=0), probe) == 0.0
+    assert handoff_cpu_s_per_image(plan(num_workers=0), probe) == 0.0
