@@ -221,14 +221,17 @@ def regimes_section(meta: dict, sections: dict) -> str:
              "Command:", "", "```", meta["command"], "```", "",
              f"Run {meta['started']} on {meta['cores']} cores; load average before {meta['load_before'][0]:.2f}, "
              f"after {meta['load_after'][0]:.2f}. Each workload reports three figures from the same run "
-             "(`benchmarks/bounds.py`): the decode bound (cores x the single-core decode rate of its images), the "
+             "(`benchmarks/bounds.py`): the decode bound (cores x the single-core decode rate of its images: each "
+             "distinct image decoded once, measured before every draw, the median taken), the "
              "link bound (a plain 64-connection downloader, its own process, pulling every image of the job once "
              "from the same server under the same shaping) and the worker's images/s (autotune; the median of the "
              "draws). `null-*` workloads run the null pipeline (inference costs nothing: the stand-in for a GPU "
              "host), the others the reference pipeline on CPU. images/s: from the worker's first job listing to "
              "its last accepted result; steady: from 25% of the job on; with close: to the worker's exit. The "
              "model's prediction (the plan line's images/s, a steady-state figure) is compared with the steady "
-             "rate; its bound is the plan line's. Jobs of 600 or 120 tasks serve 200 or 60 distinct files in turn. "
+             "rate; its bound is the plan line's. Jobs of 1,200 small or 240 large tasks serve 200 or 60 distinct "
+             "files in turn (a real job runs to thousands of images; the start, some 3 s on a 300 ms link, weighs "
+             "on a short one: the steady column shows the rate without it). "
              "Task latency: from a task's reserve to its accepted result, the first draw's.",
              "",
              "| workload | decode bound | link bound | worker images/s (draws) | / min bound | steady | with close "

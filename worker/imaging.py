@@ -196,6 +196,17 @@ def decode(data: bytes | bytearray, *, max_pixels: int, allocate: Optional[Alloc
                         time.thread_time() - started_cpu_s)
 
 
+def jpeg_size(data: bytes | bytearray) -> Optional[tuple[int, int]]:
+    """(height, width) from a JPEG's header; None for anything else or a header simplejpeg refuses."""
+    if data[:2] != JPEG_MAGIC:
+        return None
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return height, width
+
+
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"image declares an impossible size {width}x{height}", "too_many_pixels")

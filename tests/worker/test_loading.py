@@ -109,3 +109,29 @@ def test_a_local_file_over_the_byte_cap_is_refused_like_a_download(tmp_path, tin
     assert "over AMI_MAX_IMAGE_BYTES=1024" in item.error.message
     assert missing.error is not None and missing.error.reason == "other" and "cannot read" in missing.error.message
     assert not_local.error is not None and not_local.error.reason == "bad_url"  # a task's URL is never a path
+
+
+def test_the_probe_times_a_noisy_decode_again_and_keeps_the_lower_cpu(tiny_images):
+    """A shared host's noise only adds CPU time: a decode timed at several times its peers' cost
+    per pixel is decoded again, and the lower time is the sample's."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from worker.loading import Fetched
+    from worker.probing import DECODE_RETIME_RATIO, _decode, _retime_outliers
+
+    images = ImageLoader(max_bytes=1 << 24, max_pixels=80_000_000, timeout_s=10.0)
+    fetched = [Fetched(str(image.path), bytearray(image.path.read_bytes()), 0.0, 0.0) for image in tiny_images[:3]]
+    decoded = [_decode(images, fetch) for fetch in fetched]
+    assert all(d.decode_cpu_s > 0 for d in decoded)
+    # the third as a noisy neighbour left it: ten times its CPU (a measured decode, inflated)
+    noisy = replace(decoded[2], decode_cpu_s=decoded[2].decode_cpu_s * 10 + 0.05)
+    with ThreadPoolExecutor(2) as pool:
+        retimed = _retime_outliers(images, fetched, [decoded[0], decoded[1], noisy], pool)
+        untouched = _retime_outliers(images, fetched, decoded, pool)
+    assert retimed[2].decode_cpu_s < noisy.decode_cpu_s
+    assert retimed[2].tensor is noisy.tensor  # the sample keeps its pixels, only its timing changes
+    assert retimed[:2] == [decoded[0], decoded[1]]
+    fastest = min(d.decode_cpu_s / (d.width * d.height) for d in decoded)
+    assert all(u is d for u, d in zip(untouched, decoded)
+               if d.decode_cpu_s / (d.width * d.height) <= DECODE_RETIME_RATIO * fastest)
