@@ -22,11 +22,11 @@ forward batches); pin_memory on CUDA replaces the pageable host->device copy in
 against a 300 ms server posts at most 17 images/s, which the null pipeline measured: 15).
 
 Handing batches over: the main process takes each batch a loader worker hands it (the queue, a
-shared-memory descriptor per image) and posts its results: ``HANDOFF_CPU_S_PER_*`` plus the post
-the probe times, core-seconds that count against the CPU like the loading's. With
-``prefetch_factor`` 1 a lane asks for its next batch only once the main process has taken the
-last, so it also idles for that turnaround each batch (``handoff_wait_s``); deeper prefetch
-hides it.
+shared-memory descriptor per image) and posts its results; the lane spends its share handing it
+over. ``*HANDOFF_CPU_S_PER_*`` plus the post the probe times are core-seconds that count against
+the CPU like the loading's. With ``prefetch_factor`` 1 a lane asks for its next batch only once
+the main process has taken the last, so it also idles for that turnaround each batch
+(``handoff_wait_s``); deeper prefetch hides it.
 
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
 inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) the loader
@@ -79,13 +79,16 @@ UNLIMITED_PER_S = 1e9
 # be exponential); see "Coupling" above.
 STAGE_SCV = 0.5
 LARGEST_BATCH = 64  # the inference bound's batch: the planner's largest
-# The main process's own CPU per batch a loader worker hands it, besides the result post the probe
-# times (``Probe.api_exchange_cpu_s``): taking the batch off the queue, mapping each image's
-# shared-memory buffer (a descriptor passed per image), the batch's bookkeeping and its post thread.
-# perf on 2 cores, null pipeline, 2048x1536 images: the main process took 2.25 core-ms per image at
-# batch 2 and 0.87 at batch 8, i.e. 3.7 ms per batch (1.7 of them the post the probe measured)
-# and 0.4 ms per image; a DataLoader alone moving such images took 0.3 ms per image.
-HANDOFF_CPU_S_PER_BATCH = 0.002
+# CPU per batch a loader worker hands the main process, besides the result post the probe times
+# (``Probe.api_exchange_cpu_s``). The main process takes the batch off the queue, maps each
+# image's shared-memory buffer (a descriptor passed per image) and keeps the batch's books; the
+# lane assembles, pickles and sends the batch and waits on its credit. perf on 2 cores, null
+# pipeline, 2048x1536 images, batch 2 against batch 8: the main process took 2.25 and 0.87
+# core-ms per image (3.7 ms a batch, 1.7 of them the post the probe measured, and 0.4 ms an
+# image; a bare DataLoader moving such images took 0.3 ms an image), the lanes besides decoding
+# 5.2 and 4.1 core-ms per image (2.8 ms a batch).
+MAIN_HANDOFF_CPU_S_PER_BATCH = 0.002
+LANE_HANDOFF_CPU_S_PER_BATCH = 0.0028
 HANDOFF_CPU_S_PER_IMAGE = 0.0004
 BOTTLENECKS = ("reserve", "download", "decode", "inference", "cpu", "main_process", "post")
 # What bounds a plan, in an operator's words: the download bottleneck is latency-bound when a
@@ -169,10 +172,12 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
 
 def handoff_cpu_s_per_image(plan: LoaderPlan, probe: Probe) -> float:
     """Core-seconds per image the main process spends taking batches from loader workers (0 when
-    it loads them itself), besides the result posts: ``HANDOFF_CPU_S_PER_*``."""
+    it loads them itself) and the lanes spend handing them over, besides the result posts:
+    ``*HANDOFF_CPU_S_PER_*``."""
     if plan.num_workers == 0:
         return 0.0
-    return HANDOFF_CPU_S_PER_BATCH / max(1, plan.batch_size) + HANDOFF_CPU_S_PER_IMAGE
+    per_batch_s = MAIN_HANDOFF_CPU_S_PER_BATCH + LANE_HANDOFF_CPU_S_PER_BATCH
+    return per_batch_s / max(1, plan.batch_size) + HANDOFF_CPU_S_PER_IMAGE
 
 
 def handoff_wait_s(plan: LoaderPlan, probe: Probe) -> float:
@@ -183,7 +188,7 @@ def handoff_wait_s(plan: LoaderPlan, probe: Probe) -> float:
     if plan.num_workers == 0:
         return 0.0
     batch = max(1, plan.batch_size)
-    cpu_s = HANDOFF_CPU_S_PER_BATCH + batch * HANDOFF_CPU_S_PER_IMAGE + probe.api_exchange_cpu_s
+    cpu_s = MAIN_HANDOFF_CPU_S_PER_BATCH + batch * HANDOFF_CPU_S_PER_IMAGE + probe.api_exchange_cpu_s
     share = min(1.0, probe.cpu_count / (plan.num_workers + 1))
     return cpu_s / share
 

@@ -90,3 +90,15 @@ def test_a_measured_zero_batch_cost_does_not_time_each_sampled_image_again():
     assert _time_for_fit(pipeline, items, "null", cuda=False, overhead_floor_s=0.0, threads_sleep=True) == []
     unmeasured = _time_for_fit(pipeline, items, "null", cuda=False, overhead_floor_s=None, threads_sleep=True)
     assert [sample.batch_size for sample in unmeasured] == [1, 1, 1]
+
+
+def test_the_null_pipeline_is_priced_no_model_input_and_no_float_copy():
+    """The null pipeline touches no pixel: its measured inference memory per image is nothing.
+    Under the default geometry (a float copy of each image) a 4096x3072 image was priced 144 MiB
+    it never held, and the null jobs' predicted peaks ran 30-40% over the measured."""
+    pipeline = NullPipeline(torch.device("cpu"), localization_batch_size=8)
+    geometry = pipeline.model_input(4096, 3072)
+    assert geometry.pixels == 0 and geometry.float_copy_bytes(4096, 3072) == 0
+    measured = inference_memory(pipeline)
+    assert measured is not None
+    assert measured.float_copy_bytes_per_item == 0
