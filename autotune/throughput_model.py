@@ -29,7 +29,9 @@ the main process has taken the last, so it also idles for that turnaround each b
 (``handoff_wait_s``); deeper prefetch hides it.
 
 Contention, kept simple: with ``num_workers == 0`` the main process alternates loading and
-inferring (rates add as times: 1 / (1/loader + 1/inference)). On CPU (no CUDA) the loader
+inferring (rates add as times: 1 / (1/loader + 1/inference)), and its download threads' receiving
+and the API exchanges take their turns on its interpreter lock too (a null job on a 300 ms link
+planned at 36 images/s on one process, 22 measured). On CPU (no CUDA) the loader
 workers and the inference share the cores, and the kernel shares them fairly between runnable
 threads. Each image costs decode_s core-seconds in a loader worker and c(t) = b(t) x i
 core-seconds of inference, where t is ``plan.inference_threads``, i the inference wall seconds
@@ -146,7 +148,10 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     decode = _per_s(min(lanes, probe.cpu_count), probe.decode_s_per_image)
     full_inference = _per_s(plan.batch_size, inference_batch_s(plan, probe))
     if plan.num_workers == 0:
-        inference = 1.0 / (1.0 / loader + 1.0 / full_inference)
+        # One process does it all: its download threads' Python (receiving bodies) and the API
+        # exchanges hold the interpreter lock beside the decodes and the inference.
+        own_s = probe.download_cpu_s_per_image + probe.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size)
+        inference = 1.0 / (1.0 / loader + own_s + 1.0 / full_inference)
         bottleneck = "main_process"
     elif not probe.cuda:
         loader, inference, cpu_bound = _cpu_shared(loader, full_inference, plan, probe)

@@ -298,3 +298,17 @@ def test_a_lane_at_prefetch_1_idles_for_the_main_process_turnaround(make_probe):
     # no loader workers: the main process loads its own batches, nothing to wait for
     assert handoff_wait_s(plan(num_workers=0), probe) == 0.0
     assert handoff_cpu_s_per_image(plan(num_workers=0), probe) == 0.0
+
+
+def test_one_process_loading_its_own_batches_pays_its_receiving_and_api_exchanges(make_probe):
+    # with no loader workers the download threads' receiving and the API exchanges run in the
+    # process that decodes and infers: their CPU adds to its time per image
+    kwargs = dict(decode_s_per_image=0.025, inference_overhead_s=0.0, inference_per_image_s=0.001,
+                  inference_threads=1, download_latency_s=0.0, download_bytes_per_s=1e12, api_round_trip_s=0.0)
+    quiet = make_probe(**kwargs)
+    busy = make_probe(**kwargs, download_cpu_s_per_image=0.01, api_exchange_cpu_s=0.004)
+    one = plan(num_workers=0, batch_size=4, tasks_per_reserve=8, prefetch_factor=1)
+    base = predict_rate(one, quiet).pipeline_images_per_s
+    loaded = predict_rate(one, busy).pipeline_images_per_s
+    assert 1 / loaded == pytest.approx(1 / base + 0.01 + 0.004 * (1 / 8 + 1 / 4), rel=1e-6)
+    assert predict_rate(one, busy).bottleneck == "main_process"
