@@ -131,7 +131,12 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     lanes = max(1, plan.num_workers)
     connections = plan.downloads_per_lane
     download_s = probe.download_s_per_image()
-    decode_s = probe.decode_s_per_image * max(1.0, lanes / probe.cpu_count)
+    # A lane's decoder shares its process with the lane's download threads (their Python receives
+    # the bodies) and the batch handoff: one lane on a 300 ms link, planned at 41 images/s from the
+    # decode alone, measured 32. (With no loader workers the main process's own turn is below.)
+    lane_cpu_s = (probe.download_cpu_s_per_image + LANE_HANDOFF_CPU_S_PER_BATCH / max(1, plan.batch_size)
+                  if plan.num_workers > 0 else 0.0)
+    decode_s = (probe.decode_s_per_image + lane_cpu_s) * max(1.0, lanes / probe.cpu_count)
     # Within a lane the downloads (c connections, c bodies ahead) feed one decoder: a tandem line
     # like the loader and the inference, so one connection barely faster than the decoder stalls it.
     stream_s = 1.0 / buffered_rate(_per_s(connections, download_s), _per_s(1, decode_s), connections, STAGE_SCV)

@@ -7,7 +7,8 @@ import pytest
 
 from autotune.plan import LoaderPlan
 from autotune.throughput_model import (
-    UNLIMITED_PER_S, bounds, buffered_rate, connections_in_flight, handoff_cpu_s_per_image, handoff_wait_s,
+    LANE_HANDOFF_CPU_S_PER_BATCH, UNLIMITED_PER_S, bounds, buffered_rate, connections_in_flight,
+    handoff_cpu_s_per_image, handoff_wait_s,
     predict_rate, transfer_share,
 )
 
@@ -312,3 +313,15 @@ def test_one_process_loading_its_own_batches_pays_its_receiving_and_api_exchange
     loaded = predict_rate(one, busy).pipeline_images_per_s
     assert 1 / loaded == pytest.approx(1 / base + 0.01 + 0.004 * (1 / 8 + 1 / 4), rel=1e-6)
     assert predict_rate(one, busy).bottleneck == "main_process"
+
+
+def test_one_lane_decodes_at_most_one_image_per_decode_receive_and_handoff(make_probe):
+    # a lane's download threads receive the bodies in the lane's own process, beside its decoder:
+    # one lane on a fast link and idle cores runs at 1 / (decode + receive + its handoff share)
+    probe = make_probe(decode_s_per_image=0.025, download_cpu_s_per_image=0.005, inference_overhead_s=0.0,
+                       inference_per_image_s=1e-6, inference_threads=1, download_latency_s=0.0,
+                       download_bytes_per_s=1e12, api_round_trip_s=0.0, cpu_count=4)
+    lane = predict_rate(plan(num_workers=1, batch_size=8, tasks_per_reserve=64, download_threads=32), probe)
+    step_s = 0.025 + 0.005 + LANE_HANDOFF_CPU_S_PER_BATCH / 8
+    assert lane.loader_images_per_s <= 1 / step_s
+    assert lane.loader_images_per_s == pytest.approx(1 / step_s, rel=0.05)
