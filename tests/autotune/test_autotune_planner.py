@@ -307,3 +307,20 @@ def test_on_cpu_no_batch_past_what_the_probe_timed(make_probe, calibration):
     assert choose_plan(cuda, constraints_for(cuda, 16 * GiB), calibration).plan.batch_size > 4
     pinned = constraints_for(probe, 16 * GiB, pinned={"batch_size": 16})
     assert choose_plan(probe, pinned, calibration).plan.batch_size == 16  # the operator's pin wins
+
+
+def test_on_cpu_batches_grow_past_the_timed_one_when_inference_is_a_minor_cost(make_probe, calibration):
+    # the null pipeline: nothing to infer, each image's cost is its loading; the handoff and the
+    # result post per batch are what a bigger batch saves, and the model's working set is no risk
+    probe = make_probe(decode_s_per_image=0.03, inference_overhead_s=0.0001, inference_per_image_s=1e-6,
+                       inference_threads=1, download_latency_s=0.0, download_bytes_per_s=1e12,
+                       api_round_trip_s=0.0, api_exchange_cpu_s=0.003, max_timed_batch=3)
+    decision = choose_plan(probe, constraints_for(probe, 8 * GiB), calibration)
+    assert decision.plan.batch_size > 4
+    assert max(option.plan.batch_size for option in plan_options(probe, constraints_for(probe, 8 * GiB),
+                                                                 calibration)) > 4
+    # a model whose inference is a real share of the work keeps the cap (see the test above)
+    costly = make_probe(decode_s_per_image=0.03, inference_overhead_s=0.01, inference_per_image_s=0.01,
+                        inference_threads=1, download_latency_s=0.0, download_bytes_per_s=1e12,
+                        api_round_trip_s=0.0, api_exchange_cpu_s=0.003, max_timed_batch=3)
+    assert choose_plan(costly, constraints_for(costly, 8 * GiB), calibration).plan.batch_size <= 4
