@@ -339,7 +339,7 @@ def _batch_choices(probe: Probe) -> tuple[int, ...]:
     timed = probe.max_timed_batch
     if probe.inference_s(timed) / timed < MINOR_INFERENCE_SHARE * probe.loader_cpu_s_per_image():
         return BATCH_SIZES
-    ceiling = next((size for size in BATCH_SIZES if size >= probe.max_timed_batch), BATCH_SIZES[-1])
+    ceiling = next((size for size in BATCH_SIZES if size >= timed), BATCH_SIZES[-1])
     return tuple(size for size in BATCH_SIZES if size <= ceiling)
 
 

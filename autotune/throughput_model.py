@@ -180,7 +180,7 @@ def predict_rate(plan: LoaderPlan, probe: Probe) -> RateEstimate:
     return RateEstimate(download, decode, loader, inference, pipeline, bottleneck, regime(bottleneck, probe))
 
 
-def handoff_cpu_s_per_image(plan: LoaderPlan, probe: Probe) -> float:
+def handoff_cpu_s_per_image(plan: LoaderPlan) -> float:
     """Core-seconds per image the main process spends taking batches from loader workers (0 when
     it loads them itself) and the lanes spend handing them over, besides the result posts:
     ``*HANDOFF_CPU_S_PER_*``."""
@@ -325,7 +325,7 @@ def _cpu_shared(loader: float, full_inference: float, plan: LoaderPlan,
     threads = inference_threads(plan, probe)
     image_s = 1.0 / full_inference  # inference wall seconds per image at `threads`, CPU to itself
     load_core_s = (probe.loader_cpu_s_per_image() + probe.api_cpu_s_per_image(plan.tasks_per_reserve, plan.batch_size)
-                   + handoff_cpu_s_per_image(plan, probe))
+                   + handoff_cpu_s_per_image(plan))
     infer_core_s = probe.inference_cpu_s_per_image(threads, image_s)
     cpu_rate = cores / (load_core_s + infer_core_s)
     rate = min(loader, full_inference, cpu_rate)

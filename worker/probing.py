@@ -166,12 +166,12 @@ def _retime_outliers(images: ImageLoader, fetched: Sequence[Fetched | ImageError
     2048x1536 images took 22-26 ms each, and now and then 53-65 ms; the probe's median of three
     then priced every image of the job at twice its cost (the plan's predicted rate moved from 53 to
     30 images/s between runs of one job)."""
-    per_pixel = [d.decode_cpu_s / max(1, d.width * d.height) for d in decoded if isinstance(d, DecodedImage)]
-    if len(per_pixel) < 2 or min(per_pixel) <= 0:
+    per_pixel = {i: d.decode_cpu_s / max(1, d.width * d.height) for i, d in enumerate(decoded)
+                 if isinstance(d, DecodedImage)}
+    if len(per_pixel) < 2 or min(per_pixel.values()) <= 0:
         return decoded
-    fastest = min(per_pixel)
-    slow = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)
-            and d.decode_cpu_s / max(1, d.width * d.height) > DECODE_RETIME_RATIO * fastest]
+    fastest = min(per_pixel.values())
+    slow = [i for i, cpu_s in per_pixel.items() if cpu_s > DECODE_RETIME_RATIO * fastest]
     again = list(pool.map(lambda i: _decode(images, fetched[i]), slow))
     out = list(decoded)
     for index, second in zip(slow, again):
@@ -188,14 +188,13 @@ def _decode(images: ImageLoader, fetched: Fetched | ImageError) -> DecodedImage 
     if isinstance(fetched, ImageError):
         return fetched
     size = jpeg_size(fetched.data)
-    buffer = None
+    allocate = None
     if size is not None and size[0] * size[1] <= images.max_pixels:
+        # decode() allocates only for this JPEG (its header read here) within the pixel cap
         buffer = torch.zeros((*size, 3), dtype=torch.uint8)  # zeroed: every page faulted in now
 
-    def allocate(height: int, width: int) -> torch.Tensor:
-        if buffer is not None and buffer.shape[:2] == (height, width):
+        def allocate(height: int, width: int) -> torch.Tensor:
             return buffer
-        return torch.empty((height, width, 3), dtype=torch.uint8)
 
     try:
         return images.decode(fetched, allocate=allocate)

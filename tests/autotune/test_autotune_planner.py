@@ -284,8 +284,8 @@ def test_costly_api_exchanges_buy_bigger_batches_when_inference_is_cheap(make_pr
     # free exchanges leave the handoff of each batch (4.8 ms, autotune.throughput_model): the
     # batch grows until what it saves is within the tie tolerance, then the smallest peak wins
     free_plan = choose_plan(free, constraints_for(free, 8 * GiB), calibration).plan
-    handoff = handoff_cpu_s_per_image(free_plan, free)
-    assert handoff - handoff_cpu_s_per_image(free_plan.with_changes(batch_size=64), free) <= 0.02 * 0.05
+    handoff = handoff_cpu_s_per_image(free_plan)
+    assert handoff - handoff_cpu_s_per_image(free_plan.with_changes(batch_size=64)) <= 0.02 * 0.05
     plan = choose_plan(costly, constraints_for(costly, 8 * GiB), calibration).plan
     assert plan.batch_size >= free_plan.batch_size and plan.tasks_per_reserve > free_plan.tasks_per_reserve
     # at batch b and reserve r, exchanges add 0.01 x (1/r + 1/b) to 0.05 core-s per image: the

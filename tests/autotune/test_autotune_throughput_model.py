@@ -90,7 +90,7 @@ def test_on_cpu_decoding_takes_cores_from_inference(make_probe):
     assert gpu.inference_images_per_s == pytest.approx(10.0)  # inference alone
     # each image: 0.1 s of all cores for inference + 0.2 core-s of decode (and the main
     # process's handoff) on 2 cores
-    handoff = handoff_cpu_s_per_image(plan(num_workers=4), make_probe(cuda=False, **kwargs))
+    handoff = handoff_cpu_s_per_image(plan(num_workers=4))
     assert cpu.inference_images_per_s == pytest.approx(1 / (0.1 + (0.2 + handoff) / 2))
     assert cpu.bottleneck == "cpu"
     assert cpu.pipeline_images_per_s <= cpu.inference_images_per_s
@@ -152,7 +152,7 @@ def test_one_inference_thread_wins_when_decoding_is_most_of_the_cpu_work(make_pr
     two = predict_rate(plan(num_workers=2, batch_size=1, inference_threads=2), probe)
     # two threads hold both cores 0.084 s per image: 2 / (0.35 + 2 x 0.084) images/s at most
     # (the decode plus the main process's handoff of each image)
-    handoff = handoff_cpu_s_per_image(plan(num_workers=2, batch_size=1), probe)
+    handoff = handoff_cpu_s_per_image(plan(num_workers=2, batch_size=1))
     assert two.loader_images_per_s == pytest.approx(2 / (0.35 + handoff + 0.168), rel=1e-6)
     assert one.pipeline_images_per_s > two.pipeline_images_per_s
     # the default (0) is the probe's thread count
@@ -193,8 +193,8 @@ def test_api_exchanges_are_priced_per_reserve_and_per_batch(make_probe):
     small = predict_rate(plan(tasks_per_reserve=2, batch_size=1), probe)
     large = predict_rate(plan(tasks_per_reserve=16, batch_size=16), probe)
     assert small.bottleneck == large.bottleneck == "cpu"
-    small_handoff = handoff_cpu_s_per_image(plan(tasks_per_reserve=2, batch_size=1), probe)
-    large_handoff = handoff_cpu_s_per_image(plan(tasks_per_reserve=16, batch_size=16), probe)
+    small_handoff = handoff_cpu_s_per_image(plan(tasks_per_reserve=2, batch_size=1))
+    large_handoff = handoff_cpu_s_per_image(plan(tasks_per_reserve=16, batch_size=16))
     assert small.loader_images_per_s == pytest.approx(2 / (0.05 + 0.015 + small_handoff + 1e-6), rel=1e-4)
     assert large.loader_images_per_s == pytest.approx(2 / (0.05 + 0.01 / 8 + large_handoff + 1e-6), rel=1e-4)
     # unmeasured (0), batch and reservation size cost only the main process's handoff per batch
@@ -298,7 +298,7 @@ def test_a_lane_at_prefetch_1_idles_for_the_main_process_turnaround(make_probe):
         4 * 0.03 / (4 * 0.03 + wait_s), rel=0.02)
     # no loader workers: the main process loads its own batches, nothing to wait for
     assert handoff_wait_s(plan(num_workers=0), probe) == 0.0
-    assert handoff_cpu_s_per_image(plan(num_workers=0), probe) == 0.0
+    assert handoff_cpu_s_per_image(plan(num_workers=0)) == 0.0
 
 
 def test_one_process_loading_its_own_batches_pays_its_receiving_and_api_exchanges(make_probe):
