@@ -28,6 +28,7 @@ from urllib3.exceptions import NewConnectionError
 from worker import __version__
 from worker.backoff import backoff_delay_s
 from worker.schema import Task
+from worker.sessions import EnvironmentSession
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class AntennaClient:
         self._no_more_retries = threading.Event()
         # The default sleep between retries wakes at once when ``stop_retrying`` is called.
         self._sleep = sleep if sleep is not None else self._no_more_retries.wait
-        self._session = requests.Session()
+        self._session = EnvironmentSession()  # a netrc entry for the host cannot replace the token
         self._session.headers["Authorization"] = f"Token {token}"
         self._session.headers["User-Agent"] = f"antenna-worker/{__version__}"
         self.retries_total = 0

@@ -27,6 +27,7 @@ from PIL import Image
 from urllib3.util.retry import Retry
 
 from worker.results import Failure, FailureReason
+from worker.sessions import EnvironmentSession
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,9 @@ def _grey_to_rgb8(image: Image.Image) -> np.ndarray:
 
 
 def image_session(pool_connections: int = 8) -> requests.Session:
-    """A session for image hosts: never carries the API token; GETs are retried (``IMAGE_RETRY``)."""
-    session = requests.Session()
+    """A session for image hosts: never carries the API token or netrc credentials; GETs are
+    retried (``IMAGE_RETRY``); proxies from the environment (``worker.sessions``)."""
+    session = EnvironmentSession()
     adapter = requests.adapters.HTTPAdapter(pool_connections=pool_connections, pool_maxsize=pool_connections,
                                             max_retries=IMAGE_RETRY)
     session.mount("http://", adapter)

@@ -152,3 +152,73 @@ def test_transient_5xx_and_a_reset_are_retried_for_image_gets(antenna, hops):
     with pytest.raises(ImageError) as raised:
         _get(image_url)
     assert raised.value.reason == "http_error" and "HTTP 503" in str(raised.value)
+
+
+# --- the image session and the environment: proxies honoured, netrc credentials never sent
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """A forward proxy stand-in on loopback: records each request line and answers the image
+    itself (``server.body``), as a proxy that fetched it would."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+        self.server.seen.append(self.path)  # type: ignore[attr-defined]
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy(tiny_images):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    server.daemon_threads = True
+    server.seen, server.body = [], tiny_images[0].path.read_bytes()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.timeout(30)
+def test_the_environments_proxy_is_used_for_image_hosts_and_no_proxy_bypasses_it(proxy, monkeypatch):
+    """Operators behind a proxy set HTTP(S)_PROXY; the session reads them once per host."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with image_session(2) as session:
+        for _ in range(2):
+            assert download(session, "http://images.invalid/a/b.jpg", max_bytes=10**8, timeout_s=10.0) == proxy.body
+    assert proxy.seen == ["http://images.invalid/a/b.jpg"] * 2  # absolute form: a proxied request
+    monkeypatch.setenv("NO_PROXY", "images.invalid")
+    with image_session(2) as session, pytest.raises(ImageError) as raised:
+        download(session, "http://images.invalid/a/b.jpg", max_bytes=10**8, timeout_s=10.0)
+    assert raised.value.reason == "connection" and len(proxy.seen) == 2  # direct: the name does not resolve
+
+
+@pytest.mark.timeout(30)
+def test_netrc_credentials_never_reach_an_image_host(antenna, tiny_images, tmp_path, monkeypatch):
+    """No Authorization header goes to image hosts, not even one requests would build from a
+    ~/.netrc entry for that host (``NETRC`` points requests at one)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    job = antenna.add_job(tiny_images[:1], "synthetic-moths")
+    from worker.antenna import AntennaClient
+    from tests.conftest import TOKEN
+
+    client = AntennaClient(antenna.base_url, TOKEN)
+    image_url = client.reserve_tasks(job, 1)[0].image_url
+    client.close()
+    assert _get(image_url) == tiny_images[0].path.read_bytes()
+    assert antenna.report(job).media_requests_with_auth == 0
