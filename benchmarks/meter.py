@@ -5,9 +5,16 @@ travel from loader workers to the main process in /dev/shm segments (torch's fil
 sharing): queued batches are held by a descriptor, or mapped by the main process but not yet
 read, so PSS misses them while the kernel holds (and a cgroup charges) every page. This meter
 adds them back: the PSS of every mapping that is NOT a /dev/shm segment, plus the size of each
-/dev/shm segment the tree holds or maps, once per inode. Reads /proc/PID/smaps once per process
-(per-mapping PSS is needed; it also gives the total and the mapped segments) and the fd table:
-tens of ms per sample for a GiB-sized tree, on the same cores as the worker it measures.
+/dev/shm segment the tree holds or maps, once per inode.
+
+Per process it reads smaps_rollup (the PSS, and the PSS of shmem pages), maps (which /dev/shm
+segments are mapped; no page-table walk) and the fd table. PSS outside /dev/shm is then the PSS
+less the shmem PSS. That holds only when every shared-memory page the process maps is a /dev/shm
+file's: a process that also maps other shmem (shared anonymous memory, SysV or memfd segments:
+see ``_other_shmem``) is read from /proc/PID/smaps instead, mapping by mapping, as
+is every process on a kernel whose rollup has no Pss_Shmem (< 5.9). The full smaps costs about
+twice the rollup and maps together (11.6 against 7.2 ms for one torch process here, before its
+parse); a sample of a four-process worker took some 5% of a 2-core host's CPU at 0.5 s.
 """
 from __future__ import annotations
 
@@ -36,6 +43,42 @@ _PSS = rb"^Pss:\s+(\d+)"
 _PSS_LINE = re.compile(_PSS, re.MULTILINE)
 _SMAPS_LINE = re.compile(rb"^([0-9a-f]+-[0-9a-f]+ .*)$|" + _PSS, re.MULTILINE)
 _SHM_PREFIX = procfs.SHM_PREFIX.encode()
+
+
+_ROLLUP_PSS = re.compile(rb"^Pss:\s+(\d+)", re.MULTILINE)
+_ROLLUP_PSS_SHMEM = re.compile(rb"^Pss_Shmem:\s+(\d+)", re.MULTILINE)
+# A maps line: range, perms, offset, device, inode, then the path if any. Shared memory outside
+# /dev/shm shows as a shared mapping of /dev/zero (shared anonymous), /SYSV..., /memfd:... or an
+# unnamed one; all are "(deleted)" but for the unnamed. A shared read-only mapping of a file
+# (glibc maps its gconv cache so in every process) is not shmem.
+_MAPS_SHARED_PATH = re.compile(rb"^\S+ ...s \S+ \S+ \S+ *(.*)$", re.MULTILINE)
+
+
+def _other_shmem(path: bytes) -> bool:
+    return not path.startswith(_SHM_PREFIX) and (not path or path.endswith(b"(deleted)")
+                                                 or path.startswith((b"/dev/zero", b"/SYSV", b"/memfd:")))
+
+
+def read_process_memory(pid: int) -> SmapsReading:
+    """The same reading as ``read_smaps``, from smaps_rollup and maps where that is exact."""
+    rollup = procfs.read_bytes(f"/proc/{pid}/smaps_rollup")
+    maps = procfs.read_bytes(f"/proc/{pid}/maps")
+    if not rollup or maps is None:
+        return SmapsReading(0, 0, {})
+    pss = _ROLLUP_PSS.search(rollup)
+    shmem = _ROLLUP_PSS_SHMEM.search(rollup)
+    if pss is None or shmem is None or any(_other_shmem(path.rstrip()) for path in _MAPS_SHARED_PATH.findall(maps)):
+        return read_smaps(pid)
+    shm_sizes: dict[int, int] = {}
+    if _SHM_PREFIX in maps:
+        for line in maps.split(b"\n"):
+            if _SHM_PREFIX in line:
+                segment = procfs.shm_mapping(f"/proc/{pid}", line.decode(errors="replace").split(maxsplit=5))
+                if segment is not None:
+                    inode, size = segment
+                    shm_sizes[inode] = max(shm_sizes.get(inode, 0), size)
+    pss_bytes = int(pss.group(1)) * 1024
+    return SmapsReading(pss_bytes, pss_bytes - int(shmem.group(1)) * 1024, shm_sizes)
 
 
 def read_smaps(pid: int) -> SmapsReading:
@@ -82,7 +125,7 @@ def read_tree_memory(root_pid: int) -> TreeMemory:
         fds = procfs.read_fds(pid)
         if fds is not None:
             shm.update(fds.shm_sizes)
-        smaps = read_smaps(pid)
+        smaps = read_process_memory(pid)
         for inode, size in smaps.shm_sizes.items():
             shm[inode] = max(shm.get(inode, 0), size)
         non_shm += smaps.non_shm_pss_bytes
