@@ -12,15 +12,22 @@ batch, inferred before any plan, can be a job's peak: ``MemoryEstimate.job_peak_
 Per-image and per-worker constants live in ``MemoryCalibration`` (``autotune/calibration.py``).
 A per-pipeline ``CorrectionStore`` (``autotune/corrections.py``) learns how far the
 prediction was off after each job; ``predict_peak(..., correction=)`` applies it to the total.
+
+Given the plan's rates, the total is the expected peak: where the main process outpaces the
+loader, the queues stay short and each loader worker holds about one batch
+(``short_queue_images``). ``bound_bytes`` keeps the peak with every queue full, which a stalled
+main process reaches; the planner holds plans to it against the budget.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Sequence
 
 from autotune.calibration import MemoryCalibration
 from autotune.plan import LoaderPlan
 from autotune.probe import Probe
+from autotune.throughput_model import RateEstimate
 
 MiB = 1024 * 1024
 BYTES_PER_FLOAT32 = 4
@@ -51,6 +58,14 @@ class MemoryEstimate:
     total_bytes: int
     correction: float = 1.0
     probe_batch_bytes: int = 0
+    # The peak when the main process falls behind and every queue fills to the loader workers'
+    # credit (x ``correction``): what plans are held to against the budget. ``total_bytes``, the
+    # expected peak, is below it where the main process outpaces the loader (``predict_peak``).
+    bound_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bound_bytes < self.total_bytes:
+            object.__setattr__(self, "bound_bytes", self.total_bytes)
 
     @property
     def raw_total_bytes(self) -> int:
@@ -81,6 +96,8 @@ class MemoryEstimate:
         for label, bytes_ in self.components():
             lines.append(f"{label:<28}{bytes_ / MiB:>10.1f}{bytes_ / raw:>8.1%}")
         lines.append(f"{f'total (x{self.correction:.2f} correction)':<28}{self.total_bytes / MiB:>10.1f}{'':>8}")
+        if self.bound_bytes > self.total_bytes:
+            lines.append(f"{'bound (every queue full)':<28}{self.bound_bytes / MiB:>10.1f}{'':>8}")
         if self.probe_batch_bytes > self.raw_total_bytes:
             lines.append(f"{'job peak (probe batch)':<28}{self.job_peak_bytes / MiB:>10.1f}{'':>8}")
         return "\n".join(lines)
@@ -104,7 +121,8 @@ def compare_table(a: MemoryEstimate, b: MemoryEstimate, names: Sequence[str] = (
 
 
 def predict_peak(
-    plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration, correction: float = 1.0
+    plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration, correction: float = 1.0,
+    rate: Optional[RateEstimate] = None,
 ) -> MemoryEstimate:
     """Predicted peak of the process tree for ``plan`` on ``probe``'s images.
 
@@ -114,21 +132,67 @@ def predict_peak(
     every batch-sized term is linear in ``batch_size``. float32 plans make tensors 4x larger and
     add the conversion's scratch per lane.
     pin_memory without CUDA costs nothing (torch skips pinning without an accelerator).
+
+    That is ``bound_bytes``: every queue full. With ``rate`` (the plan's ``predict_rate``) and a
+    main process at least ``SHORT_QUEUE_SPEEDUP`` times as fast as the loader, the queues stay
+    short and ``total_bytes`` counts what each loader worker then holds (``short_queue_images``).
     """
+    bound = _predict_peak(plan, probe, calibration, correction, short_queue=False)
+    if rate is None or not short_queue(plan, rate):
+        return bound
+    expected = _predict_peak(plan, probe, calibration, correction, short_queue=True, rate=rate)
+    return replace(expected, bound_bytes=bound.total_bytes)
+
+
+# The main process outpacing the loader by this factor keeps the loader workers' queues short.
+SHORT_QUEUE_SPEEDUP = 2.0
+
+
+def short_queue(plan: LoaderPlan, rate: RateEstimate) -> bool:
+    """Whether the main process takes batches at least ``SHORT_QUEUE_SPEEDUP`` times as fast as
+    the loader workers make them (inference and result posts both), so they do not queue."""
+    return (plan.num_workers > 0 and rate.bottleneck not in ("inference", "post")
+            and rate.inference_images_per_s >= SHORT_QUEUE_SPEEDUP * rate.loader_images_per_s)
+
+
+def short_queue_images(plan: LoaderPlan, rate: RateEstimate) -> int:
+    """Decoded images a loader worker holds while the main process keeps up: its buffers are
+    reused once the main process has released them (``worker.ingest.SharedImageBuffers``), so it
+    holds the batch it is filling, plus one image decoded before the main process released the
+    batch it took last, plus the images it decodes while the main process holds that batch
+    (its share of the inference time per batch). Measured on 2 lanes, null pipeline, small
+    images: b + 1 per lane at batch 4, 8 and 16 (90, 162 and 306 MiB of shared images), b + 1.5 on
+    a 300 ms link; this counts b + 2 there."""
+    lanes = max(1, plan.num_workers)
+    held_share = (plan.batch_size * rate.loader_images_per_s / rate.inference_images_per_s / lanes
+                  if rate.inference_images_per_s > 0 else plan.batch_size)
+    return plan.batch_size + 1 + max(1, math.ceil(held_share))
+
+
+def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration, correction: float, *,
+                  short_queue: bool, rate: Optional[RateEstimate] = None) -> MemoryEstimate:
     workers = plan.num_workers
     lanes = max(1, workers)
     tensor_bytes = probe.decoded_bytes_per_image * (BYTES_PER_FLOAT32 if plan.tensor_dtype == "float32" else 1)
     batch_bytes = tensor_bytes * plan.batch_size
     connections = plan.downloads_per_lane
     queued_batches = workers * plan.prefetch_factor
+    if short_queue and rate is not None:
+        # The batch being inferred is one a loader worker filled: its images are in that worker's count.
+        credit = (plan.prefetch_factor + calibration.collate_copy_factor) * plan.batch_size  # the bound's count
+        queue_bytes = workers * min(short_queue_images(plan, rate), credit) * tensor_bytes
+        inferred_bytes = 0.0
+    else:
+        queue_bytes = workers * (plan.prefetch_factor + calibration.collate_copy_factor) * batch_bytes
+        inferred_bytes = batch_bytes
     components = (
         probe.baseline_bytes,
         workers * probe.worker_process_bytes,
         lanes * connections * probe.max_jpeg_bytes * calibration.download_buffer_factor,
         lanes * probe.decoded_bytes_per_image * (calibration.decode_scratch_factor + _conversion_scratch(plan)),
-        workers * (plan.prefetch_factor + calibration.collate_copy_factor) * batch_bytes,
+        queue_bytes,
         (queued_batches + 1) * batch_bytes * calibration.pinned_copy_factor if plan.pin_memory and probe.cuda else 0,
-        batch_bytes + _host_inference_bytes(plan, probe, calibration),
+        inferred_bytes + _host_inference_bytes(plan, probe, calibration),
     )
     ints = tuple(int(round(value)) for value in components)
     return MemoryEstimate(*ints, total_bytes=int(round(sum(ints) * correction)), correction=correction,

@@ -148,10 +148,12 @@ class PlanDecision:
 
     def log_line(self) -> str:
         """One line: the plan, its predicted peak against the budget, its rate, the search size."""
-        share = self.memory.total_bytes / self.budget_bytes if self.budget_bytes > 0 else math.inf
+        share = self.memory.bound_bytes / self.budget_bytes if self.budget_bytes > 0 else math.inf
         verdict = "fits" if self.fits else "OVER BUDGET"
+        bound = (f" (bound {self.memory.bound_bytes / MiB:.0f} MiB, every queue full)"
+                 if self.memory.bound_bytes > self.memory.total_bytes else "")
         return (
-            f"autotune plan: {self.plan.describe()} | predicted peak {self.memory.total_bytes / MiB:.0f} MiB "
+            f"autotune plan: {self.plan.describe()} | predicted peak {self.memory.total_bytes / MiB:.0f} MiB{bound} "
             f"of budget {self.budget_bytes / MiB:.0f} MiB ({share:.0%}, {verdict}, correction "
             f"x{self.memory.correction:.2f})"
             + (f" | job peak {self.memory.job_peak_bytes / MiB:.0f} MiB (the probe's batch)"
@@ -207,11 +209,11 @@ def price_plan(
     ``fits`` says whether its predicted peak is within budget; reasons say by how much it is over
     and whether its ``tasks_per_reserve`` is more than the reservation timeout allows.
     """
-    memory = predict_peak(plan, probe, calibration, correction)
     rate = predict_rate(plan, probe)
-    over = memory.total_bytes - constraints.budget_bytes
+    memory = predict_peak(plan, probe, calibration, correction, rate)
+    over = memory.bound_bytes - constraints.budget_bytes
     reasons = [
-        f"predicted peak {memory.total_bytes / MiB:.0f} MiB "
+        f"predicted peak {memory.bound_bytes / MiB:.0f} MiB with every queue full "
         + (f"is over the budget {constraints.budget_bytes / MiB:.0f} MiB by {over / MiB:.0f} MiB" if over > 0
            else f"<= budget {constraints.budget_bytes / MiB:.0f} MiB"),
         f"{rate.pipeline_images_per_s:.2f} images/s, bottleneck {rate.bottleneck}",
@@ -257,11 +259,12 @@ def _price_grid(
     either_pinned = reserve_pinned or "batch_size" in constraints.pinned
     for plan in _grid(probe, constraints):
         count += 1
-        memory = predict_peak(plan, probe, calibration, correction)
-        if budget is not None and memory.total_bytes > budget:
+        memory = predict_peak(plan, probe, calibration, correction)  # the bound: every queue full
+        if budget is not None and memory.bound_bytes > budget:
             priced.append(_Priced(plan, memory, None))
             continue
         rate = predict_rate(plan, probe)
+        memory = predict_peak(plan, probe, calibration, correction, rate)
         allowance = _reserve_allowance(plan, rate, constraints)
         if not reserve_pinned and not within_allowance(plan, allowance):
             continue
@@ -410,11 +413,11 @@ def _minimal_decision(
     probe: Probe, constraints: PlanConstraints, calibration: MemoryCalibration, correction: float, count: int
 ) -> PlanDecision:
     plan = MINIMAL_PLAN.with_changes(**constraints.pinned, source="minimal")
-    memory = predict_peak(plan, probe, calibration, correction)
     rate = predict_rate(plan, probe)
-    over = memory.total_bytes - constraints.budget_bytes
+    memory = predict_peak(plan, probe, calibration, correction, rate)
+    over = memory.bound_bytes - constraints.budget_bytes
     reasons = [
-        f"nothing fits: the minimal plan's predicted peak {memory.total_bytes / MiB:.0f} MiB is over the "
+        f"nothing fits: the minimal plan's predicted peak {memory.bound_bytes / MiB:.0f} MiB is over the "
         f"budget {constraints.budget_bytes / MiB:.0f} MiB by {over / MiB:.0f} MiB"
         + (f" ({over / constraints.budget_bytes:.0%})" if constraints.budget_bytes > 0 else ""),
         f"baseline alone (model loaded) is {probe.baseline_bytes / MiB:.0f} MiB; one decoded image "
@@ -432,7 +435,8 @@ def _reasons(
 ) -> tuple[str, ...]:
     reasons = [
         f"highest predicted rate that fits: {rate.pipeline_images_per_s:.2f} images/s, bottleneck {rate.bottleneck}",
-        f"predicted peak {memory.total_bytes / MiB:.0f} MiB <= budget {constraints.budget_bytes / MiB:.0f} MiB",
+        f"predicted peak {memory.total_bytes / MiB:.0f} MiB, {memory.bound_bytes / MiB:.0f} MiB with every queue full "
+        f"<= budget {constraints.budget_bytes / MiB:.0f} MiB",
     ]
     if ties > 1:
         reasons.append(f"smallest peak among {ties} plans within {TIE_TOLERANCE:.0%} of the best {best_rate:.2f} images/s")

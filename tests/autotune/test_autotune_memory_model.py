@@ -206,3 +206,43 @@ def test_calibration_refuses_negative_or_non_numeric_constants(calibration):
         MemoryCalibration.from_dict({**calibration.as_dict(), "decode_scratch_factor": -1.0})
     with pytest.raises(ValueError, match="worker_process_bytes"):
         MemoryCalibration.from_dict({**calibration.as_dict(), "worker_process_bytes": "300 MiB"})
+
+
+def test_a_main_process_that_keeps_up_leaves_each_worker_its_batch_and_two_images(make_probe, calibration):
+    """Measured (null pipeline, 2 loader workers, small images): b + 1 shared images per worker at
+    batch 4, 8 and 16, b + 1.5 on a far link; the model counts b + 2 and no separate inferred
+    batch (it is one of the workers' own). Inference-bound rates keep every queue full."""
+    from autotune.memory_model import short_queue
+    from autotune.throughput_model import predict_rate
+
+    probe = make_probe(cuda=True, inference_per_image_s=0.0002, inference_overhead_s=0.0)
+    image = probe.decoded_bytes_per_image
+    for batch in (4, 8, 16):
+        chosen = plan(batch_size=batch, tasks_per_reserve=batch, pin_memory=False)
+        rate = predict_rate(chosen, probe)
+        assert short_queue(chosen, rate)
+        expected = predict_peak(chosen, probe, calibration, rate=rate)
+        bound = predict_peak(chosen, probe, calibration)
+        assert expected.prefetch_queue_bytes == 2 * (batch + 2) * image
+        assert expected.inference_batch_bytes == 0
+        assert expected.bound_bytes == bound.total_bytes == bound.bound_bytes
+        assert bound.prefetch_queue_bytes == 2 * (2 + 1) * batch * image  # the fixture's collate copy: 1
+        assert expected.total_bytes < expected.bound_bytes
+    slow = make_probe()  # 0.1 s per image on CPU: inference-bound
+    chosen = plan(pin_memory=False)
+    rate = predict_rate(chosen, slow)
+    assert not short_queue(chosen, rate)
+    assert predict_peak(chosen, slow, calibration, rate=rate) == predict_peak(chosen, slow, calibration)
+    # inference at 4x the loader's pace: a worker also decodes while the main process holds its
+    # last batch, b x (loader / inference) / workers images more: 8 x 0.26 / 2 -> 2
+    probe = make_probe(cuda=True, inference_per_image_s=0.002, inference_overhead_s=0.0)
+    chosen = plan(batch_size=8, tasks_per_reserve=8, pin_memory=False)
+    rate = predict_rate(chosen, probe)
+    assert 3.5 < rate.inference_images_per_s / rate.loader_images_per_s < 4.5
+    assert predict_peak(chosen, probe, calibration, rate=rate).prefetch_queue_bytes == 2 * (8 + 1 + 2) * image
+    # a batch of 1 at prefetch 2: the worker's credit (2 images) is the most it can hold
+    chosen = plan(batch_size=1, tasks_per_reserve=1, prefetch_factor=2, pin_memory=False)
+    rate = predict_rate(chosen, make_probe(cuda=True, inference_per_image_s=0.0002, inference_overhead_s=0.0))
+    estimate = predict_peak(chosen, make_probe(cuda=True, inference_per_image_s=0.0002, inference_overhead_s=0.0),
+                            calibration, rate=rate)
+    assert estimate.prefetch_queue_bytes == 2 * (2 + 1) * image and estimate.total_bytes < estimate.bound_bytes

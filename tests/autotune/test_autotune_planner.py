@@ -79,11 +79,12 @@ def test_random_probes_respect_budget_timeout_pin_and_monotonicity(make_probe, c
             decision = choose_plan(probe, constraints, calibration)
             plan = decision.plan
             if decision.fits:
-                assert decision.memory.total_bytes <= constraints.budget_bytes
-                assert decision.memory == predict_peak(plan, probe, calibration)
+                assert decision.memory.bound_bytes <= constraints.budget_bytes
+                assert decision.memory == predict_peak(plan, probe, calibration, rate=decision.rate)
+                assert decision.memory.bound_bytes == predict_peak(plan, probe, calibration).total_bytes
             else:
                 assert plan == MINIMAL_PLAN
-                assert decision.memory.total_bytes > constraints.budget_bytes
+                assert decision.memory.bound_bytes > constraints.budget_bytes
             if not probe.cuda:
                 assert not plan.pin_memory
             # what a loader worker holds (a reservation and the previous one's last downloads)
@@ -324,3 +325,18 @@ def test_on_cpu_batches_grow_past_the_timed_one_when_inference_is_a_minor_cost(m
                         inference_threads=1, download_latency_s=0.0, download_bytes_per_s=1e12,
                         api_round_trip_s=0.0, api_exchange_cpu_s=0.003, max_timed_batch=3)
     assert choose_plan(costly, constraints_for(costly, 8 * GiB), calibration).plan.batch_size <= 4
+
+
+def test_a_loader_bound_plan_is_held_to_its_full_queue_bound_and_reports_its_expected_peak(make_probe, calibration):
+    """The null pipeline's stand-in (inference far faster than decoding): the loader workers'
+    queues stay short, so the predicted peak counts what each worker holds; the budget is still
+    checked against every queue full, since a main process that stalls lets them fill."""
+    probe = make_probe(cuda=True, inference_per_image_s=0.002, inference_overhead_s=0.0)
+    roomy = choose_plan(probe, constraints_for(probe, 16 * GiB), calibration)
+    assert roomy.memory.bound_bytes > roomy.memory.total_bytes
+    assert "bound" in roomy.log_line()
+    between = (roomy.memory.total_bytes + roomy.memory.bound_bytes) // 2
+    tight = constraints_for(probe, between)
+    assert not price_plan(roomy.plan, probe, tight, calibration).fits  # the expected peak fits, the bound does not
+    chosen = choose_plan(probe, tight, calibration)
+    assert chosen.plan != roomy.plan and chosen.memory.bound_bytes <= tight.budget_bytes

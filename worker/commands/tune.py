@@ -119,12 +119,13 @@ class TuneReport:
         return "\n".join(out) + "\n"
 
     def _over_budget_lines(self) -> list[str]:
-        over = self.current.memory.total_bytes - self.constraints.budget_bytes
+        over = self.current.memory.bound_bytes - self.constraints.budget_bytes
         if over <= 0:
-            return [f"Current settings fit the budget: predicted peak {self.current.memory.total_bytes / MiB:,.0f} MiB "
-                    f"<= {self.constraints.budget_bytes / MiB:,.0f} MiB"]
+            return [f"Current settings fit the budget: predicted peak {self.current.memory.bound_bytes / MiB:,.0f} MiB "
+                    f"with every queue full <= {self.constraints.budget_bytes / MiB:,.0f} MiB"]
         lines = [f"Current settings EXCEED the budget by {over / MiB:,.0f} MiB "
-                 f"({self.current.memory.total_bytes / MiB:,.0f} MiB predicted vs {self.constraints.budget_bytes / MiB:,.0f} MiB):"]
+                 f"({self.current.memory.bound_bytes / MiB:,.0f} MiB predicted with every queue full vs "
+                 f"{self.constraints.budget_bytes / MiB:,.0f} MiB):"]
         for (label, current), (_, recommended) in zip(self.current.memory.components(),
                                                       self.recommended.memory.components()):
             if current > recommended and label in COMPONENT_SETTINGS:
