@@ -137,10 +137,10 @@ def predict_peak(
     main process at least ``SHORT_QUEUE_SPEEDUP`` times as fast as the loader, the queues stay
     short and ``total_bytes`` counts what each loader worker then holds (``short_queue_images``).
     """
-    bound = _predict_peak(plan, probe, calibration, correction, short_queue=False)
+    bound = _predict_peak(plan, probe, calibration, correction, queues_short=False)
     if rate is None or not short_queue(plan, rate):
         return bound
-    expected = _predict_peak(plan, probe, calibration, correction, short_queue=True, rate=rate)
+    expected = _predict_peak(plan, probe, calibration, correction, queues_short=True, rate=rate)
     return replace(expected, bound_bytes=bound.total_bytes)
 
 
@@ -170,14 +170,14 @@ def short_queue_images(plan: LoaderPlan, rate: RateEstimate) -> int:
 
 
 def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration, correction: float, *,
-                  short_queue: bool, rate: Optional[RateEstimate] = None) -> MemoryEstimate:
+                  queues_short: bool, rate: Optional[RateEstimate] = None) -> MemoryEstimate:
     workers = plan.num_workers
     lanes = max(1, workers)
     tensor_bytes = probe.decoded_bytes_per_image * (BYTES_PER_FLOAT32 if plan.tensor_dtype == "float32" else 1)
     batch_bytes = tensor_bytes * plan.batch_size
     connections = plan.downloads_per_lane
     queued_batches = workers * plan.prefetch_factor
-    if short_queue and rate is not None:
+    if queues_short and rate is not None:
         # The batch being inferred is one a loader worker filled: its images are in that worker's count.
         credit = (plan.prefetch_factor + calibration.collate_copy_factor) * plan.batch_size  # the bound's count
         queue_bytes = workers * min(short_queue_images(plan, rate), credit) * tensor_bytes

@@ -252,6 +252,8 @@ class RunResult:
     bottleneck: str = ""
     with_close_images_per_s: float = 0.0  # from the same start to the process's exit
     task_latency_s: dict[str, float] = field(default_factory=dict)  # p50/p90/p99/max, reserve -> accepted result
+    # from the first accepted result to the last (the results after the first post, over that time)
+    first_to_last_images_per_s: float = 0.0
 
     @property
     def oom_killed(self) -> bool:
@@ -297,6 +299,7 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             predicted_images_per_s=advisory.get("predicted_rate", 0.0), bottleneck=advisory.get("bottleneck", ""),
             with_close_images_per_s=_with_close_rate(server, exited_at_s),
             task_latency_s=percentiles(server.task_latencies_s),
+            first_to_last_images_per_s=_first_to_last_rate(server),
         )
         if log_path.exists():
             LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -353,6 +356,17 @@ def _with_close_rate(server: "TimedAntenna", exited_at_s: float) -> float:
     done = sum(n for _, n in server.result_times_s)
     started_s = server.job_started_s()
     return done / (exited_at_s - started_s) if started_s is not None and exited_at_s > started_s else 0.0
+
+
+def _first_to_last_rate(server: "TimedAntenna") -> float:
+    """Accepted results per second from the first accepted result to the last: the results of
+    every post after the first, over the time between the first post and the last (0 with fewer
+    than two posts)."""
+    if len(server.result_times_s) < 2:
+        return 0.0
+    (first_s, first_count), last_s = server.result_times_s[0], server.result_times_s[-1][0]
+    later = sum(n for _, n in server.result_times_s) - first_count
+    return later / (last_s - first_s) if last_s > first_s else 0.0
 
 
 def _rates(server: TimedAntenna, tasks: int) -> tuple[float, float, float]:
