@@ -117,6 +117,8 @@ def compare_table(a: MemoryEstimate, b: MemoryEstimate, names: Sequence[str] = (
             f"{label:<28}{bytes_a / MiB:>16.1f}{bytes_a / raw_a:>8.1%}{bytes_b / MiB:>16.1f}{bytes_b / raw_b:>8.1%}"
         )
     lines.append(f"{'total (corrected)':<28}{a.total_bytes / MiB:>16.1f}{'':>8}{b.total_bytes / MiB:>16.1f}{'':>8}")
+    if a.bound_bytes > a.total_bytes or b.bound_bytes > b.total_bytes:
+        lines.append(f"{'bound (every queue full)':<28}{a.bound_bytes / MiB:>16.1f}{'':>8}{b.bound_bytes / MiB:>16.1f}{'':>8}")
     return "\n".join(lines)
 
 

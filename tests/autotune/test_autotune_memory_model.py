@@ -123,6 +123,19 @@ def test_compare_table_shows_both_side_by_side(make_probe, calibration):
     assert "recommended MiB" in text.splitlines()[0] and "current MiB" in text.splitlines()[0]
     last = text.splitlines()[-1]
     assert f"{a.total_bytes / MiB:.1f}" in last and f"{b.total_bytes / MiB:.1f}" in last
+    assert "bound" not in text  # every queue full is the prediction itself: no second figure
+
+
+def test_tables_show_the_bound_where_the_queues_stay_short(make_probe, calibration):
+    from autotune.throughput_model import predict_rate
+
+    probe = make_probe(cuda=True, inference_per_image_s=0.0002, inference_overhead_s=0.0)
+    chosen = plan(pin_memory=False)
+    expected = predict_peak(chosen, probe, calibration, rate=predict_rate(chosen, probe))
+    assert expected.bound_bytes > expected.total_bytes
+    assert expected.table().splitlines()[-1].split()[-1] == f"{expected.bound_bytes / MiB:.1f}"
+    last = compare_table(expected, predict_peak(chosen, probe, calibration)).splitlines()[-1]
+    assert last.startswith("bound") and last.split()[-2] == last.split()[-1] == f"{expected.bound_bytes / MiB:.1f}"
 
 
 def test_committed_calibration_keys_are_the_dataclass_fields():
