@@ -139,10 +139,18 @@ def predict_peak(
     main process at least ``SHORT_QUEUE_SPEEDUP`` times as fast as the loader, the queues stay
     short and ``total_bytes`` counts what each loader worker then holds (``short_queue_images``).
     """
-    bound = _predict_peak(plan, probe, calibration, correction, queues_short=False)
-    if rate is None or not short_queue(plan, rate):
+    bound = _predict_peak(plan, probe, calibration, correction)
+    return bound if rate is None else expected_peak(bound, plan, probe, calibration, rate)
+
+
+def expected_peak(bound: MemoryEstimate, plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration,
+                  rate: RateEstimate) -> MemoryEstimate:
+    """``predict_peak(plan, probe, calibration, correction, rate)`` from its full-queue ``bound``
+    (``predict_peak`` without a rate): the planner checks the bound against the budget before it
+    prices the rate."""
+    if not short_queue(plan, rate):
         return bound
-    expected = _predict_peak(plan, probe, calibration, correction, queues_short=True, rate=rate)
+    expected = _predict_peak(plan, probe, calibration, bound.correction, short_queue_images(plan, rate))
     return replace(expected, bound_bytes=bound.total_bytes)
 
 
@@ -171,22 +179,24 @@ def short_queue_images(plan: LoaderPlan, rate: RateEstimate) -> int:
     return plan.batch_size + 1 + max(1, math.ceil(held_share))
 
 
-def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration, correction: float, *,
-                  queues_short: bool, rate: Optional[RateEstimate] = None) -> MemoryEstimate:
+def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration, correction: float,
+                  short_images: Optional[int] = None) -> MemoryEstimate:
+    """Every queue full, or with ``short_images`` (``short_queue_images``) what each loader worker
+    holds while the main process keeps up."""
     workers = plan.num_workers
     lanes = max(1, workers)
     tensor_bytes = probe.decoded_bytes_per_image * (BYTES_PER_FLOAT32 if plan.tensor_dtype == "float32" else 1)
     batch_bytes = tensor_bytes * plan.batch_size
     connections = plan.downloads_per_lane
     queued_batches = workers * plan.prefetch_factor
-    if queues_short and rate is not None:
-        # The batch being inferred is one a loader worker filled: its images are in that worker's count.
-        credit = (plan.prefetch_factor + calibration.collate_copy_factor) * plan.batch_size  # the bound's count
-        queue_bytes = workers * min(short_queue_images(plan, rate), credit) * tensor_bytes
-        inferred_bytes = 0.0
-    else:
-        queue_bytes = workers * (plan.prefetch_factor + calibration.collate_copy_factor) * batch_bytes
+    credit_images = (plan.prefetch_factor + calibration.collate_copy_factor) * plan.batch_size
+    if short_images is None:
+        queue_bytes = workers * credit_images * tensor_bytes
         inferred_bytes = batch_bytes
+    else:
+        # The batch being inferred is one a loader worker filled: its images are in that worker's count.
+        queue_bytes = workers * min(short_images, credit_images) * tensor_bytes
+        inferred_bytes = 0.0
     components = (
         probe.baseline_bytes,
         workers * probe.worker_process_bytes,

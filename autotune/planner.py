@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Iterator, Mapping, Optional, Sequence
 
 from autotune.calibration import MemoryCalibration
-from autotune.memory_model import MemoryEstimate, predict_peak
+from autotune.memory_model import MemoryEstimate, expected_peak, predict_peak
 from autotune.plan import MINIMAL_PLAN, LoaderPlan
 from autotune.probe import Probe
 from autotune.throughput_model import RateEstimate, connections_in_flight, predict_rate, transfer_share
@@ -259,12 +259,12 @@ def _price_grid(
     either_pinned = reserve_pinned or "batch_size" in constraints.pinned
     for plan in _grid(probe, constraints):
         count += 1
-        memory = predict_peak(plan, probe, calibration, correction)  # the bound: every queue full
-        if budget is not None and memory.bound_bytes > budget:
-            priced.append(_Priced(plan, memory, None))
+        bound = predict_peak(plan, probe, calibration, correction)  # every queue full
+        if budget is not None and bound.bound_bytes > budget:
+            priced.append(_Priced(plan, bound, None))
             continue
         rate = predict_rate(plan, probe)
-        memory = predict_peak(plan, probe, calibration, correction, rate)
+        memory = expected_peak(bound, plan, probe, calibration, rate)
         allowance = _reserve_allowance(plan, rate, constraints)
         if not reserve_pinned and not within_allowance(plan, allowance):
             continue
