@@ -45,7 +45,6 @@ _SMAPS_LINE = re.compile(rb"^([0-9a-f]+-[0-9a-f]+ .*)$|" + _PSS, re.MULTILINE)
 _SHM_PREFIX = procfs.SHM_PREFIX.encode()
 
 
-_ROLLUP_PSS = re.compile(rb"^Pss:\s+(\d+)", re.MULTILINE)
 _ROLLUP_PSS_SHMEM = re.compile(rb"^Pss_Shmem:\s+(\d+)", re.MULTILINE)
 # A maps line: range, perms, offset, device, inode, then the path if any. Shared memory outside
 # /dev/shm shows as a shared mapping of /dev/zero (shared anonymous), /SYSV..., /memfd:... or an
@@ -65,20 +64,12 @@ def read_process_memory(pid: int) -> SmapsReading:
     maps = procfs.read_bytes(f"/proc/{pid}/maps")
     if not rollup or maps is None:
         return SmapsReading(0, 0, {})
-    pss = _ROLLUP_PSS.search(rollup)
+    pss = _PSS_LINE.search(rollup)
     shmem = _ROLLUP_PSS_SHMEM.search(rollup)
     if pss is None or shmem is None or any(_other_shmem(path.rstrip()) for path in _MAPS_SHARED_PATH.findall(maps)):
         return read_smaps(pid)
-    shm_sizes: dict[int, int] = {}
-    if _SHM_PREFIX in maps:
-        for line in maps.split(b"\n"):
-            if _SHM_PREFIX in line:
-                segment = procfs.shm_mapping(f"/proc/{pid}", line.decode(errors="replace").split(maxsplit=5))
-                if segment is not None:
-                    inode, size = segment
-                    shm_sizes[inode] = max(shm_sizes.get(inode, 0), size)
     pss_bytes = int(pss.group(1)) * 1024
-    return SmapsReading(pss_bytes, pss_bytes - int(shmem.group(1)) * 1024, shm_sizes)
+    return SmapsReading(pss_bytes, pss_bytes - int(shmem.group(1)) * 1024, procfs.maps_shm_sizes(f"/proc/{pid}", maps))
 
 
 def read_smaps(pid: int) -> SmapsReading:

@@ -123,11 +123,20 @@ def shm_mapping(proc_dir: str, fields: list[str]) -> tuple[int, int] | None:
 def read_maps_shm(pid: int, proc_root: Path = Path("/proc")) -> dict[int, int]:
     """inode -> size of /dev/shm files mapped by ``pid`` ({} when none or the process is gone)."""
     data = read_bytes(f"{proc_root}/{pid}/maps")
-    if not data or SHM_PREFIX.encode() not in data:
+    return maps_shm_sizes(f"{proc_root}/{pid}", data) if data else {}
+
+
+def maps_shm_sizes(proc_dir: str, data: bytes) -> dict[int, int]:
+    """inode -> size of the /dev/shm files that ``data`` (a maps file's bytes) maps; ``proc_dir``
+    is the process's /proc entry."""
+    prefix = SHM_PREFIX.encode()
+    if prefix not in data:
         return {}
     sizes: dict[int, int] = {}
-    for line in data.decode(errors="replace").splitlines():
-        segment = shm_mapping(f"{proc_root}/{pid}", line.split(maxsplit=5))
+    for line in data.splitlines():
+        if prefix not in line:  # a torch process maps thousands of other things: skip them undecoded
+            continue
+        segment = shm_mapping(proc_dir, line.decode(errors="replace").split(maxsplit=5))
         if segment is not None:
             inode, size = segment
             sizes[inode] = max(sizes.get(inode, 0), size)
