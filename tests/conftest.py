@@ -55,6 +55,18 @@ def antenna(antenna_factory) -> LocalAntenna:
 
 
 @pytest.fixture
+def loopback_netrc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A netrc file with credentials for 127.0.0.1, where requests looks for one (``NETRC``), and
+    loopback kept off any proxy the environment sets."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    return netrc
+
+
+@pytest.fixture
 def settings_for(tmp_path: Path) -> Callable[..., Settings]:
     """Settings pointing at a server, with a private user-data dir; overrides by field name."""
 

@@ -228,15 +228,10 @@ def test_auth_failures_carry_their_reason_and_403_on_tasks_names_the_superuser_n
 
 
 @pytest.mark.timeout(30)
-def test_a_netrc_entry_for_the_antenna_host_does_not_replace_the_token(antenna, tiny_images, tmp_path, monkeypatch):
+def test_a_netrc_entry_for_the_antenna_host_does_not_replace_the_token(antenna, tiny_images, loopback_netrc):
     """requests builds Basic credentials from ~/.netrc (``NETRC``) for a matching host and sends
     them instead of a session's Authorization header: the API then answered 401 to a worker whose
     operator keeps a netrc entry for the server."""
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     job = antenna.add_job(tiny_images[:1], "synthetic-moths")
     client = client_for(antenna)
     assert len(client.reserve_tasks(job, 1)) == 1

@@ -81,15 +81,21 @@ class _Hops(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def hops(antenna, tiny_images):
-    job = antenna.add_job(tiny_images[:1], "synthetic-moths")
+def _reserved_image_url(antenna, image) -> tuple[int, str]:
+    """(job, the image URL of its one task) for a new job of ``image`` on ``antenna``."""
     from worker.antenna import AntennaClient
     from tests.conftest import TOKEN
 
+    job = antenna.add_job([image], "synthetic-moths")
     client = AntennaClient(antenna.base_url, TOKEN)
     image_url = client.reserve_tasks(job, 1)[0].image_url
     client.close()
+    return job, image_url
+
+
+@pytest.fixture
+def hops(antenna, tiny_images):
+    _job, image_url = _reserved_image_url(antenna, tiny_images[0])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hops)
     server.daemon_threads = True
     server.target, server.requests = image_url, 0  # type: ignore[attr-defined]
@@ -205,20 +211,9 @@ def test_the_environments_proxy_is_used_for_image_hosts_and_no_proxy_bypasses_it
 
 
 @pytest.mark.timeout(30)
-def test_netrc_credentials_never_reach_an_image_host(antenna, tiny_images, tmp_path, monkeypatch):
+def test_netrc_credentials_never_reach_an_image_host(antenna, tiny_images, loopback_netrc):
     """No Authorization header goes to image hosts, not even one requests would build from a
     ~/.netrc entry for that host (``NETRC`` points requests at one)."""
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    job = antenna.add_job(tiny_images[:1], "synthetic-moths")
-    from worker.antenna import AntennaClient
-    from tests.conftest import TOKEN
-
-    client = AntennaClient(antenna.base_url, TOKEN)
-    image_url = client.reserve_tasks(job, 1)[0].image_url
-    client.close()
+    job, image_url = _reserved_image_url(antenna, tiny_images[0])
     assert _get(image_url) == tiny_images[0].path.read_bytes()
     assert antenna.report(job).media_requests_with_auth == 0
