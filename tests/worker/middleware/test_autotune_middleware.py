@@ -225,6 +225,10 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
     real_time_sample = worker.probing.time_sample
     monkeypatch.setattr(worker.probing, "time_sample",
                         lambda *args, **kwargs: timed_alone.append(args) or real_time_sample(*args, **kwargs))
+    fitted = []  # (the timings the probe took, what the fit was given)
+    real_median = worker.probing.median_of_repeats
+    monkeypatch.setattr(worker.probing, "median_of_repeats",
+                        lambda samples, *args: fitted.append((list(samples), real_median(samples, *args))) or fitted[-1][1])
     antenna.add_job(tiny_images[:6], PIPELINE)
     settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE)
     worker = build_worker(settings, burst=True, environ=dict(os.environ))
@@ -239,6 +243,40 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
     assert record["probe"]["max_timed_batch"] == 3
     assert record["probe"]["inference_overhead_s"] == 0.02
     assert any("measured at start" in note for note in record["probe"]["notes"])
+    # the sample batch timed three times (twice before the loop, once in it): the fit gets the median
+    (timings, given), = fitted
+    assert [(sample.batch_size, sample.threads) for sample in timings] == [(3, torch.get_num_threads())] * 3
+    median_s = sorted(sample.seconds for sample in timings)[1]
+    assert [sample.seconds for sample in given] == [median_s]
+    assert record["probe"]["inference_per_image_s"] == pytest.approx(max(0.0, median_s - 0.02) / 3)
+
+
+def test_the_sample_batch_is_timed_again_only_within_its_budget(tiny_images):
+    """``time_repeats`` times the sample as one batch (nothing posted) at most ``repeats`` times,
+    and makes no further timing once one more like the longest would pass the budget."""
+    from worker.imaging import decode
+    from worker.loading import LoadedImage
+    from worker.pipelines import load_pipeline, warm_up
+    from worker.probing import median_of_repeats, time_repeats
+    from worker.schema import Task
+    from autotune import InferenceSample
+
+    pipeline = load_pipeline(PIPELINE, torch.device("cpu"))
+    items = [LoadedImage(Task(id=str(n), image_id=str(n), image_url=f"http://example.invalid/{n}.jpg",
+                              reply_subject=f"r{n}"),
+                         decode(bytearray(image.path.read_bytes()), max_pixels=80_000_000).tensor, None)
+             for n, image in enumerate(tiny_images[:2])]
+    warm_up(pipeline, items[0].image)
+    assert len(time_repeats(pipeline, items, PIPELINE, repeats=2, budget_s=60.0)) == 2
+    assert len(time_repeats(pipeline, items, PIPELINE, repeats=5, budget_s=60.0)) == 5
+    once = time_repeats(pipeline, items, PIPELINE, repeats=2, budget_s=0.0)
+    assert len(once) == 1 and once[0].batch_size == 2 and once[0].seconds > 0 and once[0].cpu_s > 0
+    # the median replaces only the whole sample's timings at the default threads
+    alone = [InferenceSample(1, 0.5, threads=2), InferenceSample(1, 0.7, threads=2)]
+    whole = [InferenceSample(2, s, threads=2) for s in (0.9, 0.3, 0.4)]
+    one_thread = InferenceSample(2, 0.6, threads=1)
+    assert median_of_repeats(alone + whole + [one_thread], 2, 2) == alone + [one_thread, whole[2]]
+    assert median_of_repeats(alone + whole[:1], 2, 2) == alone + whole[:1]
 
 
 class HookOrder(Middleware):
