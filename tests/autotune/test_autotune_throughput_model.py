@@ -7,6 +7,7 @@ import pytest
 
 from autotune.plan import LoaderPlan
 from autotune.throughput_model import (
+    contended_inference,
     LANE_HANDOFF_CPU_S_PER_BATCH, UNLIMITED_PER_S, bounds, buffered_rate, connections_in_flight,
     handoff_cpu_s_per_image, handoff_wait_s,
     predict_rate, transfer_share,
@@ -325,3 +326,29 @@ def test_one_lane_decodes_at_most_one_image_per_decode_receive_and_handoff(make_
     step_s = 0.025 + 0.005 + LANE_HANDOFF_CPU_S_PER_BATCH / 8
     assert lane.loader_images_per_s <= 1 / step_s
     assert lane.loader_images_per_s == pytest.approx(1 / step_s, rel=0.05)
+
+
+def test_inference_slows_by_its_threads_share_of_the_cores_beside_the_loading():
+    # 22 images/s alone at 2 threads on 2 cores; the loading keeps 0.046 core-s per image runnable
+    rate = contended_inference(22.0, threads=2, cores=2, load_core_s=0.046)
+    assert rate < 22.0
+    assert rate * (2 + rate * 0.046) == pytest.approx(22.0 * 2)  # r x (threads + r x l) = F x cores
+    assert rate == pytest.approx(16.07, abs=0.01)
+    # a core to spare for every runnable thread: nothing lost
+    assert contended_inference(10.0, threads=1, cores=2, load_core_s=0.05) == 10.0
+    assert contended_inference(22.0, threads=2, cores=2, load_core_s=0.0) == 22.0
+
+
+def test_an_inference_bound_plan_on_cpu_is_priced_at_the_contended_rate(make_probe):
+    # threads busy 1.45 of 2 on average (OpenMP threads sleep at barriers), as the probe measured
+    probe = make_probe(decode_s_per_image=0.03, inference_overhead_s=0.0, inference_per_image_s=0.045,
+                       inference_busy_threads=1.45,
+                       download_latency_s=0.0, download_bytes_per_s=1e12, api_round_trip_s=0.0)
+    candidate = plan(num_workers=1, batch_size=4, inference_threads=2)
+    rate = predict_rate(candidate, probe)
+    assert rate.bottleneck == "inference"
+    load_core_s = (probe.loader_cpu_s_per_image() + probe.api_cpu_s_per_image(4, 4)
+                   + handoff_cpu_s_per_image(candidate))
+    expected = contended_inference(1 / probe.inference_s(4, 2) * 4, 2, probe.cpu_count, load_core_s)
+    assert expected < 4 / probe.inference_s(4, 2)
+    assert rate.inference_images_per_s == pytest.approx(expected)
