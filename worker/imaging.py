@@ -32,7 +32,11 @@ from worker.sessions import EnvironmentSession
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8"
-CHUNK_BYTES = 1 << 20
+# At most this much per read. Each read allocates its full size before the socket fills part of
+# it: 1 MiB reads cost a 1 MB download 2.70 ms of client CPU on loopback and 256 KiB reads 1.91;
+# on a 300 ms, 5 MB/s link with 32 downloads in flight, 3.9 and 3.6 ms, and 2.7 against 2.2 MiB
+# of the process per download in flight (64 KiB reads: no better).
+CHUNK_BYTES = 256 * 1024
 ALLOWED_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3  # presigned-URL hosts redirect once or twice; more is a loop or a trap
 # Transient failures of an image GET (a reset or refused connection, a 5xx or 429 from a storage
@@ -106,14 +110,11 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     try:
         with _get_following_redirects(session, url, wait_s, block_private_hosts, on_headers) as response:
             _check_response(response, url, max_bytes)
-            body = bytearray()
-            while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
-                body += chunk
-                del chunk
-                if len(body) > max_bytes:
-                    raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
-                if time.monotonic() - started_s > deadline_s:
-                    raise over_deadline(url, deadline_s)
+            declared = _declared_length(response)
+            if declared is None:
+                body = _read_unsized(response, url, max_bytes, started_s, deadline_s)
+            else:
+                body = _read_sized(response, url, declared, started_s, deadline_s)
     except (requests.Timeout, urllib3.exceptions.TimeoutError):
         if time.monotonic() - started_s >= deadline_s:
             raise over_deadline(url, deadline_s) from None
@@ -126,6 +127,57 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     if not body:
         raise ImageError(f"download returned an empty body for {url}", "empty")
     return body  # a bytearray: decoders take it as is, and a bytes() copy would double the peak
+
+
+def _declared_length(response: requests.Response) -> Optional[int]:
+    """The body's length as sent (Content-Length) when it arrives as it is sent (no
+    Content-Encoding to undo); None otherwise."""
+    declared = response.headers.get("Content-Length", "")
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    return int(declared) if declared.isdigit() and encoding in ("", "identity") else None
+
+
+def _read_sized(response: requests.Response, url: str, length: int, started_s: float,
+                deadline_s: float) -> bytearray:
+    """The declared ``length`` bytes, each read copied into one buffer of that size as it arrives.
+
+    A growing buffer reallocated and copied the whole body as it grew (half of a download
+    thread's interpreter time on a 300 ms, 5 MB/s link, py-spy) and held up to 1.125x of it.
+    A body that ends short of its length is a connection failure (the peer hung up mid-body).
+    """
+    body = bytearray(length)
+    view = memoryview(body)
+    filled = 0
+    try:
+        while filled < length:
+            chunk = response.raw.read1(min(CHUNK_BYTES, length - filled), decode_content=True)
+            if not chunk:
+                break
+            view[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+            del chunk
+            if time.monotonic() - started_s > deadline_s:
+                raise over_deadline(url, deadline_s)
+    finally:
+        view.release()
+    if filled < length:
+        raise ImageError(f"download failed: the body ended after {filled} of its {length} bytes for {url}",
+                         "connection")
+    return body
+
+
+def _read_unsized(response: requests.Response, url: str, max_bytes: int, started_s: float,
+                  deadline_s: float) -> bytearray:
+    """A body of no declared length (chunked, or compressed on the wire), read to its end."""
+    body = bytearray()
+    while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+        body += chunk
+        del chunk
+        if len(body) > max_bytes:
+            raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")
+        if time.monotonic() - started_s > deadline_s:
+            raise over_deadline(url, deadline_s)
+    return body
 
 
 def _get_following_redirects(session: requests.Session, url: str, wait_s: float, block_private_hosts: bool,

@@ -66,6 +66,9 @@ class _Hops(BaseHTTPRequestHandler):
             self.connection.close()
             self.close_connection = True
             return
+        if self.path in ("/unsized", "/short"):
+            self._send_body()
+            return
         if self.path.startswith("/hop/") and self.path != "/hop/0":
             location = f"/hop/{int(self.path.rsplit('/', 1)[1]) - 1}"
         elif self.path == "/to-file":
@@ -76,6 +79,21 @@ class _Hops(BaseHTTPRequestHandler):
         self.send_header("Location", location)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def _send_body(self) -> None:
+        """``/unsized``: the image with no Content-Length, ended by closing the connection;
+        ``/short``: a Content-Length 1,000 bytes longer than the image, then the close."""
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if self.path == "/short":
+            self.send_header("Content-Length", str(len(body) + 1000))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for start in range(0, len(body), 4096):  # several reads for the client
+            self.wfile.write(body[start:start + 4096])
+            self.wfile.flush()
+        self.close_connection = True
 
     def log_message(self, *args: object) -> None:
         pass
@@ -99,6 +117,7 @@ def hops(antenna, tiny_images):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hops)
     server.daemon_threads = True
     server.target, server.requests = image_url, 0  # type: ignore[attr-defined]
+    server.body = tiny_images[0].path.read_bytes()  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server, image_url, tiny_images[0].path.read_bytes()
@@ -217,3 +236,26 @@ def test_netrc_credentials_never_reach_an_image_host(antenna, tiny_images, loopb
     job, image_url = _reserved_image_url(antenna, tiny_images[0])
     assert _get(image_url) == tiny_images[0].path.read_bytes()
     assert antenna.report(job).media_requests_with_auth == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_declared_body_is_read_into_one_buffer_of_its_size(antenna, large_images):
+    """With a Content-Length, the body goes into one buffer of that size as it arrives: no
+    regrowing buffer (which copied the body over and over and held up to 1.125x of it per
+    download in flight). The shaped link delivers it in many reads."""
+    image = large_images[0]
+    antenna.set_network(bandwidth_bytes_per_s=40_000_000)
+    _job, image_url = _reserved_image_url(antenna, image)
+    body = _get(image_url)
+    assert body == image.path.read_bytes()
+    assert body.__alloc__() == len(body) + 1  # exactly its size (plus the trailing NUL bytearray keeps)
+
+
+@pytest.mark.timeout(30)
+def test_a_body_without_length_is_read_to_the_close_and_a_short_one_is_a_connection_error(hops):
+    server, _image_url, expected = hops
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    assert _get(f"{base}/unsized") == expected
+    with pytest.raises(ImageError) as raised:
+        _get(f"{base}/short")
+    assert raised.value.reason == "connection"

@@ -131,7 +131,14 @@ def test_the_probe_times_a_noisy_decode_again_and_keeps_the_lower_cpu(tiny_image
         untouched = _retime_outliers(images, fetched, decoded, pool)
     assert retimed[2].decode_cpu_s < noisy.decode_cpu_s
     assert retimed[2].tensor is noisy.tensor  # the sample keeps its pixels, only its timing changes
-    assert retimed[:2] == [decoded[0], decoded[1]]
+    # the two real timings: untouched unless this host's own noise put one over the ratio too
+    # (tiny images decode in well under a millisecond), and then never slower than measured
+    fastest = min(d.decode_cpu_s / (d.width * d.height) for d in decoded[:2])
+    for again, first in zip(retimed[:2], decoded[:2]):
+        if first.decode_cpu_s / (first.width * first.height) <= DECODE_RETIME_RATIO * fastest:
+            assert again is first
+        else:
+            assert again.tensor is first.tensor and again.decode_cpu_s <= first.decode_cpu_s
     fastest = min(d.decode_cpu_s / (d.width * d.height) for d in decoded)
     assert all(u is d for u, d in zip(untouched, decoded)
                if d.decode_cpu_s / (d.width * d.height) <= DECODE_RETIME_RATIO * fastest)
