@@ -31,6 +31,11 @@ from autotune.throughput_model import RateEstimate
 
 MiB = 1024 * 1024
 BYTES_PER_FLOAT32 = 4
+# A download reads its body at most this much at a time, and each read allocates its full size
+# before the socket fills it (``worker.imaging`` reads with this size): a download in flight holds
+# its body and one such read. On a 300 ms, 5 MB/s link with 32 downloads in flight per loader
+# worker, the worker held 1.77 MiB more per download than with 2 on a fast link, for 1.41 MB JPEGs.
+DOWNLOAD_READ_BYTES = 256 * 1024
 
 
 COMPONENTS = (
@@ -200,7 +205,7 @@ def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration
     components = (
         probe.baseline_bytes,
         workers * probe.worker_process_bytes,
-        lanes * connections * probe.max_jpeg_bytes * calibration.download_buffer_factor,
+        lanes * connections * (probe.max_jpeg_bytes * calibration.download_buffer_factor + DOWNLOAD_READ_BYTES),
         lanes * probe.decoded_bytes_per_image * (calibration.decode_scratch_factor + _conversion_scratch(plan)),
         queue_bytes,
         (queued_batches + 1) * batch_bytes * calibration.pinned_copy_factor if plan.pin_memory and probe.cuda else 0,

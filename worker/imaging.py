@@ -26,17 +26,19 @@ import urllib3
 from PIL import Image
 from urllib3.util.retry import Retry
 
+from autotune.memory_model import DOWNLOAD_READ_BYTES
 from worker.results import Failure, FailureReason
 from worker.sessions import EnvironmentSession
 
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8"
-# At most this much per read. Each read allocates its full size before the socket fills part of
-# it: 1 MiB reads cost a 1 MB download 2.70 ms of client CPU on loopback and 256 KiB reads 1.91;
-# on a 300 ms, 5 MB/s link with 32 downloads in flight, 3.9 and 3.6 ms, and 2.7 against 2.2 MiB
-# of the process per download in flight (64 KiB reads: no better).
-CHUNK_BYTES = 256 * 1024
+# At most this much per read (the memory model prices one such read per download in flight).
+# Each read allocates its full size before the socket fills part of it: 1 MiB reads cost a 1 MB
+# download 2.70 ms of client CPU on loopback and 256 KiB reads 1.91; on a 300 ms, 5 MB/s link
+# with 32 downloads in flight, 3.9 and 3.6 ms, and 2.7 against 2.2 MiB of the process per
+# download in flight (64 KiB reads: no better).
+CHUNK_BYTES = DOWNLOAD_READ_BYTES
 ALLOWED_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3  # presigned-URL hosts redirect once or twice; more is a loop or a trap
 # Transient failures of an image GET (a reset or refused connection, a 5xx or 429 from a storage
@@ -146,20 +148,16 @@ def _read_sized(response: requests.Response, url: str, length: int, started_s: f
     A body that ends short of its length is a connection failure (the peer hung up mid-body).
     """
     body = bytearray(length)
-    view = memoryview(body)
     filled = 0
-    try:
-        while filled < length:
-            chunk = response.raw.read1(min(CHUNK_BYTES, length - filled), decode_content=True)
-            if not chunk:
-                break
-            view[filled:filled + len(chunk)] = chunk
-            filled += len(chunk)
-            del chunk
-            if time.monotonic() - started_s > deadline_s:
-                raise over_deadline(url, deadline_s)
-    finally:
-        view.release()
+    while filled < length:
+        chunk = response.raw.read1(min(CHUNK_BYTES, length - filled), decode_content=True)
+        if not chunk:
+            break
+        body[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+        del chunk
+        if time.monotonic() - started_s > deadline_s:
+            raise over_deadline(url, deadline_s)
     if filled < length:
         raise ImageError(f"download failed: the body ended after {filled} of its {length} bytes for {url}",
                          "connection")

@@ -10,7 +10,7 @@ import pytest
 from autotune import calibration as calibration_module, corrections
 from autotune.calibration import MemoryCalibration, load_calibration, save_calibration
 from autotune.corrections import CorrectionStore
-from autotune.memory_model import compare_table, predict_peak
+from autotune.memory_model import DOWNLOAD_READ_BYTES, compare_table, predict_peak
 from autotune.plan import LoaderPlan
 
 MiB = 1024 * 1024
@@ -40,7 +40,8 @@ def test_components_by_hand(make_probe, calibration):
     e = predict_peak(plan(), probe, calibration)
     assert e.baseline_bytes == probe.baseline_bytes
     assert e.loader_workers_bytes == 2 * probe.worker_process_bytes
-    assert e.inflight_downloads_bytes == 2 * 4 * probe.max_jpeg_bytes * 2
+    # each download in flight: its body (x the calibration's factor, 2 here) and one read under way
+    assert e.inflight_downloads_bytes == 2 * 4 * (probe.max_jpeg_bytes * 2 + DOWNLOAD_READ_BYTES)
     assert e.decode_scratch_bytes == 2 * image
     assert e.prefetch_queue_bytes == 2 * (2 + 1) * 4 * image
     assert e.pinned_bytes == (2 * 2 + 1) * 4 * image
