@@ -243,10 +243,12 @@ def test_with_sleeping_openmp_threads_the_probe_times_no_single_thread_batch(ant
     assert record["probe"]["max_timed_batch"] == 3
     assert record["probe"]["inference_overhead_s"] == 0.02
     assert any("measured at start" in note for note in record["probe"]["notes"])
-    # the sample batch timed three times (twice before the loop, once in it): the fit gets the median
+    # the sample batch timed again before the loop (once or twice: a second repeat only within the
+    # budget, which a busy host's first timing can use up) and once in it: the fit gets the median
     (timings, given), = fitted
-    assert [(sample.batch_size, sample.threads) for sample in timings] == [(3, torch.get_num_threads())] * 3
-    median_s = sorted(sample.seconds for sample in timings)[1]
+    assert len(timings) in (2, 3)
+    assert [(sample.batch_size, sample.threads) for sample in timings] == [(3, torch.get_num_threads())] * len(timings)
+    median_s = sorted(sample.seconds for sample in timings)[(len(timings) - 1) // 2]
     assert [sample.seconds for sample in given] == [median_s]
     assert record["probe"]["inference_per_image_s"] == pytest.approx(max(0.0, median_s - 0.02) / 3)
 
