@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8"
 # At most this much per read (the memory model prices one such read per download in flight).
-# Each read allocates its full size before the socket fills part of it: 1 MiB reads cost a 1 MB
-# download 2.70 ms of client CPU on loopback and 256 KiB reads 1.91; on a 300 ms, 5 MB/s link
-# with 32 downloads in flight, 3.9 and 3.6 ms, and 2.7 against 2.2 MiB of the process per
-# download in flight (64 KiB reads: no better).
+# Each read allocates its full size before the socket fills part of it. ``benchmarks/
+# download_cost.py``: a 1 MB image costs the client 1.70 ms of CPU on loopback with these reads
+# and 2.95 with 1 MiB ones; on a 300 ms, 5 MB/s link with 32 downloads in flight the process
+# holds 1.6-2.0 MiB per download in flight against 2.4-2.6 (CPU there within the runs' noise).
 CHUNK_BYTES = DOWNLOAD_READ_BYTES
 ALLOWED_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3  # presigned-URL hosts redirect once or twice; more is a loop or a trap
@@ -144,7 +144,8 @@ def _read_sized(response: requests.Response, url: str, length: int, started_s: f
     """The declared ``length`` bytes, each read copied into one buffer of that size as it arrives.
 
     A growing buffer reallocated and copied the whole body as it grew (half of a download
-    thread's interpreter time on a 300 ms, 5 MB/s link, py-spy) and held up to 1.125x of it.
+    thread's interpreter time on a 300 ms, 5 MB/s link, py-spy) and held up to 1.125x of it:
+    a 1 MB image cost the client 2.77 ms of CPU on loopback against 1.70 now.
     A body that ends short of its length is a connection failure (the peer hung up mid-body).
     """
     body = bytearray(length)
