@@ -4,7 +4,7 @@ On a TTY the line is redrawn in place; elsewhere (journald, pipes) the same line
 record at most every ``REDRAW_INTERVAL_S``, so INFO logs stay one line per decision. The line is redrawn
 in place with ``\\r``; a logging filter clears it before any log record is written to the same
 terminal, so log lines never end up glued to a half-drawn bar. The total is the server's queue
-count read from the last processed task's reply subject (``observability.queued_after``), so it
+count read from the latest delivered task's reply subject in the last processed batch (``observability.queued_after``), so it
 shows as ``~total`` and only when the subject carries it.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from typing import IO, TYPE_CHECKING, Optional
 
 from worker.hooks import JobContext, Middleware
-from worker.middleware.prometheus import queued_after
+from worker.middleware.prometheus import queued_after_batch
 
 if TYPE_CHECKING:
     from worker.results import ImageResult
@@ -94,7 +94,7 @@ class ProgressMiddleware(Middleware):
 
     def draw(self, worker: "Worker", ctx: JobContext, batch: Optional["Batch"]) -> None:
         if batch is not None and batch.items:
-            queued = queued_after(batch.items[-1].task.reply_subject)
+            queued = queued_after_batch(batch.items)
             self._total = None if queued is None else ctx.stats.images + queued
         snapshot = worker.sampler.latest if worker.sampler is not None else None
         line = format_progress(

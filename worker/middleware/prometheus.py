@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -192,6 +192,14 @@ def queued_after(reply_subject: str) -> Optional[int]:
     return int(pending) if pending.isdigit() else None
 
 
+def queued_after_batch(items: Sequence) -> Optional[int]:
+    """Tasks still queued after the latest delivered task of a batch: the smallest pending count
+    of its items' reply subjects (None when none carries one). A batch's items are not in delivery
+    order (a lane decodes downloads as they finish), so its last item may be an earlier task."""
+    counts = [count for item in items if (count := queued_after(item.task.reply_subject)) is not None]
+    return min(counts) if counts else None
+
+
 class MetricsMiddleware(Middleware):
     """Feeds ``worker.metrics``; serves them on ``addr`` (``HOST:PORT``) from ``on_start`` to ``on_stop``.
 
@@ -284,7 +292,7 @@ class MetricsMiddleware(Middleware):
                 metrics.decode_seconds.observe(loaded.decode_s)
                 metrics.download_bytes.inc(loaded.jpeg_bytes)
         metrics.job_images_done.set(ctx.stats.images)
-        if batch.items and (queued := queued_after(batch.items[-1].task.reply_subject)) is not None:
+        if (queued := queued_after_batch(batch.items)) is not None:
             metrics.job_tasks_queued.set(queued)
         if ctx.loader is not None:
             self._count_reserved(ctx.stats.images + _held(ctx))

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import ROOT, TOKEN, worker_env
 from tests.worker.worker_process import WorkerProcess, worker_command
 from worker.testing.antenna_server import LocalAntenna
-from worker.middleware.prometheus import MetricsServer, parse_addr, queued_after
+from worker.middleware.prometheus import MetricsServer, parse_addr, queued_after, queued_after_batch
 from worker.testing.synthetic import generate_preset
 
 DASHBOARD = ROOT / "dashboards" / "antenna-worker.json"
@@ -363,6 +363,21 @@ def test_address_and_reply_subject_parsing():
     assert queued_after("$JS.ACK.dom.acc.job_1.job-1-workers.1.5.5.1700000000000000000.3.tok") == 3
     assert queued_after("$JS.ACK.job_1.job-1-workers.1.5.5") is None
     assert queued_after("opaque-subject") is None
+
+
+def test_a_batch_out_of_delivery_order_counts_its_latest_delivered_task():
+    """A lane decodes downloads in the order they finish, so a batch's last item can be an earlier
+    delivery: the fresh-clone CI run drew ``8/~9`` for a job of 8 done (the last item's pending 1,
+    the other's 0). The smallest pending count of the batch is the queue after it."""
+    from types import SimpleNamespace
+
+    def item(pending: str):
+        return SimpleNamespace(task=SimpleNamespace(reply_subject=f"$JS.ACK.job_1.job-1-workers.1.5.5.1700000000000000000.{pending}"))
+
+    assert queued_after_batch([item("0"), item("1")]) == 0
+    assert queued_after_batch([item("3"), SimpleNamespace(task=SimpleNamespace(reply_subject="opaque")), item("2")]) == 2
+    assert queued_after_batch([SimpleNamespace(task=SimpleNamespace(reply_subject="opaque"))]) is None
+    assert queued_after_batch([]) is None
 
 
 @pytest.mark.timeout(120)
