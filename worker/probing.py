@@ -514,17 +514,6 @@ def _time_for_fit(pipeline: Pipeline, good: Sequence[LoadedImage], slug: str, *,
 # repeat costs the sample's inference once (0.15-0.2 s for three images on that host, small or
 # large); none is made once the repeats would pass the budget.
 SAMPLE_REPEATS = 2
-
-
-def median_of_repeats(samples: Sequence[InferenceSample], batch_size: int, threads: int) -> list[InferenceSample]:
-    """``samples`` with the timings of the whole sample at the default threads (``time_repeats``
-    and the loop's) replaced by their median one: the same images each time, so one stalled
-    timing should not move the fit. (Images timed alone are different images, kept as they are.)"""
-    repeats = [sample for sample in samples if sample.batch_size == batch_size and sample.threads in (0, threads)]
-    if len(repeats) < 2:
-        return list(samples)
-    middle = sorted(repeats, key=lambda sample: sample.seconds)[(len(repeats) - 1) // 2]
-    return [sample for sample in samples if sample not in repeats] + [middle]
 SAMPLE_REPEAT_BUDGET_S = 0.5
 
 
@@ -545,6 +534,17 @@ def time_repeats(pipeline: Pipeline, items: Sequence[LoadedImage], slug: str, *,
                                        cpu_s=time.process_time() - started_cpu_s))
         spent_s += seconds
     return samples
+
+
+def median_of_repeats(samples: Sequence[InferenceSample], batch_size: int, threads: int) -> list[InferenceSample]:
+    """``samples`` with the timings of the whole sample at the default threads (``time_repeats``
+    and the loop's) replaced by their median one: the same images each time, so one stalled
+    timing should not move the fit. (Images timed alone are different images, kept as they are.)"""
+    repeats = [sample for sample in samples if sample.batch_size == batch_size and sample.threads in (0, threads)]
+    if len(repeats) < 2:
+        return list(samples)
+    middle = sorted(repeats, key=lambda sample: sample.seconds)[(len(repeats) - 1) // 2]
+    return [sample for sample in samples if sample not in repeats] + [middle]
 
 
 def fit_probe(sample: ProbeSample, stats: JobStats, settings: Settings, *, calibration: MemoryCalibration,

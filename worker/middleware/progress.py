@@ -4,8 +4,8 @@ On a TTY the line is redrawn in place; elsewhere (journald, pipes) the same line
 record at most every ``REDRAW_INTERVAL_S``, so INFO logs stay one line per decision. The line is redrawn
 in place with ``\\r``; a logging filter clears it before any log record is written to the same
 terminal, so log lines never end up glued to a half-drawn bar. The total is the server's queue
-count read from the latest delivered task's reply subject in the last processed batch (``observability.queued_after``), so it
-shows as ``~total`` and only when the subject carries it.
+count read from the reply subjects of the last processed batch (``prometheus.queued_after_batch``),
+so it shows as ``~total`` and only when a subject carries it.
 """
 from __future__ import annotations
 
