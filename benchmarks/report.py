@@ -46,6 +46,18 @@ def _draws_text(runs: list) -> str:
     return f"{median_rate(runs):.2f} ({', '.join(f'{r.images_per_s:.2f}' for r in runs)})"
 
 
+def _bound_text(runs: list) -> str:
+    """How the draws' peaks stand against their plans' bound (every queue full, the figure a plan is
+    held to against the budget); empty where no draw recorded one."""
+    bounded = [r for r in runs if r.predicted_bound_bytes and r.peak_bytes]
+    if not bounded:
+        return ""
+    over = [r for r in bounded if r.peak_bytes > r.predicted_bound_bytes]
+    worst = max(r.peak_bytes / r.predicted_bound_bytes for r in bounded)
+    return (f"; above the plan's bound (every queue full) in {len(over)} of {len(bounded)} draws "
+            f"(highest peak {worst:.0%} of its bound)")
+
+
 def workload_table(entry: dict[str, Any]) -> list[str]:
     w = entry["workload"]
     shaping = "" if not w.latency_s else f", {w.latency_s * 1000:.0f} ms latency, {w.bandwidth_bytes_per_s / 1e6:.0f} MB/s per connection"
@@ -99,7 +111,7 @@ def verdicts(entry: dict[str, Any]) -> list[str]:
         error = statistics.median(e for e, _ in predicted)
         every = ", ".join(f"{_mib(r.predicted_peak_bytes)}/{_mib(r.peak_bytes)} ({e:+.0%})" for e, r in predicted)
         lines.append(f"- {name}: autotune predicted/measured peak MiB {every}: median {error:+.0%} -> "
-                     f"{'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%)")
+                     f"{'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%){_bound_text(auto_runs)}")
     timed = [r for r in auto_runs if r.job_wall_s]
     if name == "small" and timed:
         share = statistics.median(r.probe_overhead_s / r.job_wall_s for r in timed)
@@ -233,11 +245,13 @@ def regimes_section(meta: dict, sections: dict) -> str:
              "rate; its bound is the plan line's. Jobs of 1,200 small or 240 large tasks serve 200 or 60 distinct "
              "files in turn (a real job runs to thousands of images; the start, some 3 s on a 300 ms link, weighs "
              "on a short one: the steady column shows the rate without it). "
-             "Task latency: from a task's reserve to its accepted result, the first draw's.",
+             "Task latency: from a task's reserve to its accepted result, the first draw's. "
+             "Predicted MiB: the plan line's expected peak and, in brackets, its bound (every queue full: the "
+             "figure the planner holds against the memory budget).",
              "",
              "| workload | decode bound | link bound | worker images/s (draws) | / min bound | first to last "
              "| / min bound | steady | with close "
-             "| predicted (bound) | predicted / steady | task latency p50 / p99 s | peak MiB | predicted MiB | plan |",
+             "| predicted (bound) | predicted / steady | task latency p50 / p99 s | peak MiB | predicted MiB (bound) | plan |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     checks = []
     for entry in sections["workloads"]:
@@ -258,7 +272,8 @@ def regimes_section(meta: dict, sections: dict) -> str:
             f"{first_last / low:.2f} | {steady:.2f} | {close:.2f} | "
             f"{predicted:.2f} ({first.bottleneck}) | {predicted / steady if steady else 0:.2f} | "
             f"{first.task_latency_s.get('p50', 0):.2f} / {first.task_latency_s.get('p99', 0):.2f} | {_mib(first.peak_bytes)} | "
-            f"{_mib(first.predicted_peak_bytes)} | {first.plan} |")
+            f"{_mib(first.predicted_peak_bytes)}"
+            f"{f' ({_mib(first.predicted_bound_bytes)})' if first.predicted_bound_bytes else ''} | {first.plan} |")
         if w.pipeline == "null":
             checks.append(f"- {w.name}: {whole:.2f} images/s = {whole / low:.2f} x min(decode {bounds['decode_per_s']:.1f}, "
                           f"link {bounds['link_per_s']:.1f}) -> {'PASS' if whole >= 0.75 * low else 'MISS'} (>= 0.75); "
@@ -275,7 +290,7 @@ def regimes_section(meta: dict, sections: dict) -> str:
             over = [r for r in runs if r.peak_bytes > r.predicted_peak_bytes > 0]
             checks.append(f"- {w.name}: predicted/measured peak median {error:+.0%} -> "
                           f"{'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%); measured above the prediction in "
-                          f"{len(over)} of {len(peaks)} draws")
+                          f"{len(over)} of {len(peaks)} draws{_bound_text(runs)}")
     lines.extend(["", "### Checks", "", *checks, "", REGIMES_END])
     return "\n".join(lines) + "\n"
 

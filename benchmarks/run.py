@@ -254,6 +254,8 @@ class RunResult:
     task_latency_s: dict[str, float] = field(default_factory=dict)  # p50/p90/p99/max, reserve -> accepted result
     # from the first accepted result to the last (the results after the first post, over that time)
     first_to_last_images_per_s: float = 0.0
+    # the plan's bound: its peak with every queue full, or the probe's batch where higher (0: not recorded)
+    predicted_bound_bytes: int = 0
 
     @property
     def oom_killed(self) -> bool:
@@ -293,7 +295,8 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             meter.peak_total_bytes, meter.peak_pss_bytes, cgroup_stats,
             cgroup.limit_bytes if cgroup else limit_bytes,
             plan=advisory.get("plan", "") or _logged_plan(log_path),
-            predicted_peak_bytes=advisory.get("predicted", 0), probe_wall_s=advisory.get("probe_wall_s", 0.0),
+            predicted_peak_bytes=advisory.get("predicted", 0), predicted_bound_bytes=advisory.get("bound", 0),
+            probe_wall_s=advisory.get("probe_wall_s", 0.0),
             probe_overhead_s=advisory.get("probe_overhead_s", 0.0), result_bytes=server.result_bytes,
             history=[(m.taken_at_s - meter.history[0].taken_at_s, m.total_bytes) for m in meter.history],
             predicted_images_per_s=advisory.get("predicted_rate", 0.0), bottleneck=advisory.get("bottleneck", ""),
@@ -403,7 +406,9 @@ def _plan_record(scratch: Path) -> dict[str, Any]:
     advisory = json.loads(advisories[0].read_text())
     plan = LoaderPlan(**record["decision"]["plan"])
     rate = record["decision"].get("rate", {})
-    return {"plan": short_plan(plan), "predicted": int(advisory["predicted_bytes"]),
+    memory = record["decision"].get("memory", {})
+    bound = int(max(memory.get("bound_bytes", 0), advisory["predicted_bytes"])) if memory else 0
+    return {"plan": short_plan(plan), "predicted": int(advisory["predicted_bytes"]), "bound": bound,
             "predicted_rate": float(rate.get("pipeline_images_per_s", 0.0)),
             "bottleneck": str(rate.get("regime") or rate.get("bottleneck", "")),
             "probe_wall_s": float(record["probe_wall_s"]),
@@ -542,7 +547,7 @@ def run_regime(workload: Workload, images: list, limit_bytes: int, repeats: int)
               f"max {latency.get('max', 0):.2f} s; "
               f"steady {result.steady_images_per_s:.2f}, with close {result.with_close_images_per_s:.2f}, "
               f"predicted {result.predicted_images_per_s:.2f} ({result.bottleneck}), predicted peak "
-              f"{result.predicted_peak_bytes / MiB:.0f} MiB", flush=True)
+              f"{result.predicted_peak_bytes / MiB:.0f} MiB (bound {result.predicted_bound_bytes / MiB:.0f})", flush=True)
         runs.append(result)
     single = statistics.median(singles)
     bounds.update(single_core_decode_per_s=single, decode_per_s=cores() * single,

@@ -66,6 +66,30 @@ def test_regimes_are_checked_against_the_lower_bound_the_prediction_and_the_peak
     assert "predicted 55.00 vs steady 50.00 images/s: median error +10% -> PASS (+-20%)" in text
     assert "measured above the prediction in 1 of 3 draws" in text
     assert "| 0.60 / 1.90 |" in text
+    assert "above the plan's bound" not in text  # no draw recorded one
+
+
+def test_peaks_are_also_checked_against_the_plans_bound():
+    """A plan is held to its bound (every queue full) against the budget: the checks say how many
+    draws peaked above it, beside those above the expected peak."""
+    from dataclasses import replace
+
+    from benchmarks.report import regimes_section
+
+    def null(peak_mib: int, bound_mib: int) -> RunResult:
+        return replace(run("c", 40.0, predicted_mib=1000, peak_mib=peak_mib), steady_images_per_s=40.0,
+                       predicted_images_per_s=40.0, predicted_bound_bytes=bound_mib * MiB)
+
+    workload = Workload("null-large-far", "large", 60, latency_s=0.1, bandwidth_bytes_per_s=10e6, pipeline="null")
+    entry = {"workload": workload, "results": [], "ceiling": None,
+             "bounds": {"decode_per_s": 50.0, "link_per_s": 60.0},
+             "draws": {"c": [null(1020, 1100), null(1150, 1100), null(980, 1000)]}}
+    meta = {"command": "python benchmarks/run.py", "started": "now", "cores": 2, "load_before": [0.5], "load_after": [1.0]}
+    text = regimes_section(meta, {"workloads": [entry]})
+    # over the expected 1000 MiB: 1020 and 1150; over the bound: 1150 of 1100 (105%)
+    assert "measured above the prediction in 2 of 3 draws; above the plan's bound (every queue full) in 1 of 3 " \
+           "draws (highest peak 105% of its bound)" in text
+    assert "| 1,000 (1,100) |" in text
 
 
 def test_the_plain_downloader_pulls_every_image_once(antenna, tiny_images):
