@@ -31,10 +31,12 @@ from autotune.throughput_model import RateEstimate
 
 MiB = 1024 * 1024
 BYTES_PER_FLOAT32 = 4
-# A download reads its body at most this much at a time, and each read allocates its full size
-# before the socket fills it (``worker.imaging`` reads with this size): a download in flight holds
-# its body and one such read. On a 300 ms, 5 MB/s link with 32 downloads in flight per loader
-# worker, the worker held 1.77 MiB more per download than with 2 on a fast link, for 1.41 MB JPEGs.
+# A download reads its body at most this much at a time (``worker.imaging``); a download in flight
+# is priced at its body and one such read. The reads now land in the body itself, and what a
+# download holds besides its body is its thread, its response and the socket's buffering:
+# ``benchmarks/download_cost.py`` measured 1.87-1.89 MiB per download in flight for 1.41 MiB
+# JPEGs (300 ms, 5 MB/s, 32 at once) and 23.4 MiB for 23.1 MiB ones (100 ms, 10 MB/s, 8 at once),
+# against the model's 1.77 and 25.2 (with the calibration's 1.08 per body byte).
 DOWNLOAD_READ_BYTES = 256 * 1024
 
 

@@ -1,21 +1,24 @@
 """What downloading an image body costs the client: CPU per image and memory per download in
 flight (docs/benchmarks.md, "Receiving a body").
 
-    python benchmarks/download_cost.py                      # the worker's reads, both links
-    python benchmarks/download_cost.py --reads worker,growing,worker-1m
+    python benchmarks/download_cost.py                      # the worker's reads against the copied ones
+    python benchmarks/download_cost.py --reads worker,copied,growing,worker-1m --links far,far-large
 
-The images of the small preset (2048x1536, about 1 MB) are served by the local server in a process
-of its own, on a far link (300 ms before each response, 5 MB/s per connection, 32 threads) and on
-plain loopback (2 threads). Every image is downloaded once by ``threads`` threads of this process,
-each with its own image session. Figures, per read mode:
+Images of the synthetic presets are served by the local server in a process of its own: the small
+preset (2048x1536, about 1 MB) on a far link (300 ms before each response, 5 MB/s per connection,
+32 threads) and on plain loopback (2 threads); the large one (4096x3072, about 23 MB) on a
+100 ms, 10 MB/s link (8 threads). Every image is downloaded once by ``threads`` threads of this
+process, each with its own image session. Figures, per read mode:
 
 - client CPU: this process's user+system CPU per image (the server's is its own process's);
 - memory per download in flight: the peak of this process's PSS over its PSS before the threads
   started, divided by the threads (sampled every 0.1 s on a run of its own: sampling costs CPU).
+  Far links only.
 
-Read modes: ``worker`` is ``worker.imaging.download`` as it is; ``worker-1m`` the same with 1 MiB
-reads; ``growing`` the loop ``download`` used before: 1 MiB reads appended to a bytearray that
-grows as they arrive.
+Read modes: ``worker`` is ``worker.imaging.download`` as it is (a declared body read straight into
+its buffer); ``copied`` the same with each read copied in through urllib3's ``read1`` (what it did
+before); ``worker-1m`` copied reads of 1 MiB; ``growing`` the loop before that: 1 MiB reads
+appended to a bytearray that grows as they arrive.
 """
 from __future__ import annotations
 
@@ -36,20 +39,24 @@ sys.path.insert(0, str(ROOT))
 import worker.imaging as imaging  # noqa: E402
 from benchmarks.meter import read_process_memory  # noqa: E402
 
-LINKS = {"far": (0.3, 5e6, 32), "loopback": (0.0, None, 2)}  # latency s, bytes/s per connection, threads
-IMAGES = 400
+# latency s, bytes/s per connection, threads, preset, distinct images, downloads
+LINKS = {"far": (0.3, 5e6, 32, "small", 200, 400), "loopback": (0.0, None, 2, "small", 200, 400),
+         "far-large": (0.1, 10e6, 8, "large", 60, 60)}
 
 
-def _serve(conn, latency_s: float, bandwidth: float | None, count: int) -> None:
+def _serve(conn, latency_s: float, bandwidth: float | None, preset: str, distinct: int, count: int) -> None:
     from worker.testing.antenna_server import LocalAntenna
     from worker.testing.synthetic import default_cache_dir, generate_preset
 
-    images = generate_preset(default_cache_dir(), "small", 200, seed=0)
+    images = generate_preset(default_cache_dir(), preset, distinct, seed=0)
     with LocalAntenna(token="download-cost") as server:
         server.set_network(latency_s=latency_s, bandwidth_bytes_per_s=bandwidth)
         job = server.add_job([images[i % len(images)] for i in range(count)], "null")
         conn.send(server.image_urls(job))
         conn.recv()
+
+
+READ_SIZED = imaging._read_sized
 
 
 def _growing(session, url: str) -> bytearray:
@@ -67,12 +74,22 @@ def _worker(session, url: str) -> bytearray:
     return imaging.download(session, url, max_bytes=1 << 26, timeout_s=30.0)
 
 
+def _copied(response, url: str, length: int, started_s: float, deadline_s: float) -> bytearray:
+    """``imaging._read_sized`` with every read copied in (``_read_copied``), as before."""
+    body = bytearray(length)
+    filled = imaging._read_copied(body, response, url, started_s, deadline_s)
+    assert filled == length
+    return body
+
+
 def run(mode: str, link: str, sample_memory: bool) -> dict:
-    latency_s, bandwidth, threads = LINKS[link]
+    latency_s, bandwidth, threads, preset, distinct, count = LINKS[link]
     fetch: Callable = _growing if mode == "growing" else _worker
     imaging.CHUNK_BYTES = (1 << 20) if mode == "worker-1m" else imaging.DOWNLOAD_READ_BYTES
+    imaging._read_sized = _copied if mode in ("copied", "worker-1m") else READ_SIZED
     here, there = multiprocessing.Pipe()
-    server = multiprocessing.get_context("fork").Process(target=_serve, args=(there, latency_s, bandwidth, IMAGES))
+    server = multiprocessing.get_context("fork").Process(
+        target=_serve, args=(there, latency_s, bandwidth, preset, distinct, count))
     server.start()
     urls = here.recv()
     todo: "queue.Queue[str]" = queue.Queue()
@@ -119,8 +136,8 @@ def run(mode: str, link: str, sample_memory: bool) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reads", default="worker,worker-1m,growing")
-    parser.add_argument("--links", default="far,loopback")
+    parser.add_argument("--reads", default="worker,copied")
+    parser.add_argument("--links", default="far,far-large,loopback")
     args = parser.parse_args()
     imaging.fix_mmap_threshold()  # as the worker's processes run
     print("| read | link | threads | images/s | client CPU ms/image | MiB per download in flight |")
@@ -128,7 +145,7 @@ def main() -> int:
     for link in args.links.split(","):
         for mode in args.reads.split(","):
             timed = run(mode, link, sample_memory=False)
-            sampled = run(mode, link, sample_memory=True) if link == "far" else {"mib_per_download": None}
+            sampled = run(mode, link, sample_memory=True) if link.startswith("far") else {"mib_per_download": None}
             memory = "" if sampled["mib_per_download"] is None else f"{sampled['mib_per_download']:.2f}"
             print(f"| {mode} | {link} | {timed['threads']} | {timed['images_per_s']:.1f} | "
                   f"{timed['cpu_ms_per_image']:.2f} | {memory} |", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import http.client
 import io
 import ipaddress
 import logging
@@ -34,11 +35,14 @@ log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8"
 # At most this much per read (the memory model prices one such read per download in flight).
-# Each read allocates its full size before the socket fills part of it. ``benchmarks/
-# download_cost.py``: a 1 MB image costs the client 1.70 ms of CPU on loopback with these reads
-# and 2.95 with 1 MiB ones; on a 300 ms, 5 MB/s link with 32 downloads in flight the process
-# holds 1.6-2.0 MiB per download in flight against 2.4-2.6 (CPU there within the runs' noise).
+# A copied read (``_read_copied``) allocates its full size before the socket fills part of it.
+# ``benchmarks/download_cost.py``: with copied reads a 1 MB image cost the client 1.70 ms of CPU on
+# loopback against 2.95 with 1 MiB ones.
 CHUNK_BYTES = DOWNLOAD_READ_BYTES
+# Reads straight into the body (``_read_into``) last about this long at the rate seen so far, and
+# are never smaller than this: the deadline is checked between reads.
+PACED_READ_S = 0.25
+MIN_PACED_READ_BYTES = 16 * 1024
 ALLOWED_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3  # presigned-URL hosts redirect once or twice; more is a loop or a trap
 # Transient failures of an image GET (a reset or refused connection, a 5xx or 429 from a storage
@@ -117,14 +121,14 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
                 body = _read_unsized(response, url, max_bytes, started_s, deadline_s)
             else:
                 body = _read_sized(response, url, declared, started_s, deadline_s)
-    except (requests.Timeout, urllib3.exceptions.TimeoutError):
+    except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):  # the last: a read into the body
         if time.monotonic() - started_s >= deadline_s:
             raise over_deadline(url, deadline_s) from None
         raise ImageError(f"download failed: a read took over {timeout_s:g} s for {url}", "timeout") from None
     except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
         raise ImageError(f"image URL {url!r} is not a valid http(s) URL", "bad_url") from None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError,
-            requests.exceptions.RetryError) as error:
+            requests.exceptions.RetryError, http.client.HTTPException, OSError) as error:
         raise ImageError(f"download failed: {type(error).__name__} for {url}", "connection") from None
     if not body:
         raise ImageError(f"download returned an empty body for {url}", "empty")
@@ -141,17 +145,61 @@ def _declared_length(response: requests.Response) -> Optional[int]:
 
 def _read_sized(response: requests.Response, url: str, length: int, started_s: float,
                 deadline_s: float) -> bytearray:
-    """The declared ``length`` bytes, each read copied into one buffer of that size as it arrives.
+    """The declared ``length`` bytes, in one buffer of that size.
 
     A growing buffer reallocated and copied the whole body as it grew (half of a download
-    thread's interpreter time on a 300 ms, 5 MB/s link, py-spy) and held up to 1.125x of it:
-    a 1 MB image cost the client 2.77 ms of CPU on loopback against 1.70 now.
+    thread's interpreter time on a 300 ms, 5 MB/s link, py-spy) and held up to 1.125x of it.
+    Where the response is http.client's under urllib3 (always, with the supported versions) the
+    socket reads land in the buffer itself (``_read_into``); otherwise each read is copied in.
     A body that ends short of its length is a connection failure (the peer hung up mid-body).
     """
     body = bytearray(length)
+    plain = getattr(response.raw, "_fp", None)
+    if isinstance(plain, http.client.HTTPResponse) and not plain.chunked:
+        filled = _read_into(body, plain, url, started_s, deadline_s)
+        if filled == length:
+            response.raw.release_conn()  # the body is whole: the connection goes back to the pool
+    else:
+        filled = _read_copied(body, response, url, started_s, deadline_s)
+    if filled < length:
+        raise ImageError(f"download failed: the body ended after {filled} of its {length} bytes for {url}",
+                         "connection")
+    return body
+
+
+def _read_into(body: bytearray, plain: http.client.HTTPResponse, url: str, started_s: float,
+               deadline_s: float) -> int:
+    """Fill ``body`` from ``plain`` with no copy in between; returns the bytes read.
+
+    Each read waits until its whole size has arrived, so its size follows the rate seen so far:
+    about ``PACED_READ_S`` of it, from ``MIN_PACED_READ_BYTES`` to ``CHUNK_BYTES``. The deadline is
+    then checked every quarter second or so on a steady link; a host that slows down mid-body
+    holds one read at most ``MIN_PACED_READ_BYTES`` past its new rate. ``benchmarks/
+    download_cost.py``: a 23 MB image on a 100 ms, 10 MB/s link cost the client 42 ms of CPU with
+    the copied reads and 24 ms with these; a 1 MB one on a 300 ms, 5 MB/s link 3.6-4.4 and 2.9.
+    """
     filled = 0
-    while filled < length:
-        chunk = response.raw.read1(min(CHUNK_BYTES, length - filled), decode_content=True)
+    reading_since_s = time.monotonic()
+    with memoryview(body) as view:
+        while filled < len(body):
+            elapsed_s = time.monotonic() - reading_since_s
+            paced = filled / elapsed_s * PACED_READ_S if elapsed_s > 0 else 0.0
+            want = int(min(CHUNK_BYTES, len(body) - filled, max(MIN_PACED_READ_BYTES, paced)))
+            got = plain.readinto(view[filled:filled + want])
+            if not got:
+                break
+            filled += got
+            if time.monotonic() - started_s > deadline_s:
+                raise over_deadline(url, deadline_s)
+    return filled
+
+
+def _read_copied(body: bytearray, response: requests.Response, url: str, started_s: float,
+                 deadline_s: float) -> int:
+    """Fill ``body`` with reads of what has arrived, each copied in; returns the bytes read."""
+    filled = 0
+    while filled < len(body):
+        chunk = response.raw.read1(min(CHUNK_BYTES, len(body) - filled), decode_content=True)
         if not chunk:
             break
         body[filled:filled + len(chunk)] = chunk
@@ -159,10 +207,7 @@ def _read_sized(response: requests.Response, url: str, length: int, started_s: f
         del chunk
         if time.monotonic() - started_s > deadline_s:
             raise over_deadline(url, deadline_s)
-    if filled < length:
-        raise ImageError(f"download failed: the body ended after {filled} of its {length} bytes for {url}",
-                         "connection")
-    return body
+    return filled
 
 
 def _read_unsized(response: requests.Response, url: str, max_bytes: int, started_s: float,
