@@ -68,6 +68,21 @@ def test_tasks_per_reserve_rule():
     assert max_tasks_per_reserve(5.0, 10.0, queue_wait_s=10.0) == 0
 
 
+def test_no_plan_reserves_more_than_its_connections_or_a_batch_unless_pinned(make_probe, calibration):
+    """Each lane's last reservation of a job is worked off alone: reserving past what keeps a lane's
+    connections and one batch going lengthens that tail, for fewer API exchanges only."""
+    rng = random.Random(20261201)
+    for _ in range(25):
+        probe = random_probe(rng, make_probe)
+        constraints = constraints_for(probe, 8 * GiB)
+        decision = choose_plan(probe, constraints, calibration)
+        for plan in [decision.plan] + [o.plan for o in plan_options(probe, constraints, calibration)]:
+            assert plan.tasks_per_reserve <= max(plan.batch_size, plan.download_threads), plan.describe()
+    probe = make_probe(download_latency_s=0.3, download_bytes_per_s=5e6)
+    pinned = choose_plan(probe, constraints_for(probe, 8 * GiB, pinned={"tasks_per_reserve": 128}), calibration)
+    assert pinned.plan.tasks_per_reserve == 128 and pinned.plan.download_threads < 128
+
+
 def test_random_probes_respect_budget_timeout_pin_and_monotonicity(make_probe, calibration):
     rng = random.Random(20261125)
     for _ in range(25):
@@ -204,15 +219,17 @@ def test_small_images_on_a_slow_network_get_more_concurrency(make_probe, calibra
 
 
 def test_grid_size_is_bounded(make_probe, calibration):
-    # 2 CPUs, no CUDA: workers 0..4 (prefetch 1 only without workers) x 7 batches x 28 (threads,
-    # reserve) pairs: threads from 2 (1 when reserving one task) up to below the reserve, plus the
-    # smallest count >= reserve where there is one. About 0.05 s here; the CUDA grid at 16 CPUs (9 worker counts, pin on
-    # and off) is the largest and must stay under ~12k (about 0.15 s).
+    # 2 CPUs, no CUDA: workers 0..4 (prefetch 1 only without workers) x (batch, threads, reserve):
+    # threads from 2 (1 when reserving one task) up to below the reserve, plus the smallest count
+    # >= reserve where there is one; and no reserve above both the batch and the threads. About
+    # 0.03 s here; the CUDA grid at 16 CPUs (9 worker counts, pin on and off) is the largest and
+    # must stay under ~12k (about 0.15 s).
     probe = make_probe(cpu_count=2)
     decision = choose_plan(probe, constraints_for(probe, 8 * GiB), calibration)
-    pairs = sum(len([t for t in DOWNLOAD_THREADS if min(2, reserve) <= t < reserve])
-                + any(t >= reserve for t in DOWNLOAD_THREADS) for reserve in TASKS_PER_RESERVE)
-    assert decision.candidates_considered == (1 + 4 * 3) * 7 * pairs == 13 * 7 * 28
+    triples = sum(len([t for t in DOWNLOAD_THREADS if min(2, reserve) <= t < reserve and reserve <= max(batch, t)])
+                  + any(t >= reserve for t in DOWNLOAD_THREADS)
+                  for batch in BATCH_SIZES for reserve in TASKS_PER_RESERVE)
+    assert decision.candidates_considered == (1 + 4 * 3) * triples == 13 * 84
     # a lane reserving two or more downloads on two connections or more, and reserves hold a batch
     # (the 300 s timeout allows it here)
     for plan in [decision.plan] + [o.plan for o in plan_options(probe, constraints_for(probe, 8 * GiB), calibration)]:
@@ -233,7 +250,7 @@ def test_inference_threads_follow_where_the_cpu_goes(make_probe, calibration, la
     assert heavy.plan.inference_threads == 1
     assert light.plan.inference_threads == 2
     assert any(reason.startswith("inference_threads 1: loading takes") for reason in heavy.reasons)
-    assert heavy.candidates_considered == 2 * 13 * 7 * 28  # one thread and the default, each timed
+    assert heavy.candidates_considered == 2 * 13 * 84  # one thread and the default, each timed
     # CUDA, or no one-thread timing: the default only; an operator's OMP_NUM_THREADS is kept
     cuda = make_probe(cuda=True, **{**large_images, "decode_s_per_image": 0.35}, single_thread_inference_s=0.1)
     assert choose_plan(cuda, constraints_for(cuda, 8 * GiB), calibration).plan.inference_threads == 2
