@@ -175,8 +175,8 @@ def _read_into(body: bytearray, plain: http.client.HTTPResponse, url: str, start
     about ``PACED_READ_S`` of it, from ``MIN_PACED_READ_BYTES`` to ``CHUNK_BYTES``. The deadline is
     then checked every quarter second or so on a steady link; a host that slows down mid-body
     holds one read at most ``MIN_PACED_READ_BYTES`` past its new rate. ``benchmarks/
-    download_cost.py``: a 23 MB image on a 100 ms, 10 MB/s link cost the client 42 ms of CPU with
-    the copied reads and 24 ms with these; a 1 MB one on a 300 ms, 5 MB/s link 3.6-4.4 and 2.9.
+    download_cost.py``: a 23 MB image on a 100 ms, 10 MB/s link cost the client 51 ms of CPU with
+    the copied reads and 37 ms with these; a 1 MB one on loopback 2.1 and 1.5-1.8.
     """
     filled = 0
     reading_since_s = time.monotonic()
