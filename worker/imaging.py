@@ -174,7 +174,8 @@ def _read_into(body: bytearray, plain: http.client.HTTPResponse, url: str, start
     Each read waits until its whole size has arrived, so its size follows the rate seen so far:
     about ``PACED_READ_S`` of it, from ``MIN_PACED_READ_BYTES`` to ``CHUNK_BYTES``. The deadline is
     then checked every quarter second or so on a steady link; a host that slows down mid-body
-    holds one read at most ``MIN_PACED_READ_BYTES`` past its new rate. ``benchmarks/
+    holds the read in progress until its size has come at the new rate (the read timeout still
+    bounds each wait for bytes, and the loader's own deadline watch does not wait). ``benchmarks/
     download_cost.py``: a 23 MB image on a 100 ms, 10 MB/s link cost the client 51 ms of CPU with
     the copied reads and 37 ms with these; a 1 MB one on loopback 2.1 and 1.5-1.8.
     """

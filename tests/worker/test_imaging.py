@@ -45,6 +45,7 @@ def test_a_floating_point_image_is_an_error_result_not_a_guess():
 import socket  # noqa: E402
 import struct  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 
 from worker.imaging import MAX_REDIRECTS, download, image_session  # noqa: E402
@@ -53,7 +54,7 @@ from worker.imaging import MAX_REDIRECTS, download, image_session  # noqa: E402
 class _Hops(BaseHTTPRequestHandler):
     """``/hop/N`` redirects to ``/hop/N-1``; ``/hop/0`` to ``server.target``; ``/to-file`` to a
     file:// URL; ``/reset-once/X`` resets the first connection for X (RST before any answer),
-    then redirects to ``server.target``."""
+    then redirects to ``server.target``; ``/stall`` sends part of a body, then nothing for 3 s."""
 
     protocol_version = "HTTP/1.1"
     reset: set[str] = set()
@@ -68,6 +69,16 @@ class _Hops(BaseHTTPRequestHandler):
             return
         if self.path in ("/unsized", "/short"):
             self._send_body()
+            return
+        if self.path == "/stall":  # headers and the body's first 4 KiB, then nothing for 3 s
+            body = self.server.body  # type: ignore[attr-defined]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:4096])
+            self.wfile.flush()
+            time.sleep(3)
+            self.close_connection = True
             return
         if self.path.startswith("/hop/") and self.path != "/hop/0":
             location = f"/hop/{int(self.path.rsplit('/', 1)[1]) - 1}"
@@ -317,3 +328,12 @@ def test_a_body_from_a_source_that_is_not_http_client_is_copied_in_read_by_read(
                                        preload_content=False)
     assert _read_sized(wrapped, "u", len(data), 0.0, 1e9) == data
     assert len(copied) == -(-len(data) // CHUNK_BYTES)
+
+
+@pytest.mark.timeout(30)
+def test_a_body_that_stops_arriving_is_a_timeout_after_one_read_timeout(hops):
+    """A read into the body waits at most the read timeout for its next bytes, as a copied read did."""
+    server, _image_url, _expected = hops
+    with image_session(1) as session, pytest.raises(ImageError) as raised:
+        download(session, f"http://127.0.0.1:{server.server_address[1]}/stall", max_bytes=10**8, timeout_s=1.0)
+    assert raised.value.reason == "timeout" and "a read took over 1 s" in str(raised.value)
