@@ -272,18 +272,24 @@ def test_a_body_without_length_is_read_to_the_close_and_a_short_one_is_a_connect
     assert raised.value.reason == "connection"
 
 
-@pytest.mark.timeout(60)
-def test_a_declared_body_is_read_straight_into_its_buffer_and_the_connection_is_kept(antenna, large_images,
-                                                                                      monkeypatch):
-    """The socket's reads land in the body's buffer (no read copied through urllib3's ``read1``:
-    without that copy a large image costs the client 28% less CPU), and the connection goes back to the
-    pool once the body is whole: the second image reuses it."""
+@pytest.fixture
+def copied_reads(monkeypatch) -> list:
+    """One entry per read copied in through urllib3's ``read1`` while the test runs (it still reads)."""
     import urllib3.response
 
-    copied = []
+    copied: list = []
     read1 = urllib3.response.HTTPResponse.read1
     monkeypatch.setattr(urllib3.response.HTTPResponse, "read1",
                         lambda self, *args, **kwargs: copied.append(1) or read1(self, *args, **kwargs))
+    return copied
+
+
+@pytest.mark.timeout(60)
+def test_a_declared_body_is_read_straight_into_its_buffer_and_the_connection_is_kept(antenna, large_images,
+                                                                                      copied_reads):
+    """The socket's reads land in the body's buffer (no read copied through urllib3's ``read1``:
+    without that copy a large image costs the client 28% less CPU), and the connection goes back to the
+    pool once the body is whole: the second image reuses it."""
     image = large_images[0]
     antenna.set_network(bandwidth_bytes_per_s=40_000_000)  # many socket reads per body
     _job, first_url = _reserved_image_url(antenna, image)
@@ -294,7 +300,7 @@ def test_a_declared_body_is_read_straight_into_its_buffer_and_the_connection_is_
         pools = session.get_adapter(first_url).poolmanager.pools
         pool, = (pools[key] for key in pools.keys())
         assert (pool.num_connections, pool.num_requests) == (1, 2)
-    assert copied == []
+    assert copied_reads == []
 
 
 @pytest.mark.timeout(60)
@@ -311,23 +317,19 @@ def test_reads_into_the_body_follow_the_rate_so_the_deadline_holds_on_a_slow_hos
     assert served < 100 * 1024, served
 
 
-def test_a_body_from_a_source_that_is_not_http_client_is_copied_in_read_by_read(monkeypatch):
+def test_a_body_from_a_source_that_is_not_http_client_is_copied_in_read_by_read(copied_reads):
     """Any other raw response (a library's own) goes through the copied reads: the same body."""
     import requests
     import urllib3
 
     from worker.imaging import CHUNK_BYTES, _read_sized
 
-    copied = []
-    read1 = urllib3.response.HTTPResponse.read1
-    monkeypatch.setattr(urllib3.response.HTTPResponse, "read1",
-                        lambda self, *args, **kwargs: copied.append(1) or read1(self, *args, **kwargs))
     data = bytes(range(256)) * 3000
     wrapped = requests.Response()
     wrapped.raw = urllib3.HTTPResponse(body=io.BytesIO(data), headers={"Content-Length": str(len(data))},
                                        preload_content=False)
     assert _read_sized(wrapped, "u", len(data), 0.0, 1e9) == data
-    assert len(copied) == -(-len(data) // CHUNK_BYTES)
+    assert len(copied_reads) == -(-len(data) // CHUNK_BYTES)
 
 
 @pytest.mark.timeout(30)
