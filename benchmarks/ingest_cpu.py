@@ -43,6 +43,7 @@ import psutil  # noqa: E402
 import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.meter import process_role  # noqa: E402
 from worker.ingest import SharedImageBuffers, release_image  # noqa: E402
 from worker.testing.synthetic import default_cache_dir, generate_preset  # noqa: E402
 
@@ -158,21 +159,10 @@ def _watch(pid: int, seen: dict) -> None:
         for process in processes:
             try:
                 times = process.cpu_times()
-                seen[process.pid] = (_role(process, root), times.user, times.system)
+                seen[process.pid] = (process_role(process.pid, root.pid), times.user, times.system)
             except psutil.Error:
                 pass
         time.sleep(0.2)
-
-
-def _role(process: psutil.Process, root: psutil.Process) -> str:
-    if process.pid == root.pid:
-        return "main"
-    command = " ".join(process.cmdline())
-    if "resource_tracker" in command:
-        return "tracker"
-    if "forkserver" in command:
-        return "fork server" if process.ppid() == root.pid else "loader worker"
-    return "other"
 
 
 def main(argv: list[str]) -> int:

@@ -23,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
 from watchdog import procfs
 from watchdog.proctree import tree_pids
 
@@ -106,12 +108,14 @@ class TreeMemory:
     pss_bytes: int  # tree PSS (what smaps_rollup sums), shm as far as mapped and touched
     shm_bytes: int  # /dev/shm segments held or mapped by the tree, once per inode
     total_bytes: int  # non-shm PSS + shm_bytes: what the benchmark reports as memory
+    non_shm_by_pid: dict[int, int] = field(default_factory=dict)  # each process's share of non_shm
 
 
 def read_tree_memory(root_pid: int) -> TreeMemory:
     pids = tree_pids(root_pid)
     shm: dict[int, int] = {}
     non_shm = pss = 0
+    by_pid: dict[int, int] = {}
     for pid in pids:
         fds = procfs.read_fds(pid)
         if fds is not None:
@@ -121,8 +125,28 @@ def read_tree_memory(root_pid: int) -> TreeMemory:
             shm[inode] = max(shm.get(inode, 0), size)
         non_shm += smaps.non_shm_pss_bytes
         pss += smaps.pss_bytes
+        by_pid[pid] = smaps.non_shm_pss_bytes
     shm_bytes = sum(shm.values())
-    return TreeMemory(time.monotonic(), pss, shm_bytes, non_shm + shm_bytes)
+    return TreeMemory(time.monotonic(), pss, shm_bytes, non_shm + shm_bytes, by_pid)
+
+
+def process_role(pid: int, root_pid: int) -> str:
+    """What ``pid`` is in the worker tree rooted at ``root_pid``: main, fork server, loader worker
+    (a process the fork server started), tracker (multiprocessing's resource tracker), other, or
+    gone (it exited before it could be read)."""
+    if pid == root_pid:
+        return "main"
+    try:
+        process = psutil.Process(pid)
+        command = " ".join(process.cmdline())
+        parent = process.ppid()
+    except psutil.Error:
+        return "gone"
+    if "resource_tracker" in command:
+        return "tracker"
+    if "forkserver" in command:
+        return "fork server" if parent == root_pid else "loader worker"
+    return "other"
 
 
 @dataclass
@@ -132,6 +156,7 @@ class TreeMeterThread:
     pid: int
     interval_s: float = 0.2
     history: list[TreeMemory] = field(default_factory=list)
+    roles: dict[int, str] = field(default_factory=dict)  # pid -> process_role, read when first seen
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -148,7 +173,10 @@ class TreeMeterThread:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.history.append(read_tree_memory(self.pid))
+                reading = read_tree_memory(self.pid)
+                self.history.append(reading)
+                for pid in reading.non_shm_by_pid.keys() - self.roles.keys():
+                    self.roles[pid] = process_role(pid, self.pid)
             except (ProcessLookupError, FileNotFoundError):
                 pass
             self._stop.wait(self.interval_s)
@@ -160,3 +188,22 @@ class TreeMeterThread:
     @property
     def peak_pss_bytes(self) -> int:
         return max((m.pss_bytes for m in self.history), default=0)
+
+    def peak_by_role(self) -> dict[str, int]:
+        """The peak sample (``total_bytes``) split by process role (``process_role``, non-shm PSS
+        summed over the processes of a role) plus ``shm``: what each part of the tree held when
+        the tree held most. {} before any sample."""
+        if not self.history:
+            return {}
+        peak = max(self.history, key=lambda reading: reading.total_bytes)
+        return split_by_role(peak, self.roles)
+
+
+def split_by_role(reading: TreeMemory, roles: dict[int, str]) -> dict[str, int]:
+    """``reading``'s non-shm PSS summed by role (a pid without one counts as other), and ``shm``."""
+    out: dict[str, int] = {}
+    for pid, size in reading.non_shm_by_pid.items():
+        role = roles.get(pid, "other")
+        out[role] = out.get(role, 0) + size
+    out["shm"] = reading.shm_bytes
+    return out

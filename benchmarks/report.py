@@ -253,13 +253,14 @@ def regimes_section(meta: dict, sections: dict) -> str:
              "| / min bound | steady | with close "
              "| predicted (bound) | predicted / steady | task latency p50 / p99 s | peak MiB | predicted MiB (bound) | plan |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    checks = []
+    checks, starts = [], []
     for entry in sections["workloads"]:
         bounds = entry.get("bounds")
         runs = draws_of(entry, "c")
         if not bounds or not runs:
             continue
         w = entry["workload"]
+        starts.extend(start_lines(w, runs))
         whole, steady = median_rate(runs), median_rate(runs, "steady_images_per_s")
         close = median_rate(runs, "with_close_images_per_s")
         first_last = median_rate(runs, "first_to_last_images_per_s")
@@ -291,8 +292,31 @@ def regimes_section(meta: dict, sections: dict) -> str:
             checks.append(f"- {w.name}: predicted/measured peak median {error:+.0%} -> "
                           f"{'PASS' if abs(error) <= 0.15 else 'MISS'} (+-15%); measured above the prediction in "
                           f"{len(over)} of {len(peaks)} draws{_bound_text(runs)}")
-    lines.extend(["", "### Checks", "", *checks, "", REGIMES_END])
+    lines.extend(["", "### Checks", "", *checks])
+    if starts:
+        lines.extend(["", "### Where the start goes", "",
+                      "Seconds from the worker's first job listing, from the server's side (the first draw): "
+                      "the probe's accepted results, then the loader lanes' first results. Beyond steady: the "
+                      "job's seconds less its tasks at its steady rate, i.e. what its start and its tail cost "
+                      "(median of the draws).", "", *starts])
+    lines.extend(["", REGIMES_END])
     return "\n".join(lines) + "\n"
+
+
+def start_lines(workload, runs: list) -> list[str]:
+    """One line: where ``workload``'s start went (``RunResult.events_s``); [] for runs that did
+    not record it."""
+    first = runs[0]
+    events = first.events_s
+    if "probe_result" not in events or "lanes_first_result" not in events:
+        return []
+    beyond = [r.job_wall_s - workload.count / r.steady_images_per_s for r in runs if r.steady_images_per_s > 0]
+    text = (f"- {workload.name}: probe results at {events['probe_result']:.2f} s, the lanes' first results at "
+            f"{events['lanes_first_result']:.2f} s")
+    if beyond:
+        job_s = statistics.median(r.job_wall_s for r in runs)
+        text += f"; beyond steady {statistics.median(beyond):.2f} s of a {job_s:.2f} s job"
+    return [text]
 
 
 def _replace_marked(text: str, start: str, end: str, new: str) -> str:

@@ -256,6 +256,10 @@ class RunResult:
     first_to_last_images_per_s: float = 0.0
     # the plan's bound: its peak with every queue full, or the probe's batch where higher (0: not recorded)
     predicted_bound_bytes: int = 0
+    # the tree's peak sample by process role (benchmarks.meter.process_role) and shm
+    peak_by_role_bytes: dict[str, int] = field(default_factory=dict)
+    events_s: dict[str, float] = field(default_factory=dict)  # job_events: the job's start, from its first listing
+    plan_memory_bytes: dict[str, int] = field(default_factory=dict)  # the plan record's memory terms
 
     @property
     def oom_killed(self) -> bool:
@@ -303,6 +307,8 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             with_close_images_per_s=_with_close_rate(server, exited_at_s),
             task_latency_s=percentiles(server.task_latencies_s),
             first_to_last_images_per_s=_first_to_last_rate(server),
+            peak_by_role_bytes=meter.peak_by_role(), plan_memory_bytes=advisory.get("memory", {}),
+            events_s=job_events(server.job_started_s(), server.reserve_times_s, server.result_times_s),
         )
         if log_path.exists():
             LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -372,6 +378,34 @@ def _first_to_last_rate(server: "TimedAntenna") -> float:
     return later / (last_s - first_s) if last_s > first_s else 0.0
 
 
+def job_events(started_s: Optional[float], reserve_times_s: list[float],
+               result_times_s: list[tuple[float, int]]) -> dict[str, float]:
+    """Seconds from the job's start (the worker's first listing) to the steps of its start and end.
+
+    With autotune the first reserve and the first accepted post are the probe's; the second
+    reserve is the first loader lane's and the second post the lanes' first batch. ``half`` is
+    the post that brought the results to half the job, ``last`` the last one. Steps that did not
+    happen are left out; {} without a start.
+    """
+    if started_s is None:
+        return {}
+    events: dict[str, float] = {}
+    for name, index in (("probe_reserve", 0), ("lanes_first_reserve", 1)):
+        if len(reserve_times_s) > index:
+            events[name] = reserve_times_s[index] - started_s
+    for name, index in (("probe_result", 0), ("lanes_first_result", 1)):
+        if len(result_times_s) > index:
+            events[name] = result_times_s[index][0] - started_s
+    total, count = sum(n for _, n in result_times_s), 0
+    for at_s, n in result_times_s:
+        count += n
+        if count * 2 >= total:
+            events.setdefault("half", at_s - started_s)
+    if result_times_s:
+        events["last"] = result_times_s[-1][0] - started_s
+    return events
+
+
 def _rates(server: TimedAntenna, tasks: int) -> tuple[float, float, float]:
     """(job wall s, images/s, steady images/s) from the server's timestamps.
 
@@ -412,7 +446,8 @@ def _plan_record(scratch: Path) -> dict[str, Any]:
             "predicted_rate": float(rate.get("pipeline_images_per_s", 0.0)),
             "bottleneck": str(rate.get("regime") or rate.get("bottleneck", "")),
             "probe_wall_s": float(record["probe_wall_s"]),
-            "probe_overhead_s": float(record.get("probe_overhead_s", record["probe_wall_s"]))}
+            "probe_overhead_s": float(record.get("probe_overhead_s", record["probe_wall_s"])),
+            "memory": {name: int(value) for name, value in memory.items() if name.endswith("_bytes")}}
 
 
 def _logged_plan(log_path: Path) -> str:

@@ -67,6 +67,29 @@ def test_regimes_are_checked_against_the_lower_bound_the_prediction_and_the_peak
     assert "measured above the prediction in 1 of 3 draws" in text
     assert "| 0.60 / 1.90 |" in text
     assert "above the plan's bound" not in text  # no draw recorded one
+    assert "Where the start goes" not in text  # nor its start
+
+
+def test_the_start_of_each_workload_is_reported_from_the_first_draw():
+    """Where the start goes: the first draw's probe and lane results, and the median of what the
+    draws took beyond their steady rate (job seconds less the tasks at the steady rate)."""
+    from dataclasses import replace
+
+    from benchmarks.report import regimes_section
+
+    def null(job_s: float, steady: float, events: dict) -> RunResult:
+        return replace(run("c", 240 / job_s), job_wall_s=job_s, steady_images_per_s=steady, events_s=events)
+
+    workload = Workload("null-large-far", "large", 240, latency_s=0.1, bandwidth_bytes_per_s=10e6, pipeline="null")
+    entry = {"workload": workload, "results": [], "ceiling": None,
+             "bounds": {"decode_per_s": 10.0, "link_per_s": 10.0},
+             "draws": {"c": [null(34.0, 8.0, {"probe_result": 3.15, "lanes_first_result": 7.1}),
+                             null(36.0, 8.0, {}), null(35.0, 8.0, {})]}}
+    meta = {"command": "python benchmarks/run.py", "started": "now", "cores": 2, "load_before": [0.5], "load_after": [1.0]}
+    text = regimes_section(meta, {"workloads": [entry]})
+    # 240 tasks at 8 images/s take 30 s: beyond steady 4, 6 and 5 s, median 5 of a median 35 s job
+    assert ("- null-large-far: probe results at 3.15 s, the lanes' first results at 7.10 s; "
+            "beyond steady 5.00 s of a 35.00 s job") in text
 
 
 def test_peaks_are_also_checked_against_the_plans_bound():
