@@ -308,9 +308,7 @@ def _grid(probe: Probe, constraints: PlanConstraints) -> Iterator[LoaderPlan]:
         for prefetch in prefetches:
             for batch in values["batch_size"]:
                 for reserve in values["tasks_per_reserve"]:
-                    for threads in _thread_choices(values["download_threads"], reserve, pinned):
-                        if reserve > max(batch, threads) and "tasks_per_reserve" not in pinned:
-                            continue  # a longer job tail for fewer API exchanges: see _grid
+                    for threads in _thread_choices(values["download_threads"], reserve, batch, pinned):
                         for pin in values["pin_memory"]:
                             for inference_threads in values["inference_threads"]:
                                 plan = LoaderPlan(reserve, batch, workers, prefetch, pin, threads,
@@ -366,7 +364,7 @@ def _inference_thread_choices(probe: Probe, constraints: PlanConstraints) -> tup
     return (1, default)
 
 
-def _thread_choices(threads: Sequence[int], reserve: int, pinned: Mapping[str, object]) -> Sequence[int]:
+def _thread_choices(threads: Sequence[int], reserve: int, batch: int, pinned: Mapping[str, object]) -> Sequence[int]:
     """Threads beyond the reserved tasks never run: keep only the smallest count >= ``reserve``.
 
     And at least two once a lane reserves two or more tasks. A download from a server sharing
@@ -374,13 +372,19 @@ def _thread_choices(threads: Sequence[int], reserve: int, pinned: Mapping[str, o
     lane's decoder then waits: in the small benchmark job one connection per lane did 8.3-9.8
     images/s where four or sixteen did 9.9-11.5 (same batch and threads), for one more
     compressed body in flight per lane.
+
+    Unless the operator pins ``tasks_per_reserve``, no count under ``reserve`` that is also under
+    ``batch``: a reservation larger than both the connections and a batch only lengthens the
+    job's tail (see ``_grid``).
     """
     if "download_threads" in pinned:
-        return threads
-    floor = min(2, reserve)
-    below = [t for t in threads if floor <= t < reserve]
-    at_or_above = [t for t in threads if t >= reserve]
-    return below + at_or_above[:1]
+        choices = list(threads)
+    else:
+        floor = min(2, reserve)
+        choices = [t for t in threads if floor <= t < reserve] + [t for t in threads if t >= reserve][:1]
+    if "tasks_per_reserve" in pinned:
+        return choices
+    return [t for t in choices if reserve <= max(batch, t)]
 
 
 def _pin_helps(plan: LoaderPlan, probe: Probe, constraints: PlanConstraints) -> bool:
