@@ -3,7 +3,8 @@
 The model follows the worker's ingest (``worker/ingest.py``): each loader worker (or the main
 process when ``num_workers == 0``) keeps up to ``min(download_threads, tasks_per_reserve)``
 downloads in flight, decodes one image at a time into shared memory, assembles a batch, and may
-run ``prefetch_factor`` batches ahead of the main process; with pin_memory the main process holds a
+run ``prefetch_factor`` batches ahead of the main process, keeping the buffers of the batch it
+lent the main process for its next images; with pin_memory the main process holds a
 pinned copy of every batch handed over; the main process holds the batch being inferred (and, on
 CPU, its float copies and the model's activations, measured per pipeline where the probe carries
 it: ``autotune/inference_memory.py``). Sizes use the LARGEST probed image. The probe's own sample
@@ -138,7 +139,9 @@ def predict_peak(
     ``num_workers == 0`` loads in the main process: no worker processes, no queue (the batch
     being assembled becomes the batch inferred). Queue and pinned terms count the DataLoader's
     ``prefetch_factor`` batches per worker plus ``collate_copy_factor`` batches being assembled;
-    every batch-sized term is linear in ``batch_size``. float32 plans make tensors 4x larger and
+    with loader workers the queue term also counts, per worker, the batch it lent the main
+    process (its buffer pool keeps it: the batch being inferred is one of those); every
+    batch-sized term is linear in ``batch_size``. float32 plans make tensors 4x larger and
     add the conversion's scratch per lane.
     pin_memory without CUDA costs nothing (torch skips pinning without an accelerator).
 
@@ -197,7 +200,14 @@ def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration
     connections = plan.downloads_per_lane
     queued_batches = workers * plan.prefetch_factor
     credit_images = (plan.prefetch_factor + calibration.collate_copy_factor) * plan.batch_size
-    if short_images is None:
+    if short_images is None and workers > 0 and plan.tensor_dtype != "float32":
+        # Each worker's buffer pool keeps the batch it lent the main process besides its credit
+        # (``worker.ingest.SharedImageBuffers``): released, those buffers stay as its spares, so
+        # every worker holds them, not only the one whose batch is being inferred. Measured: 2
+        # workers at batch 2, prefetch 2 behind a slower main process keep 12 images' buffers.
+        queue_bytes = workers * (credit_images + plan.batch_size) * tensor_bytes
+        inferred_bytes = 0.0
+    elif short_images is None:  # in the main process, or float32 (a fresh segment per image)
         queue_bytes = workers * credit_images * tensor_bytes
         inferred_bytes = batch_bytes
     else:

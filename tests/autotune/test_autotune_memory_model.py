@@ -43,9 +43,32 @@ def test_components_by_hand(make_probe, calibration):
     # each download in flight: its body (x the calibration's factor, 2 here) and one read under way
     assert e.inflight_downloads_bytes == 2 * 4 * (probe.max_jpeg_bytes * 2 + DOWNLOAD_READ_BYTES)
     assert e.decode_scratch_bytes == 2 * image
-    assert e.prefetch_queue_bytes == 2 * (2 + 1) * 4 * image
+    # per worker: its credit (prefetch 2 + the fixture's collate copy 1) and the batch it lent
+    assert e.prefetch_queue_bytes == 2 * (2 + 1 + 1) * 4 * image
     assert e.pinned_bytes == (2 * 2 + 1) * 4 * image
-    assert e.inference_batch_bytes == 4 * image  # CUDA: float copy and activations live on the device
+    # the batch being inferred is one of the workers' lent batches; CUDA: float copy and
+    # activations live on the device
+    assert e.inference_batch_bytes == 0
+
+
+def test_every_loader_worker_keeps_the_batch_it_lent(make_probe, calibration):
+    """With every queue full, each loader worker's buffer pool holds its credit and the batch it
+    lent the main process (tests/worker/test_ingest.py measures 2 x (2 + 1) x 2 buffers for two
+    workers at batch 2, prefetch 2): the shared images the model counts, queue and batch being
+    inferred together, are W x (credit + b). One worker: the same as its credit plus the batch
+    inferred. In the main process (no workers) or float32 (no pool), the batch inferred once."""
+    from dataclasses import replace
+
+    probe = make_probe(cuda=True)
+    image = probe.decoded_bytes_per_image
+    exact = replace(calibration, collate_copy_factor=0.0)  # the committed calibration's
+    for workers in (1, 2, 3):
+        e = predict_peak(plan(num_workers=workers, batch_size=2, pin_memory=False), probe, exact)
+        assert e.prefetch_queue_bytes + e.inference_batch_bytes == workers * (2 + 1) * 2 * image
+    main = predict_peak(plan(num_workers=0, batch_size=2, pin_memory=False), probe, exact)
+    assert main.prefetch_queue_bytes + main.inference_batch_bytes == 2 * image
+    f32 = predict_peak(plan(num_workers=2, batch_size=2, pin_memory=False, tensor_dtype="float32"), probe, exact)
+    assert f32.prefetch_queue_bytes + f32.inference_batch_bytes == 4 * (2 * 2 * 2 + 2) * image
 
 
 def test_batch_terms_scale_linearly_with_batch(make_probe, calibration):
@@ -88,11 +111,16 @@ def test_cpu_inference_holds_float_copy_and_activations(make_probe, calibration)
 
 
 def test_float32_tensors_are_four_times_larger(make_probe, calibration):
+    """Per image 4x; float32 images are fresh segments (no buffer pool), so a worker holds its
+    credit and the main process the batch inferred, where uint8 pools also keep each worker's
+    lent batch (``test_every_loader_worker_keeps_the_batch_it_lent``)."""
     probe = make_probe(cuda=True)
+    image = probe.decoded_bytes_per_image
     u8 = predict_peak(plan(), probe, calibration)
     f32 = predict_peak(plan(tensor_dtype="float32"), probe, calibration)
-    for name in BATCH_TERMS:
-        assert getattr(f32, name) == 4 * getattr(u8, name)
+    assert f32.pinned_bytes == 4 * u8.pinned_bytes
+    assert f32.prefetch_queue_bytes == 4 * 2 * (2 + 1) * 4 * image
+    assert f32.inference_batch_bytes == 4 * 4 * image
 
 
 def test_adc_defaults_on_large_images_blow_past_the_reported_oom(make_probe, calibration, large_images):
@@ -240,7 +268,8 @@ def test_a_main_process_that_keeps_up_leaves_each_worker_its_batch_and_two_image
         assert expected.prefetch_queue_bytes == 2 * (batch + 2) * image
         assert expected.inference_batch_bytes == 0
         assert expected.bound_bytes == bound.total_bytes == bound.bound_bytes
-        assert bound.prefetch_queue_bytes == 2 * (2 + 1) * batch * image  # the fixture's collate copy: 1
+        # every queue full: the credit (the fixture's collate copy: 1) and the lent batch per worker
+        assert bound.prefetch_queue_bytes == 2 * (2 + 1 + 1) * batch * image
         assert expected.total_bytes < expected.bound_bytes
     slow = make_probe()  # 0.1 s per image on CPU: inference-bound
     chosen = plan(pin_memory=False)

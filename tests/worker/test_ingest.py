@@ -564,3 +564,43 @@ def test_one_batch_of_four_large_images_from_loader_workers_costs_at_most_4x40_m
         # here); the tree's other memory moves by a few MiB between the two samples.
         assert batch.image_bytes * 0.9 <= held_bytes <= 4 * 40 * 1024 * 1024, f"held {held_bytes / 2**20:.1f} MiB"
         del batch, got
+
+
+def _tree_shm_segments() -> dict[int, int]:
+    """/dev/shm segments (inode -> size) the test process and its descendants hold or map."""
+    from watchdog import procfs
+    from watchdog.proctree import tree_pids
+
+    segments: dict[int, int] = {}
+    for pid in tree_pids(os.getpid()):
+        fds = procfs.read_fds(pid)
+        if fds is not None:
+            segments.update(fds.shm_sizes)
+        segments.update(procfs.read_maps_shm(pid))
+    return segments
+
+
+@pytest.mark.timeout(120)
+def test_with_the_main_process_behind_each_loader_worker_keeps_its_credit_and_the_batch_it_lent(
+        antenna, tiny_images):
+    """Each loader worker's buffer pool is bounded by its credit plus the batch the main process
+    works on, and every worker's pool reaches that bound once the main process is the slower side:
+    the batch a worker lent comes back released and stays as its spare. So two workers at batch 2,
+    prefetch 2 keep 2 x (2 + 1) x 2 = 12 images' segments, not the 2 x 2 x 2 queued plus the one
+    batch being inferred (10) a single pool would hold."""
+    job = antenna.add_job(_repeated(tiny_images, 48), "synthetic-moths")
+    loader_plan = plan(num_workers=2, batch_size=2, prefetch_factor=2, tasks_per_reserve=4, download_threads=2)
+    from worker.ingest import BUFFER_TAG_BYTES
+
+    image_segment_bytes = {i.width * i.height * 3 + BUFFER_TAG_BYTES for i in tiny_images}
+    assert len(image_segment_bytes) == 1  # one size: every buffer can serve every image
+    seen = []
+    with Loader(source(antenna, job), loader_plan) as loader:
+        for batch in loader:
+            time.sleep(0.2)  # inference slower than the loader: its queues fill
+            # (multiprocessing's own shared values live in /dev/shm too, at other sizes)
+            seen.append(sum(size in image_segment_bytes for size in _tree_shm_segments().values()))
+            batch.release()
+            del batch
+    assert len(seen) == 24
+    assert max(seen) == 2 * (2 + 1) * 2, seen
