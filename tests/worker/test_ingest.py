@@ -141,8 +141,14 @@ def test_the_next_reservation_is_made_while_the_current_ones_downloads_are_in_fl
     """Reserving only once a lane had delivered all it reserved left its connections idle for a
     round trip and a whole download per reservation. Each reserve after the first must come
     while reserved images are still on their way: received then < reserved before it. A lane
-    holds at most tasks_per_reserve + download_threads tasks (``LoaderPlan.held_tasks``)."""
+    holds at most tasks_per_reserve + download_threads tasks (``LoaderPlan.held_tasks``).
+
+    Each image takes about 0.3 s to arrive (30 KB at 100 KB/s): the reserve goes out on its own
+    thread as the last download starts, and on a loaded host that thread can take longer to get
+    scheduled than a loopback download of a tiny image takes to finish (the consumer had received
+    4 of 4 in one CI run), which is not the lane's doing."""
     server = _ReserveLog(token=TOKEN, rng_seed=0).start()
+    server.set_network(bandwidth_bytes_per_s=100_000)
     try:
         job = server.add_job(tiny_images[:12], "synthetic-moths")
         loader_plan = plan(tasks_per_reserve=2, batch_size=1, download_threads=2, num_workers=num_workers,
