@@ -400,7 +400,8 @@ def job_events(started_s: Optional[float], reserve_times_s: list[float],
     for at_s, n in result_times_s:
         count += n
         if count * 2 >= total:
-            events.setdefault("half", at_s - started_s)
+            events["half"] = at_s - started_s
+            break
     if result_times_s:
         events["last"] = result_times_s[-1][0] - started_s
     return events
