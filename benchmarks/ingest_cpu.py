@@ -112,7 +112,6 @@ def batches() -> None:
 
 def jobs(workload_name: str, specs: list[str]) -> None:
     import benchmarks.run as bench
-    from autotune.plan import LoaderPlan
 
     seen: dict[int, tuple[str, float, float]] = {}
     original = subprocess.Popen
@@ -130,12 +129,9 @@ def jobs(workload_name: str, specs: list[str]) -> None:
     for index, spec in enumerate(specs):
         fields = json.loads(spec)
         extra = fields.pop("_env", {})
-        if fields:
-            plan = LoaderPlan(**{"pin_memory": False, "tensor_dtype": "uint8", "source": "benchmark", **fields})
-            config = bench.Config(f"cpu{index}", bench.short_plan(plan), {**bench.plan_env(plan), **extra})
-        else:
-            config = bench.Config(f"cpu{index}", "autotune", {"AMI_AUTOTUNE": "true", **extra},
-                                  pipeline=os.environ.get("BENCH_PIPELINE", "synthetic-moths"))
+        # BENCH_PIPELINE applies to autotune's runs only, forced plans run the reference pipeline
+        pipeline = "synthetic-moths" if fields else os.environ.get("BENCH_PIPELINE", "synthetic-moths")
+        config = bench.spec_config(f"cpu{index}", fields, extra, pipeline)
         seen.clear()
         mine0 = psutil.Process().cpu_times()
         result = bench.run_one(workload, images, config, 8 * bench.GiB, tag=f"cpu{index}-")

@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import benchmarks.run as bench  # noqa: E402
-from autotune.plan import LoaderPlan  # noqa: E402
 from worker.testing.synthetic import default_cache_dir, generate_preset  # noqa: E402
 
 EVENTS = (("probe_reserve", "probe reserve"), ("probe_result", "probe results"),
@@ -39,16 +38,7 @@ EVENTS = (("probe_reserve", "probe reserve"), ("probe_result", "probe results"),
           ("half", "half the job"), ("last", "last result"))
 
 
-def config_for(workload: bench.Workload, plan_json: str, env: dict[str, str]) -> bench.Config:
-    """Autotune on the workload's pipeline, or the forced plan ``plan_json`` (LoaderPlan fields)."""
-    fields = json.loads(plan_json) if plan_json else {}
-    if not fields:
-        return bench.Config("timeline", "autotune", {"AMI_AUTOTUNE": "true", **env}, pipeline=workload.pipeline)
-    plan = LoaderPlan(**{"pin_memory": False, "tensor_dtype": "uint8", "source": "benchmark", **fields})
-    return bench.Config("timeline", bench.short_plan(plan), {**bench.plan_env(plan), **env}, pipeline=workload.pipeline)
-
-
-def describe(result: bench.RunResult, tasks: int) -> list[str]:
+def describe(result: bench.RunResult) -> list[str]:
     """The printed lines for one draw."""
     mib = bench.MiB
     lines = [f"{result.plan or result.label}: {result.images_per_s:.2f} images/s, first to last "
@@ -57,11 +47,11 @@ def describe(result: bench.RunResult, tasks: int) -> list[str]:
              f"job {result.job_wall_s:.2f} s"]
     steps = [f"{label} {result.events_s[name]:.2f}" for name, label in EVENTS if name in result.events_s]
     lines.append("  start (s from the first listing): " + ", ".join(steps))
-    if result.steady_images_per_s > 0:
-        beyond_s = result.job_wall_s - tasks / result.steady_images_per_s
+    beyond_s = result.beyond_steady_s
+    if beyond_s is not None:
         lines.append(f"  beyond steady: {beyond_s:.2f} s of {result.job_wall_s:.2f} "
-                     f"({tasks} tasks at {result.steady_images_per_s:.2f} images/s would take "
-                     f"{tasks / result.steady_images_per_s:.2f} s)")
+                     f"({result.images} tasks at {result.steady_images_per_s:.2f} images/s would take "
+                     f"{result.images / result.steady_images_per_s:.2f} s)")
     peak = ", ".join(f"{role} {size / mib:.0f}" for role, size in sorted(result.peak_by_role_bytes.items()))
     lines.append(f"  peak {result.peak_bytes / mib:.0f} MiB: {peak}")
     terms = ", ".join(f"{name.removesuffix('_bytes')} {size / mib:.0f}"
@@ -87,12 +77,12 @@ def main(argv: list[str]) -> int:
         parser.error("settings are NAME=VALUE")
     workload = next(w for w in bench.WORKLOADS if w.name == args.workload)
     images = generate_preset(default_cache_dir(), workload.preset, workload.count, seed=0)
-    config = config_for(workload, args.plan, env)
+    config = bench.spec_config("timeline", json.loads(args.plan) if args.plan else {}, env, workload.pipeline)
     for draw in range(args.draws):
         result = bench.run_one(workload, images, config, int(args.limit_gib * bench.GiB), tag=f"timeline{draw}-")
         if not result.completed:
             print(f"draw {draw + 1}: incomplete (exit {result.exit_code}, {result.lost} lost)")
-        print("\n".join(describe(result, workload.count)), flush=True)
+        print("\n".join(describe(result)), flush=True)
     return 0
 
 

@@ -310,7 +310,7 @@ def start_lines(workload, runs: list) -> list[str]:
     events = first.events_s
     if "probe_result" not in events or "lanes_first_result" not in events:
         return []
-    beyond = [r.job_wall_s - workload.count / r.steady_images_per_s for r in runs if r.steady_images_per_s > 0]
+    beyond = [r.beyond_steady_s for r in runs if r.beyond_steady_s is not None]
     text = (f"- {workload.name}: probe results at {events['probe_result']:.2f} s, the lanes' first results at "
             f"{events['lanes_first_result']:.2f} s")
     if beyond:

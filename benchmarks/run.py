@@ -117,6 +117,16 @@ def plan_env(plan: LoaderPlan) -> dict[str, str]:
     return {"AMI_AUTOTUNE": "false", "AMI_BENCHMARK_PLAN_JSON": json.dumps(fields_)}
 
 
+def spec_config(key: str, plan_fields: dict[str, Any], env: dict[str, str], pipeline: str = "synthetic-moths") -> Config:
+    """A configuration from a command line's plan: autotune when ``plan_fields`` is empty, else that
+    forced plan (LoaderPlan fields; no pinning and uint8 unless given). ``env`` is added to the
+    worker's environment."""
+    if not plan_fields:
+        return Config(key, "autotune", {"AMI_AUTOTUNE": "true", **env}, pipeline=pipeline)
+    plan = LoaderPlan(**{"pin_memory": False, "tensor_dtype": "uint8", "source": "benchmark", **plan_fields})
+    return Config(key, short_plan(plan), {**plan_env(plan), **env}, pipeline=pipeline)
+
+
 def configs(quick: bool) -> list[Config]:
     grid = GRID[:2] if quick else GRID
     out = [
@@ -268,6 +278,12 @@ class RunResult:
     @property
     def completed(self) -> bool:
         return self.exit_code == 0 and self.results_ok + self.results_error == self.images and self.lost == 0
+
+    @property
+    def beyond_steady_s(self) -> Optional[float]:
+        """The job's seconds less what its tasks take at its steady rate: what its start and its
+        tail cost it. None without a steady rate."""
+        return self.job_wall_s - self.images / self.steady_images_per_s if self.steady_images_per_s > 0 else None
 
 
 def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,

@@ -78,7 +78,8 @@ def test_the_start_of_each_workload_is_reported_from_the_first_draw():
     from benchmarks.report import regimes_section
 
     def null(job_s: float, steady: float, events: dict) -> RunResult:
-        return replace(run("c", 240 / job_s), job_wall_s=job_s, steady_images_per_s=steady, events_s=events)
+        return replace(run("c", 240 / job_s), images=240, results_ok=240, job_wall_s=job_s,
+                       steady_images_per_s=steady, events_s=events)
 
     workload = Workload("null-large-far", "large", 240, latency_s=0.1, bandwidth_bytes_per_s=10e6, pipeline="null")
     entry = {"workload": workload, "results": [], "ceiling": None,
