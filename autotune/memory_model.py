@@ -49,6 +49,7 @@ COMPONENTS = (
     ("prefetch_queue_bytes", "batches assembling/queued"),
     ("pinned_bytes", "pinned copies"),
     ("inference_batch_bytes", "batch being inferred"),
+    ("head_start_bytes", "head start (main process)"),
 )
 
 
@@ -70,6 +71,9 @@ class MemoryEstimate:
     # credit (x ``correction``): what plans are held to against the budget. ``total_bytes``, the
     # expected peak, is below it where the main process outpaces the loader (``predict_peak``).
     bound_bytes: int = 0
+    # The probe's head start (``worker/head_start.py``): its compressed images held by the main
+    # process and the batch of them it decodes, while the loader's queues fill.
+    head_start_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.bound_bytes < self.total_bytes:
@@ -224,8 +228,18 @@ def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration
         inferred_bytes + _host_inference_bytes(plan, probe, calibration),
     )
     ints = tuple(int(round(value)) for value in components)
-    return MemoryEstimate(*ints, total_bytes=int(round(sum(ints) * correction)), correction=correction,
-                          probe_batch_bytes=probe_batch_bytes(probe, calibration))
+    head_start = head_start_bytes(plan, probe)
+    return MemoryEstimate(*ints, total_bytes=int(round((sum(ints) + head_start) * correction)), correction=correction,
+                          probe_batch_bytes=probe_batch_bytes(probe, calibration), head_start_bytes=head_start)
+
+
+def head_start_bytes(plan: LoaderPlan, probe: Probe) -> int:
+    """The head start's compressed bytes (at most its budget) and its decoded images in the main
+    process (uint8, private: a batch, and one more per decoding thread, one per core), held while
+    the loader's queues fill; 0 without one."""
+    if probe.head_start_bytes <= 0:
+        return 0
+    return int(probe.head_start_bytes + (plan.batch_size + probe.cpu_count) * probe.decoded_bytes_per_image)
 
 
 def _conversion_scratch(plan: LoaderPlan) -> float:

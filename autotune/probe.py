@@ -121,6 +121,9 @@ class Probe:
     float_copy_bytes_per_image: int = 0
     inference_fixed_bytes: int = 0
     inference_bytes_per_input_pixel: float = 0.0
+    # Compressed bytes of the head start's images the main process may hold as the plan starts
+    # (``worker/head_start.py``); 0: no head start.
+    head_start_bytes: int = 0
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -138,7 +141,8 @@ class Probe:
                      "inference_per_image_s", "api_round_trip_s", "reservation_timeout_s",
                      "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image",
                      "api_exchange_cpu_s", "inference_busy_threads", "model_input_pixels",
-                     "float_copy_bytes_per_image", "inference_fixed_bytes", "inference_bytes_per_input_pixel"):
+                     "float_copy_bytes_per_image", "inference_fixed_bytes", "inference_bytes_per_input_pixel",
+                     "head_start_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Probe.{name} must be >= 0, got {getattr(self, name)}")
 

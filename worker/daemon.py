@@ -29,11 +29,13 @@ from watchdog.limits import Limits
 from watchdog.sampler import MemorySnapshot, Sampler
 from worker.antenna import AntennaClient, AntennaError, AntennaRejected, JobRef, client_info
 from worker.backoff import backoff_delay_s
+from worker.head_start import HeadStart
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
 from worker.loading import image_timeout_s
 from worker.pipelines import Pipeline, run_batch
 from worker.planning import Planner, SettingsPlanner
+from worker.probing import cpu_count
 from worker.posting import ResultPoster
 from worker.release import TaskReleaser
 from worker.results import Failure, ImageResult
@@ -235,14 +237,16 @@ class Worker:
         ctx = JobContext(job=job, pipeline=self.pipelines(job.pipeline_slug))
         self.current = ctx
         self._call("on_job_start", ctx)
-        self._plan(ctx)
+        head_start = self._plan(ctx)
         for attempt in range(MAX_LOADER_REBUILDS_PER_JOB + 1):
-            self._run_loader(ctx)
+            self._run_loader(ctx, head_start)
             if ctx.rebuild_reason is None or self.stopping or attempt == MAX_LOADER_REBUILDS_PER_JOB:
                 break
             log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id, ctx.rebuild_reason)
             ctx.rebuild_reason = None
             ctx.plan = MINIMAL_PLAN
+        if head_start is not None:  # no loader was built: the head start's tasks are handled here
+            self._run_head_start(ctx, head_start)
         ctx.stats.tasks_stranded += self.poster.take_stranded(job.id)  # results it could not post nor spool
         self._call("on_job_end", ctx)
         self._set_inference_threads(self.default_inference_threads)
@@ -253,18 +257,45 @@ class Worker:
                  ctx.stats.images_per_s(), ctx.stats.tasks_stranded, ctx.stats.observed())
         return ctx.stats.images
 
-    def _plan(self, ctx: JobContext) -> None:
+    def _plan(self, ctx: JobContext) -> Optional[HeadStart]:
         """The planning step: the planner's batch (the probe's tasks) through the batch path, then
-        the plan. The loop is ``ctx.plan``'s only writer."""
+        the plan. The loop is ``ctx.plan``'s only writer. Returns the planner's head start, whose
+        tasks the loop handles once the loader is started."""
         sample = self.planner.sample(self, ctx)
-        if sample is not None:
-            try:
-                self.handle_batch(ctx, sample)
-            finally:
-                sample.release()
-        ctx.plan = self.planner.plan(self, ctx)
+        head_start: Optional[HeadStart] = None
+        try:
+            if sample is not None:
+                try:
+                    self.handle_batch(ctx, sample)
+                finally:
+                    sample.release()
+            ctx.plan = self.planner.plan(self, ctx)
+        finally:
+            head_start = self.planner.head_start(self, ctx)
+        return head_start
 
-    def _run_loader(self, ctx: JobContext) -> None:
+    def _run_head_start(self, ctx: JobContext, head_start: HeadStart, loader: Optional[Loader] = None) -> None:
+        """The head start's images as they arrive, decoded here in batches of the plan's size,
+        through the batch path; forced to stop, what is left is released."""
+        if head_start.settled:
+            return
+        batch_size = max(1, ctx.plan.batch_size if ctx.plan is not None else 1)
+        for batch in head_start.batches(batch_size, stopped=lambda: self.stop.forced, decoders=cpu_count()):
+            try:
+                self.handle_batch(ctx, batch)
+            finally:
+                batch.release()
+            del batch
+            if loader is not None and self._check_stop(ctx, loader):
+                break
+        if head_start.done:
+            head_start.close()
+            return
+        left = head_start.abandon()
+        ctx.stats.tasks_stranded += len(left)
+        self.releaser.release(ctx.job.id, left, "head start not processed before the worker was forced to stop")
+
+    def _run_loader(self, ctx: JobContext, head_start: Optional[HeadStart] = None) -> None:
         assert ctx.plan is not None, "the planning step sets the plan before any loader"
         source = self.ingest_source(ctx.job.id)
         log.info("job %d: loader plan %s", ctx.job.id, ctx.plan.describe())
@@ -279,7 +310,10 @@ class Worker:
             ctx.loader = loader
             self._call("on_loader_start", ctx)
             try:
-                for batch in loader:
+                if head_start is not None:  # while the loader's lanes make their first downloads
+                    loader.start()
+                    self._run_head_start(ctx, head_start, loader)
+                for batch in (() if self.stop.forced else loader):
                     try:
                         self.handle_batch(ctx, batch)
                     finally:

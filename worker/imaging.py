@@ -100,7 +100,9 @@ class DecodedImage:
 
 def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: float,
              deadline_s: float = math.inf, block_private_hosts: bool = False,
-             on_headers: Optional[Callable[[], None]] = None) -> bytearray:
+             on_headers: Optional[Callable[[], None]] = None,
+             admit: Optional[Callable[[Optional[int]], None]] = None,
+             on_read: Optional[Callable[[int], None]] = None) -> bytearray:
     """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``.
 
     ``timeout_s`` bounds the connect and each read; ``deadline_s`` the whole download (a host
@@ -109,7 +111,9 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     Only http(s) URLs are fetched, through at most ``MAX_REDIRECTS`` redirects, each checked
     like the first (``check_image_url``). Transient failures are retried by the session
     (``image_session``). ``on_headers`` is called as each response's headers arrive (a redirect's
-    too), before its body is read.
+    too), before its body is read. ``admit`` is called with the body's declared length (None:
+    undeclared) before it is read, and may wait (a byte budget); the deadline counts from its
+    return. ``on_read`` is called with the size of each read into the body.
     """
     started_s = time.monotonic()
     wait_s = min(timeout_s, deadline_s)
@@ -117,10 +121,13 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
         with _get_following_redirects(session, url, wait_s, block_private_hosts, on_headers) as response:
             _check_response(response, url, max_bytes)
             declared = _declared_length(response)
+            if admit is not None:
+                admit(declared)
+                started_s = time.monotonic()
             if declared is None:
-                body = _read_unsized(response, url, max_bytes, started_s, deadline_s)
+                body = _read_unsized(response, url, max_bytes, started_s, deadline_s, on_read)
             else:
-                body = _read_sized(response, url, declared, started_s, deadline_s)
+                body = _read_sized(response, url, declared, started_s, deadline_s, on_read)
     except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):  # the last: a read into the body
         if time.monotonic() - started_s >= deadline_s:
             raise over_deadline(url, deadline_s) from None
@@ -144,7 +151,7 @@ def _declared_length(response: requests.Response) -> Optional[int]:
 
 
 def _read_sized(response: requests.Response, url: str, length: int, started_s: float,
-                deadline_s: float) -> bytearray:
+                deadline_s: float, on_read: Optional[Callable[[int], None]] = None) -> bytearray:
     """The declared ``length`` bytes, in one buffer of that size.
 
     A growing buffer reallocated and copied the whole body as it grew (half of a download
@@ -156,11 +163,11 @@ def _read_sized(response: requests.Response, url: str, length: int, started_s: f
     body = bytearray(length)
     plain = getattr(response.raw, "_fp", None)
     if isinstance(plain, http.client.HTTPResponse) and not plain.chunked:
-        filled = _read_into(body, plain, url, started_s, deadline_s)
+        filled = _read_into(body, plain, url, started_s, deadline_s, on_read)
         if filled == length:
             response.raw.release_conn()  # the body is whole: the connection goes back to the pool
     else:
-        filled = _read_copied(body, response, url, started_s, deadline_s)
+        filled = _read_copied(body, response, url, started_s, deadline_s, on_read)
     if filled < length:
         raise ImageError(f"download failed: the body ended after {filled} of its {length} bytes for {url}",
                          "connection")
@@ -168,7 +175,7 @@ def _read_sized(response: requests.Response, url: str, length: int, started_s: f
 
 
 def _read_into(body: bytearray, plain: http.client.HTTPResponse, url: str, started_s: float,
-               deadline_s: float) -> int:
+               deadline_s: float, on_read: Optional[Callable[[int], None]] = None) -> int:
     """Fill ``body`` from ``plain`` with no copy in between; returns the bytes read.
 
     Each read waits until its whole size has arrived, so its size follows the rate seen so far:
@@ -190,13 +197,15 @@ def _read_into(body: bytearray, plain: http.client.HTTPResponse, url: str, start
             if not got:
                 break
             filled += got
+            if on_read is not None:
+                on_read(got)
             if time.monotonic() - started_s > deadline_s:
                 raise over_deadline(url, deadline_s)
     return filled
 
 
 def _read_copied(body: bytearray, response: requests.Response, url: str, started_s: float,
-                 deadline_s: float) -> int:
+                 deadline_s: float, on_read: Optional[Callable[[int], None]] = None) -> int:
     """Fill ``body`` with reads of what has arrived, each copied in; returns the bytes read."""
     filled = 0
     while filled < len(body):
@@ -205,6 +214,8 @@ def _read_copied(body: bytearray, response: requests.Response, url: str, started
             break
         body[filled:filled + len(chunk)] = chunk
         filled += len(chunk)
+        if on_read is not None:
+            on_read(len(chunk))
         del chunk
         if time.monotonic() - started_s > deadline_s:
             raise over_deadline(url, deadline_s)
@@ -212,11 +223,13 @@ def _read_copied(body: bytearray, response: requests.Response, url: str, started
 
 
 def _read_unsized(response: requests.Response, url: str, max_bytes: int, started_s: float,
-                  deadline_s: float) -> bytearray:
+                  deadline_s: float, on_read: Optional[Callable[[int], None]] = None) -> bytearray:
     """A body of no declared length (chunked, or compressed on the wire), read to its end."""
     body = bytearray()
     while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
         body += chunk
+        if on_read is not None:
+            on_read(len(chunk))
         del chunk
         if len(body) > max_bytes:
             raise ImageError(f"image exceeds AMI_MAX_IMAGE_BYTES={max_bytes}", "too_large")

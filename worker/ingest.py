@@ -738,7 +738,11 @@ class Loader:
                 collate_fn=collate, pin_memory=plan.pin_memory, in_order=False, **extra,
             )
 
-    def __iter__(self) -> Iterator[Batch]:
+    def start(self) -> None:
+        """Start the loader workers (their first reserve and downloads begin); iterating starts
+        them too. Raises ``LoaderFailed``."""
+        if self._iterator is not None:
+            return
         try:
             with worker_count_warning_ignored():
                 self._iterator = iter(self.dataloader)  # starts the loader workers
@@ -748,6 +752,10 @@ class Loader:
             if isinstance(error, ConnectionRefusedError) and self._context.get_start_method() == "forkserver":
                 retire_refusing_fork_server()
             raise LoaderFailed(f"cannot start the loader: {type(error).__name__}: {error}") from error
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.start()
+        assert self._iterator is not None
         while True:
             failure = None
             try:

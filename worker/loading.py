@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import requests
 import torch
@@ -92,12 +92,15 @@ class ImageLoader:
                    timeout_s=image_timeout_s(settings), deadline_s=settings.image_download_deadline_s,
                    block_private_hosts=settings.block_private_image_hosts, local_files=local_files)
 
-    def fetch(self, session: requests.Session, source: str) -> Fetched:
-        """The compressed image at ``source``, timed; raises only ``ImageError``."""
+    def fetch(self, session: requests.Session, source: str, *,
+              admit: Optional[Callable[[Optional[int]], None]] = None,
+              on_read: Optional[Callable[[int], None]] = None) -> Fetched:
+        """The compressed image at ``source``, timed; raises only ``ImageError``. ``admit`` and
+        ``on_read``: see ``worker.imaging.download`` (a local file is read without them)."""
         try:
             if self.local_files and not source.startswith(URL_PREFIXES):
                 return self._read_file(source)
-            return self._download(session, source)
+            return self._download(session, source, admit, on_read)
         except ImageError:
             raise
         except Exception as error:
@@ -125,12 +128,14 @@ class ImageLoader:
         """The error of a download still running past ``deadline_s`` (for a caller's own watch)."""
         return over_deadline(url, self.deadline_s)
 
-    def _download(self, session: requests.Session, url: str) -> Fetched:
+    def _download(self, session: requests.Session, url: str,
+                  admit: Optional[Callable[[Optional[int]], None]] = None,
+                  on_read: Optional[Callable[[int], None]] = None) -> Fetched:
         headers_at_s: list[float] = []
         started_s, started_cpu_s = time.perf_counter(), time.thread_time()
         data = download(session, url, max_bytes=self.max_bytes, timeout_s=self.timeout_s,
                         deadline_s=self.deadline_s, block_private_hosts=self.block_private_hosts,
-                        on_headers=lambda: headers_at_s.append(time.perf_counter()))
+                        on_headers=lambda: headers_at_s.append(time.perf_counter()), admit=admit, on_read=on_read)
         first_byte_s = headers_at_s[0] - started_s if headers_at_s else None
         return Fetched(url, data, time.perf_counter() - started_s, time.thread_time() - started_cpu_s, first_byte_s)
 

@@ -35,7 +35,9 @@ from autotune.corrections import default_correction_path
 from watchdog.limits import Limits, read_limits
 from worker.antenna import AntennaError
 from worker.hooks import JobContext, JobTuning
+from worker.head_start import HeadStart
 from worker.ingest import Batch
+from worker.pipelines import Pipeline, one_image_s
 from worker.probing import (
     ProbeRun,
     ProbeSample,
@@ -132,6 +134,34 @@ def constraints_for(worker: "Worker", probe: Probe) -> PlanConstraints:
     )
 
 
+# The head start's share of the reservation timeout: its tasks' images, at the pipeline's start-up
+# time per image x HEAD_START_COST_MARGIN, take the main process at most this long.
+HEAD_START_TIMEOUT_SHARE = 0.1
+# The start-up figure is one synthetic 1024x768 image on a warm model; a job's images may be larger
+# and carry more detections to classify.
+HEAD_START_COST_MARGIN = 4.0
+HEAD_START_MAX_BYTES = 64 * 2**20
+HEAD_START_BUDGET_SHARE = 1 / 8  # of the planner's memory budget
+
+
+def head_start_size(worker: "Worker", pipeline: Pipeline) -> tuple[int, int]:
+    """(tasks, bytes held) of a job's head start: ``AMI_AUTOTUNE_HEAD_START_TASKS``, fewer where the
+    pipeline's start-up time per image says the main process could not handle them within
+    ``HEAD_START_TIMEOUT_SHARE`` of the reservation timeout, none where that time was not measured
+    (a pipeline whose start-up measuring was cut short); bytes: ``HEAD_START_BUDGET_SHARE`` of the
+    memory budget, at most ``HEAD_START_MAX_BYTES``."""
+    settings = worker.settings
+    wanted = settings.autotune_head_start_tasks
+    per_image_s = one_image_s(pipeline)
+    if wanted <= 0 or per_image_s is None:
+        return 0, 0
+    allowed_s = settings.antenna_reservation_timeout_s * HEAD_START_TIMEOUT_SHARE
+    tasks = min(wanted, int(allowed_s / max(per_image_s * HEAD_START_COST_MARGIN, 1e-3)))
+    limits = worker.limits if worker.limits is not None else read_worker_limits(settings)
+    budget = budget_bytes(limits.effective_limit_bytes, settings.memory_reserve_bytes, settings.memory_safety_factor)
+    return max(0, tasks), int(min(HEAD_START_MAX_BYTES, max(0, budget) * HEAD_START_BUDGET_SHARE))
+
+
 class Planner:
     """Chooses each job's plan. The loop calls, in order, on the loop thread:
 
@@ -148,6 +178,11 @@ class Planner:
 
     def sample(self, worker: "Worker", ctx: JobContext) -> Optional[Batch]:
         """Tasks reserved to measure the job, as a batch for the loop to process; None by default."""
+        return None
+
+    def head_start(self, worker: "Worker", ctx: JobContext) -> Optional[HeadStart]:
+        """Tasks reserved with the sample for the loop to handle once the loader is started
+        (``worker/head_start.py``); asked once, after ``plan``. None by default."""
         return None
 
     def plan(self, worker: "Worker", ctx: JobContext) -> LoaderPlan:
@@ -180,6 +215,7 @@ class AutotunePlanner(Planner):
         self.corrections = CorrectionStore(default_correction_path(settings.user_data_path))
         self._samples: dict[int, ProbeSample] = {}
         self._last_plans: dict[str, LoaderPlan] = {}  # per pipeline slug: the last plan a probe measured
+        self._head_starts: dict[int, HeadStart] = {}
 
     def start(self, worker: "Worker") -> None:
         """Each offered pipeline's per-batch cost, before any job (off every job's clock), until
@@ -200,15 +236,22 @@ class AutotunePlanner(Planner):
                 plan_device_batches(worker.pipelines(slug), worker.settings.gpu_memory_fraction)
 
     def sample(self, worker: "Worker", ctx: JobContext) -> Optional[Batch]:
+        tasks, bytes_ = head_start_size(worker, ctx.pipeline)
         try:
             sample = sample_job(worker.client, ctx.job, ctx.pipeline, worker.settings,
                                 tasks_wanted=worker.settings.autotune_probe_tasks, client_info=worker.client_info,
-                                cuda=worker.cuda, threads_sleep=openmp_threads_sleep(worker.environ))
+                                cuda=worker.cuda, threads_sleep=openmp_threads_sleep(worker.environ),
+                                head_start_tasks=tasks, head_start_bytes=bytes_)
         except AntennaError as error:  # the reserve failed: nothing is held; plan without a probe
             log.warning("job %d: the probe's reserve failed (%s); planning without a probe", ctx.job.id, error)
             return None
         self._samples[ctx.job.id] = sample
+        if sample.head_start is not None:
+            self._head_starts[ctx.job.id] = sample.head_start
         return sample.batch
+
+    def head_start(self, worker: "Worker", ctx: JobContext) -> Optional[HeadStart]:
+        return self._head_starts.pop(ctx.job.id, None)
 
     def plan(self, worker: "Worker", ctx: JobContext) -> LoaderPlan:
         sample = self._samples.pop(ctx.job.id, None)

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 import torch
@@ -40,6 +40,7 @@ from autotune.inference_memory import (
 )
 from watchdog.sampler import sample_tree
 from worker.hooks import JobStats
+from worker.head_start import HeadStart
 from worker.imaging import DecodedImage, ImageError, image_session, jpeg_size
 from worker.ingest import Batch, wait_for_fork_server
 from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
@@ -95,8 +96,8 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedImage], list[ImageSample],
-                                                                     Optional[float]]:
+def load_sample(tasks: Sequence[Task], settings: Settings, head_start: Optional[HeadStart] = None
+                ) -> tuple[list[LoadedImage], list[ImageSample], Optional[float]]:
     """Download ``tasks`` in parallel (one connection each) and decode them here, timing each step.
 
     Also returns the CPU seconds the rest of the host spent while the downloads ran (the host's
@@ -108,6 +109,9 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     Each image goes through the loader lane's own steps and limits (``worker.loading.ImageLoader``).
     Parallel downloads keep the probe short on a slow network while each still times one
     connection. Failures become error items, never exceptions. Order follows ``tasks``.
+
+    ``head_start``'s downloads start with the sample's; the rest of the host's CPU is then shared
+    out by bytes received, the sample's share being its own bytes over all received by its end.
     """
     images = ImageLoader.from_settings(settings)
     # The loader's fork server imports torch at the worker's start (seconds of CPU): measured beside
@@ -116,11 +120,15 @@ def load_sample(tasks: Sequence[Task], settings: Settings) -> tuple[list[LoadedI
     # before its first batch anyway; waiting here costs the first job at most the probe's length.
     wait_for_fork_server()
     host_before_s, own_before_s = host_busy_cpu_s(), time.process_time()
+    admit = head_start.begin if head_start is not None else None
     with ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="probe-download") as pool:
-        fetched = list(pool.map(lambda task: _fetch_alone(images, task), tasks))
+        fetched = list(pool.map(lambda task: _fetch_alone(images, task, admit), tasks))
     host_s, own_s = host_busy_cpu_s() - host_before_s, time.process_time() - own_before_s
     served_here = any(is_this_host(task.image_url) for task in tasks)
     external_cpu_s = max(0.0, host_s - own_s) if host_before_s >= 0 and served_here else None
+    if external_cpu_s is not None and head_start is not None:
+        own_bytes = sum(len(item.data) for item in fetched if isinstance(item, Fetched))
+        external_cpu_s *= own_bytes / max(1, own_bytes + head_start.received_bytes)
     # Decoded side by side, one thread per core (the decoder releases the GIL): three large images
     # took 1.0 s one after another, the longest part of the probe. Each decode is timed by its
     # thread's CPU time, which another decode on a shared core does not inflate.
@@ -144,11 +152,12 @@ def image_samples(items: Sequence[LoadedImage]) -> list[ImageSample]:
                         item.first_byte_s, item.download_cpu_s) for item in items if item.image is not None]
 
 
-def _fetch_alone(images: ImageLoader, task: Task) -> Fetched | ImageError:
+def _fetch_alone(images: ImageLoader, task: Task,
+                 admit: Optional[Callable[[Optional[int]], None]] = None) -> Fetched | ImageError:
     """``task``'s image on a connection of its own, or why not."""
     session = image_session(1)
     try:
-        return images.fetch(session, task.image_url)
+        return images.fetch(session, task.image_url, admit=admit)
     except ImageError as error:
         return error
     finally:
@@ -338,8 +347,9 @@ def overhead_floor(pipeline: Pipeline) -> Optional[float]:
         return None
 
 
-def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
-    """This process tree's PSS now (model loaded, no loader) less the sample images it still holds.
+def baseline_bytes(items: Sequence[LoadedImage] = (), other_held_bytes: int = 0) -> int:
+    """This process tree's PSS now (model loaded, no loader) less the sample images it still holds
+    and ``other_held_bytes`` (the head start's compressed images).
 
     The decoded sample tensors are private, fully resident allocations (large ones are mmapped,
     see ``imaging.fix_mmap_threshold``), so subtracting their size leaves the baseline.
@@ -347,7 +357,7 @@ def baseline_bytes(items: Sequence[LoadedImage] = ()) -> int:
     wait_for_fork_server()  # the loader's fork server belongs to the baseline: wait for its imports
     gc.collect()
     held = sum(item.image.numel() * item.image.element_size() for item in items if item.image is not None)
-    return max(0, sample_tree(os.getpid()).tree_pss_bytes - held)
+    return max(0, sample_tree(os.getpid()).tree_pss_bytes - held - other_held_bytes)
 
 
 def inference_memory(pipeline: Pipeline) -> Optional[InferenceMemory]:
@@ -438,6 +448,7 @@ class ProbeSample:
     phases_s: dict[str, float] = field(default_factory=dict)
     inference_memory: Optional[InferenceMemory] = None
     geometry: ImageGeometry = ImageGeometry()
+    head_start: Optional[HeadStart] = None
 
     @property
     def tasks(self) -> int:
@@ -454,8 +465,13 @@ class ProbeSample:
 
 
 def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, settings: Settings, *,
-               tasks_wanted: int, client_info: dict, cuda: bool, threads_sleep: bool) -> ProbeSample:
+               tasks_wanted: int, client_info: dict, cuda: bool, threads_sleep: bool,
+               head_start_tasks: int = 0, head_start_bytes: int = 0) -> ProbeSample:
     """Reserve ``tasks_wanted`` tasks of ``job`` and measure them; the loop then handles the batch.
+
+    Once the sample's first image declares its size, up to ``head_start_tasks`` more are reserved
+    (as many as ``head_start_bytes`` hold): their images download beside the sample's, are not
+    measured, and the loop handles them once the loader is started (``sample.head_start``).
 
     Inference is timed on the sample as one batch at the default thread count: the loop's own
     batch path, which posts every probed task's result (errors included), so that timing costs the
@@ -477,9 +493,14 @@ def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, setti
     sample.phase("reserve")
     if not tasks:
         return sample
+    if head_start_tasks > 0 and len(tasks) == tasks_wanted:  # fewer: the job has no more for now
+        sample.head_start = HeadStart(ImageLoader.from_settings(settings), head_start_bytes, wanted=head_start_tasks,
+                                      reserve=lambda count: client.reserve_tasks(job.id, count, client_info))
     items: list[LoadedImage] = [LoadedImage(task, None, Failure("other", "probe: not loaded")) for task in tasks]
     try:
-        items, sample.images, sample.external_cpu_s = load_sample(tasks, settings)
+        items, sample.images, sample.external_cpu_s = load_sample(tasks, settings, sample.head_start)
+        if sample.head_start is not None:
+            sample.head_start.wait_reserved()  # its tasks are held from here on, whatever fails below
         sample.phase("load")
         good = [item for item in items if item.image is not None]
         if good:
@@ -489,7 +510,7 @@ def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, setti
             sample.inference_memory = None if cuda else inference_memory(pipeline)
             sample.geometry = ImageGeometry.largest(pipeline, sample.images)
         sample.phase("time_inference")
-        sample.baseline_bytes = baseline_bytes(items)
+        sample.baseline_bytes = baseline_bytes(items, sample.head_start.held_bytes if sample.head_start else 0)
         sample.phase("baseline")
     except Exception as error:  # the tasks are reserved: they go to the loop whatever failed here
         log.warning("job %d: probe measurement failed: %s: %.200s", job.id, type(error).__name__, error)
@@ -568,6 +589,9 @@ def fit_probe(sample: ProbeSample, stats: JobStats, settings: Settings, *, calib
         inference_memory=sample.inference_memory, model_input_pixels=sample.geometry.model_input_pixels,
         float_copy_bytes_per_image=sample.geometry.float_copy_bytes,
     )
+    if sample.head_start is not None and sample.head_start.tasks:
+        held = min(sample.head_start.budget.limit_bytes, len(sample.head_start.tasks) * probe.max_jpeg_bytes)
+        probe = replace(probe, head_start_bytes=max(held, sample.head_start.held_bytes))
     sample.phase("fit")
     return ProbeRun(probe, sample.tasks, sample.images_ok, time.perf_counter() - sample.started_s, sample.tasks,
                     sample.phases_s)

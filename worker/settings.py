@@ -140,6 +140,7 @@ class Settings(BaseSettings):
     # Benchmarks only (benchmarks/run.py): one LoaderPlan as JSON forced on every job; see worker/planning.py.
     benchmark_plan_json: Optional[str] = None
     autotune_probe_tasks: int = Field(3, ge=1, le=32)
+    autotune_head_start_tasks: int = Field(64, ge=0, le=256)
     memory_reserve_bytes: int = Field(1024**3, ge=0)
     memory_safety_factor: float = Field(0.85, gt=0.0, le=1.0)
     max_memory_bytes: Optional[int] = Field(None, ge=64 * 1024 * 1024)

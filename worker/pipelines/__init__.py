@@ -20,6 +20,7 @@ from worker.pipelines.base import (
     Pipeline,
     batch_overhead_s,
     inference_peaks,
+    one_image_s,
     run_batch,
     warm_up,
 )
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ADC_SLUGS", "ADCOptions", "OVERHEAD_REPEATS", "Classification", "Detection", "ModelInput", "NullPipeline", "Pipeline", "ReferencePipeline",
-    "TorchScriptPipeline", "batch_overhead_s", "inference_peaks", "load_pipeline", "run_batch", "select_device", "warm_up",
+    "TorchScriptPipeline", "batch_overhead_s", "inference_peaks", "load_pipeline", "one_image_s", "run_batch", "select_device", "warm_up",
 ]
 
 

@@ -201,6 +201,7 @@ def warm_up(pipeline: Pipeline, image: Optional[torch.Tensor] = None) -> bool:
 
 _BATCH_OVERHEAD_S: "weakref.WeakKeyDictionary[Pipeline, float]" = weakref.WeakKeyDictionary()
 _INFERENCE_PEAKS: "weakref.WeakKeyDictionary[Pipeline, tuple[tuple[int, int], ...]]" = weakref.WeakKeyDictionary()
+_ONE_IMAGE_S: "weakref.WeakKeyDictionary[Pipeline, float]" = weakref.WeakKeyDictionary()
 OVERHEAD_REPEATS = 5
 OVERHEAD_BUDGET_S = 10.0
 MEASURE_IMAGE_SIZE = (1024, 768)  # (width, height) of the synthetic image the start-up measures
@@ -228,11 +229,14 @@ def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS, budget
     warm_up(pipeline)
     image = _warm_up_image()
     if forward < 2:  # every image is its own forward call: per-image and per-call cost are one
+        started_s = time.perf_counter()
         _INFERENCE_PEAKS[pipeline] = ((1, peak_increase_bytes(pipeline, [image])),)
+        _ONE_IMAGE_S[pipeline] = time.perf_counter() - started_s
         _BATCH_OVERHEAD_S[pipeline] = 0.0
         return 0.0
     batch = min(4, forward)
     estimates: list[float] = []
+    ones: list[float] = []
     peaks: list[tuple[int, int]] = []
     begun_s = time.perf_counter()
     for _ in range(max(1, repeats)):
@@ -241,14 +245,22 @@ def batch_overhead_s(pipeline: Pipeline, repeats: int = OVERHEAD_REPEATS, budget
         started_s = time.perf_counter()
         peaks.append((1, peak_increase_bytes(pipeline, [image])))
         one_s = time.perf_counter() - started_s
+        ones.append(one_s)
         started_s = time.perf_counter()
         peaks.append((batch, peak_increase_bytes(pipeline, [image] * batch)))
         many_s = time.perf_counter() - started_s
         estimates.append((batch * one_s - many_s) / (batch - 1))
     overhead_s = max(0.0, statistics.median(estimates))
     _BATCH_OVERHEAD_S[pipeline] = overhead_s
+    _ONE_IMAGE_S[pipeline] = statistics.median(ones)
     _INFERENCE_PEAKS[pipeline] = tuple((items, bytes_) for items, bytes_ in peaks if bytes_ >= 0)
     return overhead_s
+
+
+def one_image_s(pipeline: Pipeline) -> Optional[float]:
+    """Seconds one synthetic ``MEASURE_IMAGE_SIZE`` image took alone in ``batch_overhead_s``'s
+    calls (the median); None where they have not run in this process (nothing is measured here)."""
+    return _ONE_IMAGE_S.get(pipeline)
 
 
 def inference_peaks(pipeline: Pipeline) -> tuple[tuple[int, int], ...]:
