@@ -233,13 +233,22 @@ def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration
                           probe_batch_bytes=probe_batch_bytes(probe, calibration), head_start_bytes=head_start)
 
 
+# Threads of the main process decoding the head start's images: one per core, at most this many.
+HEAD_START_MAX_DECODERS = 4
+
+
+def head_start_decoders(cpu_count: int) -> int:
+    return max(1, min(cpu_count, HEAD_START_MAX_DECODERS))
+
+
 def head_start_bytes(plan: LoaderPlan, probe: Probe) -> int:
     """The head start's compressed bytes (at most its budget) and its decoded images in the main
-    process (uint8, private: a batch, and one more per decoding thread, one per core), held while
-    the loader's queues fill; 0 without one."""
+    process (uint8, private: a batch, and one more per decoding thread), held while the loader's
+    queues fill; 0 without one."""
     if probe.head_start_bytes <= 0:
         return 0
-    return int(probe.head_start_bytes + (plan.batch_size + probe.cpu_count) * probe.decoded_bytes_per_image)
+    decoded = plan.batch_size + head_start_decoders(probe.cpu_count)
+    return int(probe.head_start_bytes + decoded * probe.decoded_bytes_per_image)
 
 
 def _conversion_scratch(plan: LoaderPlan) -> float:

@@ -25,7 +25,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("worker", "worker.schema", "worker.results", "worker.settings", "worker.backoff", "worker.logs",
      "worker.metrics"),
     ("worker.antenna", "worker.imaging", "worker.loading", "worker.posting", "worker.release", "worker.pipelines"),
-    ("worker.ingest", "worker.loader_server", "worker.hooks"),
+    ("worker.ingest", "worker.loader_server", "worker.hooks", "worker.head_start"),
     ("worker.probing",),
     ("worker.planning",),
     ("worker.daemon",),

@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from autotune.memory_model import head_start_decoders
 from autotune.plan import MINIMAL_PLAN
 from watchdog.limits import Limits
 from watchdog.sampler import MemorySnapshot, Sampler
@@ -262,7 +263,6 @@ class Worker:
         the plan. The loop is ``ctx.plan``'s only writer. Returns the planner's head start, whose
         tasks the loop handles once the loader is started."""
         sample = self.planner.sample(self, ctx)
-        head_start: Optional[HeadStart] = None
         try:
             if sample is not None:
                 try:
@@ -270,9 +270,12 @@ class Worker:
                 finally:
                     sample.release()
             ctx.plan = self.planner.plan(self, ctx)
-        finally:
+        except BaseException:
             head_start = self.planner.head_start(self, ctx)
-        return head_start
+            if head_start is not None:  # held: released, not left to the reservation timeout
+                self._release_head_start(ctx, head_start, "the planning step failed")
+            raise
+        return self.planner.head_start(self, ctx)
 
     def _run_head_start(self, ctx: JobContext, head_start: HeadStart, loader: Optional[Loader] = None) -> None:
         """The head start's images as they arrive, decoded here in batches of the plan's size,
@@ -280,7 +283,8 @@ class Worker:
         if head_start.settled:
             return
         batch_size = max(1, ctx.plan.batch_size if ctx.plan is not None else 1)
-        for batch in head_start.batches(batch_size, stopped=lambda: self.stop.forced, decoders=cpu_count()):
+        for batch in head_start.batches(batch_size, stopped=lambda: self.stop.forced,
+                                          decoders=head_start_decoders(cpu_count())):
             try:
                 self.handle_batch(ctx, batch)
             finally:
@@ -291,9 +295,12 @@ class Worker:
         if head_start.done:
             head_start.close()
             return
+        self._release_head_start(ctx, head_start, "head start not processed before the worker was forced to stop")
+
+    def _release_head_start(self, ctx: JobContext, head_start: HeadStart, why: str) -> None:
         left = head_start.abandon()
         ctx.stats.tasks_stranded += len(left)
-        self.releaser.release(ctx.job.id, left, "head start not processed before the worker was forced to stop")
+        self.releaser.release(ctx.job.id, left, why)
 
     def _run_loader(self, ctx: JobContext, head_start: Optional[HeadStart] = None) -> None:
         assert ctx.plan is not None, "the planning step sets the plan before any loader"

@@ -136,7 +136,7 @@ def test_table_lists_components_mib_and_share(make_probe, calibration):
     estimate = predict_peak(plan(), make_probe(cuda=True), calibration)
     table = estimate.table()
     lines = table.splitlines()
-    assert len(lines) == 1 + 7 + 1
+    assert len(lines) == 1 + 8 + 1  # the components (head start 0 here) between header and total
     assert len({len(line.rstrip()) for line in lines[1:-1]}) == 1  # fixed width
     assert f"{estimate.baseline_bytes / MiB:.1f}" in lines[1]
     assert f"{estimate.total_bytes / MiB:.1f}" in lines[-1]
@@ -289,3 +289,18 @@ def test_a_main_process_that_keeps_up_leaves_each_worker_its_batch_and_two_image
     estimate = predict_peak(chosen, make_probe(cuda=True, inference_per_image_s=0.0002, inference_overhead_s=0.0),
                             calibration, rate=rate)
     assert estimate.prefetch_queue_bytes == 2 * (2 + 1) * image and estimate.total_bytes < estimate.bound_bytes
+
+
+def test_the_head_start_adds_its_bytes_a_batch_and_an_image_per_decoder_to_the_peak(make_probe, calibration):
+    probe = make_probe()
+    assert probe.cpu_count <= 4  # one decoder per core, at most 4
+    assert predict_peak(plan(), make_probe(cpu_count=64, head_start_bytes=MiB), calibration).head_start_bytes == (
+        MiB + (plan().batch_size + 4) * probe.decoded_bytes_per_image)
+    without = predict_peak(plan(), probe, calibration)
+    with_head_start = predict_peak(plan(), make_probe(head_start_bytes=40 * MiB), calibration)
+    assert without.head_start_bytes == 0
+    decoded = (plan().batch_size + probe.cpu_count) * probe.decoded_bytes_per_image
+    assert with_head_start.head_start_bytes == 40 * MiB + decoded
+    assert with_head_start.total_bytes - without.total_bytes == 40 * MiB + decoded
+    assert with_head_start.bound_bytes - without.bound_bytes == 40 * MiB + decoded
+    assert "head start" in with_head_start.table()

@@ -1,0 +1,120 @@
+"""The head start: tasks the probe reserves once its first image declares its size, handled by the
+main process while the loader's lanes make their first downloads.
+
+Against the real local Antenna server over loopback; the byte budget with real threads."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.conftest import TOKEN
+from worker.antenna import AntennaClient
+from worker.app import build_worker
+from worker.head_start import ByteBudget, HeadStart
+from worker.imaging import ImageError, download, image_session
+from worker.loading import ImageLoader
+
+PIPELINE = "synthetic-moths"
+MB = 1_000_000
+
+
+def loader(max_bytes: int = 100 * MB) -> ImageLoader:
+    return ImageLoader(max_bytes=max_bytes, max_pixels=80_000_000, timeout_s=10.0, deadline_s=30.0)
+
+
+@pytest.mark.timeout(180)
+def test_every_head_start_task_gets_one_result_and_the_reserve_follows_the_probe(antenna, settings_for, tiny_images):
+    job_id = antenna.add_job(tiny_images[:40], PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3,
+                            autotune_head_start_tasks=8)
+    worker = build_worker(settings, burst=True)
+    assert worker.run() == 0
+
+    report = antenna.report(job_id)
+    assert (report.results_ok, report.results_error, report.lost, report.redeliveries) == (40, 0, 0, 0)
+    probe, head_start = antenna.reservations[0], antenna.reservations[1]
+    assert len(probe["task_ids"]) == 3
+    assert head_start["batch_size"] == 8 and len(head_start["task_ids"]) == 8  # tiny images: the count binds
+    posted = [item["reply_subject"] for post in antenna.result_posts for item in post["results"]]
+    assert len(posted) == len(set(posted)) == 40
+
+
+@pytest.mark.timeout(180)
+def test_no_head_start_when_it_is_set_to_zero(antenna, settings_for, tiny_images):
+    job_id = antenna.add_job(tiny_images[:20], PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3,
+                            autotune_head_start_tasks=0, antenna_api_batch_size=5)
+    assert build_worker(settings, burst=True).run() == 0
+    report = antenna.report(job_id)
+    assert (report.results_ok, report.lost) == (20, 0)
+    # after the probe's reserve, only the loader's lanes reserve (at the pinned 5 tasks)
+    assert {reservation["batch_size"] for reservation in antenna.reservations[1:]} == {5}
+
+
+def test_the_count_follows_the_byte_budget_and_the_first_image_size():
+    head_start = HeadStart(loader(max_bytes=100 * MB), 64 * MB, wanted=64, reserve=lambda n: [])
+    assert head_start.count_for(100_000) == 64  # small images: the wanted count binds
+    assert head_start.count_for(23 * MB) == 2  # large ones: what the budget holds
+    assert head_start.count_for(None) == 0  # undeclared: priced at the image size limit
+
+
+def test_the_byte_budget_holds_bodies_back_until_bytes_are_freed():
+    budget = ByteBudget(10)
+    budget.admit(6)
+    admitted = threading.Event()
+
+    def second() -> None:
+        budget.admit(6)
+        admitted.set()
+
+    threading.Thread(target=second, daemon=True).start()
+    assert not admitted.wait(0.5)  # 12 > 10: it waits
+    budget.free(6)
+    assert admitted.wait(10)
+    assert budget.held_bytes == 6
+
+
+def test_one_body_over_the_budget_is_admitted_when_nothing_is_held_and_close_ends_waits():
+    budget = ByteBudget(10)
+    budget.admit(25)  # alone: it would otherwise never load
+    errors: list[BaseException] = []
+
+    def waiting() -> None:
+        try:
+            budget.admit(1)
+        except ImageError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=waiting, daemon=True)
+    thread.start()
+    budget.close()
+    thread.join(10)
+    assert not thread.is_alive() and len(errors) == 1
+
+
+def test_waiting_for_the_budget_does_not_count_against_the_download_deadline(antenna, tiny_images):
+    job_id = antenna.add_job(tiny_images[:1], PIPELINE)
+    url = antenna.image_urls(job_id)[0]
+    body = download(image_session(1), url, max_bytes=100 * MB, timeout_s=5.0, deadline_s=0.5,
+                    admit=lambda declared: time.sleep(1.0))
+    assert len(body) > 0
+
+
+@pytest.mark.timeout(120)
+def test_abandoned_it_returns_exactly_the_tasks_no_batch_carried(antenna, tiny_images):
+    job_id = antenna.add_job(tiny_images[:12], PIPELINE)
+    client = AntennaClient(antenna.base_url, TOKEN, timeout_s=10.0)
+    antenna.set_network(latency_s=0.0, bandwidth_bytes_per_s=None, jitter_s=2.0, seed=1)  # a slow tail
+    head_start = HeadStart(loader(), 64 * MB, wanted=12, reserve=lambda n: client.reserve_tasks(job_id, n, {}))
+    head_start.begin(10_000)
+    batches = head_start.batches(2)
+    first = next(batches)
+    batches.close()
+    left = head_start.abandon()
+    assert len(head_start.tasks) == 12
+    carried = {item.task.id for item in first.items}
+    assert len(carried) == 2
+    assert {task.id for task in left} == {task.id for task in head_start.tasks} - carried
+    assert head_start.settled and not head_start.done
