@@ -21,11 +21,14 @@ Its bounds:
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from typing import Callable, Iterator, Optional, Sequence
+
+import torch
 
 from worker.imaging import ImageError, image_session
 from worker.ingest import Batch
@@ -36,6 +39,21 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_START_THREADS = 64
 WAIT_POLL_S = 0.1
+
+
+def anonymous_buffer(size: int) -> mmap.mmap:
+    """``size`` bytes of their own anonymous mapping, unmapped when the last reference goes.
+
+    The main process keeps glibc's default allocator (a fixed mmap threshold there turns the
+    forward pass's large temporaries into page faults: ``worker.ingest``), whose threshold rises
+    after the first large free: the head start's 1-24 MB bodies and decoded images would then
+    come from heap arenas (one per thread) and stay resident after they are freed."""
+    return mmap.mmap(-1, max(1, size))
+
+
+def anonymous_image(height: int, width: int) -> torch.Tensor:
+    """A uint8 (height, width, 3) tensor over ``anonymous_buffer`` (the tensor keeps it)."""
+    return torch.frombuffer(anonymous_buffer(height * width * 3), dtype=torch.uint8).view(height, width, 3)
 
 
 class ByteBudget:
@@ -160,7 +178,8 @@ class HeadStart:
             declared.append(length)
 
         try:
-            fetched = self.images.fetch(session, task.image_url, admit=admit, on_read=self.budget.read)
+            fetched = self.images.fetch(session, task.image_url, admit=admit, on_read=self.budget.read,
+                                        body_buffer=anonymous_buffer)
         except ImageError as error:
             if declared and declared[-1] is not None:
                 self.budget.free(declared[-1])  # the body was admitted, then failed
@@ -209,7 +228,7 @@ class HeadStart:
         if isinstance(fetched, ImageError):
             return failed(task, fetched)
         try:
-            decoded = self.images.decode(fetched, allocate=None)
+            decoded = self.images.decode(fetched, allocate=anonymous_image)
         except ImageError as error:
             return failed(task, error)
         finally:

@@ -16,7 +16,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
@@ -102,7 +102,8 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
              deadline_s: float = math.inf, block_private_hosts: bool = False,
              on_headers: Optional[Callable[[], None]] = None,
              admit: Optional[Callable[[Optional[int]], None]] = None,
-             on_read: Optional[Callable[[int], None]] = None) -> bytearray:
+             on_read: Optional[Callable[[int], None]] = None,
+             body_buffer: Optional[Callable[[int], Any]] = None) -> bytearray:
     """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``.
 
     ``timeout_s`` bounds the connect and each read; ``deadline_s`` the whole download (a host
@@ -113,7 +114,8 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
     (``image_session``). ``on_headers`` is called as each response's headers arrive (a redirect's
     too), before its body is read. ``admit`` is called with the body's declared length (None:
     undeclared) before it is read, and may wait (a byte budget); the deadline counts from its
-    return. ``on_read`` is called with the size of each read into the body.
+    return. ``on_read`` is called with the size of each read into the body. ``body_buffer(n)``
+    gives the writable buffer a declared body of ``n`` bytes is read into (default a bytearray).
     """
     started_s = time.monotonic()
     wait_s = min(timeout_s, deadline_s)
@@ -127,7 +129,7 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
             if declared is None:
                 body = _read_unsized(response, url, max_bytes, started_s, deadline_s, on_read)
             else:
-                body = _read_sized(response, url, declared, started_s, deadline_s, on_read)
+                body = _read_sized(response, url, declared, started_s, deadline_s, on_read, body_buffer)
     except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):  # the last: a read into the body
         if time.monotonic() - started_s >= deadline_s:
             raise over_deadline(url, deadline_s) from None
@@ -151,7 +153,8 @@ def _declared_length(response: requests.Response) -> Optional[int]:
 
 
 def _read_sized(response: requests.Response, url: str, length: int, started_s: float,
-                deadline_s: float, on_read: Optional[Callable[[int], None]] = None) -> bytearray:
+                deadline_s: float, on_read: Optional[Callable[[int], None]] = None,
+                body_buffer: Optional[Callable[[int], Any]] = None) -> bytearray:
     """The declared ``length`` bytes, in one buffer of that size.
 
     A growing buffer reallocated and copied the whole body as it grew (half of a download
@@ -160,7 +163,7 @@ def _read_sized(response: requests.Response, url: str, length: int, started_s: f
     socket reads land in the buffer itself (``_read_into``); otherwise each read is copied in.
     A body that ends short of its length is a connection failure (the peer hung up mid-body).
     """
-    body = bytearray(length)
+    body = bytearray(length) if body_buffer is None else body_buffer(length)
     plain = getattr(response.raw, "_fp", None)
     if isinstance(plain, http.client.HTTPResponse) and not plain.chunked:
         filled = _read_into(body, plain, url, started_s, deadline_s, on_read)

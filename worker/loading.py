@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import requests
 import torch
@@ -94,13 +94,15 @@ class ImageLoader:
 
     def fetch(self, session: requests.Session, source: str, *,
               admit: Optional[Callable[[Optional[int]], None]] = None,
-              on_read: Optional[Callable[[int], None]] = None) -> Fetched:
-        """The compressed image at ``source``, timed; raises only ``ImageError``. ``admit`` and
-        ``on_read``: see ``worker.imaging.download`` (a local file is read without them)."""
+              on_read: Optional[Callable[[int], None]] = None,
+              body_buffer: Optional[Callable[[int], Any]] = None) -> Fetched:
+        """The compressed image at ``source``, timed; raises only ``ImageError``. ``admit``,
+        ``on_read`` and ``body_buffer``: see ``worker.imaging.download`` (a local file is read
+        without them)."""
         try:
             if self.local_files and not source.startswith(URL_PREFIXES):
                 return self._read_file(source)
-            return self._download(session, source, admit, on_read)
+            return self._download(session, source, admit, on_read, body_buffer)
         except ImageError:
             raise
         except Exception as error:
@@ -130,12 +132,14 @@ class ImageLoader:
 
     def _download(self, session: requests.Session, url: str,
                   admit: Optional[Callable[[Optional[int]], None]] = None,
-                  on_read: Optional[Callable[[int], None]] = None) -> Fetched:
+                  on_read: Optional[Callable[[int], None]] = None,
+                  body_buffer: Optional[Callable[[int], Any]] = None) -> Fetched:
         headers_at_s: list[float] = []
         started_s, started_cpu_s = time.perf_counter(), time.thread_time()
         data = download(session, url, max_bytes=self.max_bytes, timeout_s=self.timeout_s,
                         deadline_s=self.deadline_s, block_private_hosts=self.block_private_hosts,
-                        on_headers=lambda: headers_at_s.append(time.perf_counter()), admit=admit, on_read=on_read)
+                        on_headers=lambda: headers_at_s.append(time.perf_counter()), admit=admit, on_read=on_read,
+                        body_buffer=body_buffer)
         first_byte_s = headers_at_s[0] - started_s if headers_at_s else None
         return Fetched(url, data, time.perf_counter() - started_s, time.thread_time() - started_cpu_s, first_byte_s)
 
