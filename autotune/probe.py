@@ -124,6 +124,7 @@ class Probe:
     # Compressed bytes of the head start's images the main process may hold as the plan starts
     # (``worker/head_start.py``); 0: no head start.
     head_start_bytes: int = 0
+    head_start_images: int = 0
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -142,7 +143,7 @@ class Probe:
                      "single_thread_inference_s", "download_cpu_s_per_image", "external_cpu_s_per_image",
                      "api_exchange_cpu_s", "inference_busy_threads", "model_input_pixels",
                      "float_copy_bytes_per_image", "inference_fixed_bytes", "inference_bytes_per_input_pixel",
-                     "head_start_bytes"):
+                     "head_start_bytes", "head_start_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Probe.{name} must be >= 0, got {getattr(self, name)}")
 

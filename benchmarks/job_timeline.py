@@ -10,7 +10,8 @@ of ``--limit-gib``, the whole-tree meter). It prints:
 
 - the rates the benchmark reports (from the first listing, first to last result, steady);
 - the start from the server's side, in seconds from the worker's first job listing: the probe's
-  reserve and accepted results, the first loader lane's reserve and the lanes' first results;
+  reserve and accepted results, the second reserve and the next results (the head start's, or
+  with ``AMI_AUTOTUNE_HEAD_START_TASKS=0`` the first loader lane's and the lanes' first batch);
   then half the job and the last result;
 - ``beyond steady``: the job's seconds less what its tasks take at its steady rate, i.e. what the
   start and the tail cost the job;
@@ -34,7 +35,7 @@ import benchmarks.run as bench  # noqa: E402
 from worker.testing.synthetic import default_cache_dir, generate_preset  # noqa: E402
 
 EVENTS = (("probe_reserve", "probe reserve"), ("probe_result", "probe results"),
-          ("lanes_first_reserve", "lanes' first reserve"), ("lanes_first_result", "lanes' first results"),
+          ("lanes_first_reserve", "second reserve"), ("lanes_first_result", "next results"),
           ("half", "half the job"), ("last", "last result"))
 
 

@@ -296,7 +296,8 @@ def regimes_section(meta: dict, sections: dict) -> str:
     if starts:
         lines.extend(["", "### Where the start goes", "",
                       "Seconds from the worker's first job listing, from the server's side (the first draw): "
-                      "the probe's accepted results, then the loader lanes' first results. Beyond steady: the "
+                      "the probe's accepted results, then the next ones: the head start's first batch, handled "
+                      "by the main process while the loader's lanes make their first downloads. Beyond steady: the "
                       "job's seconds less its tasks at its steady rate, i.e. what its start and its tail cost "
                       "(median of the draws).", "", *starts])
     lines.extend(["", REGIMES_END])
@@ -311,8 +312,8 @@ def start_lines(workload, runs: list) -> list[str]:
     if "probe_result" not in events or "lanes_first_result" not in events:
         return []
     beyond = [r.beyond_steady_s for r in runs if r.beyond_steady_s is not None]
-    text = (f"- {workload.name}: probe results at {events['probe_result']:.2f} s, the lanes' first results at "
-            f"{events['lanes_first_result']:.2f} s")
+    text = (f"- {workload.name}: probe results at {events['probe_result']:.2f} s, the next results (the head "
+            f"start's first batch) at {events['lanes_first_result']:.2f} s")
     if beyond:
         job_s = statistics.median(r.job_wall_s for r in runs)
         text += f"; beyond steady {statistics.median(beyond):.2f} s of a {job_s:.2f} s job"

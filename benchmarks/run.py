@@ -398,8 +398,11 @@ def job_events(started_s: Optional[float], reserve_times_s: list[float],
                result_times_s: list[tuple[float, int]]) -> dict[str, float]:
     """Seconds from the job's start (the worker's first listing) to the steps of its start and end.
 
-    With autotune the first reserve and the first accepted post are the probe's; the second
-    reserve is the first loader lane's and the second post the lanes' first batch. ``half`` is
+    With autotune the first reserve and the first accepted post are the probe's; the second of
+    each is the head start's (``worker/head_start.py``: reserved while the probe downloads, its
+    first batch posted while the loader's lanes make their first downloads), or without one the
+    first loader lane's reserve and the lanes' first batch. The keys keep their first names
+    (``lanes_first_*``) so earlier results read alike. ``half`` is
     the post that brought the results to half the job, ``last`` the last one. Steps that did not
     happen are left out; {} without a start.
     """

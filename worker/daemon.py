@@ -283,6 +283,10 @@ class Worker:
         if head_start.settled:
             return
         batch_size = max(1, ctx.plan.batch_size if ctx.plan is not None else 1)
+        head_start.wait_reserved()
+        if head_start.tasks:
+            log.info("job %d: head start of %d tasks (at most %.0f MiB of images held), handled here while the "
+                     "loader starts", ctx.job.id, len(head_start.tasks), head_start.budget.limit_bytes / 2**20)
         for batch in head_start.batches(batch_size, stopped=lambda: self.stop.forced,
                                           decoders=head_start_decoders(cpu_count())):
             try:

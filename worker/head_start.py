@@ -1,20 +1,22 @@
-"""The head start: tasks the probe reserves beside its sample, for the main process to handle while
-the loader's lanes make their first reservation and downloads.
+"""The head start: tasks reserved while the probe downloads its sample, for the main process to
+handle while the loader's lanes make their first reservation and downloads.
 
 A job's start is two download times in a row: the probe's sample, then the lanes' first wave,
-each followed by a decode and a result post. Between the plan and the lanes' first batch the
-CPUs wait on the network. The head start's images are downloaded alongside the probe's sample
-(one connection each), held compressed, and decoded and inferred by the main process once the
-loader is started, in batches of the plan's size; the lanes' first batches wait in their queue
-meanwhile, within their credit.
+each followed by a decode and a result post, with the CPUs waiting on the network in between.
+Once the probe's first image declares its size, the head start reserves its tasks and downloads
+their images beside the sample's (one connection each), held compressed. With the loader
+started, the main process decodes them as they arrive and handles them in batches of the plan's
+size; the lanes' first batches wait in their queue meanwhile, within their credit.
 
 Its bounds:
 
+- Tasks: at most what ``ByteBudget`` holds at the first image's size (``HeadStart.count_for``)
+  and what the planner allows (``worker.planning.head_start_size``: the main process finishes
+  them within a tenth of the reservation timeout).
 - Bytes: a body is read only once its declared length fits ``ByteBudget`` (one body always
   fits, so a single image larger than the budget still loads); a decoded image frees its bytes.
-  Waiting for the budget does not count against the download's deadline.
-- Tasks: the planner sizes the count (``worker.planning.head_start_tasks``) so the main process
-  finishes them well within the reservation timeout.
+  Waiting for the budget does not count against the download's deadline. Bodies and decoded
+  images live in anonymous mappings of their own (``anonymous_buffer``).
 - Every task ends in a result (an error result where its download or decode failed) unless the
   worker is forced to stop, when the unhandled ones are returned for release (``abandon``).
 """

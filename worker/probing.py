@@ -591,7 +591,8 @@ def fit_probe(sample: ProbeSample, stats: JobStats, settings: Settings, *, calib
     )
     if sample.head_start is not None and sample.head_start.tasks:
         held = min(sample.head_start.budget.limit_bytes, len(sample.head_start.tasks) * probe.max_jpeg_bytes)
-        probe = replace(probe, head_start_bytes=max(held, sample.head_start.held_bytes))
+        probe = replace(probe, head_start_bytes=max(held, sample.head_start.held_bytes),
+                        head_start_images=len(sample.head_start.tasks))
     sample.phase("fit")
     return ProbeRun(probe, sample.tasks, sample.images_ok, time.perf_counter() - sample.started_s, sample.tasks,
                     sample.phases_s)

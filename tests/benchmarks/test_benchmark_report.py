@@ -89,7 +89,7 @@ def test_the_start_of_each_workload_is_reported_from_the_first_draw():
     meta = {"command": "python benchmarks/run.py", "started": "now", "cores": 2, "load_before": [0.5], "load_after": [1.0]}
     text = regimes_section(meta, {"workloads": [entry]})
     # 240 tasks at 8 images/s take 30 s: beyond steady 4, 6 and 5 s, median 5 of a median 35 s job
-    assert ("- null-large-far: probe results at 3.15 s, the lanes' first results at 7.10 s; "
+    assert ("- null-large-far: probe results at 3.15 s, the next results (the head start's first batch) at 7.10 s; "
             "beyond steady 5.00 s of a 35.00 s job") in text
 
 

@@ -94,7 +94,7 @@ def test_describe_prints_the_start_beyond_steady_and_the_peak_beside_the_plan():
                        peak_by_role_bytes={"main": 560 * MiB, "shm": 300 * MiB},
                        plan_memory_bytes={"baseline_bytes": 900 * MiB, "pinned_bytes": 0, "total_bytes": 1374 * MiB})
     text = "\n".join(describe(result))
-    assert "lanes' first results 2.61" in text and "probe results 1.25" in text
+    assert "next results 2.61" in text and "probe results 1.25" in text
     # 1,200 tasks at 94 images/s take 12.77 s: 3.23 s of the 16 s job are the start and the tail
     assert "beyond steady: 3.23 s of 16.00" in text
     assert "peak 1340 MiB: main 560, shm 300" in text

@@ -4,12 +4,14 @@ main process while the loader's lanes make their first downloads.
 Against the real local Antenna server over loopback; the byte budget with real threads."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
 import pytest
 
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, worker_env
+from tests.worker.worker_process import WorkerProcess
 from worker.antenna import AntennaClient
 from worker.app import build_worker
 from worker.head_start import ByteBudget, HeadStart
@@ -118,3 +120,57 @@ def test_abandoned_it_returns_exactly_the_tasks_no_batch_carried(antenna, tiny_i
     assert len(carried) == 2
     assert {task.id for task in left} == {task.id for task in head_start.tasks} - carried
     assert head_start.settled and not head_start.done
+
+
+def _start_tuned(antenna, tmp_path, **extra: str) -> WorkerProcess:
+    # Each request waits 1 s and each image trickles at 20 KB/s: the head start's downloads are
+    # still under way when its tasks reach the loop.
+    antenna.set_network(latency_s=1.0, bandwidth_bytes_per_s=20_000)
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="true", AMI_ANTENNA_PIPELINES=PIPELINE,
+                     AMI_AUTOTUNE_PROBE_TASKS="2", AMI_AUTOTUNE_HEAD_START_TASKS="10", AMI_SHUTDOWN_GRACE_S="30",
+                     **extra)
+    return WorkerProcess(["run"], env, tmp_path)
+
+
+def _done_and_stranded(worker: WorkerProcess, job_id: int) -> tuple[int, int]:
+    line = worker.wait_for(rf"job {job_id}: (\d+) images .*, (\d+) stranded", 5)
+    return int(line.group(1)), int(line.group(2))
+
+
+@pytest.mark.timeout(240)
+def test_a_drain_during_the_head_start_finishes_its_tasks(antenna, tiny_images, tmp_path):
+    job_id = antenna.add_job(tiny_images[:40], PIPELINE)
+    worker = _start_tuned(antenna, tmp_path)
+    try:
+        worker.wait_for(rf"job {job_id}: head start of 10 tasks", 120)
+        worker.send(signal.SIGTERM)
+        code = worker.wait(90)
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    done, stranded = _done_and_stranded(worker, job_id)
+    report = antenna.report(job_id)
+    assert stranded == 0 and report.lost == 0
+    assert report.results_ok + report.results_error == report.delivered == done >= 12  # probe + head start
+    assert (report.reserved, report.redeliveries, report.duplicates) == (0, 0, 0)
+
+
+@pytest.mark.timeout(240)
+def test_forced_during_the_head_start_what_it_held_is_counted_stranded(antenna, tiny_images, tmp_path):
+    job_id = antenna.add_job(tiny_images[:40], PIPELINE)
+    worker = _start_tuned(antenna, tmp_path)
+    try:
+        worker.wait_for(rf"job {job_id}: head start of 10 tasks", 120)
+        worker.send(signal.SIGTERM)
+        worker.wait_for(r"stop requested: draining", 10)
+        worker.send(signal.SIGTERM)
+        code = worker.wait(60)
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    done, stranded = _done_and_stranded(worker, job_id)
+    report = antenna.report(job_id)
+    assert stranded > 0, "the head start's downloads trickle: some were still held when forced"
+    assert report.lost == 0
+    assert report.results_ok + report.results_error == done
+    assert report.reserved == stranded and report.delivered == done + stranded
