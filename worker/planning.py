@@ -168,7 +168,9 @@ class Planner:
     - ``start(worker)`` once per ``Worker.run``, after the middlewares' ``on_start``;
     - per job, after every ``on_job_start``: ``sample(worker, ctx)``, whose batch (if any) the loop
       handles through ``Worker.handle_batch`` (its results posted, ``after_batch`` called), then
-      ``plan(worker, ctx)``, whose value the loop writes to ``ctx.plan``.
+      ``plan(worker, ctx)``, whose value the loop writes to ``ctx.plan``, then ``head_start(worker,
+      ctx)``, whose tasks (if any) the loop handles once the loader's lanes are started (or
+      releases, if planning failed).
 
     A planner may set ``ctx.tuning``; it never writes ``ctx.plan`` itself.
     """
@@ -181,8 +183,8 @@ class Planner:
         return None
 
     def head_start(self, worker: "Worker", ctx: JobContext) -> Optional[HeadStart]:
-        """Tasks reserved with the sample for the loop to handle once the loader is started
-        (``worker/head_start.py``); asked once, after ``plan``. None by default."""
+        """Tasks reserved while the probe downloads, for the loop to handle once the loader is
+        started (``worker/head_start.py``); asked once, after ``plan``. None by default."""
         return None
 
     def plan(self, worker: "Worker", ctx: JobContext) -> LoaderPlan:

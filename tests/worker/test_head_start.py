@@ -174,3 +174,21 @@ def test_forced_during_the_head_start_what_it_held_is_counted_stranded(antenna, 
     assert report.lost == 0
     assert report.results_ok + report.results_error == done
     assert report.reserved == stranded and report.delivered == done + stranded
+
+
+def test_a_slow_pipeline_gets_a_smaller_head_start_and_an_unmeasured_one_none(settings_for, antenna):
+    from types import SimpleNamespace
+
+    from worker.pipelines import NullPipeline
+    from worker.pipelines.base import _ONE_IMAGE_S
+    from worker.planning import HEAD_START_MAX_BYTES, head_start_size
+
+    settings = settings_for(antenna, autotune_head_start_tasks=64, antenna_reservation_timeout_s=300.0)
+    worker = SimpleNamespace(settings=settings, limits=None)
+    pipeline = NullPipeline()
+    assert head_start_size(worker, pipeline) == (0, 0)  # its start-up time was never measured
+    _ONE_IMAGE_S[pipeline] = 0.001
+    tasks, bytes_ = head_start_size(worker, pipeline)
+    assert tasks == 64 and 0 < bytes_ <= HEAD_START_MAX_BYTES
+    _ONE_IMAGE_S[pipeline] = 2.0  # 4 x 2 s per image within 30 s of the 300 s timeout: 3 tasks
+    assert head_start_size(worker, pipeline)[0] == 3
