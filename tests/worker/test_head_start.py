@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from tests.conftest import TOKEN, worker_env
 from tests.worker.worker_process import WorkerProcess
@@ -185,7 +186,7 @@ def test_a_slow_pipeline_gets_a_smaller_head_start_and_an_unmeasured_one_none(se
 
     settings = settings_for(antenna, autotune_head_start_tasks=64, antenna_reservation_timeout_s=300.0)
     worker = SimpleNamespace(settings=settings, limits=None)
-    pipeline = NullPipeline()
+    pipeline = NullPipeline(torch.device("cpu"))
     assert head_start_size(worker, pipeline) == (0, 0)  # its start-up time was never measured
     _ONE_IMAGE_S[pipeline] = 0.001
     tasks, bytes_ = head_start_size(worker, pipeline)
