@@ -246,7 +246,7 @@ class Worker:
             log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id, ctx.rebuild_reason)
             ctx.rebuild_reason = None
             ctx.plan = MINIMAL_PLAN
-        if head_start is not None:  # no loader was built: the head start's tasks are handled here
+        if head_start is not None:  # unless a loader's start handled them (no loader was built): here
             self._run_head_start(ctx, head_start)
         ctx.stats.tasks_stranded += self.poster.take_stranded(job.id)  # results it could not post nor spool
         self._call("on_job_end", ctx)

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from worker.imaging import ImageError, image_session
+from worker.imaging import ImageError
 from worker.ingest import Batch
 from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
 from worker.schema import Task
@@ -121,9 +121,6 @@ class HeadStart:
         self._handed: set[str] = set()  # task ids given out in a batch
         self.settled = False  # closed, or abandoned: nothing more comes out
 
-    def __len__(self) -> int:
-        return len(self.tasks)
-
     def count_for(self, declared: Optional[int]) -> int:
         """Tasks for images of ``declared`` bytes: what the byte budget holds, at most ``wanted``
         (an undeclared size is priced at the image size limit)."""
@@ -172,22 +169,18 @@ class HeadStart:
         return self.budget.received_bytes
 
     def _fetch(self, task: Task) -> Fetched | ImageError:
-        session = image_session(1)
         declared: list[Optional[int]] = []
 
         def admit(length: Optional[int]) -> None:
             self.budget.admit(length)
             declared.append(length)
 
-        try:
-            fetched = self.images.fetch(session, task.image_url, admit=admit, on_read=self.budget.read,
-                                        body_buffer=anonymous_buffer)
-        except ImageError as error:
+        fetched = self.images.fetch_alone(task.image_url, admit=admit, on_read=self.budget.read,
+                                          body_buffer=anonymous_buffer)
+        if isinstance(fetched, ImageError):
             if declared and declared[-1] is not None:
                 self.budget.free(declared[-1])  # the body was admitted, then failed
-            return error
-        finally:
-            session.close()
+            return fetched
         if not declared or declared[-1] is None:  # a local file or an undeclared body: count it now
             self.budget.held_undeclared(len(fetched.data))
         return fetched

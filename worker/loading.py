@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import requests
 import torch
 
-from worker.imaging import Allocate, DecodedImage, ImageError, decode, download, over_deadline
+from worker.imaging import Allocate, DecodedImage, ImageError, decode, download, image_session, over_deadline
 from worker.results import Failure
 from worker.schema import Task
 
@@ -107,6 +107,17 @@ class ImageLoader:
             raise
         except Exception as error:
             raise _unexpected(source, error) from None
+
+    def fetch_alone(self, source: str, **options: Any) -> Fetched | ImageError:
+        """``fetch`` on a connection of its own (a session opened and closed here), or why not;
+        ``options``: ``fetch``'s."""
+        session = image_session(1)
+        try:
+            return self.fetch(session, source, **options)
+        except ImageError as error:
+            return error
+        finally:
+            session.close()
 
     def decode(self, fetched: Fetched, *, allocate: Optional[Allocate] = None) -> DecodedImage:
         """Decode ``fetched`` (into ``allocate(height, width)`` for a JPEG); raises only ``ImageError``."""

@@ -41,7 +41,7 @@ from autotune.inference_memory import (
 from watchdog.sampler import sample_tree
 from worker.hooks import JobStats
 from worker.head_start import HeadStart
-from worker.imaging import DecodedImage, ImageError, image_session, jpeg_size
+from worker.imaging import DecodedImage, ImageError, jpeg_size
 from worker.ingest import Batch, wait_for_fork_server
 from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
 from worker.pipelines import Pipeline, batch_overhead_s, inference_peaks, run_batch, warm_up
@@ -110,8 +110,9 @@ def load_sample(tasks: Sequence[Task], settings: Settings, head_start: Optional[
     Parallel downloads keep the probe short on a slow network while each still times one
     connection. Failures become error items, never exceptions. Order follows ``tasks``.
 
-    ``head_start``'s downloads start with the sample's; the rest of the host's CPU is then shared
-    out by bytes received, the sample's share being its own bytes over all received by its end.
+    ``head_start`` begins (reserves, then downloads beside the sample) as the sample's first
+    response declares its length; the rest of the host's CPU is then shared out by bytes
+    received, the sample's share being its own bytes over all received by its end.
     """
     images = ImageLoader.from_settings(settings)
     # The loader's fork server imports torch at the worker's start (seconds of CPU): measured beside
@@ -122,7 +123,7 @@ def load_sample(tasks: Sequence[Task], settings: Settings, head_start: Optional[
     host_before_s, own_before_s = host_busy_cpu_s(), time.process_time()
     admit = head_start.begin if head_start is not None else None
     with ThreadPoolExecutor(max(1, len(tasks)), thread_name_prefix="probe-download") as pool:
-        fetched = list(pool.map(lambda task: _fetch_alone(images, task, admit), tasks))
+        fetched = list(pool.map(lambda task: images.fetch_alone(task.image_url, admit=admit), tasks))
     host_s, own_s = host_busy_cpu_s() - host_before_s, time.process_time() - own_before_s
     served_here = any(is_this_host(task.image_url) for task in tasks)
     external_cpu_s = max(0.0, host_s - own_s) if host_before_s >= 0 and served_here else None
@@ -150,18 +151,6 @@ def image_samples(items: Sequence[LoadedImage]) -> list[ImageSample]:
     seconds of the decode (another decode on a shared core does not inflate them)."""
     return [ImageSample(item.jpeg_bytes, item.width, item.height, item.download_s, item.decode_cpu_s,
                         item.first_byte_s, item.download_cpu_s) for item in items if item.image is not None]
-
-
-def _fetch_alone(images: ImageLoader, task: Task,
-                 admit: Optional[Callable[[Optional[int]], None]] = None) -> Fetched | ImageError:
-    """``task``'s image on a connection of its own, or why not."""
-    session = image_session(1)
-    try:
-        return images.fetch(session, task.image_url, admit=admit)
-    except ImageError as error:
-        return error
-    finally:
-        session.close()
 
 
 # A decode whose CPU per pixel is over this multiple of the sample's fastest is timed again.

@@ -138,18 +138,27 @@ def _done_and_stranded(worker: WorkerProcess, job_id: int) -> tuple[int, int]:
     return int(line.group(1)), int(line.group(2))
 
 
-@pytest.mark.timeout(240)
-def test_a_drain_during_the_head_start_finishes_its_tasks(antenna, tiny_images, tmp_path):
+def _stopped_during_the_head_start(antenna, tiny_images, tmp_path, *, forced: bool) -> tuple[int, int, int]:
+    """(job, images done, stranded) of a job whose worker got SIGTERM (twice when ``forced``) as
+    the head start's tasks reached the loop; the worker exited 0."""
     job_id = antenna.add_job(tiny_images[:40], PIPELINE)
     worker = _start_tuned(antenna, tmp_path)
     try:
         worker.wait_for(rf"job {job_id}: head start of 10 tasks", 120)
         worker.send(signal.SIGTERM)
-        code = worker.wait(90)
+        if forced:
+            worker.wait_for(r"stop requested: draining", 10)
+            worker.send(signal.SIGTERM)
+        code = worker.wait(60 if forced else 90)
     finally:
         worker.kill()
     assert code == 0, worker.output[-3000:]
-    done, stranded = _done_and_stranded(worker, job_id)
+    return (job_id, *_done_and_stranded(worker, job_id))
+
+
+@pytest.mark.timeout(240)
+def test_a_drain_during_the_head_start_finishes_its_tasks(antenna, tiny_images, tmp_path):
+    job_id, done, stranded = _stopped_during_the_head_start(antenna, tiny_images, tmp_path, forced=False)
     report = antenna.report(job_id)
     assert stranded == 0 and report.lost == 0
     assert report.results_ok + report.results_error == report.delivered == done >= 12  # probe + head start
@@ -158,18 +167,7 @@ def test_a_drain_during_the_head_start_finishes_its_tasks(antenna, tiny_images, 
 
 @pytest.mark.timeout(240)
 def test_forced_during_the_head_start_what_it_held_is_counted_stranded(antenna, tiny_images, tmp_path):
-    job_id = antenna.add_job(tiny_images[:40], PIPELINE)
-    worker = _start_tuned(antenna, tmp_path)
-    try:
-        worker.wait_for(rf"job {job_id}: head start of 10 tasks", 120)
-        worker.send(signal.SIGTERM)
-        worker.wait_for(r"stop requested: draining", 10)
-        worker.send(signal.SIGTERM)
-        code = worker.wait(60)
-    finally:
-        worker.kill()
-    assert code == 0, worker.output[-3000:]
-    done, stranded = _done_and_stranded(worker, job_id)
+    job_id, done, stranded = _stopped_during_the_head_start(antenna, tiny_images, tmp_path, forced=True)
     report = antenna.report(job_id)
     assert stranded > 0, "the head start's downloads trickle: some were still held when forced"
     assert report.lost == 0
