@@ -4,6 +4,7 @@ main process while the loader's lanes make their first downloads.
 Against the real local Antenna server over loopback; the byte budget with real threads."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -15,12 +16,14 @@ from tests.conftest import TOKEN, worker_env
 from tests.worker.worker_process import WorkerProcess
 from worker.antenna import AntennaClient
 from worker.app import build_worker
-from worker.head_start import ByteBudget, HeadStart
+from watchdog.sampler import sample_tree
+from worker.head_start import ByteBudget, HeadStart, anonymous_buffer, anonymous_image
 from worker.imaging import ImageError, download, image_session
 from worker.loading import ImageLoader
 
 PIPELINE = "synthetic-moths"
 MB = 1_000_000
+MIB = 1024 * 1024
 
 
 def loader(max_bytes: int = 100 * MB) -> ImageLoader:
@@ -61,6 +64,20 @@ def test_the_count_follows_the_byte_budget_and_the_first_image_size():
     assert head_start.count_for(100_000) == 64  # small images: the wanted count binds
     assert head_start.count_for(23 * MB) == 2  # large ones: what the budget holds
     assert head_start.count_for(None) == 0  # undeclared: priced at the image size limit
+
+
+def test_its_bodies_and_images_count_in_the_watchdogs_used_bytes():
+    """The watchdog's reading without an owned cgroup (PSS less shmem, plus /dev/shm files) sees
+    what the head start holds, and sees it go when the buffers go."""
+    before = sample_tree(os.getpid()).used_bytes
+    body = anonymous_buffer(32 * MIB)
+    body.write(b"\xff" * (32 * MIB))
+    image = anonymous_image(2048, 2048)  # 12 MiB
+    image.fill_(1)
+    held = sample_tree(os.getpid()).used_bytes
+    assert held - before >= 44 * MIB
+    del body, image
+    assert held - sample_tree(os.getpid()).used_bytes >= 40 * MIB
 
 
 def test_the_byte_budget_holds_bodies_back_until_bytes_are_freed():
