@@ -39,6 +39,14 @@ EVENTS = (("probe_reserve", "probe reserve"), ("probe_result", "probe results"),
           ("half", "half the job"), ("last", "last result"))
 
 
+def harness_text(result: bench.RunResult, cores: int) -> str:
+    """What the benchmark process (the local server and the meter) took of the job's CPU."""
+    per_image_ms = 1000 / max(1, result.images)
+    return (f"harness (this process: local server and meter) {result.harness_cpu_s * per_image_ms:.2f} ms per "
+            f"image, the meter {result.meter_cpu_s * per_image_ms:.2f} of them: {result.harness_share(cores):.1%} "
+            f"of the {cores} cores over the job")
+
+
 def describe(result: bench.RunResult) -> list[str]:
     """The printed lines for one draw."""
     mib = bench.MiB
@@ -53,6 +61,8 @@ def describe(result: bench.RunResult) -> list[str]:
         lines.append(f"  beyond steady: {beyond_s:.2f} s of {result.job_wall_s:.2f} "
                      f"({result.images} tasks at {result.steady_images_per_s:.2f} images/s would take "
                      f"{result.images / result.steady_images_per_s:.2f} s)")
+    if result.harness_cpu_s > 0:
+        lines.append(f"  {harness_text(result, bench.cores())}")
     peak = ", ".join(f"{role} {size / mib:.0f}" for role, size in sorted(result.peak_by_role_bytes.items()))
     lines.append(f"  peak {result.peak_bytes / mib:.0f} MiB: {peak}")
     terms = ", ".join(f"{name.removesuffix('_bytes')} {size / mib:.0f}"

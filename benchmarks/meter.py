@@ -157,6 +157,11 @@ class TreeMeterThread:
     interval_s: float = 0.2
     history: list[TreeMemory] = field(default_factory=list)
     roles: dict[int, str] = field(default_factory=dict)  # pid -> process_role, read when first seen
+    costs: list[tuple[float, float]] = field(default_factory=list)  # (monotonic s, CPU s) of each reading
+
+    def cpu_s(self, since_s: float = float("-inf"), until_s: float = float("inf")) -> float:
+        """This thread's CPU time spent reading (on the cores the tree runs on) between the two times."""
+        return sum(cpu_s for at_s, cpu_s in self.costs if since_s <= at_s <= until_s)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -172,6 +177,7 @@ class TreeMeterThread:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started_cpu_s = time.thread_time()
             try:
                 reading = read_tree_memory(self.pid)
                 self.history.append(reading)
@@ -179,6 +185,8 @@ class TreeMeterThread:
                     self.roles[pid] = process_role(pid, self.pid)
             except (ProcessLookupError, FileNotFoundError):
                 pass
+            finally:
+                self.costs.append((time.monotonic(), time.thread_time() - started_cpu_s))
             self._stop.wait(self.interval_s)
 
     @property

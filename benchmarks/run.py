@@ -161,12 +161,27 @@ class TimedAntenna(LocalAntenna):
         self.result_bytes = 0  # every posted result item as the worker encodes it (compact JSON)
         self.reserved_at_s: dict[str, float] = {}  # reply subject -> when it was (last) reserved
         self.task_latencies_s: list[float] = []  # per accepted result: seconds since its task's reserve
+        self._cpu_at_ready_s: Optional[float] = None  # this process's CPU time at the first listing
+        self._cpu_at_last_result_s: Optional[float] = None
 
     def api_list_jobs(self, query: Any) -> dict[str, Any]:
         # The worker lists jobs once its pipeline is loaded: the same event for every configuration.
         if self.ready_at_s is None:
-            self.ready_at_s = time.monotonic()
+            self.ready_at_s, self._cpu_at_ready_s = time.monotonic(), time.process_time()
         return super().api_list_jobs(query)
+
+    def job_window_s(self) -> tuple[float, float]:
+        """(first listing, last accepted result), monotonic s; empty where either is missing."""
+        if self.ready_at_s is None or not self.result_times_s:
+            return (float("inf"), float("-inf"))
+        return self.ready_at_s, self.result_times_s[-1][0]
+
+    def job_cpu_s(self) -> float:
+        """This process's CPU time over the job window (its server threads and anything else it
+        runs, such as the meter); 0 where the window is incomplete."""
+        if self._cpu_at_ready_s is None or self._cpu_at_last_result_s is None:
+            return 0.0
+        return self._cpu_at_last_result_s - self._cpu_at_ready_s
 
     def job_started_s(self) -> Optional[float]:
         """When the job's clock starts: the worker's first job listing, else its first reserve."""
@@ -187,6 +202,7 @@ class TimedAntenna(LocalAntenna):
         self.result_bytes += sum(len(json.dumps(item, separators=(",", ":")).encode()) for item in body.get("results", []))
         now_s = time.monotonic()
         self.result_times_s.append((now_s, len(body.get("results", []))))
+        self._cpu_at_last_result_s = time.process_time()
         self.task_latencies_s.extend(now_s - self.reserved_at_s[item["reply_subject"]]
                                      for item in body.get("results", []) if item.get("reply_subject") in self.reserved_at_s)
         return answer
@@ -270,6 +286,15 @@ class RunResult:
     peak_by_role_bytes: dict[str, int] = field(default_factory=dict)
     events_s: dict[str, float] = field(default_factory=dict)  # job_events: the job's start, from its first listing
     plan_memory_bytes: dict[str, int] = field(default_factory=dict)  # the plan record's memory terms
+    # CPU the benchmark process spent over the job, from the worker's first listing to its last
+    # accepted result (the local server's threads and the meter, on the worker's cores: work a real
+    # deployment's host does not do), and the meter's part of it
+    harness_cpu_s: float = 0.0
+    meter_cpu_s: float = 0.0
+
+    def harness_share(self, cores: int) -> float:
+        """The benchmark process's share of the host's cores over the job (0: not recorded)."""
+        return self.harness_cpu_s / (self.job_wall_s * cores) if self.job_wall_s > 0 and cores else 0.0
 
     @property
     def oom_killed(self) -> bool:
@@ -325,6 +350,8 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             first_to_last_images_per_s=_first_to_last_rate(server),
             peak_by_role_bytes=meter.peak_by_role(), plan_memory_bytes=advisory.get("memory", {}),
             events_s=job_events(server.job_started_s(), server.reserve_times_s, server.result_times_s),
+            harness_cpu_s=server.job_cpu_s(),
+            meter_cpu_s=meter.cpu_s(*server.job_window_s()),
         )
         if log_path.exists():
             LOG_DIR.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,14 @@ def test_regimes_are_checked_against_the_lower_bound_the_prediction_and_the_peak
     assert "| 0.60 / 1.90 |" in text
     assert "above the plan's bound" not in text  # no draw recorded one
     assert "Where the start goes" not in text  # nor its start
+    assert "the benchmark process" not in text  # nor the harness's CPU
+    entry["draws"]["c"] = [replace(result, harness_cpu_s=cpu_s, meter_cpu_s=cpu_s / 3, job_wall_s=10.0)
+                           for result, cpu_s in zip(entry["draws"]["c"], (1.2, 2.4, 1.8))]
+    text = regimes_section(meta, {"workloads": [entry]})
+    # medians over each draw's 200 tasks: 1.8 core-s = 9.00 ms per image, 0.6 = 3.00 by the meter;
+    # 1.8 / (10 s x 2 cores) = 9.0%
+    assert ("- null-small-far: the benchmark process (local server and meter, on the worker's cores) took 9.00 ms "
+            "per image, the meter 3.00 of them: 9.0% of the cores over the job") in text
 
 
 def test_the_start_of_each_workload_is_reported_from_the_first_draw():

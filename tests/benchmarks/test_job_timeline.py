@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
+
+import pytest
 
 from benchmarks.job_timeline import describe
 from benchmarks.meter import TreeMemory, TreeMeterThread, process_role, read_tree_memory, split_by_role
-from benchmarks.run import RunResult, job_events
+from benchmarks.run import RunResult, TimedAntenna, cores, job_events
 
 MiB = 1024 * 1024
 
@@ -71,6 +74,12 @@ def test_a_real_tree_is_read_per_process_and_its_peak_split_by_role():
         split = meter.peak_by_role()
         assert split["main"] > 0 and sum(split.values()) == max(m.total_bytes for m in meter.history)
         assert split.get("other", 0) >= 64 * MiB  # the child: neither fork server nor loader worker
+        # its own CPU, reading by reading: all of it, or the part inside a window
+        assert len(meter.costs) >= len(meter.history) >= 5 and meter.cpu_s() > 0
+        middle_s = meter.costs[len(meter.costs) // 2][0]
+        assert 0 < meter.cpu_s(middle_s) < meter.cpu_s()
+        assert meter.cpu_s(middle_s) + meter.cpu_s(until_s=middle_s) == pytest.approx(
+            meter.cpu_s() + meter.costs[len(meter.costs) // 2][1])  # the middle reading is in both
     finally:
         parent.stdin.write("\n")
         parent.stdin.close()
@@ -99,3 +108,29 @@ def test_describe_prints_the_start_beyond_steady_and_the_peak_beside_the_plan():
     assert "beyond steady: 3.23 s of 16.00" in text
     assert "peak 1340 MiB: main 560, shm 300" in text
     assert "plan 1374 MiB (bound 1770): baseline 900" in text and "pinned" not in text
+    assert "harness" not in text  # not recorded
+    text = "\n".join(describe(replace(result, harness_cpu_s=3.6, meter_cpu_s=1.2)))
+    # 3.6 core-s over 1,200 images and a 16 s job on this host's cores
+    assert (f"harness (this process: local server and meter) 3.00 ms per image, the meter 1.00 of them: "
+            f"{3.6 / (16.0 * cores()):.1%} of the {cores()} cores over the job") in text
+
+
+def test_the_server_measures_its_process_cpu_from_the_first_listing_to_the_last_result(tiny_images):
+    """A real TimedAntenna on loopback: the job window opens at the first listing, closes at the
+    last accepted result, and its CPU counts what the process spent between them."""
+    from tests.conftest import TOKEN
+    from worker.antenna import AntennaClient
+
+    with TimedAntenna(token=TOKEN) as server:
+        job_id = server.add_job(tiny_images[:4], "null")
+        assert server.job_cpu_s() == 0.0 and server.job_window_s()[0] > server.job_window_s()[1]
+        client = AntennaClient(server.base_url, TOKEN, timeout_s=10.0)
+        client.list_jobs(["null"])
+        tasks = client.reserve_tasks(job_id, 4, {})
+        busy_until_s = time.process_time() + 0.2
+        while time.process_time() < busy_until_s:  # CPU this process spends inside the window
+            pass
+        client.post_results(job_id, [{"reply_subject": task.reply_subject,
+                                      "result": {"error": "e", "image_id": task.image_id}} for task in tasks])
+        opened_s, closed_s = server.job_window_s()
+        assert opened_s < closed_s and server.job_cpu_s() >= 0.2
