@@ -1,5 +1,6 @@
-"""benchmarks/job_timeline.py and what it reads: the job's start from the server's times, and the
-tree's peak split by process (real processes, real /proc readings)."""
+"""benchmarks/job_timeline.py and what it reads: the job's start from the server's times, the
+tree's peak split by process (real processes, real /proc readings), and the CPU the benchmark
+process (server and meter) spent over the job."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,8 @@ import pytest
 from benchmarks.job_timeline import describe
 from benchmarks.meter import TreeMemory, TreeMeterThread, process_role, read_tree_memory, split_by_role
 from benchmarks.run import RunResult, TimedAntenna, cores, job_events
+from tests.conftest import TOKEN
+from worker.antenna import AntennaClient
 
 MiB = 1024 * 1024
 
@@ -118,9 +121,6 @@ def test_describe_prints_the_start_beyond_steady_and_the_peak_beside_the_plan():
 def test_the_server_measures_its_process_cpu_from_the_first_listing_to_the_last_result(tiny_images):
     """A real TimedAntenna on loopback: the job window opens at the first listing, closes at the
     last accepted result, and its CPU counts what the process spent between them."""
-    from tests.conftest import TOKEN
-    from worker.antenna import AntennaClient
-
     with TimedAntenna(token=TOKEN) as server:
         job_id = server.add_job(tiny_images[:4], "null")
         assert server.job_cpu_s() == 0.0 and server.job_window_s()[0] > server.job_window_s()[1]

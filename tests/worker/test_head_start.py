@@ -14,9 +14,9 @@ import torch
 
 from tests.conftest import TOKEN, worker_env
 from tests.worker.worker_process import WorkerProcess
+from watchdog.sampler import sample_tree
 from worker.antenna import AntennaClient
 from worker.app import build_worker
-from watchdog.sampler import sample_tree
 from worker.head_start import ByteBudget, HeadStart, anonymous_buffer, anonymous_image
 from worker.imaging import ImageError, download, image_session
 from worker.loading import ImageLoader
