@@ -41,9 +41,8 @@ EVENTS = (("probe_reserve", "probe reserve"), ("probe_result", "probe results"),
 
 def harness_text(result: bench.RunResult, cores: int) -> str:
     """What the benchmark process (the local server and the meter) took of the job's CPU."""
-    per_image_ms = 1000 / max(1, result.images)
-    return (f"harness (this process: local server and meter) {result.harness_cpu_s * per_image_ms:.2f} ms per "
-            f"image, the meter {result.meter_cpu_s * per_image_ms:.2f} of them: {result.harness_share(cores):.1%} "
+    return (f"harness (this process: local server and meter) {result.harness_ms_per_image:.2f} ms per "
+            f"image, the meter {result.meter_ms_per_image:.2f} of them: {result.harness_share(cores):.1%} "
             f"of the {cores} cores over the job")
 
 

@@ -285,8 +285,8 @@ def regimes_section(meta: dict, sections: dict) -> str:
             share = statistics.median(r.harness_share(meta["cores"]) for r in harness)
             checks.append(
                 f"- {w.name}: the benchmark process (local server and meter, on the worker's cores) took "
-                f"{statistics.median(1000 * r.harness_cpu_s / r.images for r in harness):.2f} ms per image, the meter "
-                f"{statistics.median(1000 * r.meter_cpu_s / r.images for r in harness):.2f} of them: {share:.1%} of "
+                f"{statistics.median(r.harness_ms_per_image for r in harness):.2f} ms per image, the meter "
+                f"{statistics.median(r.meter_ms_per_image for r in harness):.2f} of them: {share:.1%} of "
                 f"the cores over the job (median of the draws); the bounds were measured without it")
         errors = [r.predicted_images_per_s / r.steady_images_per_s - 1 for r in runs if r.steady_images_per_s]
         if errors:

@@ -297,6 +297,14 @@ class RunResult:
         return self.harness_cpu_s / (self.job_wall_s * cores) if self.job_wall_s > 0 and cores else 0.0
 
     @property
+    def harness_ms_per_image(self) -> float:
+        return 1000 * self.harness_cpu_s / max(1, self.images)
+
+    @property
+    def meter_ms_per_image(self) -> float:
+        return 1000 * self.meter_cpu_s / max(1, self.images)
+
+    @property
     def oom_killed(self) -> bool:
         return self.cgroup.get("oom_kill", 0) > 0 or self.exit_code in (-9, 137)
 
