@@ -5,7 +5,7 @@
     python benchmarks/server_cost.py --preset large --images 60 --threads 8
 
 The local server (``worker.testing.antenna_server.LocalAntenna``) runs in this process, under the
-given shaping; the plain downloader of ``benchmarks/bounds.py`` pulls every image once (each
+given shaping; the plain downloader of ``benchmarks/bounds.py`` (``link_bound``) pulls every image once (each
 distinct image served twice) in a process of its own. Printed: the downloader's images/s, this
 process's CPU per image (the server: on loopback the kernel's receive path runs in the sender's
 context, so it is counted here too) and the downloader's (its interpreter's start included). In
@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bounds import link_bound  # noqa: E402
 from worker.testing.antenna_server import LocalAntenna  # noqa: E402
 from worker.testing.synthetic import default_cache_dir, generate_preset  # noqa: E402
 
@@ -39,17 +37,9 @@ def measure(preset: str, images: int, threads: int, latency_s: float, bandwidth:
     with LocalAntenna(token="server-cost") as server:
         server.set_network(latency_s=latency_s, bandwidth_bytes_per_s=bandwidth)
         job_id = server.add_job(files * 2, "null")
-        with tempfile.NamedTemporaryFile("w", suffix=".urls", delete=False) as handle:
-            handle.write("\n".join(server.image_urls(job_id)))
-        try:
-            server_before, client_before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-            completed = subprocess.run(
-                [sys.executable, "-m", "benchmarks.bounds", "download", handle.name, "--threads", str(threads)],
-                cwd=ROOT, capture_output=True, text=True, check=True, timeout=600)
-            server_after, client_after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        finally:
-            os.unlink(handle.name)
-    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+        server_before, client_before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        figures = link_bound(server.image_urls(job_id), threads)
+        server_after, client_after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     count = max(1, int(figures["images"]))
     return {"images": count, "failures": figures["failures"], "images_per_s": figures["images_per_s"],
             "server_ms_per_image": 1000 * (cpu_s(server_after) - cpu_s(server_before)) / count,
