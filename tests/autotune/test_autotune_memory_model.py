@@ -291,6 +291,36 @@ def test_a_main_process_that_keeps_up_leaves_each_worker_its_batch_and_two_image
     assert estimate.prefetch_queue_bytes == 2 * (2 + 1) * image and estimate.total_bytes < estimate.bound_bytes
 
 
+def test_a_main_process_somewhat_faster_than_a_cpu_bound_loader_keeps_short_queues(make_probe, large_images,
+                                                                                     calibration):
+    """Large images, the reference pipeline on 2 cores: the CPU bounds the job and the loader is the
+    stage held back (the plan lines said loader 4.9-5.6 images/s, inference 5.7-8.9). Measured at
+    the peak (benchmark run of 2026-12-02, 60 and 240 tasks): 4-5 shared images at batch 1,
+    prefetch 4 (the full queues hold 12), 12 at batch 4, prefetch 1 and 13-14 at batch 4, prefetch
+    2 (24 full), as the short-queue count has it: b + 1 + what a lane decodes while its batch is
+    inferred. A main process slower than the loader still fills the queues."""
+    from autotune.memory_model import short_queue
+    from autotune.throughput_model import predict_rate
+
+    probe = make_probe(**{**large_images, "decode_s_per_image": 0.24, "inference_per_image_s": 0.07,
+                          "inference_overhead_s": 0.02})
+    image = probe.decoded_bytes_per_image
+    chosen = plan(tasks_per_reserve=4, batch_size=4, prefetch_factor=2, download_threads=2, pin_memory=False)
+    rate = predict_rate(chosen, probe)
+    assert rate.bottleneck == "cpu" and 1.1 < rate.inference_images_per_s / rate.loader_images_per_s < 1.6
+    assert short_queue(chosen, rate)
+    expected = predict_peak(chosen, probe, calibration, rate=rate)
+    assert expected.prefetch_queue_bytes == 2 * (4 + 1 + 2) * image
+    assert expected.bound_bytes == predict_peak(chosen, probe, calibration).total_bytes > expected.total_bytes
+    # the loader ahead (decoding twice as fast): the queues fill, the expected peak is the bound
+    quick = make_probe(**{**large_images, "decode_s_per_image": 0.12, "inference_per_image_s": 0.07,
+                          "inference_overhead_s": 0.02})
+    rate = predict_rate(chosen, quick)
+    assert rate.loader_images_per_s > rate.inference_images_per_s
+    assert not short_queue(chosen, rate)
+    assert predict_peak(chosen, quick, calibration, rate=rate) == predict_peak(chosen, quick, calibration)
+
+
 def test_the_head_start_adds_its_bytes_a_batch_and_an_image_per_decoder_to_the_peak(make_probe, calibration):
     probe = make_probe()
     assert probe.cpu_count <= 4  # one decoder per core, at most 4
