@@ -218,8 +218,10 @@ def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration
         queue_bytes = workers * credit_images * tensor_bytes
         inferred_bytes = batch_bytes
     else:
-        # The batch being inferred is one a loader worker filled: its images are in that worker's count.
-        queue_bytes = workers * min(short_images, credit_images) * tensor_bytes
+        # The batch being inferred is one a loader worker filled: its images are in that worker's
+        # count, which is at most its credit and that batch (measured: 6 images per worker at
+        # batch 4, prefetch 1, a credit of 4).
+        queue_bytes = workers * min(short_images, credit_images + plan.batch_size) * tensor_bytes
         inferred_bytes = 0.0
     components = (
         probe.baseline_bytes,

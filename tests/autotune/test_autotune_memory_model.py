@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -283,7 +283,7 @@ def test_a_main_process_that_keeps_up_leaves_each_worker_its_batch_and_two_image
     rate = predict_rate(chosen, probe)
     assert 3.5 < rate.inference_images_per_s / rate.loader_images_per_s < 4.5
     assert predict_peak(chosen, probe, calibration, rate=rate).prefetch_queue_bytes == 2 * (8 + 1 + 2) * image
-    # a batch of 1 at prefetch 2: the worker's credit (2 images) is the most it can hold
+    # a batch of 1 at prefetch 2: b + 2 = 3 images, under the credit and the lent batch (3 + 1)
     chosen = plan(batch_size=1, tasks_per_reserve=1, prefetch_factor=2, pin_memory=False)
     rate = predict_rate(chosen, make_probe(cuda=True, inference_per_image_s=0.0002, inference_overhead_s=0.0))
     estimate = predict_peak(chosen, make_probe(cuda=True, inference_per_image_s=0.0002, inference_overhead_s=0.0),
@@ -312,6 +312,14 @@ def test_a_main_process_somewhat_faster_than_a_cpu_bound_loader_keeps_short_queu
     expected = predict_peak(chosen, probe, calibration, rate=rate)
     assert expected.prefetch_queue_bytes == 2 * (4 + 1 + 2) * image
     assert expected.bound_bytes == predict_peak(chosen, probe, calibration).total_bytes > expected.total_bytes
+    # prefetch 1, the committed calibration's collate copy (0): a credit of 4 images, yet 6 per
+    # worker were measured (12 in all): a worker decodes its credit while the main process holds
+    # the batch it lent, so the batch counts besides the credit, as in the bound
+    one_ahead = plan(tasks_per_reserve=4, batch_size=4, prefetch_factor=1, download_threads=2, pin_memory=False)
+    rate = predict_rate(one_ahead, probe)
+    assert short_queue(one_ahead, rate)
+    uncopied = replace(calibration, collate_copy_factor=0.0)
+    assert predict_peak(one_ahead, probe, uncopied, rate=rate).prefetch_queue_bytes == 2 * (4 + 1 + 2) * image
     # the loader ahead (decoding twice as fast): the queues fill, the expected peak is the bound
     quick = make_probe(**{**large_images, "decode_s_per_image": 0.12, "inference_per_image_s": 0.07,
                           "inference_overhead_s": 0.02})
