@@ -295,12 +295,14 @@ class AutotunePlanner(Planner):
                   time.perf_counter() - planning_started_s)
         ctx.tuning = JobTuning(probe, decision, constraints, correction, run.wall_s, run.overhead_s)
         log.info("job %d: %s | probe %d images in %.2f s (%.2f s besides their own processing): %.2f MiB jpeg, %dx%d, download %.3f s + %.1f MiB/s, "
-                 "decode %.4f s (loading %.4f core-s with receiving and host; %.4f core-s per API exchange), inference %.4f s/batch + "
+                 "decode %.4f s (loading %.4f core-s, of which receiving %.4f and elsewhere on this host %.4f; %.4f core-s per "
+                 "API exchange), inference %.4f s/batch + "
                  "%.4f s/image at %d threads, %.2f of them busy (one thread %.4f s), baseline %.0f MiB%s",
                  ctx.job.id, decision.log_line(), probe.sample_count, run.wall_s, run.overhead_s,
                  probe.median_jpeg_bytes / MiB, probe.max_width, probe.max_height,
                  probe.download_latency_s, probe.download_bytes_per_s / MiB,
-                 probe.decode_s_per_image, probe.loader_cpu_s_per_image(), probe.api_exchange_cpu_s,
+                 probe.decode_s_per_image, probe.loader_cpu_s_per_image(), probe.download_cpu_s_per_image,
+                 probe.external_cpu_s_per_image, probe.api_exchange_cpu_s,
                  probe.inference_overhead_s,
                  probe.inference_per_image_s, probe.inference_threads, probe.inference_busy_threads,
                  probe.single_thread_inference_s, probe.baseline_bytes / MiB, _pinned_text(constraints.pinned))
