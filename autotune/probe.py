@@ -21,8 +21,13 @@ MiB = 1024 * 1024
 # A per-connection rate we cannot tell from "unbounded" (1 TB/s): keeps the value finite for JSON.
 UNBOUNDED_BYTES_PER_S = 1e12
 # Another process on this host is charged at most this many times our receiving CPU per sampled
-# image (``Probe.from_samples``, ``external_cpu_s``): sending costs about what receiving does.
-EXTERNAL_PER_RECEIVE = 2.0
+# image (``Probe.from_samples``, ``external_cpu_s``): sending costs about what receiving does
+# (``benchmarks/server_cost.py``: the local server 1.4 ms per small image on loopback, 2.3 on a
+# 300 ms, 5 MB/s link; the worker's receiving 1.4 and 2.4). The probe's own receiving, on fresh
+# connections, is the higher (2.7-2.9 and 3.6-3.8 ms), and the rest of the host's CPU in its
+# window includes whatever else runs there: at 2 the far link's sample was charged 7.1-7.5 ms and
+# null jobs there were predicted 15-18% under their steady rate, at 1 3-4% under (docs/benchmarks.md).
+EXTERNAL_PER_RECEIVE = 1.0
 # Sizes must differ by this ratio before a latency + bytes/bandwidth line is fitted through them.
 MIN_SIZE_SPREAD_FOR_FIT = 1.5
 # Typical host->device copy rates (PCIe 3/4 x16) used when CUDA is present but the copy was not timed.
