@@ -15,8 +15,8 @@ A per-pipeline ``CorrectionStore`` (``autotune/corrections.py``) learns how far 
 prediction was off after each job; ``predict_peak(..., correction=)`` applies it to the total.
 
 Given the plan's rates, the total is the expected peak: where the main process outpaces the
-loader (``SHORT_QUEUE_SPEEDUP``), the queues stay short and each loader worker holds about one batch
-(``short_queue_images``). ``bound_bytes`` keeps the peak with every queue full, which a stalled
+loader (``SHORT_QUEUE_SPEEDUP``), the queues stay short and each loader worker holds about one
+batch (``short_queue_images``). ``bound_bytes`` keeps the peak with every queue full, which a stalled
 main process reaches; the planner holds plans to it against the budget.
 """
 from __future__ import annotations

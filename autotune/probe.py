@@ -23,10 +23,10 @@ UNBOUNDED_BYTES_PER_S = 1e12
 # Another process on this host is charged at most this many times our receiving CPU per sampled
 # image (``Probe.from_samples``, ``external_cpu_s``): sending costs about what receiving does
 # (``benchmarks/server_cost.py``: the local server 1.4 ms per small image on loopback, 2.3 on a
-# 300 ms, 5 MB/s link; the worker's receiving 1.4 and 2.4). The probe's own receiving, on fresh
-# connections, is the higher (2.7-2.9 and 3.6-3.8 ms), and the rest of the host's CPU in its
-# window includes whatever else runs there: at 2 the far link's sample was charged 7.1-7.5 ms and
-# null jobs there were predicted 15-18% under their steady rate, at 1 3-4% under (docs/benchmarks.md).
+# 300 ms, 5 MB/s link; a loader lane's receiving 1.4 and 2.4). The probe's own receiving, on
+# fresh connections, is already the higher (2.7-2.9 and 3.6-3.8 ms), and the rest of the host's
+# CPU in the probe's window includes whatever else runs there (docs/benchmarks.md, "What the
+# probe charges per image for a server on this host").
 EXTERNAL_PER_RECEIVE = 1.0
 # Sizes must differ by this ratio before a latency + bytes/bandwidth line is fitted through them.
 MIN_SIZE_SPREAD_FOR_FIT = 1.5
