@@ -170,7 +170,7 @@ def expected_peak(bound: MemoryEstimate, plan: LoaderPlan, probe: Probe, calibra
 
 # The main process outpacing the loader by this factor keeps the loader workers' queues short.
 # Measured short at 1.16-1.59: large images, reference pipeline, 2 cores, the CPU the bound and the
-# loader the stage held back (4-14 shared images at the peak where full queues hold 12-24). The
+# loader the stage held back (4-14 shared images at the peak where full queues hold 10-24). The
 # margin above 1 is for the rates' own error: a main process slower than the loader fills them.
 SHORT_QUEUE_SPEEDUP = 1.1
 
