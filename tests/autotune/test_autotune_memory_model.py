@@ -297,8 +297,8 @@ def test_a_main_process_somewhat_faster_than_a_cpu_bound_loader_keeps_short_queu
     stage held back (the plan lines said loader 4.9-5.6 images/s, inference 5.7-8.9). Measured at
     the peak (benchmark run of 2026-12-02, 60 and 240 tasks): 4-5 shared images at batch 1,
     prefetch 4 (the full queues hold 10), 12 at batch 4, prefetch 1 (16 full) and 13-14 at batch 4,
-    prefetch 2 (24 full), as the short-queue count has it: b + 1 + what a lane decodes while its batch is
-    inferred. A main process slower than the loader still fills the queues."""
+    prefetch 2 (24 full), as the short-queue count has it: b + 1 + what a lane decodes while its
+    batch is inferred. A main process slower than the loader still fills the queues."""
     from autotune.memory_model import short_queue
     from autotune.throughput_model import predict_rate
 
