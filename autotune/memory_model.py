@@ -207,21 +207,22 @@ def _predict_peak(plan: LoaderPlan, probe: Probe, calibration: MemoryCalibration
     connections = plan.downloads_per_lane
     queued_batches = workers * plan.prefetch_factor
     credit_images = (plan.prefetch_factor + calibration.collate_copy_factor) * plan.batch_size
+    held_images = credit_images + plan.batch_size  # the most a worker holds: its credit and the batch it lent
     if short_images is None and workers > 0 and plan.tensor_dtype != "float32":
         # Each worker's buffer pool keeps the batch it lent the main process besides its credit
         # (``worker.ingest.SharedImageBuffers``): released, those buffers stay as its spares, so
         # every worker holds them, not only the one whose batch is being inferred. Measured: 2
         # workers at batch 2, prefetch 2 behind a slower main process keep 12 images' buffers.
-        queue_bytes = workers * (credit_images + plan.batch_size) * tensor_bytes
+        queue_bytes = workers * held_images * tensor_bytes
         inferred_bytes = 0.0
     elif short_images is None:  # in the main process, or float32 (a fresh segment per image)
         queue_bytes = workers * credit_images * tensor_bytes
         inferred_bytes = batch_bytes
     else:
         # The batch being inferred is one a loader worker filled: its images are in that worker's
-        # count, which is at most its credit and that batch (measured: 6 images per worker at
-        # batch 4, prefetch 1, a credit of 4).
-        queue_bytes = workers * min(short_images, credit_images + plan.batch_size) * tensor_bytes
+        # count, which is at most ``held_images`` (measured: 6 images per worker at batch 4,
+        # prefetch 1, a credit of 4).
+        queue_bytes = workers * min(short_images, held_images) * tensor_bytes
         inferred_bytes = 0.0
     components = (
         probe.baseline_bytes,
