@@ -39,8 +39,9 @@ class MemorySnapshot:
     """The worker tree's memory at ``taken_at_s`` (time.monotonic()).
 
     ``used_bytes`` is what policy compares with the caps: ``cgroup_usage_bytes`` when the caller
-    passed an owned cgroup, else the tree's PSS without shmem plus ``shm_bytes`` (see the module
-    docstring; where PSS is unreadable, RSS stands in and mapped shm counts twice: an over-count).
+    passed an owned cgroup, else ``tree_private_bytes`` plus ``shm_bytes`` (see the module
+    docstring). ``tree_private_bytes`` is the tree's PSS without shmem (where PSS is unreadable,
+    RSS stands in and mapped shm counts twice: an over-count), read with or without a cgroup.
     ``pss_source`` is ``smaps_rollup``, ``rss`` (smaps_rollup unreadable: RSS over-counts shared
     pages) or ``mixed``. ``tree_pss_bytes`` comes from the last deep pass, ``pss_age_s`` old (PSS
     carried forward by RSS deltas since). ``shm_bytes`` counts each /dev/shm file once (by inode)
@@ -56,6 +57,7 @@ class MemorySnapshot:
     mem_available_bytes: int
     open_fds: int
     shm_bytes: int
+    tree_private_bytes: int
     pss_source: PssSource = "smaps_rollup"
     pss_age_s: float = 0.0
     cgroup_usage_bytes: int | None = None
@@ -192,15 +194,17 @@ class TreeMeter:
         shm_bytes = sum(shm_sizes.values())
         cgroup_usage = procfs.read_cgroup_usage_bytes(self._cgroup) if self._cgroup else None
         psi = procfs.read_pressure(self._pressure_path())
+        private_bytes = self._tree_private(statm)
         return MemorySnapshot(
             taken_at_s=now_s,
-            used_bytes=cgroup_usage if cgroup_usage is not None else self._tree_private(statm) + shm_bytes,
+            used_bytes=cgroup_usage if cgroup_usage is not None else private_bytes + shm_bytes,
             tree_pss_bytes=tree_pss_bytes,
             tree_rss_bytes=sum(rss.values()),
             process_count=len(rss),
             mem_available_bytes=procfs.read_mem_available_bytes(self._proc_root),
             open_fds=open_fds,
             shm_bytes=shm_bytes,
+            tree_private_bytes=private_bytes,
             pss_source=pss_source,
             pss_age_s=max(0.0, now_s - self._deep_at_s),
             cgroup_usage_bytes=cgroup_usage,

@@ -24,7 +24,7 @@ BELOW_LOW = 400 * MIB
 def snap(taken_at_s: float, used_bytes: int) -> MemorySnapshot:
     return MemorySnapshot(
         taken_at_s=taken_at_s, used_bytes=used_bytes, tree_pss_bytes=used_bytes,
-        tree_rss_bytes=used_bytes, process_count=3, mem_available_bytes=0, open_fds=10, shm_bytes=0,
+        tree_rss_bytes=used_bytes, process_count=3, mem_available_bytes=0, open_fds=10, shm_bytes=0, tree_private_bytes=used_bytes,
     )
 
 

@@ -100,10 +100,9 @@ def observed_bytes(snapshot: MemorySnapshot) -> int:
     """The tree's memory in the model's terms: PSS less shmem, plus every /dev/shm segment once.
 
     Plain PSS misses decoded batches queued in shared memory (held by a descriptor, or mapped
-    but not yet read). Without an owned cgroup the sampler's ``used_bytes`` is exactly this
-    measure. With one, ``used_bytes`` is the cgroup's usage, page cache included, so the tree's
-    PSS plus the segments stands in (over-counting only shm pages also mapped and touched).
+    but not yet read), and holds the segments a process has mapped and touched (a loader's
+    reused image buffers): PSS plus the segments would count those twice. Without an owned
+    cgroup this is the sampler's ``used_bytes``; with one, ``used_bytes`` is the cgroup's usage,
+    page cache included, and the same two parts are read beside it.
     """
-    if snapshot.cgroup_usage_bytes is None:
-        return snapshot.used_bytes
-    return snapshot.tree_pss_bytes + snapshot.shm_bytes
+    return snapshot.tree_private_bytes + snapshot.shm_bytes

@@ -351,3 +351,31 @@ def test_a_job_the_probe_cannot_sample_gets_the_last_measured_plan_else_the_mini
     assert "source=autotune" in plans[1] and "source=settings" not in "".join(plans)
     assert plans[2].split("loader plan ")[1] == plans[1].split("loader plan ")[1]
     assert antenna.report(measured).results_ok == 6
+
+
+def test_the_observed_peak_counts_a_mapped_and_touched_shared_segment_once_under_a_cgroup():
+    """Under an owned cgroup the correction learns from the tree's PSS less shmem plus each
+    /dev/shm segment: a loader's reused image buffers are mapped and touched, so PSS alone
+    already holds them, and PSS plus the segments counted them twice (a job of small images
+    learned x1.26 where the meter saw its prediction)."""
+    from multiprocessing import shared_memory
+
+    from watchdog.limits import find_cgroup
+    from watchdog.sampler import sample_tree
+    from worker.middleware.autotune import observed_bytes
+
+    cgroup = find_cgroup(pid=os.getpid())
+    if cgroup is None:
+        pytest.skip("no memory cgroup to read")
+    size = 64 * 1024 * 1024
+    before = sample_tree(os.getpid(), cgroup=cgroup)
+    block = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        block.buf[:] = b"\x01" * size  # every page written through this process's mapping
+        during = sample_tree(os.getpid(), cgroup=cgroup)
+    finally:
+        block.close()
+        block.unlink()
+    assert during.cgroup_usage_bytes is not None
+    assert during.shm_bytes - before.shm_bytes == size
+    assert abs(observed_bytes(during) - observed_bytes(before) - size) < 8 * 1024 * 1024
