@@ -9,7 +9,8 @@ they started (``TaskStream._next_download``); batches reach the main process in 
 are ready, whichever worker filled them (``in_order=False``), so one slow download holds up its
 own image only. The next reservation is made, on a thread of its own, once the current one's last
 download is under way, so reserving never drains the lane's downloads nor stops the decoder
-(``TaskStream._stream``).
+(``TaskStream._stream``). Downloads and reservations run on the lane's reused daemon threads
+(``worker.threads``).
 A failed download or decode yields an item with ``error`` set: it never fails the batch.
 
 Credit: a worker decodes its next image only while fewer than ``prefetch_depth x batch_size`` of
@@ -52,6 +53,7 @@ from worker.imaging import fix_mmap_threshold, image_session
 from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
 from worker.logs import LogSetup, apply_setup, current_setup
 from worker.schema import Task
+from worker.threads import DaemonThreads
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +237,13 @@ class TaskStream(IterableDataset):
         if in_worker:
             buffers = SharedImageBuffers(lambda: (self.control.prefetch_depth.value + 1) * self.plan.batch_size)
         try:
-            yield from self._stream(client, session, worker_id, buffers)
+            yield from self._stream(client, session, worker_id, buffers, DaemonThreads("lane-io"))
         finally:
             session.close()  # downloads still running (abandoned) fail on their own deadline
             client.close()
 
-    def _stream(self, client, session, worker_id: int,
-                buffers: Optional[SharedImageBuffers]) -> Iterator[LoadedImage]:
+    def _stream(self, client, session, worker_id: int, buffers: Optional[SharedImageBuffers],
+                threads: DaemonThreads) -> Iterator[LoadedImage]:
         """Reserve, download ``ahead`` at a time, decode, yield; see the module docstring.
 
         The next reservation is made as soon as the current one's last download is submitted
@@ -280,10 +282,10 @@ class TaskStream(IterableDataset):
                 while todo and len(pending) < ahead:
                     task = todo.popleft()
                     deadline_s = time.monotonic() + self.source.image_deadline_s + DEADLINE_SLACK_S
-                    pending.append((task, deadline_s, _on_thread("download", self._fetch, session, task)))
+                    pending.append((task, deadline_s, threads.submit(self._fetch, session, task)))
                 if (more and not todo and reserving is None and self.control.stop.value == RUN
                         and self.control.admit.value):
-                    reserving = _on_thread("reserve", partial(self._reserve, wait=False), client)
+                    reserving = threads.submit(partial(self._reserve, wait=False), client)
                     continue
                 if buffers is not None:  # in a loader worker process
                     self._wait_for_credit(worker_id)
@@ -430,27 +432,6 @@ class TaskStream(IterableDataset):
         elif buffers is not None:
             buffers.hold(image)  # from here until the main process calls release_image
         return loaded(task, fetched, decoded, image=image, worker_id=worker_id)
-
-
-def _on_thread(name: str, function: Callable[..., Any], *args: Any) -> Future:
-    """Run ``function(*args)`` on a daemon thread of its own and return its future.
-
-    A daemon thread per call, not an executor: an executor's threads are joined when the
-    process exits, so one download stuck on a slow host would hold up a loader worker's exit
-    (and the DataLoader's shutdown). A download left behind ends on its own deadline.
-    """
-    future: Future = Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(function(*args))
-        except BaseException as error:  # handed to the waiting thread, which classifies it
-            future.set_exception(error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 BUFFER_TAG = b"AWIMGBF"  # 7 bytes after the pixels of a reusable buffer; then the held flag
