@@ -9,15 +9,18 @@ import json
 import logging
 import os
 import re
+from multiprocessing import shared_memory
 
 import pytest
 import torch
 
 from autotune.plan import LoaderPlan
+from watchdog.limits import find_cgroup
+from watchdog.sampler import sample_tree
 from worker.app import build_worker
 from worker.hooks import Middleware
 from worker.middleware import build_middlewares
-from worker.middleware.autotune import TuningMiddleware
+from worker.middleware.autotune import TuningMiddleware, observed_bytes
 from worker.planning import ForcedPlanner, SettingsPlanner, benchmark_plan, build_planner, pinned_fields
 from worker.probing import api_exchange_cpu_s, host_busy_cpu_s, is_this_host
 from worker.settings import SettingsError
@@ -358,12 +361,6 @@ def test_the_observed_peak_counts_a_mapped_and_touched_shared_segment_once_under
     /dev/shm segment: a loader's reused image buffers are mapped and touched, so PSS alone
     already holds them, and PSS plus the segments counted them twice (a job of small images
     learned x1.26 where the meter saw its prediction)."""
-    from multiprocessing import shared_memory
-
-    from watchdog.limits import find_cgroup
-    from watchdog.sampler import sample_tree
-    from worker.middleware.autotune import observed_bytes
-
     cgroup = find_cgroup(pid=os.getpid())
     if cgroup is None:
         pytest.skip("no memory cgroup to read")
