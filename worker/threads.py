@@ -19,18 +19,13 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 IDLE_S = 5.0
 
 _Work = tuple[Future, Callable[..., Any], tuple[Any, ...]]
-
-
-class _Slot:
-    """One thread's mailbox: the caller that takes the slot from the idle list puts one call in it."""
-
-    def __init__(self) -> None:
-        self.mailbox: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+# One thread's mailbox: the caller that takes it from the idle list puts one call in it.
+_Mailbox = queue.SimpleQueue
 
 
 class DaemonThreads:
@@ -40,20 +35,20 @@ class DaemonThreads:
         self.name = name
         self.idle_s = idle_s
         self._lock = threading.Lock()
-        self._idle: list[_Slot] = []
+        self._idle: list[_Mailbox] = []
         self.started = 0  # threads started so far (reuse shows as calls > started)
 
     def submit(self, function: Callable[..., Any], *args: Any) -> Future:
         future: Future = Future()
         work: _Work = (future, function, args)
         with self._lock:
-            slot = self._idle.pop() if self._idle else None
-            if slot is None:
+            mailbox = self._idle.pop() if self._idle else None
+            if mailbox is None:
                 self.started += 1
-        if slot is None:  # the call goes through the mailbox: a Thread keeps its args while it runs
-            slot = _Slot()
-            threading.Thread(target=self._run, args=(slot,), name=self.name, daemon=True).start()
-        slot.mailbox.put(work)
+        if mailbox is None:  # the call goes through the mailbox: a Thread keeps its args while it runs
+            mailbox = _Mailbox()
+            threading.Thread(target=self._run, args=(mailbox,), name=self.name, daemon=True).start()
+        mailbox.put(work)
         return future
 
     @property
@@ -61,21 +56,21 @@ class DaemonThreads:
         with self._lock:
             return len(self._idle)
 
-    def _run(self, slot: _Slot) -> None:
-        work: Optional[_Work] = slot.mailbox.get()
-        while work is not None:
+    def _run(self, mailbox: _Mailbox) -> None:
+        work: _Work = mailbox.get()
+        while True:
             _call(*work)
-            work = None  # an idle thread keeps nothing of its last call (whose future holds a body)
+            del work  # an idle thread keeps nothing of its last call (whose future holds a body)
             with self._lock:
-                self._idle.append(slot)
+                self._idle.append(mailbox)
             try:
-                work = slot.mailbox.get(timeout=self.idle_s)
+                work = mailbox.get(timeout=self.idle_s)
             except queue.Empty:
                 with self._lock:
-                    if slot in self._idle:  # nobody took it: retire
-                        self._idle.remove(slot)
+                    if mailbox in self._idle:  # nobody took it: retire
+                        self._idle.remove(mailbox)
                         return
-                work = slot.mailbox.get()  # taken just now: its call is on the way
+                work = mailbox.get()  # taken just now: its call is on the way
 
 
 def _call(future: Future, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
