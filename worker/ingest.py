@@ -68,6 +68,7 @@ DEADLINE_SLACK_S = 1.0  # a download's own deadline check comes first; the loade
 # control.stop values: RUN reserves; DRAIN reserves no more but finishes what it holds;
 # ABANDON yields nothing more (held, unloaded tasks are stranded and then released).
 RUN, DRAIN, ABANDON = 0, 1, 2
+RESERVED = object()  # TaskStream._next_download: the reservation in flight was answered first
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,9 @@ class TaskStream(IterableDataset):
                     self._wait_for_credit(worker_id)
                 if self.control.stop.value == ABANDON:
                     return
-                entry = self._next_download(pending)
+                entry = self._next_download(pending, reserving)
+                if entry is RESERVED:  # its tasks' downloads start before we wait again
+                    continue
                 if entry is None:  # abandoned while waiting for a download
                     return
                 task, deadline_s, future = entry
@@ -372,26 +375,30 @@ class TaskStream(IterableDataset):
     def _fetch(self, session, task: Task) -> Fetched:
         return self.images.fetch(session, task.image_url)
 
-    def _next_download(self, pending: deque) -> Optional[tuple[Task, float, Future]]:
-        """Take the first of ``pending`` to finish, whatever order they started in; None once the
-        loader is abandoned.
+    def _next_download(self, pending: deque, reserving: Optional[Future]) -> object:
+        """Take the first of ``pending`` to finish, whatever order they started in; ``RESERVED``
+        if the reservation in flight (``reserving``) is answered first; None once the loader is
+        abandoned.
 
         One slow download (a far object store's tail) then holds up only its own image: the
-        decoder goes on with the downloads that finished behind it. A download whose deadline
-        passes first is taken as it is, and ``_load`` turns it into an error result.
+        decoder goes on with the downloads that finished behind it, and the downloads of a
+        reservation answered while it waits start at once, not when the slow one ends. A download
+        whose deadline passes first is taken as it is, and ``_load`` turns it into an error result.
         """
         while self.control.stop.value != ABANDON:
             for entry in pending:
                 if entry[2].done():
                     pending.remove(entry)
                     return entry
+            if reserving is not None and reserving.done():
+                return RESERVED
             first_due = min(pending, key=lambda entry: entry[1])
             remaining_s = first_due[1] - time.monotonic()
             if remaining_s <= 0:
                 pending.remove(first_due)
                 return first_due
-            wait_for_futures([entry[2] for entry in pending], timeout=min(remaining_s, STOP_POLL_S),
-                             return_when=FIRST_COMPLETED)
+            waited = [entry[2] for entry in pending] + ([reserving] if reserving is not None else [])
+            wait_for_futures(waited, timeout=min(remaining_s, STOP_POLL_S), return_when=FIRST_COMPLETED)
         return None
 
     def _wait_for_download(self, future: Future, task: Task, deadline_s: float) -> Optional[Fetched]:

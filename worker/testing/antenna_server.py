@@ -704,7 +704,8 @@ class LocalAntenna:
     def set_response_faults(self, endpoint: str, kinds: Sequence[str]) -> None:
         """The next ``len(kinds)`` calls to ``endpoint`` are done (the ledger changes) and then answered
         broken: ``reset`` (half the body, then a TCP reset), ``malformed`` (truncated JSON) or
-        ``misshapen`` (valid JSON of the wrong shape)."""
+        ``misshapen`` (valid JSON of the wrong shape); or answered whole but ``LATE_ANSWER_S``
+        late (``late``), or as usual (``none``: a call to let through before the next fault)."""
         self.response_faults.set(endpoint, kinds)
 
     def delete_job(self, job_id: int, *, after_results: int = 0) -> None:
@@ -1233,7 +1234,8 @@ def _control_call(antenna: LocalAntenna, method: str, sub_path: str, body: Any) 
 # Faults of the reliability suite (tests/faults): the server does its work, then answers broken; or a
 # job disappears or rejects every result. Kept apart from the status faults above.
 
-RESPONSE_FAULTS = ("reset", "malformed", "misshapen")
+RESPONSE_FAULTS = ("reset", "malformed", "misshapen", "late", "none")
+LATE_ANSWER_S = 2.0  # "late": the whole answer, this long after the work is done
 _MISSHAPEN = {"results": [{"unexpected": True}], "tasks": [{"unexpected": True}], "status": "accepted"}
 
 
@@ -1297,7 +1299,12 @@ class _JobFaults:
 def _answer_with_faults(handler: _Handler, endpoint: str, status: int, payload: Any) -> None:
     """Send ``payload``, or break the answer as the endpoint's next response fault says."""
     fault = handler.antenna.response_faults.next(endpoint)
-    if fault is None:
+    if fault == "late":
+        logger.info("response fault late on %s", endpoint)
+        if handler.antenna.stopping.wait(LATE_ANSWER_S):
+            handler.close_connection = True
+            return
+    if fault in (None, "none", "late"):
         handler._send_json(status, payload)
         return
     data = json.dumps(payload).encode()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,6 +19,7 @@ from PIL import Image
 from worker.testing.antenna_server import (
     BOMB_SIDE_PX,
     IMAGE_FAULTS,
+    LATE_ANSWER_S,
     TASK_QUEUE_DOWN,
     ImageSource,
     LocalAntenna,
@@ -504,6 +506,19 @@ def test_response_faults_break_the_answer_after_the_work_is_done(antenna: LocalA
     assert len(_reserve(api, antenna, job_id, 1)) == 1
     with pytest.raises(ValueError, match="unknown response faults"):
         antenna.set_response_faults("tasks", ["teapot"])
+
+
+def test_a_late_answer_is_whole_and_comes_after_the_work_is_done(antenna: LocalAntenna, api, images) -> None:
+    job_id = antenna.add_job(images[:4], SLUG)
+    antenna.set_response_faults("tasks", ["none", "late"])
+    assert len(_reserve(api, antenna, job_id, 1)) == 1
+    answered = []
+    reserving = threading.Thread(target=lambda: answered.append(_reserve(api, antenna, job_id, 2)))
+    reserving.start()
+    reserving.join(timeout=LATE_ANSWER_S / 2)
+    assert answered == [] and antenna.report(job_id).reserved == 3  # reserved, not yet answered
+    reserving.join(timeout=LATE_ANSWER_S * 5)
+    assert [len(tasks) for tasks in answered] == [2]
 
 
 def test_a_deleted_job_answers_404_everywhere_and_leaves_the_listing(antenna: LocalAntenna, api, images) -> None:
