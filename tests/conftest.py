@@ -5,6 +5,7 @@ Factories clean up after themselves. Generated images are cached across runs und
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +22,20 @@ TOKEN = "tok-5f1c9e-never-log-me"
 
 def data_cache() -> Path:
     return Path(os.environ.get("ANTENNA_TEST_CACHE", ROOT / ".cache" / "test-data"))
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """A ``worker`` command run in process (``worker.cli.main``) points the root logger at that
+    test's captured stderr, closed once the test ends: every later test's log line would print
+    "--- Logging error ---" instead. Its handler goes (pytest's own handlers are subclasses of
+    StreamHandler, and stay), and the root level comes back."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
