@@ -1299,16 +1299,17 @@ class _JobFaults:
 def _answer_with_faults(handler: _Handler, endpoint: str, status: int, payload: Any) -> None:
     """Send ``payload``, or break the answer as the endpoint's next response fault says."""
     fault = handler.antenna.response_faults.next(endpoint)
-    if fault == "late":
-        logger.info("response fault late on %s", endpoint)
-        if handler.antenna.stopping.wait(LATE_ANSWER_S):
-            handler.close_connection = True
-            return
-    if fault in (None, "none", "late"):
+    if fault in (None, "none"):
         handler._send_json(status, payload)
         return
-    data = json.dumps(payload).encode()
     logger.info("response fault %s on %s", fault, endpoint)
+    if fault == "late":
+        if handler.antenna.stopping.wait(LATE_ANSWER_S):
+            handler.close_connection = True
+        else:
+            handler._send_json(status, payload)
+        return
+    data = json.dumps(payload).encode()
     if fault == "misshapen":
         handler._send_json(status, _MISSHAPEN)
     elif fault == "malformed":
