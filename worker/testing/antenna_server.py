@@ -1126,6 +1126,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length_bytes))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            # Say so, as proxies do on a 413: a client that is not told may send its next request
+            # down this connection before our close reaches it, and lose that request.
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def _send_bytes(self, status: int, data: bytes, content_type: str,
