@@ -1105,14 +1105,20 @@ class _Handler(BaseHTTPRequestHandler):
             if size == 0:
                 while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                     pass  # trailers
-                return b"".join(parts)
+                break
             total += size
-            if limit is not None and total > limit:
-                self.close_connection = True
-                self._send_json(413, {"detail": f"Request body exceeds {limit} bytes."})
-                return None
-            parts.append(self.rfile.read(size))
+            if limit is None or total <= limit:
+                parts.append(self.rfile.read(size))
+            elif total <= _DRAIN_BEFORE_413_BYTES:
+                self.rfile.read(size)  # dropped: read on to the end first, as for a sized body
+            else:
+                break
             self.rfile.readline()
+        if limit is not None and total > limit:
+            self.close_connection = True
+            self._send_json(413, {"detail": f"Request body exceeds {limit} bytes."})
+            return None
+        return b"".join(parts)
 
     def _drain_body(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -265,6 +266,29 @@ def test_a_chunked_body_over_the_limit_answers_413_and_closes(make_antenna, api,
                        headers={"Content-Type": "application/json"})
     assert refused.status_code == 413 and refused.headers.get("Connection") == "close"
     assert _post(api, antenna, job_id, [_error(task)]).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_read_to_its_end_before_the_413(make_antenna, images) -> None:
+    """Closing on unread bytes resets the connection, and a client still sending then sees the reset,
+    not the 413: the server reads a modest chunked body to its end first, as for a sized one."""
+    antenna = make_antenna(max_request_bytes=2048)
+    job_id = antenna.add_job(images[:1], SLUG)
+    head = (f"POST /api/v2/jobs/{job_id}/result/ HTTP/1.1\r\nHost: {antenna.host}\r\n"
+            f"Authorization: Token {TOKEN}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
+    with socket.create_connection((antenna.host, antenna.port), timeout=10) as conn:
+        conn.sendall(head + chunk * 3)  # past the limit, not yet at the body's end
+        conn.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            conn.recv(1)  # the server is still reading
+        conn.settimeout(10)
+        conn.sendall(chunk + b"0\r\n\r\n")
+        answer = b""
+        while data := conn.recv(65536):  # to the server's close: a FIN, not a reset
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413") or answer.startswith(b"HTTP/1.0 413")
+    assert b"Connection: close" in answer
 
 
 def test_register_pipelines_validates_and_records(antenna: LocalAntenna, api) -> None:
