@@ -1092,8 +1092,7 @@ class _Handler(BaseHTTPRequestHandler):
             # reset instead of the 413 (the 413 test failed that way once in a busy suite run).
             if length <= _DRAIN_BEFORE_413_BYTES:
                 self.rfile.read(length)
-            self.close_connection = True  # an unread body would poison the connection
-            self._send_json(413, {"detail": f"Request body of {length} bytes exceeds {limit} bytes."})
+            self._refuse_too_large(f"Request body of {length} bytes exceeds {limit} bytes.")
             return None
         return self.rfile.read(length) if length else b""
 
@@ -1115,10 +1114,14 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             self.rfile.readline()
         if limit is not None and total > limit:
-            self.close_connection = True
-            self._send_json(413, {"detail": f"Request body exceeds {limit} bytes."})
+            self._refuse_too_large(f"Request body exceeds {limit} bytes.")
             return None
         return b"".join(parts)
+
+    def _refuse_too_large(self, detail: str) -> None:
+        """Answer 413 and close: a body not read to its end would poison the connection."""
+        self.close_connection = True
+        self._send_json(413, {"detail": detail})
 
     def _drain_body(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
