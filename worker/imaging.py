@@ -103,7 +103,7 @@ def download(session: requests.Session, url: str, *, max_bytes: int, timeout_s: 
              on_headers: Optional[Callable[[], None]] = None,
              admit: Optional[Callable[[Optional[int]], None]] = None,
              on_read: Optional[Callable[[int], None]] = None,
-             body_buffer: Optional[Callable[[int], Any]] = None) -> bytearray:
+             body_buffer: Optional[Callable[[int], Any]] = None) -> bytearray | memoryview:
     """GET ``url`` (the session carries no Authorization header) and return at most ``max_bytes``.
 
     ``timeout_s`` bounds the connect and each read; ``deadline_s`` the whole download (a host
@@ -154,7 +154,7 @@ def _declared_length(response: requests.Response) -> Optional[int]:
 
 def _read_sized(response: requests.Response, url: str, length: int, started_s: float,
                 deadline_s: float, on_read: Optional[Callable[[int], None]] = None,
-                body_buffer: Optional[Callable[[int], Any]] = None) -> bytearray:
+                body_buffer: Optional[Callable[[int], Any]] = None) -> bytearray | memoryview:
     """The declared ``length`` bytes, in one buffer of that size.
 
     A growing buffer reallocated and copied the whole body as it grew (half of a download
@@ -294,7 +294,7 @@ def over_deadline(url: str, deadline_s: float) -> ImageError:
 Allocate = Callable[[int, int], torch.Tensor]  # (height, width) -> uint8 (height, width, 3)
 
 
-def decode(data: bytes | bytearray, *, max_pixels: int, allocate: Optional[Allocate] = None) -> DecodedImage:
+def decode(data: bytes | bytearray | memoryview, *, max_pixels: int, allocate: Optional[Allocate] = None) -> DecodedImage:
     """Decode to a uint8 CHW tensor; refuses images over ``max_pixels`` before allocating them.
 
     JPEGs decode straight into the tensor ``allocate(height, width)`` returns (inside DataLoader
@@ -310,7 +310,7 @@ def decode(data: bytes | bytearray, *, max_pixels: int, allocate: Optional[Alloc
                         time.thread_time() - started_cpu_s)
 
 
-def jpeg_size(data: bytes | bytearray) -> Optional[tuple[int, int]]:
+def jpeg_size(data: bytes | bytearray | memoryview) -> Optional[tuple[int, int]]:
     """(height, width) from a JPEG's header; None for anything else or a header simplejpeg refuses."""
     if data[:2] != JPEG_MAGIC:
         return None
@@ -350,7 +350,7 @@ def _decode_jpeg(data: bytes, max_pixels: int, allocate: Allocate) -> torch.Tens
         raise ImageError(f"corrupt JPEG: {error}", "corrupt") from None
 
 
-def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_pillow(data: bytes | bytearray | memoryview, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             _check_pixels(image.width, image.height, max_pixels)
@@ -360,7 +360,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     except ImageError:
         raise
     except Exception as error:  # Pillow raises many types for bad input
-        hint = " (looks like an HTML page)" if data.lstrip()[:1] == b"<" else ""
+        hint = " (looks like an HTML page)" if bytes(data[:4096]).lstrip()[:1] == b"<" else ""
         raise ImageError(f"not a decodable image{hint}: {type(error).__name__}: {error}", "not_an_image") from None
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import mmap
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_futures
@@ -237,14 +239,21 @@ class TaskStream(IterableDataset):
         buffers = None
         if in_worker:
             buffers = SharedImageBuffers(lambda: (self.control.prefetch_depth.value + 1) * self.plan.batch_size)
+        bodies = BodyBuffers(self._ahead)
         try:
-            yield from self._stream(client, session, worker_id, buffers, DaemonThreads("lane-io"))
+            yield from self._stream(client, session, worker_id, buffers, bodies, DaemonThreads("lane-io"))
         finally:
             session.close()  # downloads still running (abandoned) fail on their own deadline
             client.close()
 
+    def _ahead(self) -> int:
+        """Downloads a lane keeps in flight: also bounded by the live tasks_per_reserve, so a
+        shrink cuts the compressed JPEGs held now (24 MB each when large), not only at the next
+        reserve."""
+        return min(self.plan.download_threads, max(1, self.control.tasks_per_reserve.value))
+
     def _stream(self, client, session, worker_id: int, buffers: Optional[SharedImageBuffers],
-                threads: DaemonThreads) -> Iterator[LoadedImage]:
+                bodies: "BodyBuffers", threads: DaemonThreads) -> Iterator[LoadedImage]:
         """Reserve, download ``ahead`` at a time, decode, yield; see the module docstring.
 
         The next reservation is made as soon as the current one's last download is submitted
@@ -277,13 +286,11 @@ class TaskStream(IterableDataset):
                     todo.extend(self._reserve(client) or [])
                     if not todo:
                         return
-                # Downloads ahead are also bounded by the live tasks_per_reserve: a shrink then cuts
-                # the compressed JPEGs held now (24 MB each when large), not only at the next reserve.
-                ahead = min(self.plan.download_threads, max(1, self.control.tasks_per_reserve.value))
+                ahead = self._ahead()
                 while todo and len(pending) < ahead:
                     task = todo.popleft()
                     deadline_s = time.monotonic() + self.source.image_deadline_s + DEADLINE_SLACK_S
-                    pending.append((task, deadline_s, threads.submit(self._fetch, session, task)))
+                    pending.append((task, deadline_s, threads.submit(self._fetch, session, task, bodies)))
                 if (more and not todo and reserving is None and self.control.stop.value == RUN
                         and self.control.admit.value):
                     reserving = threads.submit(partial(self._reserve, wait=False), client)
@@ -299,7 +306,7 @@ class TaskStream(IterableDataset):
                     return
                 task, deadline_s, future = entry
                 del entry
-                item = self._load(task, deadline_s, future, worker_id, buffers)
+                item = self._load(task, deadline_s, future, worker_id, buffers, bodies)
                 if item is None:  # abandoned while waiting for the download
                     return
                 # Drop our references before suspending: a suspended generator frame would
@@ -372,8 +379,8 @@ class TaskStream(IterableDataset):
                 return
             time.sleep(WAIT_POLL_S)
 
-    def _fetch(self, session, task: Task) -> Fetched:
-        return self.images.fetch(session, task.image_url)
+    def _fetch(self, session, task: Task, bodies: "BodyBuffers") -> Fetched:
+        return self.images.fetch(session, task.image_url, body_buffer=bodies.take)
 
     def _next_download(self, pending: deque, reserving: Optional[Future]) -> object:
         """Take the first of ``pending`` to finish, whatever order they started in; ``RESERVED``
@@ -418,7 +425,7 @@ class TaskStream(IterableDataset):
         return None
 
     def _load(self, task: Task, deadline_s: float, future: Future, worker_id: int,
-              buffers: Optional["SharedImageBuffers"]) -> Optional[LoadedImage]:
+              buffers: Optional["SharedImageBuffers"], bodies: "BodyBuffers") -> Optional[LoadedImage]:
         """The task's image or its error; None when the loader is abandoned while it waits.
 
         Download and decode are ``worker.loading.ImageLoader``'s steps, which map every fault to
@@ -428,7 +435,10 @@ class TaskStream(IterableDataset):
             fetched = self._wait_for_download(future, task, deadline_s)
             if fetched is None:
                 return None
-            decoded = self.images.decode(fetched, allocate=buffers.allocate if buffers is not None else None)
+            try:
+                decoded = self.images.decode(fetched, allocate=buffers.allocate if buffers is not None else None)
+            finally:
+                bodies.give(fetched.data)  # decoded or not, the body is read no more
         except Exception as error:  # an ImageError; anything else (a bug) costs one image, not the job
             return failed(task, error, worker_id=worker_id)
         image = decoded.tensor
@@ -508,6 +518,81 @@ class SharedImageBuffers:
 
     def __len__(self) -> int:
         return len(self._buffers)
+
+
+class BodyBuffers:
+    """Buffers one lane reuses for the compressed bodies it downloads.
+
+    A body read into a fresh buffer is paid in page faults: a fresh mapping's every page is
+    faulted in and zeroed as the socket fills it. With glibc's heap a small body's pages are
+    handed back at each free (the lanes fix the mmap threshold, which leaves the trim threshold
+    at 128 KiB), so a lane faulted in about a third of each 1.4 MB body, and every page of a
+    large one: ~6,000 faults per 23 MB image, some 5% of a lane's CPU on a large-image job
+    (docs/benchmarks.md, "Reused body buffers"). A lane takes each body's buffer here
+    (``take``, from a download thread, once the body's length is known) and gives it back
+    once the body is decoded (``give``).
+
+    Bounded: buffers in use (taken, not given back, still alive) plus spares stay within
+    ``limit()``, the lane's downloads ahead, which is what the memory model prices for the
+    lane's bodies (``autotune.memory_model``: every connection holding the largest JPEG). A
+    body that is never given back (a download that failed or was abandoned) is simply freed
+    with its last reference. Each buffer is a private anonymous mapping of the body's length
+    plus a quarter (a later, larger body fits); only the pages a body was written to are
+    resident. Thread-safe.
+    """
+
+    SLACK = 1.25  # capacity per byte of the body a buffer is made for
+    GRAIN_BYTES = 64 * 1024
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._spares: list[mmap.mmap] = []
+        self._in_use: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # dropped with their last view
+        self.reused = 0
+        self.allocated = 0
+
+    def take(self, length_bytes: int) -> memoryview:
+        """A writable buffer of exactly ``length_bytes``: a spare that holds it, else a new one."""
+        with self._lock:
+            fitting = [spare for spare in self._spares if len(spare) >= length_bytes]
+            if fitting:
+                chosen = min(fitting, key=len)
+                self._spares.remove(chosen)
+                self.reused += 1
+            else:
+                room = max(1, self._limit()) - 1 - len(self._in_use)
+                while self._spares and len(self._spares) > room:  # none fits: make room for a new one
+                    self._spares.remove(min(self._spares, key=len))
+                capacity = -(-max(1, int(length_bytes * self.SLACK)) // self.GRAIN_BYTES) * self.GRAIN_BYTES
+                chosen = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                self.allocated += 1
+            self._in_use.add(chosen)
+        return memoryview(chosen)[:length_bytes]
+
+    def give(self, body: Any) -> None:
+        """``body`` (from ``take``) is no longer read: its buffer may hold the next body.
+
+        The view is released first, so a stray later read of it fails instead of seeing another
+        image's bytes; a view something still exports (a numpy array over it) is left alone."""
+        if not isinstance(body, memoryview) or not isinstance(body.obj, mmap.mmap):
+            return
+        buffer = body.obj
+        try:
+            body.release()
+        except BufferError:
+            return
+        with self._lock:
+            if buffer not in self._in_use:
+                return
+            self._in_use.discard(buffer)
+            if len(self._in_use) + len(self._spares) < max(1, self._limit()):
+                self._spares.append(buffer)
+
+    def __len__(self) -> int:
+        """Buffers held: in use and spare."""
+        with self._lock:
+            return len(self._in_use) + len(self._spares)
 
 
 def _buffer_tag(image: torch.Tensor) -> Optional[torch.Tensor]:

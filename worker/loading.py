@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -64,10 +64,14 @@ class Fetched:
     """An image's compressed bytes and what fetching them took."""
 
     source: str  # the URL or path, for messages
-    data: bytearray
+    data: bytearray | memoryview  # a memoryview: a lane's reused body buffer, read no more once given back
     download_s: float  # wall, retries and redirects included
     download_cpu_s: Optional[float]  # the fetching thread's CPU; None for a local file
     first_byte_s: Optional[float] = None  # to the first response's headers; None for a local file
+    size_bytes: int = field(init=False)  # the body's length, kept when its buffer goes back
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size_bytes", len(self.data))
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ def image_timeout_s(settings: "Settings") -> float:
 def loaded(task: Task, fetched: Fetched, decoded: DecodedImage, *, image: Optional[torch.Tensor] = None,
            worker_id: int = -1) -> LoadedImage:
     """The item for a loaded image; ``image`` replaces ``decoded.tensor`` (a converted copy)."""
-    return LoadedImage(task, decoded.tensor if image is None else image, None, len(fetched.data), decoded.width,
+    return LoadedImage(task, decoded.tensor if image is None else image, None, fetched.size_bytes, decoded.width,
                        decoded.height, fetched.download_s, decoded.decode_s, worker_id, fetched.first_byte_s,
                        fetched.download_cpu_s, decoded.decode_cpu_s)
 
