@@ -43,7 +43,8 @@ def harness_text(result: bench.RunResult, cores: int) -> str:
     """What the benchmark process (the local server and the meter) took of the job's CPU."""
     return (f"harness (this process: local server and meter) {result.harness_ms_per_image:.2f} ms per "
             f"image, the meter {result.meter_ms_per_image:.2f} of them: {result.harness_share(cores):.1%} "
-            f"of the {cores} cores over the job")
+            f"of the {cores} cores over the job; the meter walked the page tables in {result.meter_walks} of its "
+            f"{result.meter_samples} samples")
 
 
 def describe(result: bench.RunResult) -> list[str]:

@@ -15,6 +15,14 @@ see ``_other_shmem``) is read from /proc/PID/smaps instead, mapping by mapping, 
 is every process on a kernel whose rollup has no Pss_Shmem (< 5.9). The full smaps costs about
 twice the rollup and maps together (11.6 against 7.2 ms for one torch process here, before its
 parse); a sample of a four-process worker took some 5% of a 2-core host's CPU at 0.5 s.
+
+The rollup still walks every page table: 50-60 ms of this host's CPU per sample of a worker
+tree, on the cores the worker runs on. So ``TreeMeterThread``, given the memory cgroup the tree
+runs in, walks them only when memory can have moved (``needs_walk``): at the first sample, when
+a process came or went (sharing changed), when the cgroup's charge less its shmem moved by
+``WALK_GATE_BYTES`` since the last walk (a page faulted in or freed, a copy-on-write copy made),
+and at least every ``WALK_MAX_AGE_S``. Between walks a sample re-reads what is cheap (the /dev/shm
+segments each process holds or maps) and keeps each process's non-shm PSS from the last walk.
 """
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import psutil
 
@@ -109,6 +119,7 @@ class TreeMemory:
     shm_bytes: int  # /dev/shm segments held or mapped by the tree, once per inode
     total_bytes: int  # non-shm PSS + shm_bytes: what the benchmark reports as memory
     non_shm_by_pid: dict[int, int] = field(default_factory=dict)  # each process's share of non_shm
+    walked: bool = True  # False: non-shm PSS (and pss_bytes) carried from the last page-table walk
 
 
 def read_tree_memory(root_pid: int) -> TreeMemory:
@@ -128,6 +139,59 @@ def read_tree_memory(root_pid: int) -> TreeMemory:
         by_pid[pid] = smaps.non_shm_pss_bytes
     shm_bytes = sum(shm.values())
     return TreeMemory(time.monotonic(), pss, shm_bytes, non_shm + shm_bytes, by_pid)
+
+
+def read_tree_memory_unwalked(walked: TreeMemory) -> TreeMemory:
+    """The tree's memory now, for the processes of ``walked`` (the last walk), without walking a
+    page table: the /dev/shm segments each holds or maps, read anew, and each process's non-shm
+    PSS as ``walked`` found it."""
+    shm: dict[int, int] = {}
+    for pid in walked.non_shm_by_pid:
+        fds = procfs.read_fds(pid)
+        if fds is not None:
+            shm.update(fds.shm_sizes)
+        for inode, size in procfs.read_maps_shm(pid).items():
+            shm[inode] = max(shm.get(inode, 0), size)
+    shm_bytes = sum(shm.values())
+    non_shm = sum(walked.non_shm_by_pid.values())
+    return TreeMemory(time.monotonic(), walked.pss_bytes, shm_bytes, non_shm + shm_bytes,
+                      dict(walked.non_shm_by_pid), walked=False)
+
+
+# A sample walks the page tables again once the cgroup's charge less shmem has moved this far from
+# where it was at the last walk (up or down), and at least this often.
+WALK_GATE_BYTES = 4 * 1024 * 1024
+WALK_MAX_AGE_S = 5.0
+
+
+def needs_walk(last: Optional[TreeMemory], charge_at_last: Optional[int], pids: set[int],
+               charge_bytes: Optional[int], now_s: float) -> bool:
+    """Whether a sample must walk the tree's page tables (see the module docstring)."""
+    return (last is None or charge_bytes is None or charge_at_last is None
+            or set(last.non_shm_by_pid) != pids or abs(charge_bytes - charge_at_last) >= WALK_GATE_BYTES
+            or now_s - last.taken_at_s >= WALK_MAX_AGE_S)
+
+
+_STAT_SHMEM = re.compile(rb"^shmem (\d+)$", re.MULTILINE)
+
+
+def read_non_shm_charge(cgroup_dir: Optional[Path]) -> Optional[int]:
+    """A memory cgroup's charge less its shmem, in bytes (v1 ``memory.usage_in_bytes``, v2
+    ``memory.current``, less ``shmem`` in ``memory.stat``); None without one or when it cannot
+    be read.
+
+    Less shmem because a sample between walks re-reads the /dev/shm segments and keeps only the
+    non-shm PSS: segments filling while other memory is freed leave the whole charge where it was,
+    and would leave the kept figure stale."""
+    if cgroup_dir is None:
+        return None
+    usage = procfs.read_bytes(str(cgroup_dir / "memory.current")) or \
+        procfs.read_bytes(str(cgroup_dir / "memory.usage_in_bytes"))
+    stat = procfs.read_bytes(str(cgroup_dir / "memory.stat"))
+    shmem = _STAT_SHMEM.search(stat) if stat else None
+    if not usage or not usage.strip().isdigit() or shmem is None:
+        return None
+    return int(usage) - int(shmem.group(1))
 
 
 def process_role(pid: int, root_pid: int) -> str:
@@ -151,10 +215,15 @@ def process_role(pid: int, root_pid: int) -> str:
 
 @dataclass
 class TreeMeterThread:
-    """Samples ``read_tree_memory(pid)`` every ``interval_s`` until stopped; keeps the history."""
+    """Samples the tree's memory every ``interval_s`` until stopped; keeps the history.
+
+    With ``cgroup_dir`` (the memory cgroup the whole tree runs in, and nothing else) a sample
+    walks the page tables only as ``needs_walk`` says, going by ``read_non_shm_charge``; without,
+    every sample does (``read_tree_memory``)."""
 
     pid: int
     interval_s: float = 0.2
+    cgroup_dir: Optional[Path] = None
     history: list[TreeMemory] = field(default_factory=list)
     roles: dict[int, str] = field(default_factory=dict)  # pid -> process_role, read when first seen
     costs: list[tuple[float, float]] = field(default_factory=list)  # (monotonic s, CPU s) of each reading
@@ -175,11 +244,27 @@ class TreeMeterThread:
         self._stop.set()
         self._thread.join(10)
 
+    def _read(self) -> TreeMemory:
+        charge_bytes = read_non_shm_charge(self.cgroup_dir)
+        if self._walked is not None and not needs_walk(self._walked, self._charge_at_walk, set(tree_pids(self.pid)),
+                                                       charge_bytes, time.monotonic()):
+            return read_tree_memory_unwalked(self._walked)
+        reading = read_tree_memory(self.pid)
+        self._walked, self._charge_at_walk = reading, charge_bytes
+        return reading
+
+    @property
+    def walks(self) -> int:
+        """Samples that walked the page tables."""
+        return sum(1 for reading in self.history if reading.walked)
+
     def _run(self) -> None:
+        self._walked: Optional[TreeMemory] = None
+        self._charge_at_walk: Optional[int] = None
         while not self._stop.is_set():
             started_cpu_s = time.thread_time()
             try:
-                reading = read_tree_memory(self.pid)
+                reading = self._read()
                 self.history.append(reading)
                 for pid in reading.non_shm_by_pid.keys() - self.roles.keys():
                     self.roles[pid] = process_role(pid, self.pid)

@@ -227,6 +227,15 @@ def section(meta: dict, sections: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _walks_text(runs: list) -> str:
+    """How often the meter walked the page tables, where it recorded that (``benchmarks.meter``)."""
+    counted = [r for r in runs if r.meter_samples]
+    if not counted:
+        return ""
+    return (f"; the meter walked the page tables in {sum(r.meter_walks for r in counted)} of its "
+            f"{sum(r.meter_samples for r in counted)} samples")
+
+
 def regimes_section(meta: dict, sections: dict) -> str:
     """Every workload against its decode bound and link bound, and the throughput model's prediction."""
     lines = [REGIMES_START, "## Ingest against the physical bounds", "",
@@ -287,7 +296,8 @@ def regimes_section(meta: dict, sections: dict) -> str:
                 f"- {w.name}: the benchmark process (local server and meter, on the worker's cores) took "
                 f"{statistics.median(r.harness_ms_per_image for r in harness):.2f} ms per image, the meter "
                 f"{statistics.median(r.meter_ms_per_image for r in harness):.2f} of them: {share:.1%} of "
-                f"the cores over the job (median of the draws); the bounds were measured without it")
+                f"the cores over the job (median of the draws){_walks_text(harness)}; the bounds were measured "
+                f"without it")
         errors = [r.predicted_images_per_s / r.steady_images_per_s - 1 for r in runs if r.steady_images_per_s]
         if errors:
             error = statistics.median(errors)

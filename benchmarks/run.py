@@ -291,6 +291,9 @@ class RunResult:
     # deployment's host does not do), and the meter's part of it
     harness_cpu_s: float = 0.0
     meter_cpu_s: float = 0.0
+    # the meter's samples, and how many of them walked the page tables (benchmarks.meter)
+    meter_samples: int = 0
+    meter_walks: int = 0
 
     def harness_share(self, cores: int) -> float:
         """The benchmark process's share of the host's cores over the job (0: not recorded)."""
@@ -335,7 +338,8 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             env["AMI_MAX_MEMORY_BYTES"] = str(limit_bytes)
         log_path = Path(scratch) / "worker.log"
         try:
-            exit_code, meter, exited_at_s = _run_process(cgroup.join_command(command) if cgroup else command, env, log_path)
+            exit_code, meter, exited_at_s = _run_process(cgroup.join_command(command) if cgroup else command, env,
+                                                         log_path, cgroup.path if cgroup else None)
             cgroup_stats = cgroup.stats() if cgroup else {}
         finally:
             if cgroup is not None:
@@ -360,6 +364,7 @@ def run_one(workload: Workload, images: list, config: Config, limit_bytes: int,
             events_s=job_events(server.job_started_s(), server.reserve_times_s, server.result_times_s),
             harness_cpu_s=server.job_cpu_s(),
             meter_cpu_s=meter.cpu_s(*server.job_window_s()),
+            meter_samples=len(meter.history), meter_walks=meter.walks,
         )
         if log_path.exists():
             LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -383,11 +388,14 @@ def worker_env(base_url: str, token: str, scratch: Path, config: Config) -> dict
     return env
 
 
-def _run_process(command: list[str], env: dict[str, str], log_path: Path) -> tuple[int, TreeMeterThread, float]:
-    """(exit code, the tree's meter, monotonic time of the exit)."""
+def _run_process(command: list[str], env: dict[str, str], log_path: Path,
+                 cgroup_dir: Optional[Path] = None) -> tuple[int, TreeMeterThread, float]:
+    """(exit code, the tree's meter, monotonic time of the exit). ``cgroup_dir``: the memory
+    cgroup the command runs in alone (the meter then walks page tables only when memory can have
+    moved: ``benchmarks.meter``)."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        meter = TreeMeterThread(process.pid, interval_s=METER_INTERVAL_S).start()
+        meter = TreeMeterThread(process.pid, interval_s=METER_INTERVAL_S, cgroup_dir=cgroup_dir).start()
         try:
             exit_code = process.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
