@@ -233,6 +233,8 @@ class TreeMeterThread:
         return sum(cpu_s for at_s, cpu_s in self.costs if since_s <= at_s <= until_s)
 
     def __post_init__(self) -> None:
+        self._walked: Optional[TreeMemory] = None  # the last sample that walked the page tables
+        self._charge_at_walk: Optional[int] = None  # read_non_shm_charge then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-meter", daemon=True)
 
@@ -259,8 +261,6 @@ class TreeMeterThread:
         return sum(1 for reading in self.history if reading.walked)
 
     def _run(self) -> None:
-        self._walked: Optional[TreeMemory] = None
-        self._charge_at_walk: Optional[int] = None
         while not self._stop.is_set():
             started_cpu_s = time.thread_time()
             try:

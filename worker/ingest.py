@@ -574,10 +574,16 @@ class BodyBuffers:
         """``body`` (from ``take``) is no longer read: its buffer may hold the next body.
 
         The view is released first, so a stray later read of it fails instead of seeing another
-        image's bytes; a view something still exports (a numpy array over it) is left alone."""
-        if not isinstance(body, memoryview) or not isinstance(body.obj, mmap.mmap):
+        image's bytes; a view something still exports (a numpy array over it) is left alone, and
+        so is one already given back."""
+        if not isinstance(body, memoryview):
             return
-        buffer = body.obj
+        try:
+            buffer = body.obj
+        except ValueError:  # released: given back before
+            return
+        if not isinstance(buffer, mmap.mmap):
+            return
         try:
             body.release()
         except BufferError:

@@ -388,6 +388,7 @@ def test_body_buffers_are_reused_only_once_given_back_and_stay_bounded():
     bodies.give(first)
     with pytest.raises(ValueError):  # a given-back body cannot be read by mistake
         bytes(first)
+    bodies.give(first)  # nor given back twice
     third = bodies.take(1200)  # fits the first's buffer (its length plus a quarter, rounded up)
     assert third.obj is first_buffer and len(third) == 1200
     del first_buffer
