@@ -122,18 +122,23 @@ class TreeMemory:
     walked: bool = True  # False: non-shm PSS (and pss_bytes) carried from the last page-table walk
 
 
-def read_tree_memory(root_pid: int) -> TreeMemory:
-    pids = tree_pids(root_pid)
+def _add_shm(shm: dict[int, int], pid: int, mapped: dict[int, int]) -> None:
+    """Add to ``shm`` (inode -> size) the /dev/shm segments ``pid`` holds open and ``mapped``."""
+    fds = procfs.read_fds(pid)
+    if fds is not None:
+        shm.update(fds.shm_sizes)
+    for inode, size in mapped.items():
+        shm[inode] = max(shm.get(inode, 0), size)
+
+
+def read_tree_memory(root_pid: int, pids: Optional[tuple[int, ...]] = None) -> TreeMemory:
+    """``pids``: the tree's processes where the caller has just listed them."""
     shm: dict[int, int] = {}
     non_shm = pss = 0
     by_pid: dict[int, int] = {}
-    for pid in pids:
-        fds = procfs.read_fds(pid)
-        if fds is not None:
-            shm.update(fds.shm_sizes)
+    for pid in tree_pids(root_pid) if pids is None else pids:
         smaps = read_process_memory(pid)
-        for inode, size in smaps.shm_sizes.items():
-            shm[inode] = max(shm.get(inode, 0), size)
+        _add_shm(shm, pid, smaps.shm_sizes)
         non_shm += smaps.non_shm_pss_bytes
         pss += smaps.pss_bytes
         by_pid[pid] = smaps.non_shm_pss_bytes
@@ -147,11 +152,7 @@ def read_tree_memory_unwalked(walked: TreeMemory) -> TreeMemory:
     PSS as ``walked`` found it."""
     shm: dict[int, int] = {}
     for pid in walked.non_shm_by_pid:
-        fds = procfs.read_fds(pid)
-        if fds is not None:
-            shm.update(fds.shm_sizes)
-        for inode, size in procfs.read_maps_shm(pid).items():
-            shm[inode] = max(shm.get(inode, 0), size)
+        _add_shm(shm, pid, procfs.read_maps_shm(pid))
     shm_bytes = sum(shm.values())
     non_shm = sum(walked.non_shm_by_pid.values())
     return TreeMemory(time.monotonic(), walked.pss_bytes, shm_bytes, non_shm + shm_bytes,
@@ -248,10 +249,11 @@ class TreeMeterThread:
 
     def _read(self) -> TreeMemory:
         charge_bytes = read_non_shm_charge(self.cgroup_dir)
-        if self._walked is not None and not needs_walk(self._walked, self._charge_at_walk, set(tree_pids(self.pid)),
-                                                       charge_bytes, time.monotonic()):
+        pids = tree_pids(self.pid)
+        if self._walked is not None and not needs_walk(self._walked, self._charge_at_walk, set(pids), charge_bytes,
+                                                       time.monotonic()):
             return read_tree_memory_unwalked(self._walked)
-        reading = read_tree_memory(self.pid)
+        reading = read_tree_memory(self.pid, pids)
         self._walked, self._charge_at_walk = reading, charge_bytes
         return reading
 
