@@ -16,7 +16,8 @@ def utc_now_iso() -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity are not JSON: the server's parser refuses the whole post for one of them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Task(_Model):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from worker.results import Failure, ImageResult
 from worker.schema import (
@@ -146,8 +147,20 @@ def run_batch(pipeline: Pipeline, items: Sequence, pipeline_slug: Optional[str] 
             results.append(ImageResult.error(item.task, outcome))
         else:
             detections, seconds = outcome
-            results.append(ImageResult(item.task, _success(pipeline, slug, item.task, detections, seconds)))
+            try:
+                results.append(ImageResult(item.task, _success(pipeline, slug, item.task, detections, seconds)))
+            except ValidationError as error:  # NaN or Inf: one such item would make the server refuse the post
+                failure = Failure("inference", f"inference output not valid for the server: {_first_problem(error)}")
+                log.warning("image %s: %s", item.task.image_id, failure.message)
+                results.append(ImageResult.error(item.task, failure))
     return results
+
+
+def _first_problem(error: ValidationError) -> str:
+    """``scores.3: Input should be a finite number (nan)``: where and what, from pydantic's first error."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where}: {first.get('msg', 'invalid')} ({first.get('input')!r})"
 
 
 def _infer_splitting(pipeline: Pipeline, items: list) -> list:
