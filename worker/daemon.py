@@ -207,9 +207,13 @@ class Worker:
             return False
         self.reserve_rejected = False
         did_work = False
+        rejecting = self.poster.rejected_jobs
         for job in jobs:
             if self.stopping or self.stop.after_job:
                 break
+            if job.id in rejecting:  # its results could not be posted: a reservation would only burn a delivery
+                log.debug("job %d: skipped, the server rejects every result of it (%s)", job.id, rejecting[job.id])
+                continue
             did_work = self.process_job(job) > 0 or did_work
         if not self.reserve_rejected:
             self.auth_failures_in_row, self._auth_wait_s = 0, 0.0
@@ -241,7 +245,8 @@ class Worker:
         head_start = self._plan(ctx)
         for attempt in range(MAX_LOADER_REBUILDS_PER_JOB + 1):
             self._run_loader(ctx, head_start)
-            if ctx.rebuild_reason is None or self.stopping or attempt == MAX_LOADER_REBUILDS_PER_JOB:
+            if (ctx.rebuild_reason is None or ctx.results_rejected or self.stopping
+                    or attempt == MAX_LOADER_REBUILDS_PER_JOB):
                 break
             log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id, ctx.rebuild_reason)
             ctx.rebuild_reason = None
@@ -364,6 +369,13 @@ class Worker:
             return True
         if self.stop.draining:
             loader.stop_reserving(self.stop.drain_deadline_s)
+        if not ctx.results_rejected and ctx.job.id in self.poster.rejected_jobs:
+            # Every task reserved from now on would cost a delivery for a result the server refuses:
+            # what the lanes hold is finished and spooled (for a restart once the cause is fixed).
+            ctx.results_rejected = True
+            log.error("job %d: no more tasks are reserved from it while the server rejects its results",
+                      ctx.job.id)
+            loader.stop_reserving()
         if ctx.rebuild_reason is not None:
             loader.abandon()  # batches already decoded still arrive and get posted
         return False

@@ -83,3 +83,23 @@ def test_the_state_gauge_and_a_counter_show_a_rejected_token(antenna, settings_f
         worker.wake.set()
         runner.join(timeout=30)
     assert not runner.is_alive()
+
+
+@pytest.mark.timeout(180)
+def test_a_job_whose_every_result_is_rejected_is_reserved_no_more(antenna, settings_for, tiny_images):
+    """Each reservation costs one of a task's two deliveries, and while the server refuses every
+    result of the job (400 for each half too) nothing the worker does with more tasks can be
+    posted: it stops reserving that job, keeps what it holds in the spool, and lists it no more."""
+    job_id = antenna.add_job(tiny_images[:40], "synthetic-moths")
+    antenna.reject_all_results(job_id, "algorithm key 'moth-x' is not registered for pipeline 'synthetic-moths'")
+    settings = settings_for(antenna, antenna_api_batch_size=4, localization_batch_size=4, num_workers=1,
+                            antenna_api_dataloader_prefetch_factor=1)
+    worker = build_worker(settings, burst=True)
+    assert worker.run() == 0
+
+    reserved = sum(len(reservation["task_ids"]) for reservation in antenna.reservations)
+    report = antenna.report(job_id)
+    assert job_id in worker.poster.rejected_jobs
+    assert worker.poster.counters.spooled_items == reserved  # every reserved task's result is kept
+    assert reserved <= 20 and report.pending == 40 - reserved  # the rest was never delivered
+    assert report.results_ok + report.results_error == 0
