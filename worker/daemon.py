@@ -177,8 +177,8 @@ class Worker:
         if self.sampler is not None:
             self.sampler.start()
         self.planner.start(self)
-        self.poster.replay_spool()
         try:
+            self.poster.replay_spool()
             while not self.stopping and not self.stop.after_job:
                 did_work = self._poll_once()
                 if self.burst and not did_work:

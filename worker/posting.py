@@ -22,7 +22,8 @@ What each answer does to a body (the client has already retried what it may retr
 
 Spooled bodies are replayed oldest first at start and then whenever a file is due: a file that
 still fails is kept with its own backoff while the others go on; an unreadable file is moved to
-``spool/corrupt/`` with one ERROR line. Each file is claimed with ``flock`` so two replayers
+``spool/corrupt/`` with one ERROR line; a file the worker cannot open or remove (a read-only
+filesystem, another user's file) is left alone for the process's life, with one ERROR line. Each file is claimed with ``flock`` so two replayers
 (a thread and the start-up call, or two workers sharing a spool) never post it twice.
 """
 from __future__ import annotations
@@ -276,6 +277,7 @@ class ResultPoster:
         self._retry: dict[str, tuple[int, float]] = {}  # spool file name -> (failures, due at)
         self._replay_lock = threading.Lock()
         self._temporaries_checked = False
+        self._stuck: set[str] = set()  # spool files this process cannot open or remove: left alone
         self._closing = threading.Event()
         self._replayer: Optional[threading.Thread] = None
 
@@ -520,8 +522,16 @@ class ResultPoster:
             for path in files:
                 if self._closing.is_set():
                     break
-                if self._due(path.name):
+                if path.name in self._stuck or not self._due(path.name):
+                    continue
+                try:
                     replayed += self._replay_file(path)
+                except OSError as error:  # a read-only or foreign file: not a reason to stop the worker
+                    self._stuck.add(path.name)
+                    with self._lock:
+                        self._retry.pop(path.name, None)
+                    log.error("spool file %s cannot be opened or removed (%s): left in place for this run; the "
+                              "next start posts it again (a duplicate result is harmless)", path, error)
         finally:
             self._replay_lock.release()
         with self._lock:

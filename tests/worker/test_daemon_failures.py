@@ -4,14 +4,23 @@ Each test failed before the loop escalated auth failures: a rejected token was a
 sleep, forever, and ``--burst`` exited 0; results that could not be spooled were not counted."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import signal
+import subprocess
 import threading
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
+from tests.conftest import TOKEN
+from worker.antenna import AntennaClient
 from worker.app import build_worker
 from worker.daemon import EXIT_TOKEN_REJECTED
+from worker.posting import Spool
 
 
 @pytest.mark.timeout(120)
@@ -103,3 +112,38 @@ def test_a_job_whose_every_result_is_rejected_is_reserved_no_more(antenna, setti
     assert worker.poster.counters.spooled_items == reserved  # every reserved task's result is kept
     assert reserved <= 20 and report.pending == 40 - reserved  # the rest was never delivered
     assert report.results_ok + report.results_error == 0
+
+
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """``directory`` on a read-only bind mount of itself, as after an ``errors=remount-ro``."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root and mount(8)")
+    if subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts are not permitted here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True, capture_output=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_spool_on_a_read_only_filesystem_does_not_stop_the_worker(antenna, settings_for, tiny_images, caplog):
+    """The start-up replay posts a spooled file it then cannot remove: one ERROR line, and the worker
+    goes on (before, the OSError left ``run`` before its try/finally: exit 1 at every start, each
+    start posting the file again)."""
+    job = antenna.add_job(tiny_images[:2], "null")
+    tasks = AntennaClient(antenna.base_url, TOKEN).reserve_tasks(job, 2)
+    settings = settings_for(antenna, antenna_pipelines="null", antenna_api_dataloader_num_workers=0)
+    spool = settings.user_data_path / "spool"
+    Spool(spool).write(job, [{"reply_subject": task.reply_subject,
+                              "result": {"error": "spooled before", "image_id": task.image_id}} for task in tasks])
+    caplog.set_level(logging.INFO)
+    with read_only(spool):
+        worker = build_worker(settings, burst=True, middlewares=[])
+        assert worker.run() == 0
+    assert antenna.report(job).results_error == 2
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot be opened or removed" in errors[0]
+    assert "shutdown complete" in caplog.text
