@@ -244,6 +244,8 @@ class Worker:
         self._call("on_job_start", ctx)
         head_start = self._plan(ctx)
         for attempt in range(MAX_LOADER_REBUILDS_PER_JOB + 1):
+            if self.stopping:  # a stop came while planning: no loader, so nothing more is reserved
+                break
             self._run_loader(ctx, head_start)
             if (ctx.rebuild_reason is None or ctx.results_rejected or self.stopping
                     or attempt == MAX_LOADER_REBUILDS_PER_JOB):
@@ -324,6 +326,7 @@ class Worker:
             return
         with loader:
             ctx.loader = loader
+            self._flag_loader()  # a stop since the check in process_job: its workers reserve nothing
             self._call("on_loader_start", ctx)
             try:
                 if head_start is not None:  # while the loader's lanes make their first downloads

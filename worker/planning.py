@@ -238,12 +238,15 @@ class AutotunePlanner(Planner):
                 plan_device_batches(worker.pipelines(slug), worker.settings.gpu_memory_fraction)
 
     def sample(self, worker: "Worker", ctx: JobContext) -> Optional[Batch]:
+        if worker.stopping:  # a stop came during the listing: reserve nothing more
+            return None
         tasks, bytes_ = head_start_size(worker, ctx.pipeline)
         try:
             sample = sample_job(worker.client, ctx.job, ctx.pipeline, worker.settings,
                                 tasks_wanted=worker.settings.autotune_probe_tasks, client_info=worker.client_info,
                                 cuda=worker.cuda, threads_sleep=openmp_threads_sleep(worker.environ),
-                                head_start_tasks=tasks, head_start_bytes=bytes_)
+                                head_start_tasks=tasks, head_start_bytes=bytes_,
+                                stopping=lambda: worker.stopping)
         except AntennaError as error:  # the reserve failed: nothing is held; plan without a probe
             log.warning("job %d: the probe's reserve failed (%s); planning without a probe", ctx.job.id, error)
             return None

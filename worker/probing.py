@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 import torch
@@ -455,12 +455,14 @@ class ProbeSample:
 
 def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, settings: Settings, *,
                tasks_wanted: int, client_info: dict, cuda: bool, threads_sleep: bool,
-               head_start_tasks: int = 0, head_start_bytes: int = 0) -> ProbeSample:
+               head_start_tasks: int = 0, head_start_bytes: int = 0,
+               stopping: Callable[[], bool] = lambda: False) -> ProbeSample:
     """Reserve ``tasks_wanted`` tasks of ``job`` and measure them; the loop then handles the batch.
 
     Once the sample's first image declares its size, up to ``head_start_tasks`` more are reserved
     (as many as ``head_start_bytes`` hold): their images download beside the sample's, are not
-    measured, and the loop handles them once the loader is started (``sample.head_start``).
+    measured, and the loop handles them once the loader is started (``sample.head_start``); none
+    once ``stopping()`` is true (the worker is draining: it reserves nothing new).
 
     Inference is timed on the sample as one batch at the default thread count: the loop's own
     batch path, which posts every probed task's result (errors included), so that timing costs the
@@ -484,7 +486,8 @@ def sample_job(client: "AntennaClient", job: "JobRef", pipeline: Pipeline, setti
         return sample
     if head_start_tasks > 0 and len(tasks) == tasks_wanted:  # fewer: the job has no more for now
         sample.head_start = HeadStart(ImageLoader.from_settings(settings), head_start_bytes, wanted=head_start_tasks,
-                                      reserve=lambda count: client.reserve_tasks(job.id, count, client_info))
+                                      reserve=lambda count: [] if stopping() else client.reserve_tasks(
+                                          job.id, count, client_info))
     items: list[LoadedImage] = [LoadedImage(task, None, Failure("other", "probe: not loaded")) for task in tasks]
     try:
         items, sample.images, sample.external_cpu_s = load_sample(tasks, settings, sample.head_start)

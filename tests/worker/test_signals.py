@@ -170,3 +170,30 @@ def test_a_drain_holds_its_grace_against_an_image_host_that_drips_bytes(antenna,
     assert stranded > 0 and report.lost == 0
     assert report.results_ok + report.results_error == done
     assert report.reserved == stranded and report.delivered == done + stranded
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_while_the_probe_runs_reserves_nothing_more(antenna, tiny_images, tmp_path):
+    """A drain that starts during the planning step: the probe's tasks get their results, and
+    neither the head start nor a loader reserves anything after it (before, a head start of 64 and
+    the lanes' first reservations were taken after the signal)."""
+    job_id = antenna.add_job(tiny_images[:40], "synthetic-moths")
+    antenna.set_network(latency_s=0.5)  # the probe's downloads: a second after its reserve
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="true", AMI_AUTOTUNE_PROBE_TASKS="3",
+                     AMI_SHUTDOWN_GRACE_S=str(GRACE_S))
+    worker = WorkerProcess(["run"], env, tmp_path)
+    try:
+        deadline_s = time.monotonic() + 120
+        while not antenna.reservations and time.monotonic() < deadline_s:
+            time.sleep(0.01)
+        assert antenna.reservations, worker.output[-3000:]
+        worker.send(signal.SIGTERM)
+        code = worker.wait(GRACE_S + 30)
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    report = antenna.report(job_id)
+    assert [len(reservation["task_ids"]) for reservation in antenna.reservations] == [3]
+    assert report.results_ok + report.results_error == report.delivered == 3
+    assert (report.reserved, report.pending, report.lost) == (0, 37, 0)
+    assert "stop requested: draining" in worker.output and "shutdown complete" in worker.output
