@@ -226,6 +226,9 @@ class AntennaClient:
                 method, path, problem, delay_s, self.max_attempts - attempt,
             )
             self._sleep(delay_s)
+            if self._no_more_retries.is_set():  # stopped while waiting: the wait was the last try's
+                raise AntennaUnavailable(f"{method} {path}: {problem} after {attempt} attempts (no more retries: "
+                                         "the worker is stopping)", reason)
         raise AssertionError("unreachable")
 
     def _attempted(self, method: str, path: str, status: str) -> None:

@@ -105,6 +105,7 @@ class Worker:
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
+        self._drain_timer: Optional[threading.Timer] = None  # forces the stop when the drain's grace is over
 
     def add_sample_listener(self, listener: Callable[[MemorySnapshot], None]) -> None:
         """Call ``listener(snapshot)`` on the sampler thread after every memory sample."""
@@ -146,6 +147,31 @@ class Worker:
             time.sleep(SIGNAL_SETTLE_S)
             self.wake.set()
             self._flag_loader()
+            self._flag_poster()
+
+    def _flag_poster(self) -> None:
+        """A drain replays no more spooled files; forced, or once the drain's grace is over, posts
+        give up their retries: the loop may be blocked in ``submit`` behind retrying posts, where
+        ``_check_stop`` cannot see the deadline."""
+        if not self.stopping:
+            return
+        self.poster.stop_replay()
+        if self.stop.forced:
+            self.poster.give_up()
+        elif self._drain_timer is None and self.stop.drain_deadline_s is not None:
+            self._drain_timer = threading.Timer(max(0.0, self.stop.drain_deadline_s - time.monotonic()),
+                                                self._drain_grace_over)
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
+
+    def _drain_grace_over(self) -> None:
+        if self.stop.forced:
+            return
+        log.warning("drain grace of %.0f s is over: forcing", self.settings.shutdown_grace_s)
+        self.stop.forced = True
+        self._flag_loader()
+        self.poster.give_up()
+        self.wake.set()
 
     def _flag_loader(self) -> None:
         """Copy the stop flags into the live loader's shared control block now.
@@ -364,9 +390,9 @@ class Worker:
 
     def _check_stop(self, ctx: JobContext, loader: Loader) -> bool:
         """Act on flags between batches; True to leave the loader at once (forced)."""
-        if self.stop.draining and self.stop.drain_deadline_s and time.monotonic() > self.stop.drain_deadline_s:
-            log.warning("drain grace of %.0f s is over: forcing", self.settings.shutdown_grace_s)
-            self.stop.forced = True
+        if (not self.stop.forced and self.stop.draining and self.stop.drain_deadline_s
+                and time.monotonic() > self.stop.drain_deadline_s):
+            self._drain_grace_over()
         if self.stop.forced:
             loader.abandon()
             return True
@@ -432,6 +458,8 @@ class Worker:
 
     def _shutdown(self) -> None:
         """One ordered sequence under one deadline: flush posts, hooks, close."""
+        if self._drain_timer is not None:  # from here the flush below keeps the deadline
+            self._drain_timer.cancel()
         deadline_s = self.stop.drain_deadline_s or (time.monotonic() + self.settings.shutdown_grace_s)
         remaining_s = max(1.0, deadline_s - time.monotonic())
         log.info("shutdown: flushing %d pending result posts (%.1f s left)", self.poster.pending_posts, remaining_s)

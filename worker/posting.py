@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_POST_BYTES = 64 * 1024  # the floor a 413 can lower the cap to (AMI_ANTENNA_MAX_POST_BYTES' minimum)
-HoldReason = Literal["unavailable", "auth", "refused", "job_rejects_all", "crashed"]
+HoldReason = Literal["unavailable", "auth", "refused", "job_rejects_all", "crashed", "gave_up"]
+SLOT_POLL_S = 0.1  # how often a submit waiting for a post slot looks at ``give_up``
 STALE_TEMPORARY_S = 60.0  # a spool write takes milliseconds: an older .tmp is a crash's leftover
 
 
@@ -279,6 +280,8 @@ class ResultPoster:
         self._temporaries_checked = False
         self._stuck: set[str] = set()  # spool files this process cannot open or remove: left alone
         self._closing = threading.Event()
+        self._replay_stopped = threading.Event()  # a drain began: spooled files wait for the next start
+        self._gave_up = threading.Event()  # past the drain's deadline: no retries, no waiting for a slot
         self._replayer: Optional[threading.Thread] = None
 
     @property
@@ -308,12 +311,36 @@ class ResultPoster:
         items = [result.item().model_dump(mode="json") for result in results]
         encoded = encode_items(items)
         for group in split_under_cap(encoded, self.max_post_bytes):
-            self._slots.acquire()
+            if not self._take_slot():
+                self._spool(job_id, Held([items[i] for i in group], "gave_up",
+                                         "not posted: the shutdown's deadline passed while every post slot was busy"))
+                continue
             future = self._pool.submit(self._post_group, job_id, [items[i] for i in group],
                                        body_of(encoded, group))
             with self._lock:
                 self._pending.add(future)
             future.add_done_callback(self._done)
+
+    def _take_slot(self) -> bool:
+        """A post slot, waiting while all are busy; False once ``give_up`` was called and none is free."""
+        while not self._slots.acquire(timeout=SLOT_POLL_S):
+            if self._gave_up.is_set():
+                return False
+        return True
+
+    def stop_replay(self) -> None:
+        """A drain began: replay no further spooled file (the one in flight finishes); they are
+        replayed at the next start. Safe from any thread."""
+        self._replay_stopped.set()
+
+    def give_up(self) -> None:
+        """The shutdown's deadline passed: a failed attempt is final (posts in flight finish their
+        current one) and ``submit`` spools a body at once rather than wait for a busy slot, so the
+        loop reaches its forced stop within one API timeout instead of every post's retries.
+        Safe from any thread."""
+        self._gave_up.set()
+        self._replay_stopped.set()
+        self.client.stop_retrying()
 
     def _done(self, future: Future) -> None:
         with self._lock:
@@ -520,7 +547,7 @@ class ResultPoster:
                 self._retry = {name: due for name, due in self._retry.items() if name in names}
             replayed = 0
             for path in files:
-                if self._closing.is_set():
+                if self._closing.is_set() or self._replay_stopped.is_set():
                     break
                 if path.name in self._stuck or not self._due(path.name):
                     continue
@@ -598,15 +625,16 @@ class ResultPoster:
 
     def _ensure_replayer(self) -> None:
         with self._lock:
-            if self._closing.is_set() or (self._replayer is not None and self._replayer.is_alive()):
+            if (self._closing.is_set() or self._replay_stopped.is_set()
+                    or (self._replayer is not None and self._replayer.is_alive())):
                 return
             self._replayer = threading.Thread(target=self._replay_loop, name="spool-replay", daemon=True)
             self._replayer.start()
 
     def _replay_loop(self) -> None:
         """Replay due files until none is scheduled (the spool is empty, or holds only files of jobs
-        whose results the server rejects) or the poster closes."""
-        while not self._closing.is_set():
+        whose results the server rejects), the poster closes or a drain stops the replay."""
+        while not self._closing.is_set() and not self._replay_stopped.is_set():
             with self._lock:
                 next_due_s = min((due for _, due in self._retry.values()), default=None)
             if next_due_s is None:

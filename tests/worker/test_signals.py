@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import TOKEN, worker_env
 from tests.worker.worker_process import WorkerProcess
+from worker.posting import Spool
 
 GRACE_S = 20.0
 
@@ -197,3 +198,61 @@ def test_sigterm_while_the_probe_runs_reserves_nothing_more(antenna, tiny_images
     assert report.results_ok + report.results_error == report.delivered == 3
     assert (report.reserved, report.pending, report.lost) == (0, 37, 0)
     assert "stop requested: draining" in worker.output and "shutdown complete" in worker.output
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_during_the_start_up_replay_exits_within_the_grace(antenna, tmp_path):
+    """Spooled results and an API that answers 503: the replay at start retried every file in turn
+    and never looked at the stop flags (exit some 84 s after SIGTERM with a 3 s grace). A drain
+    now stops the replay, and its grace ends the retries; the files stay for the next start."""
+    spool = Spool(tmp_path / "user-data" / "spool")
+    for index in range(12):
+        spool.write(1, [{"reply_subject": f"$JS.ACK.spooled.{index}",
+                         "result": {"error": "spooled before", "image_id": str(index)}}])
+    antenna.set_unavailable(True)
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_SHUTDOWN_GRACE_S="3")
+    worker = WorkerProcess(["run"], env, tmp_path)
+    try:
+        worker.wait_for(r"POST /jobs/1/result/: HTTP 503; retry in", 120)
+        sent_s = worker.send(signal.SIGTERM)
+        code = worker.wait(120)
+        took_s = time.monotonic() - sent_s
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    assert took_s < 20.0, f"exit took {took_s:.1f} s after SIGTERM (grace 3 s)"
+    assert len(spool.files()) == 12  # nothing posted, nothing lost
+    assert "shutdown complete" in worker.output
+
+
+@pytest.mark.timeout(180)
+def test_posts_retrying_past_the_grace_do_not_hold_the_drain(antenna, tiny_images, tmp_path):
+    """Every result answered after the client's timeout, one post slot: the loop waited in
+    ``submit`` while the post in flight went through all its retries, where the grace could not
+    be seen (exit 13 s after SIGTERM with 6 attempts and a 3 s grace; at the defaults, past
+    systemd's TimeoutStopSec). Once the grace is over a post gives up its retries and a body with
+    no free slot is spooled at once."""
+    job_id = antenna.add_job(tiny_images[:40], "null")
+    antenna.set_response_faults("result", ["late"] * 1000)  # each answered 2 s after it was done
+    env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_ANTENNA_PIPELINES="null",
+                     AMI_ANTENNA_API_BATCH_SIZE="2", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="1",
+                     AMI_ANTENNA_MAX_PENDING_POSTS="1", AMI_ANTENNA_API_TIMEOUT_S="1",
+                     AMI_ANTENNA_API_MAX_ATTEMPTS="12", AMI_SHUTDOWN_GRACE_S="3")
+    worker = WorkerProcess(["run"], env, tmp_path)
+    try:
+        worker.wait_for(r"POST /jobs/\d+/result/: .*retry in", 120)
+        sent_s = worker.send(signal.SIGTERM)
+        code = worker.wait(120)
+        took_s = time.monotonic() - sent_s
+    finally:
+        worker.kill()
+    assert code == 0, worker.output[-3000:]
+    assert took_s < 12.0, f"exit took {took_s:.1f} s after SIGTERM (grace 3 s, API timeout 1 s)"
+    report = antenna.report(job_id)
+    spooled = sum(len(Spool.read(path)[1]) for path in Spool(tmp_path / "user-data" / "spool").files())
+    stranded = int(re.search(rf"job {job_id}: \d+ images .*, (\d+) stranded", worker.output).group(1))
+    # every task it took has its result on the server (a late answer still counts there), in the
+    # spool, or was logged as stranded for redelivery
+    assert report.lost == 0
+    assert report.delivered <= report.results_ok + report.results_error + spooled + stranded
+    assert "drain grace of 3 s is over: forcing" in worker.output
