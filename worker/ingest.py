@@ -143,6 +143,9 @@ class SharedControl:
         self.consumed = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)
         self.reserved_total = context.Value("q", 0)
         self.pids = context.Array("q", MAX_LOADER_WORKERS + 1, lock=False)  # slot 0: unused
+        # Reserves on the wire per slot: a worker is not killed while the server may be handing it
+        # tasks its ledger has not recorded yet.
+        self.reserving = context.Array("i", MAX_LOADER_WORKERS + 1)
         # The HTTP status of a reserve the API rejected for the token (401/403), 0 if none: the
         # reserving process stops, and only the main process can act on it (exit code, backoff).
         self.reserve_auth_status = context.Value("i", 0, lock=False)
@@ -351,18 +354,25 @@ class TaskStream(IterableDataset):
         if self.control.stop.value != RUN:
             return []
         wanted = max(1, int(self.control.tasks_per_reserve.value))
+        slot = _slot()
+        with self.control.reserving.get_lock():
+            self.control.reserving[slot] += 1
         try:
-            tasks = client.reserve_tasks(self.source.job_id, wanted, self.source.client_info)
-        except AntennaError as error:
-            log.warning("job %d: reserve failed, this loader worker stops: %s", self.source.job_id, error)
-            if isinstance(error, AntennaRejected) and error.auth:
-                self.control.reserve_auth_status.value = error.status
-            return []
-        if tasks:
-            with self.control.reserved_total.get_lock():
-                self.control.reserved_total.value += len(tasks)
-            self.control.ledger.record(tasks)
-        return tasks
+            try:
+                tasks = client.reserve_tasks(self.source.job_id, wanted, self.source.client_info)
+            except AntennaError as error:
+                log.warning("job %d: reserve failed, this loader worker stops: %s", self.source.job_id, error)
+                if isinstance(error, AntennaRejected) and error.auth:
+                    self.control.reserve_auth_status.value = error.status
+                return []
+            if tasks:
+                with self.control.reserved_total.get_lock():
+                    self.control.reserved_total.value += len(tasks)
+                self.control.ledger.record(tasks)
+            return tasks
+        finally:
+            with self.control.reserving.get_lock():
+                self.control.reserving[slot] -= 1
 
     def _wait_for_credit(self, worker_id: int) -> None:
         """Before each image: wait until this worker holds fewer than ``prefetch_depth x batch_size``
@@ -627,6 +637,12 @@ def release_image(image: Optional[torch.Tensor]) -> None:
 
 class LoaderFailed(RuntimeError):
     """The DataLoader broke (a loader worker process died); the job can go on with a new one."""
+
+
+def _slot() -> int:
+    """This process's slot in ``SharedControl``'s per-worker arrays (0: the main process)."""
+    info = get_worker_info()
+    return info.id + 1 if info is not None else 0
 
 
 def init_loader_worker(main_pid: int, log_setup: LogSetup, pids: Any, worker_id: int) -> None:
@@ -914,13 +930,19 @@ class Loader:
                             self.source.job_id)
             abandoned = True
             self.control.stop.value = ABANDON
-            if time.monotonic() >= deadline_s + LOADER_EXIT_GRACE_S:
-                self._kill_workers(f"still running {LOADER_EXIT_GRACE_S:g} s after the loader's deadline")
+            now_s = time.monotonic()
+            if now_s >= deadline_s + LOADER_EXIT_GRACE_S:
+                # One in a reserve gets that call's timeout more: its answer may hold tasks the
+                # server counts as ours, which only its ledger can tell us about.
+                self._kill_workers(f"still running {LOADER_EXIT_GRACE_S:g} s after the loader's deadline",
+                                   spare_reserving=now_s < deadline_s + LOADER_EXIT_GRACE_S + self.source.api_timeout_s)
 
-    def _kill_workers(self, why: str) -> None:
+    def _kill_workers(self, why: str, *, spare_reserving: bool = False) -> None:
         for slot in range(1, self.plan.num_workers + 1):
             pid = int(self.control.pids[slot])
             if pid <= 0 or pid in self.killed_pids or not _alive(pid):
+                continue
+            if spare_reserving and self.control.reserving[slot] > 0:
                 continue
             log.warning("job %d: killing loader worker %d (pid %d): %s", self.source.job_id, slot - 1, pid, why)
             try:

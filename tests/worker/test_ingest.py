@@ -505,6 +505,30 @@ def test_an_abandoned_long_job_counts_exactly_what_it_stranded_and_closes_prompt
     assert survivors == []
 
 
+@pytest.mark.timeout(120)
+def test_a_reserve_in_flight_when_the_loader_is_abandoned_reaches_the_ledger(antenna, tiny_images):
+    """A lane's reserve ahead is on the wire (a 4 s API) when the loader is abandoned. Its tasks are
+    reserved on the server either way; the lane is not killed before the answer is in its ledger
+    (before, the kill 2 s after the abandon lost them: neither received nor stranded)."""
+    job = antenna.add_job(_repeated(tiny_images[:8], 200), "null")
+    start_fork_server(wait=True)
+    with Loader(source(antenna, job), plan(num_workers=1, prefetch_factor=2, download_threads=4)) as loader:
+        received = 0
+        for batch in loader:
+            received += len(batch.items)
+            batch.release()
+            if received >= 8:
+                antenna.set_network(latency_s=4.0)  # the next reserve (and download) takes 4 s
+                time.sleep(1.0)  # the lane's reserve ahead is in flight
+                loader.abandon()
+                break
+        loader.close()
+        stranded = loader.stranded()
+    time.sleep(5.0)  # a reserve whose client was killed still ends on the server, 4 s after it came
+    antenna.set_network(latency_s=0.0)
+    assert len(stranded) == antenna.report(job).delivered - received > 0
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_a_dripping_download_becomes_a_timeout_error_at_its_deadline(antenna, tiny_images, num_workers):
