@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 from urllib.parse import urlsplit
@@ -112,6 +113,7 @@ class AntennaClient:
         self._session.headers["Authorization"] = f"Token {token}"
         self._session.headers["User-Agent"] = f"antenna-worker/{__version__}"
         self.retries_total = 0
+        self.last_call_s = time.monotonic()  # when the last attempt started (the server's liveness clock)
         # Called after every attempt with (method, path, status): the HTTP code as text, or
         # "connection" / "timeout". Set by whoever watches the API (the metrics middleware).
         self.on_attempt: Optional[Callable[[str, str, str], None]] = None
@@ -196,6 +198,7 @@ class AntennaClient:
         url = self.base_url + path
         for attempt in range(1, self.max_attempts + 1):
             retry_after_s: Optional[float] = None
+            self.last_call_s = time.monotonic()
             try:
                 response = self._session.request(method, url, timeout=self.timeout_s, **kwargs)
                 self._attempted(method, path, str(response.status_code))

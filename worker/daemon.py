@@ -48,6 +48,9 @@ BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
 EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing, reserve or result post
 AUTH_BACKOFF_CAP_S = 300.0
+# The server marks a pull-mode service offline after 60 s without an API call: keep a margin.
+KEEPALIVE_AFTER_S = 45.0
+KEEPALIVE_POLL_S = 5.0
 # The wake-up byte is written before the Python-level handler runs on the main thread, which then
 # sets the flags between two bytecodes: a few milliseconds cover it on a busy host.
 SIGNAL_SETTLE_S = 0.02
@@ -106,6 +109,12 @@ class Worker:
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
         self._drain_timer: Optional[threading.Timer] = None  # forces the stop when the drain's grace is over
+        self.keepalive_after_s = KEEPALIVE_AFTER_S
+        # One attempt per keep-alive: the next comes a poll later anyway.
+        self._keepalive_client = AntennaClient(settings.antenna_api_base_url, settings.token,
+                                               timeout_s=settings.antenna_api_timeout_s, max_attempts=1)
+        self._keepalive_stop = threading.Event()
+        self._keepalive: Optional[threading.Thread] = None
 
     def add_sample_listener(self, listener: Callable[[MemorySnapshot], None]) -> None:
         """Call ``listener(snapshot)`` on the sampler thread after every memory sample."""
@@ -203,6 +212,8 @@ class Worker:
         if self.sampler is not None:
             self.sampler.start()
         self.planner.start(self)
+        self._keepalive = threading.Thread(target=self._keep_alive, name="api-keepalive", daemon=True)
+        self._keepalive.start()
         try:
             self.poster.replay_spool()
             while not self.stopping and not self.stop.after_job:
@@ -217,6 +228,20 @@ class Worker:
         finally:
             self._shutdown()
         return self._exit_code()
+
+    def _keep_alive(self) -> None:
+        """List jobs when no API call has been made for ``keepalive_after_s``: the server marks a
+        pull-mode service offline after 60 s without a call, and a long batch, the probe of large
+        images on a slow link, an auth backoff or a long idle sleep can each be that quiet. Loader
+        workers' reserves count on the server but are not seen here: this may call when it need not."""
+        clients = (self.client, self.poster.client, self._keepalive_client)
+        while not self._keepalive_stop.wait(min(KEEPALIVE_POLL_S, self.keepalive_after_s / 4)):
+            if time.monotonic() - max(client.last_call_s for client in clients) < self.keepalive_after_s:
+                continue
+            try:
+                self._keepalive_client.list_jobs(self.pipeline_slugs, limit=1)
+            except AntennaError as error:  # the loop's own calls report failures
+                log.debug("keep-alive listing failed: %s", error)
 
     def _exit_code(self) -> int:
         if self.burst and (self.client.auth_rejected or self.poster.client.auth_rejected or self.reserve_rejected):
@@ -469,6 +494,10 @@ class Worker:
         if self.sampler is not None:
             self.sampler.stop()
         self.poster.close()
+        self._keepalive_stop.set()
+        if self._keepalive is not None:
+            self._keepalive.join(timeout=self.settings.antenna_api_timeout_s + 1.0)
+        self._keepalive_client.close()
         self.client.close()
         counters = self.poster.counters
         log.info("shutdown complete: %d jobs, %d results posted, %d spooled, %d results stranded (neither "

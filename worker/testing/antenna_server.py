@@ -561,6 +561,9 @@ class LocalAntenna:
         self.registered: list[dict] = []
         self.result_posts: list[dict] = []
         self.reservations: list[dict] = []
+        # When each API call with the service's own token arrived (time.monotonic()): the real
+        # server marks a pull-mode service offline after 60 s without one (``offline_gaps``).
+        self.service_calls_s: list[float] = []
         self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed, save_check=self._save_error)
         self._media = _MediaStore()
         self.conditions = _Conditions()
@@ -694,6 +697,12 @@ class LocalAntenna:
         if latency_s < 0 or jitter_s < 0 or (bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s <= 0):
             raise ValueError("latency_s and jitter_s must be >= 0 and bandwidth_bytes_per_s > 0 or None")
         self.conditions.network = _Network(latency_s, bandwidth_bytes_per_s, jitter_s, random.Random(seed))
+
+    def longest_silence_s(self, since_s: float, until_s: float) -> float:
+        """The longest time between ``since_s`` and ``until_s`` (``time.monotonic()``) without an API
+        call from the service's token: over 60 s, the real server shows the service offline."""
+        marks = [since_s] + sorted(s for s in self.service_calls_s if since_s < s < until_s) + [until_s]
+        return max(later - earlier for earlier, later in zip(marks, marks[1:]))
 
     def set_unavailable(self, unavailable: bool) -> None:
         """While set, every API call answers 503 (media is still served)."""
@@ -950,6 +959,8 @@ class _Handler(BaseHTTPRequestHandler):
                       else "Invalid token.")
             self._send_json(401, {"detail": detail}, {"WWW-Authenticate": "Token"})
             return
+        if authorization == f"Token {self.antenna.token}":
+            self.antenna.service_calls_s.append(time.monotonic())
         if authorization in readers and route[2] in SUPERUSER_ENDPOINTS:
             self._send_json(403, {"detail": "You do not have permission to perform this action."})
             return
