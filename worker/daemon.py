@@ -485,6 +485,7 @@ class Worker:
         """One ordered sequence under one deadline: flush posts, hooks, close."""
         if self._drain_timer is not None:  # from here the flush below keeps the deadline
             self._drain_timer.cancel()
+        self._keepalive_stop.set()  # the flush's posts are calls of their own
         deadline_s = self.stop.drain_deadline_s or (time.monotonic() + self.settings.shutdown_grace_s)
         remaining_s = max(1.0, deadline_s - time.monotonic())
         log.info("shutdown: flushing %d pending result posts (%.1f s left)", self.poster.pending_posts, remaining_s)
@@ -494,9 +495,8 @@ class Worker:
         if self.sampler is not None:
             self.sampler.stop()
         self.poster.close()
-        self._keepalive_stop.set()
-        if self._keepalive is not None:
-            self._keepalive.join(timeout=self.settings.antenna_api_timeout_s + 1.0)
+        if self._keepalive is not None:  # a listing in flight is not waited for: the thread is a daemon
+            self._keepalive.join(timeout=1.0)
         self._keepalive_client.close()
         self.client.close()
         counters = self.poster.counters

@@ -930,12 +930,13 @@ class Loader:
                             self.source.job_id)
             abandoned = True
             self.control.stop.value = ABANDON
+            kill_at_s = deadline_s + LOADER_EXIT_GRACE_S
             now_s = time.monotonic()
-            if now_s >= deadline_s + LOADER_EXIT_GRACE_S:
+            if now_s >= kill_at_s:
                 # One in a reserve gets that call's timeout more: its answer may hold tasks the
                 # server counts as ours, which only its ledger can tell us about.
                 self._kill_workers(f"still running {LOADER_EXIT_GRACE_S:g} s after the loader's deadline",
-                                   spare_reserving=now_s < deadline_s + LOADER_EXIT_GRACE_S + self.source.api_timeout_s)
+                                   spare_reserving=now_s < kill_at_s + self.source.api_timeout_s)
 
     def _kill_workers(self, why: str, *, spare_reserving: bool = False) -> None:
         for slot in range(1, self.plan.num_workers + 1):

@@ -23,8 +23,10 @@ What each answer does to a body (the client has already retried what it may retr
 Spooled bodies are replayed oldest first at start and then whenever a file is due: a file that
 still fails is kept with its own backoff while the others go on; an unreadable file is moved to
 ``spool/corrupt/`` with one ERROR line; a file the worker cannot open or remove (a read-only
-filesystem, another user's file) is left alone for the process's life, with one ERROR line. Each file is claimed with ``flock`` so two replayers
-(a thread and the start-up call, or two workers sharing a spool) never post it twice.
+filesystem, another user's file) is left alone for the process's life, with one ERROR line. Each
+file is claimed with ``flock`` so two replayers (a thread and the start-up call, or two workers
+sharing a spool) never post it twice. A drain stops the replay (``stop_replay``); past its
+deadline posts give up their retries (``give_up``).
 """
 from __future__ import annotations
 
