@@ -39,6 +39,17 @@ def _start(antenna, tmp_path, *, latency_s: float, new_session: bool = False, **
     return WorkerProcess(["run"], env, tmp_path, start_new_session=new_session)
 
 
+def _sigterm_once_seen(worker: WorkerProcess, pattern: str) -> tuple[int, float]:
+    """SIGTERM once ``pattern`` is in the output; (exit code, seconds from the signal to the exit)."""
+    try:
+        worker.wait_for(pattern, 120)
+        sent_s = worker.send(signal.SIGTERM)
+        code = worker.wait(120)
+        return code, time.monotonic() - sent_s
+    finally:
+        worker.kill()
+
+
 def _images_done(worker: WorkerProcess, job_id: int) -> int:
     """The worker's own count from its end-of-job line: ``job N: K images (...)``."""
     return int(worker.wait_for(rf"job {job_id}: (\d+) images \(", 5).group(1))
@@ -212,13 +223,7 @@ def test_sigterm_during_the_start_up_replay_exits_within_the_grace(antenna, tmp_
     antenna.set_unavailable(True)
     env = worker_env(antenna, tmp_path, AMI_AUTOTUNE="false", AMI_SHUTDOWN_GRACE_S="3")
     worker = WorkerProcess(["run"], env, tmp_path)
-    try:
-        worker.wait_for(r"POST /jobs/1/result/: HTTP 503; retry in", 120)
-        sent_s = worker.send(signal.SIGTERM)
-        code = worker.wait(120)
-        took_s = time.monotonic() - sent_s
-    finally:
-        worker.kill()
+    code, took_s = _sigterm_once_seen(worker, r"POST /jobs/1/result/: HTTP 503; retry in")
     assert code == 0, worker.output[-3000:]
     assert took_s < 20.0, f"exit took {took_s:.1f} s after SIGTERM (grace 3 s)"
     assert len(spool.files()) == 12  # nothing posted, nothing lost
@@ -239,13 +244,7 @@ def test_posts_retrying_past_the_grace_do_not_hold_the_drain(antenna, tiny_image
                      AMI_ANTENNA_MAX_PENDING_POSTS="1", AMI_ANTENNA_API_TIMEOUT_S="1",
                      AMI_ANTENNA_API_MAX_ATTEMPTS="12", AMI_SHUTDOWN_GRACE_S="3")
     worker = WorkerProcess(["run"], env, tmp_path)
-    try:
-        worker.wait_for(r"POST /jobs/\d+/result/: .*retry in", 120)
-        sent_s = worker.send(signal.SIGTERM)
-        code = worker.wait(120)
-        took_s = time.monotonic() - sent_s
-    finally:
-        worker.kill()
+    code, took_s = _sigterm_once_seen(worker, r"POST /jobs/\d+/result/: .*retry in")
     assert code == 0, worker.output[-3000:]
     assert took_s < 12.0, f"exit took {took_s:.1f} s after SIGTERM (grace 3 s, API timeout 1 s)"
     report = antenna.report(job_id)

@@ -562,7 +562,7 @@ class LocalAntenna:
         self.result_posts: list[dict] = []
         self.reservations: list[dict] = []
         # When each API call with the service's own token arrived (time.monotonic()): the real
-        # server marks a pull-mode service offline after 60 s without one (``offline_gaps``).
+        # server marks a pull-mode service offline after 60 s without one (``longest_silence_s``).
         self.service_calls_s: list[float] = []
         self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed, save_check=self._save_error)
         self._media = _MediaStore()
