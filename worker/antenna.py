@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 from urllib.parse import urlsplit
 
 import requests
@@ -34,7 +34,7 @@ from worker.sessions import EnvironmentSession
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-MAX_PROJECT_PAGES = 1000  # a guard against a server whose ``next`` never ends
+MAX_PAGES = 1000  # a guard against a server whose ``next`` never ends
 # Statuses after which no reservation can have happened: the server refused before reserving.
 NOTHING_DONE_STATUSES = frozenset({429, 503})
 SUPERUSER_HINT = "task and result calls need a superuser's token on Antenna"
@@ -130,8 +130,13 @@ class AntennaClient:
 
     # --- the contract's calls ---
 
-    def list_jobs(self, pipeline_slugs: Sequence[str], *, limit: Optional[int] = None) -> list[JobRef]:
-        """Incomplete pull-mode jobs; without ``limit`` the server hands out ONE at random."""
+    def list_jobs(self, pipeline_slugs: Sequence[str], *, limit: Optional[int] = None,
+                  every_page: bool = False) -> list[JobRef]:
+        """Incomplete pull-mode jobs; without ``limit`` the server hands out ONE at random.
+
+        ``every_page``: follow the listing's ``next`` links too. The server pages with limit and
+        offset and may cap a page below ``limit``; a job listed twice (the offsets move as jobs
+        complete between pages) is kept once."""
         params: dict[str, Any] = {
             "pipeline__slug__in": ",".join(pipeline_slugs),
             "ids_only": 1,
@@ -140,7 +145,13 @@ class AntennaClient:
         }
         if limit is not None:
             params["limit"] = limit
-        return self._call("GET", "/jobs/", parse=_job_refs, params=params)
+        if not every_page:
+            return self._call("GET", "/jobs/", parse=_job_refs, params=params)
+        jobs: dict[int, JobRef] = {}
+        for body in self._pages("/jobs/", params):
+            for job in _job_rows(body):
+                jobs.setdefault(job.id, job)
+        return list(jobs.values())
 
     def reserve_tasks(self, job_id: int, batch_size: int, info: Optional[dict] = None) -> list[Task]:
         """Reserve up to ``batch_size`` tasks; ``[]`` means nothing deliverable right now."""
@@ -162,15 +173,18 @@ class AntennaClient:
 
     def list_projects(self) -> list[dict]:
         """Every project the token sees, following ``next`` (the server pages them 10 at a time)."""
-        projects: list[dict] = []
-        page: Optional[str] = "/projects/"
+        return [project for body in self._pages("/projects/") for project in body["results"]]
+
+    def _pages(self, path: str, params: Optional[dict[str, Any]] = None) -> Iterator[dict]:
+        """Each page of a paginated listing, following ``next`` (it carries the query) under the
+        base URL, at most ``MAX_PAGES`` of them and never one page twice."""
+        page: Optional[str] = path
         seen: set[str] = set()
-        while page and page not in seen and len(seen) < MAX_PROJECT_PAGES:
+        while page and page not in seen and len(seen) < MAX_PAGES:
             seen.add(page)
-            body = self._call("GET", page, parse=_project_page)
-            projects.extend(body["results"])
+            body = self._call("GET", page, parse=_page, params=params if page == path else None)
+            yield body
             page = self._under_base(body.get("next"))
-        return projects
 
     def _under_base(self, link: Optional[str]) -> Optional[str]:
         """A ``next`` link as a path under the base URL: the token only ever goes to the configured
@@ -298,7 +312,11 @@ def _rows(body: dict, key: str) -> list:
 
 
 def _job_refs(response: requests.Response) -> list[JobRef]:
-    rows = _rows(_json_object(response), "results")
+    return _job_rows(_page(response))
+
+
+def _job_rows(body: dict) -> list[JobRef]:
+    rows = body["results"]
     try:
         return [JobRef(int(row["id"]), str(row.get("pipeline_slug", ""))) for row in rows]
     except (KeyError, TypeError, ValueError) as error:
@@ -313,7 +331,7 @@ def _tasks(response: requests.Response) -> list[Task]:
         raise _BadResponse(f"a task is malformed ({error.error_count()} errors)") from None
 
 
-def _project_page(response: requests.Response) -> dict:
+def _page(response: requests.Response) -> dict:
     body = _json_object(response)
     body["results"] = _rows(body, "results")
     return body

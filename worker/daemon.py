@@ -252,7 +252,8 @@ class Worker:
 
     def _poll_once(self) -> bool:
         try:
-            jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None)
+            jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None,
+                                         every_page=self.burst)
         except AntennaError as error:
             self._listing_failed(error)
             return False

@@ -106,6 +106,15 @@ def test_list_projects_follows_every_page(antenna_factory):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.timeout(30)
+def test_a_job_listing_follows_next_when_asked(antenna, tiny_images):
+    jobs = [antenna.add_job(tiny_images[i:i + 1], "null") for i in range(5)]
+    antenna.set_job_page_cap(2)  # the server's max_limit: pages of 2, whatever limit asks
+    client = client_for(antenna)
+    assert [j.id for j in client.list_jobs(["null"], limit=1000)] == jobs[:2]
+    assert [j.id for j in client.list_jobs(["null"], limit=1000, every_page=True)] == jobs
+
+
 def test_register_registers_with_projects_on_every_page(antenna_factory, tmp_path):
     import subprocess
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import TOKEN, worker_env
-from worker.antenna import JobRef
+from worker.antenna import AntennaClient, JobRef
 from worker.app import build_worker
 
 FAULTS = ("404", "corrupt", "truncated", "empty", "html", "reset", "bomb")
@@ -380,3 +380,21 @@ def test_running_out_of_file_descriptors_while_a_loader_starts_fails_the_loader_
         assert build_worker(settings, burst=True, middlewares=[]).run() == 0
     report = antenna.report(job)
     assert report.complete and report.results_ok == 4 and report.lost == 0 and report.duplicates == 0
+
+
+@pytest.mark.timeout(120)
+def test_burst_follows_the_listings_next_link_past_jobs_that_answer_nothing_now(antenna, settings_for, tiny_images):
+    """A server caps a listing page (Django REST framework's ``max_limit``) below what a burst asks
+    for. The first page's jobs answer [] (another worker holds their tasks): the job behind the
+    page's ``next`` link still gets done, not skipped by a burst that saw no work on page one."""
+    held = [antenna.add_job(tiny_images[i * 2:i * 2 + 2], "null") for i in range(3)]
+    waiting = antenna.add_job(tiny_images[6:10], "null")
+    other = AntennaClient(antenna.base_url, TOKEN, max_attempts=1)
+    for job in held:
+        assert len(other.reserve_tasks(job, 10)) == 2  # another worker's, unanswered for now
+    antenna.set_job_page_cap(2)
+    settings = settings_for(antenna, antenna_api_dataloader_num_workers=0, antenna_api_batch_size=4)
+    assert build_worker(settings, burst=True, middlewares=[]).run() == 0
+    report = antenna.report(waiting)
+    assert (report.results_ok, report.complete) == (4, True)
+    assert all(antenna.report(job).results_ok == 0 for job in held)

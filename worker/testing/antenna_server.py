@@ -36,7 +36,7 @@ from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from pydantic import ValidationError
 
@@ -564,6 +564,7 @@ class LocalAntenna:
         # When each API call with the service's own token arrived (time.monotonic()): the real
         # server marks a pull-mode service offline after 60 s without one (``longest_silence_s``).
         self.service_calls_s: list[float] = []
+        self.job_page_cap: Optional[int] = None  # set_job_page_cap
         self._ledger = _Ledger(reservation_timeout_s, max_deliveries, rng_seed, save_check=self._save_error)
         self._media = _MediaStore()
         self.conditions = _Conditions()
@@ -737,11 +738,37 @@ class LocalAntenna:
                                       (query.get("dispatch_mode") or [None])[0])
         limit = _limit(query)
         if _flag(query, "ids_only") and limit is None:
-            chosen = self._ledger.pick(jobs)
+            chosen, next_link, previous_link = self._ledger.pick(jobs), None, None
         else:
-            chosen = jobs[:limit] if limit is not None else jobs
+            chosen, next_link, previous_link = self._job_page(query, jobs, limit)
         results = [self._job_summary(job, _flag(query, "ids_only")) for job in chosen]
-        return {"count": len(jobs), "next": None, "previous": None, "results": results}
+        return {"count": len(jobs), "next": next_link, "previous": previous_link, "results": results}
+
+    def set_job_page_cap(self, cap: Optional[int]) -> None:
+        """At most ``cap`` jobs per listing page, whatever ``limit`` asks (Django REST framework's
+        ``max_limit``); None: no cap. The rest are behind the page's ``next`` link."""
+        if cap is not None and cap < 1:
+            raise ValueError("cap must be >= 1 or None")
+        self.job_page_cap = cap
+
+    def _job_page(self, query: Mapping[str, list[str]], jobs: list[_Job],
+                  limit: Optional[int]) -> tuple[list[_Job], Optional[str], Optional[str]]:
+        """Limit-offset paging, as the real server's listing: ``limit`` capped at the page cap,
+        ``offset`` from the query, and ``next``/``previous`` as absolute URLs carrying the query."""
+        if limit is None and self.job_page_cap is None:
+            return jobs, None, None
+        size = min(limit if limit is not None else len(jobs), self.job_page_cap or len(jobs) or 1)
+        offset = _offset(query)
+        chosen = jobs[offset:offset + size]
+
+        def link(start: int) -> str:
+            pairs = [(k, v) for k, values in query.items() if k not in ("limit", "offset") for v in values]
+            pairs += [("limit", str(size)), ("offset", str(start))]
+            return f"{self.base_url}/jobs/?{urlencode(pairs)}"
+
+        next_link = link(offset + size) if offset + size < len(jobs) else None
+        previous_link = link(max(0, offset - size)) if offset > 0 else None
+        return chosen, next_link, previous_link
 
     def _job_summary(self, job: _Job, ids_only: bool) -> dict[str, Any]:
         summary: dict[str, Any] = {"id": job.id, "pipeline_slug": job.pipeline_slug}
@@ -840,6 +867,13 @@ def _check_job_args(images: Sequence[Any], faults: Mapping[str, str], dispatch_m
 
 def _flag(query: Mapping[str, list[str]], name: str) -> bool:
     return bool(query.get(name)) and query[name][0] in _TRUTHY
+
+
+def _offset(query: Mapping[str, list[str]]) -> int:
+    try:
+        return max(0, int((query.get("offset") or ["0"])[0]))
+    except ValueError:
+        return 0  # Django REST framework reads a bad offset as 0
 
 
 def _limit(query: Mapping[str, list[str]]) -> Optional[int]:
