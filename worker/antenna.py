@@ -148,8 +148,8 @@ class AntennaClient:
         if not every_page:
             return self._call("GET", "/jobs/", parse=_job_refs, params=params)
         jobs: dict[int, JobRef] = {}
-        for body in self._pages("/jobs/", params):
-            for job in _job_rows(body):
+        for body in self._pages("/jobs/", _job_page, params):
+            for job in body["results"]:
                 jobs.setdefault(job.id, job)
         return list(jobs.values())
 
@@ -173,16 +173,18 @@ class AntennaClient:
 
     def list_projects(self) -> list[dict]:
         """Every project the token sees, following ``next`` (the server pages them 10 at a time)."""
-        return [project for body in self._pages("/projects/") for project in body["results"]]
+        return [project for body in self._pages("/projects/", _page) for project in body["results"]]
 
-    def _pages(self, path: str, params: Optional[dict[str, Any]] = None) -> Iterator[dict]:
-        """Each page of a paginated listing, following ``next`` (it carries the query) under the
-        base URL, at most ``MAX_PAGES`` of them and never one page twice."""
+    def _pages(self, path: str, parse: Callable[[requests.Response], dict],
+               params: Optional[dict[str, Any]] = None) -> Iterator[dict]:
+        """Each page of a paginated listing (``parse``d: a page that cannot be read is retried and
+        then unavailable, as any call), following ``next`` (it carries the query) under the base
+        URL, at most ``MAX_PAGES`` of them and never one page twice."""
         page: Optional[str] = path
         seen: set[str] = set()
         while page and page not in seen and len(seen) < MAX_PAGES:
             seen.add(page)
-            body = self._call("GET", page, parse=_page, params=params if page == path else None)
+            body = self._call("GET", page, parse=parse, params=params if page == path else None)
             yield body
             page = self._under_base(body.get("next"))
 
@@ -312,11 +314,17 @@ def _rows(body: dict, key: str) -> list:
 
 
 def _job_refs(response: requests.Response) -> list[JobRef]:
-    return _job_rows(_page(response))
+    return _job_page(response)["results"]
 
 
-def _job_rows(body: dict) -> list[JobRef]:
-    rows = body["results"]
+def _job_page(response: requests.Response) -> dict:
+    """A listing page with its rows as ``JobRef``s."""
+    body = _page(response)
+    body["results"] = _job_rows(body["results"])
+    return body
+
+
+def _job_rows(rows: list) -> list[JobRef]:
     try:
         return [JobRef(int(row["id"]), str(row.get("pipeline_slug", ""))) for row in rows]
     except (KeyError, TypeError, ValueError) as error:
