@@ -2,8 +2,9 @@
 
 On a TTY the line is redrawn in place; elsewhere (journald, pipes) the same line is a DEBUG log
 record at most every ``REDRAW_INTERVAL_S``, so INFO logs stay one line per decision. The line is redrawn
-in place with ``\\r``; a logging filter clears it before any log record is written to the same
-terminal, so log lines never end up glued to a half-drawn bar. The total is the server's queue
+in place with ``\\r``. A record written to the same terminal clears it first, inside its
+handler's lock (the handler's formatter is wrapped), and the bar is drawn under that lock too: a
+record logged by another thread while the loop redraws never lands glued to a bar. The total is the server's queue
 count read from the reply subjects of the last processed batch (``prometheus.queued_after_batch``),
 so it shows as ``~total`` and only when a subject carries it.
 """
@@ -43,14 +44,18 @@ def format_progress(job_id: int, done: int, total: Optional[int], images_per_s: 
     return line
 
 
-class _ClearLine(logging.Filter):
-    def __init__(self, progress: "ProgressMiddleware") -> None:
+class _ClearLine(logging.Formatter):
+    """The handler's own formatter, after clearing the bar: ``format`` runs inside the handler's
+    ``emit``, under its lock, so no redraw comes between the clearing and the record."""
+
+    def __init__(self, progress: "ProgressMiddleware", inner: Optional[logging.Formatter]) -> None:
         super().__init__()
         self.progress = progress
+        self.inner = inner or logging.Formatter()
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def format(self, record: logging.LogRecord) -> str:
         self.progress.clear()
-        return True
+        return self.inner.format(record)
 
 
 class ProgressMiddleware(Middleware):
@@ -60,7 +65,7 @@ class ProgressMiddleware(Middleware):
         self._lock = threading.Lock()
         self._shown = False
         self._drawn_s = 0.0
-        self._filter = _ClearLine(self)
+        self._handlers: list[logging.Handler] = []  # the root's handlers writing to this terminal
         self._total: Optional[int] = None  # the job's images, done and queued, from the last batch
 
     def on_start(self, worker: "Worker") -> None:
@@ -68,7 +73,8 @@ class ProgressMiddleware(Middleware):
             return
         for handler in logging.getLogger().handlers:
             if getattr(handler, "stream", None) is self.stream:
-                handler.addFilter(self._filter)
+                handler.setFormatter(_ClearLine(self, handler.formatter))
+                self._handlers.append(handler)
 
     def after_batch(self, worker: "Worker", ctx: JobContext, batch: "Batch", results: "list[ImageResult]") -> None:
         now_s = time.monotonic()
@@ -89,8 +95,10 @@ class ProgressMiddleware(Middleware):
                 self._shown = False
 
     def on_stop(self, worker: "Worker") -> None:
-        for handler in logging.getLogger().handlers:
-            handler.removeFilter(self._filter)
+        for handler in self._handlers:
+            if isinstance(handler.formatter, _ClearLine) and handler.formatter.progress is self:
+                handler.setFormatter(handler.formatter.inner)
+        self._handlers = []
 
     def draw(self, worker: "Worker", ctx: JobContext, batch: Optional["Batch"]) -> None:
         if batch is not None and batch.items:
@@ -105,10 +113,16 @@ class ProgressMiddleware(Middleware):
         if not self.tty:
             log.debug("%s", line)
             return
-        with self._lock:
-            self.stream.write("\r\x1b[K" + line)
-            self.stream.flush()
-            self._shown = True
+        for handler in self._handlers:  # so no record is between its clearing and its write
+            handler.acquire()
+        try:
+            with self._lock:
+                self.stream.write("\r\x1b[K" + line)
+                self.stream.flush()
+                self._shown = True
+        finally:
+            for handler in reversed(self._handlers):
+                handler.release()
 
     def clear(self) -> None:
         with self._lock:
