@@ -92,7 +92,7 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
-        case_sensitive=False,
+        case_sensitive=False, allow_inf_nan=False,  # "inf" seconds would overflow a timer or socket timeout
     )
 
     # --- the ADC worker's settings (names and defaults kept) ---
@@ -164,8 +164,12 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str) -> str:
         parsed = urlparse(value)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or not parsed.hostname:
             raise ValueError("must be an http(s) URL such as http://localhost:8000/api/v2")
+        try:
+            parsed.port  # noqa: B018 (raises on a port that is not a number from 0 to 65535)
+        except ValueError:
+            raise ValueError(f"has a port that is not a number from 0 to 65535: {parsed.netloc}") from None
         return value.rstrip("/")
 
     @field_validator("models_base_url")
@@ -179,8 +183,10 @@ class Settings(BaseSettings):
     @field_validator("metrics_addr")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value and (":" not in value or not value.rsplit(":", 1)[1].isdigit()):
-            raise ValueError("must be HOST:PORT such as 127.0.0.1:9464, or empty to disable")
+        if value and (":" not in value or not value.rsplit(":", 1)[1].isdigit()
+                      or int(value.rsplit(":", 1)[1]) > 65535):
+            raise ValueError("must be HOST:PORT (a port from 0 to 65535) such as 127.0.0.1:9464, or empty "
+                             "to disable")
         return value
 
     @model_validator(mode="before")
@@ -201,7 +207,11 @@ class Settings(BaseSettings):
     @field_validator("user_data_path", "pipeline_torchscript_path")
     @classmethod
     def _expand_home(cls, value: Optional[Path]) -> Optional[Path]:
-        return value.expanduser() if value is not None else None
+        try:
+            return value.expanduser() if value is not None else None
+        except RuntimeError:  # ~name of a user this system does not have
+            raise ValueError(f"starts with {str(value).split('/')[0]}, a home folder this system "
+                             "does not know") from None
 
     @field_validator("log_level", mode="before")
     @classmethod

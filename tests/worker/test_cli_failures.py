@@ -159,3 +159,17 @@ def test_start_up_logs_one_banner_line(antenna, tmp_path):
     for part in (f"torch {torch.__version__}", "CUDA", "device cpu", f"API {antenna.base_url}",
                  "pipelines null", "memory limit 3072 MiB (AMI_MAX_MEMORY_BYTES)"):
         assert part in banner, (part, banner)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("variable", "value"), [
+    ("AMI_ANTENNA_API_TIMEOUT_S", "inf"),  # accepted before, then an OverflowError in the first call
+    ("AMI_ANTENNA_IDLE_SLEEP_SECONDS", "inf"),
+    ("AMI_METRICS_ADDR", "127.0.0.1:99999"),  # accepted before, then an OverflowError binding it
+    ("AMI_ANTENNA_API_BASE_URL", "http://127.0.0.1:abc/api/v2"),  # before: "unreachable", burst exit 0
+    ("AMI_USER_DATA_PATH", "~nosuchuser/spool"),  # before: a RuntimeError traceback
+])
+def test_a_value_that_failed_only_later_is_one_line_exit_2(tmp_path, variable, value):
+    done = _run(["check"], _env(AMI_ANTENNA_API_AUTH_TOKEN=TOKEN, **{variable: value}), tmp_path)
+    line = _one_error_line(done)
+    assert done.returncode == 2 and f"{variable}={value}" in line, done.stderr[-2000:]
