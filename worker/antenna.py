@@ -130,19 +130,17 @@ class AntennaClient:
 
     # --- the contract's calls ---
 
-    def list_jobs(self, pipeline_slugs: Sequence[str], *, limit: Optional[int] = None,
+    def list_jobs(self, pipeline_slugs: Optional[Sequence[str]], *, limit: Optional[int] = None,
                   every_page: bool = False) -> list[JobRef]:
-        """Incomplete pull-mode jobs; without ``limit`` the server hands out ONE at random.
+        """Incomplete pull-mode jobs of ``pipeline_slugs`` (None: of every pipeline); without
+        ``limit`` the server hands out ONE at random.
 
         ``every_page``: follow the listing's ``next`` links too. The server pages with limit and
         offset and may cap a page below ``limit``; a job listed twice (the offsets move as jobs
         complete between pages) is kept once."""
-        params: dict[str, Any] = {
-            "pipeline__slug__in": ",".join(pipeline_slugs),
-            "ids_only": 1,
-            "incomplete_only": 1,
-            "dispatch_mode": "async_api",
-        }
+        params: dict[str, Any] = {"ids_only": 1, "incomplete_only": 1, "dispatch_mode": "async_api"}
+        if pipeline_slugs is not None:
+            params["pipeline__slug__in"] = ",".join(pipeline_slugs)
         if limit is not None:
             params["limit"] = limit
         if not every_page:

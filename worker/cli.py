@@ -167,6 +167,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _probe_tasks(text: str) -> int:
+    """As AMI_AUTOTUNE_PROBE_TASKS: a probe holds its tasks while it times them."""
+    limit = Settings.model_fields["autotune_probe_tasks"].metadata
+    low = next(m.ge for m in limit if hasattr(m, "ge"))
+    high = next(m.le for m in limit if hasattr(m, "le"))
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}")
+    return int(text)
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -216,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--images", nargs="+", metavar="DIR|URL", help="sample images: a folder, files or URLs "
                         "(nothing is reserved)")
     tune.add_argument("--pipeline", help="pipeline slug for --images (default: the first offered)")
-    tune.add_argument("--probe-tasks", type=int, help="tasks to probe (default AMI_AUTOTUNE_PROBE_TASKS)")
+    tune.add_argument("--probe-tasks", type=_probe_tasks, metavar="N",
+                      help="tasks to probe, 1 to 32 (default AMI_AUTOTUNE_PROBE_TASKS)")
     tune.add_argument("--write-env", metavar="FILE", help="also write the recommended env lines to FILE")
     tune.set_defaults(func=cmd_tune)
 

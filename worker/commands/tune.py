@@ -11,6 +11,7 @@ run never strands a task, and says so. The API token never reaches the output.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, TextIO
@@ -262,11 +263,17 @@ def run_tune(settings: Settings, *, job_id: Optional[int], images: Sequence[str]
     """The ``worker tune`` command; returns the exit code."""
     from worker.app import build_worker, offered_slugs
 
+    if write_env is not None:
+        _check_writable(write_env)  # before anything is reserved
     worker = build_worker(settings, burst=True, middlewares=[], environ=environ)
     try:
         slugs = offered_slugs(settings)
         tasks = probe_tasks or settings.autotune_probe_tasks
         if images:
+            try:
+                worker.pipelines(pipeline or slugs[0])
+            except ValueError as error:  # an unknown slug
+                raise SettingsError(f"--pipeline: {str(error).splitlines()[0]}") from None
             report = tune_images(worker, images, pipeline or slugs[0])
         else:
             job = _pick_job(worker, job_id, slugs)
@@ -288,12 +295,27 @@ def run_tune(settings: Settings, *, job_id: Optional[int], images: Sequence[str]
         worker.client.close()
 
 
+def _check_writable(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK) or (
+            path.exists() and not os.access(path, os.W_OK)):
+        raise SettingsError(f"--write-env {path}: cannot write a file there")
+
+
 def _pick_job(worker, job_id: Optional[int], slugs: Sequence[str]) -> Optional[JobRef]:
-    jobs = worker.client.list_jobs(slugs, limit=100)
+    """The job to probe: ``job_id`` if it is an incomplete job of an offered pipeline, else the
+    first such job. A job of a pipeline this worker does not offer is refused (``worker run``
+    never takes it, and its results would be posted under the wrong pipeline); one not listed at
+    all (complete, not a pull-mode job, unknown) is left to the server to answer: a reserve
+    from it gets nothing, or an error."""
+    jobs = worker.client.list_jobs(slugs, limit=1000, every_page=True)
     if job_id is None:
         return jobs[0] if jobs else None
     for job in jobs:
         if job.id == job_id:
             return job
-    # Not listed (complete, or another pipeline): still probe it with the first offered pipeline.
+    for job in worker.client.list_jobs(None, limit=1000, every_page=True):
+        if job.id == job_id:
+            raise SettingsError(f"--job {job_id} is a job of pipeline {job.pipeline_slug!r}, which this worker "
+                                f"does not offer (AMI_ANTENNA_PIPELINES: {', '.join(slugs)}); nothing reserved")
     return JobRef(job_id, slugs[0])

@@ -101,3 +101,43 @@ def test_tune_job_with_the_results_api_down_reports_and_spools_instead_of_crashi
     assert "Traceback" not in done.stderr and "result posts still pending" in done.stderr
     spooled = [Spool.read(path) for path in Spool(tmp_path / "user-data" / "spool").files()]
     assert sum(len(items) for _, items in spooled) == 3 and antenna.report(job_id).results_ok == 0
+
+
+def _one_line_exit_2(done: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("worker")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.timeout(180)
+def test_tune_refuses_a_job_of_a_pipeline_this_worker_does_not_offer(antenna, tiny_images, tmp_path):
+    """Before: 3 tasks reserved and their results posted under the first offered pipeline (a real
+    server's save of those fails, and each task lost one of its two deliveries)."""
+    other = antenna.add_job(tiny_images[:6], "synthetic-moths")
+    antenna.set_job_page_cap(1)  # and behind a page of another job: the listing's pages are followed
+    antenna.add_job(tiny_images[6:8], "null")
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="null")
+    line = _one_line_exit_2(tune(env, tmp_path, "--job", str(other)))
+    assert f"--job {other} is a job of pipeline 'synthetic-moths'" in line and "AMI_ANTENNA_PIPELINES" in line
+    assert antenna.reservations == [] and antenna.result_posts == []
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("args", [
+    ("--probe-tasks", "-5"), ("--probe-tasks", "0"), ("--probe-tasks", "33"),  # before: exit 3, the default, the job
+    ("--write-env", "/proc/no-such/tuned.env"),  # before: a traceback after the probe had reserved and posted
+])
+def test_tune_bad_options_are_one_line_exit_2_before_anything_is_reserved(antenna, tiny_images, tmp_path, args):
+    antenna.add_job(tiny_images[:6], PIPELINE)
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES=PIPELINE)
+    line = _one_line_exit_2(tune(env, tmp_path, *args))
+    assert args[0] in line
+    assert antenna.reservations == [] and antenna.result_posts == []
+
+
+@pytest.mark.timeout(180)
+def test_tune_images_with_an_unknown_pipeline_is_one_line_exit_2(tiny_images, antenna, tmp_path):
+    env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES=PIPELINE)
+    line = _one_line_exit_2(tune(env, tmp_path, "--images", str(tiny_images[0].path), "--pipeline", "nosuch"))
+    assert "--pipeline" in line and "'nosuch'" in line
