@@ -115,6 +115,23 @@ def startup_banner(settings: Settings, device: torch.device, limits: Limits) -> 
             f"memory limit {limits.effective_limit_bytes / 2**20:.0f} MiB ({limits.limit_source})")
 
 
+def check_user_data_path(path: Path) -> None:
+    """A path that cannot be a folder is a bad setting (a typo, a path under a file); an existing
+    folder that is not writable (a read-only mount) is one ERROR line, and the worker goes on: its
+    results still post, only what the API cannot take is not spooled."""
+    spool = path / "spool"
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if not path.is_dir():
+            raise SettingsError(f"AMI_USER_DATA_PATH={path} cannot be created ({error.strerror or error}); "
+                                "set it to a writable folder (the result spool, corrections, advisories)") from None
+    if not (spool.is_dir() and os.access(spool, os.W_OK)):
+        log.error("AMI_USER_DATA_PATH=%s is not writable: results the API cannot take will not be spooled "
+                  "(their tasks are redelivered after the reservation timeout), and memory corrections and "
+                  "advisories are not kept", path)
+
+
 def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None,
                  planner: Planner | None = None, environ: Mapping[str, str] = {}) -> Worker:
     """The worker ``settings`` describe. ``environ`` is the process environment as the CLI read it
@@ -127,6 +144,7 @@ def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[M
                  100 * settings.gpu_memory_fraction)
     limits = read_worker_limits(settings)
     log.info("%s", startup_banner(settings, device, limits))
+    check_user_data_path(settings.user_data_path)
     client = make_client(settings)
     poster = ResultPoster(
         make_client(settings), Spool(settings.user_data_path / "spool"),

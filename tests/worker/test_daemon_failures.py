@@ -16,7 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, worker_env
+from tests.worker.worker_process import worker_command
 from worker.antenna import AntennaClient
 from worker.app import build_worker
 from worker.daemon import EXIT_TOKEN_REJECTED
@@ -145,5 +146,36 @@ def test_a_spool_on_a_read_only_filesystem_does_not_stop_the_worker(antenna, set
         assert worker.run() == 0
     assert antenna.report(job).results_error == 2
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
-    assert len(errors) == 1 and "cannot be opened or removed" in errors[0]
+    assert len(errors) == 2, errors
+    assert "is not writable: results the API cannot take will not be spooled" in errors[0]  # said at the start
+    assert "cannot be opened or removed" in errors[1]
     assert "shutdown complete" in caplog.text
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["under /proc", "under a file"])
+def test_a_user_data_path_that_cannot_be_a_folder_is_one_line_exit_2(antenna, tiny_images, tmp_path, where):
+    """Before: the job ran, nothing could be spooled, and every job's end logged a traceback."""
+    antenna.add_job(tiny_images[:4], "null")
+    (tmp_path / "a-file").write_text("")
+    path = "/proc/no-such/ami" if where == "under /proc" else str(tmp_path / "a-file" / "ami")
+    env = worker_env(antenna, tmp_path, AMI_USER_DATA_PATH=path, AMI_ANTENNA_PIPELINES="null")
+    done = subprocess.run(worker_command("run", "--burst"), env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=100)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("worker")]
+    assert done.returncode == 2 and len(errors) == 1 and f"AMI_USER_DATA_PATH={path}" in errors[0], done.stderr[-2000:]
+    assert antenna.reservations == []
+
+
+@pytest.mark.timeout(180)
+def test_an_advisory_that_cannot_be_written_is_a_warning_not_a_traceback(antenna, settings_for, tiny_images, caplog):
+    job = antenna.add_job(tiny_images[:6], "null")
+    settings = settings_for(antenna, antenna_pipelines="null", autotune=True)
+    settings.user_data_path.mkdir(parents=True)
+    (settings.user_data_path / "advisories").write_text("a file where the folder goes")
+    caplog.set_level(logging.INFO)
+    assert build_worker(settings, burst=True).run() == 0
+    assert antenna.report(job).results_ok == 6
+    assert f"job {job}: memory correction and advisory not saved under" in caplog.text
+    assert not [record for record in caplog.records if record.exc_info], caplog.text[-2000:]

@@ -71,8 +71,12 @@ class TuningMiddleware(Middleware):
         if observed <= 0:  # no sampler running: one exact reading is better than none
             observed = observed_bytes(sample_tree(os.getpid()))
         slug = ctx.job.pipeline_slug
-        self.corrections.update(slug, tuning.decision.memory.raw_job_peak_bytes, observed)
-        self._write_advisory(worker, ctx, tuning, observed, end_of_batch)
+        try:
+            self.corrections.update(slug, tuning.decision.memory.raw_job_peak_bytes, observed)
+            self._write_advisory(worker, ctx, tuning, observed, end_of_batch)
+        except OSError as error:  # an unwritable AMI_USER_DATA_PATH: said once at the start, here per job
+            log.warning("job %d: memory correction and advisory not saved under %s (%s)", ctx.job.id,
+                        worker.settings.user_data_path, error.strerror or error)
 
     def _write_advisory(self, worker: "Worker", ctx: JobContext, tuning: JobTuning,
                         observed_peak_bytes: int, end_of_batch: list[int]) -> None:
