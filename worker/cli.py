@@ -36,8 +36,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     from worker.logs import configure_logging
     from worker.settings import unused_variable_warnings, variable_names
 
+    given = args.env_file
+    args.env_file = given or ".env"  # the default is read only where it exists
     settings = load_settings(env_file=args.env_file)
     configure_logging(settings.log_level, settings.log_format, secrets=[settings.token])
+    if given is not None and not os.path.exists(given):
+        # Not an error: service files and batch scripts name an env file that may not be used.
+        log.warning("--env-file %s does not exist: settings come from the environment only", given)
     for line in unused_variable_warnings(variable_names(args.env_file)):
         log.warning("%s", line)
     return settings
@@ -204,7 +209,7 @@ ENV_FILE_HELP = "dotenv file to read (default .env); before or after the subcomm
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="worker", description="Self-tuning Antenna image-inference worker.")
     parser.add_argument("--version", action="version", version=version_text())
-    parser.add_argument("--env-file", default=".env", help=ENV_FILE_HELP)
+    parser.add_argument("--env-file", default=None, help=ENV_FILE_HELP)
     # Each subcommand takes --env-file too; SUPPRESS keeps the global value unless it is given there.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--env-file", default=argparse.SUPPRESS, help=ENV_FILE_HELP)

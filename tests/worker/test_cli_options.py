@@ -36,3 +36,22 @@ def test_env_file_is_read_before_or_after_the_subcommand(tmp_path, where):
     assert done.returncode == 0, done.stderr
     assert f"AMI_ANTENNA_API_BATCH_SIZE=7  # {env_file}" in [line.strip() for line in done.stdout.splitlines()] \
         or any(line.startswith("AMI_ANTENNA_API_BATCH_SIZE=7") for line in done.stdout.splitlines())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_env_file_given_that_does_not_exist_is_said(tmp_path, where):
+    """Before: a mistyped --env-file was ignored without a word, and `run` then failed on an unset
+    token. Still not an error (a unit or batch script may name an optional file)."""
+    option = ["--env-file", str(tmp_path / "typo.env")]
+    done = _worker(*(option + ["config"] if where == "before" else ["config"] + option), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"--env-file {tmp_path / 'typo.env'} does not exist: settings come from the environment only" in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_default_env_file_is_read_where_it_exists_and_not_missed_where_it_does_not(tmp_path):
+    assert "does not exist" not in _worker("config", cwd=tmp_path).stderr
+    (tmp_path / ".env").write_text("AMI_ANTENNA_API_BATCH_SIZE=9\n")
+    done = _worker("config", cwd=tmp_path)
+    assert done.returncode == 0 and any(line.startswith("AMI_ANTENNA_API_BATCH_SIZE=9") for line in done.stdout.splitlines())

@@ -173,7 +173,7 @@ def test_worker_subprocess_logs_never_contain_the_token(antenna, tiny_images, tm
     antenna.set_faults("tasks", [503])
     env = worker_env(antenna, tmp_path, AMI_LOG_LEVEL="DEBUG", AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="1",
                      AMI_AUTOTUNE="false")
-    done = subprocess.run([sys.executable, "-m", "worker.cli", "--env-file", "/nonexistent", "run", "--burst"],
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "run", "--burst"],
                           env=env, capture_output=True, text=True, timeout=200, cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]

@@ -1,6 +1,7 @@
 """A ``worker`` subprocess whose merged output is read line by line, to wait on log lines (no sleeps)."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -16,7 +17,7 @@ def worker_command(*args: str) -> list[str]:
     """The installed ``worker`` console script next to this interpreter, with no .env file."""
     script = Path(sys.executable).with_name("worker")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
-    return [*base, "--env-file", "/nonexistent", *args]
+    return [*base, "--env-file", os.devnull, *args]
 
 
 class WorkerProcess:

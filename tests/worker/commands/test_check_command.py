@@ -21,7 +21,7 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], env: dict[str, str], cwd, *, env_file: str = "/nonexistent", preexec_fn=None):
+def _run(args: list[str], env: dict[str, str], cwd, *, env_file: str = os.devnull, preexec_fn=None):
     command = worker_command(*args)
     command[command.index("--env-file") + 1] = env_file
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=100,
