@@ -28,8 +28,9 @@ from autotune.memory_model import head_start_decoders
 from autotune.plan import MINIMAL_PLAN
 from watchdog.limits import Limits
 from watchdog.sampler import MemorySnapshot, Sampler
-from worker.antenna import AntennaClient, AntennaError, AntennaRejected, JobRef, client_info
+from worker.antenna import AntennaClient, AntennaError, AntennaRejected, AntennaUnavailable, JobRef, client_info
 from worker.backoff import backoff_delay_s
+from worker.fleet import FLEET_CHILD_VARIABLE, FORCE_SIGNAL
 from worker.head_start import HeadStart
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
 EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing, reserve or result post
+EXIT_API_UNREACHABLE = 4  # burst mode: the last listing found the API unreachable through every retry
 AUTH_BACKOFF_CAP_S = 300.0
 # The server marks a pull-mode service offline after 60 s without an API call: keep a margin.
 KEEPALIVE_AFTER_S = 45.0
@@ -105,6 +107,7 @@ class Worker:
         self.auth_failures_in_row = 0
         self._auth_wait_s = 0.0
         self.reserve_rejected = False  # a loader's reserve met 401/403 in the last poll
+        self.listing_unreachable = False  # the last listing failed: the API was unreachable through every retry
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
@@ -134,8 +137,15 @@ class Worker:
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_terminate)
-        signal.signal(signal.SIGINT, self._on_terminate)
+        if self.environ.get(FLEET_CHILD_VARIABLE) == "1":
+            # A fleet's child: a stop sent to every process (scancel, a cgroup's SIGTERM) comes
+            # twice, directly and from the parent; only the parent's FORCE_SIGNAL forces.
+            signal.signal(signal.SIGTERM, self._on_drain)
+            signal.signal(signal.SIGINT, self._on_drain)
+            signal.signal(FORCE_SIGNAL, self._on_force)
+        else:
+            signal.signal(signal.SIGTERM, self._on_terminate)
+            signal.signal(signal.SIGINT, self._on_terminate)
         signal.signal(signal.SIGUSR1, self._on_recycle)
         threading.Thread(target=self._watch_signals, args=(read_fd,), name="signal-watch", daemon=True).start()
 
@@ -143,8 +153,16 @@ class Worker:
         if self.stop.draining:
             self.stop.forced = True
         else:
+            self._on_drain(signum, _frame)
+
+    def _on_drain(self, signum: int, _frame: object) -> None:
+        if not self.stop.draining:
             self.stop.draining = True
             self.stop.drain_deadline_s = time.monotonic() + self.settings.shutdown_grace_s
+
+    def _on_force(self, signum: int, _frame: object) -> None:
+        self._on_drain(signum, _frame)
+        self.stop.forced = True
 
     def _watch_signals(self, read_fd: int) -> None:
         while True:
@@ -248,6 +266,10 @@ class Worker:
             log.error("burst: exiting %d, the API rejected the token: check AMI_ANTENNA_API_AUTH_TOKEN",
                       EXIT_TOKEN_REJECTED)
             return EXIT_TOKEN_REJECTED
+        if self.burst and self.listing_unreachable:
+            log.error("burst: exiting %d, the API was unreachable: check AMI_ANTENNA_API_BASE_URL (%s) and the "
+                      "network", EXIT_API_UNREACHABLE, self.settings.antenna_api_base_url)
+            return EXIT_API_UNREACHABLE
         return 0
 
     def _poll_once(self) -> bool:
@@ -255,8 +277,10 @@ class Worker:
             jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None,
                                          every_page=self.burst)
         except AntennaError as error:
+            self.listing_unreachable = isinstance(error, AntennaUnavailable)
             self._listing_failed(error)
             return False
+        self.listing_unreachable = False
         self.reserve_rejected = False
         did_work = False
         rejecting = self.poster.rejected_jobs

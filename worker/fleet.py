@@ -7,12 +7,19 @@ child that dies (with ``backoff_delay_s``) and relays stop signals:
 
 - SIGTERM / SIGINT: forwarded to every child, which drains (finishes and posts what it holds);
   the parent waits up to AMI_SHUTDOWN_GRACE_S + ``STOP_MARGIN_S``, SIGKILLs what is left, and
-  exits 0 when every child exited by itself (1 otherwise). A second signal is forwarded too, so
-  the children force.
+  exits 0 when every child drained and exited 0 (1 otherwise). A second signal makes the
+  children force: the parent sends them ``FORCE_SIGNAL``.
 - SIGUSR1: forwarded; each child drains after its current job, and none is restarted.
 
 Children run in their own session, so a terminal's Ctrl-C reaches them once (through the
-parent), and get SIGTERM from the kernel if the parent dies (PR_SET_PDEATHSIG).
+parent), and get SIGTERM from the kernel if the parent dies (PR_SET_PDEATHSIG). A stop sent to
+every process at once (``scancel``, systemd's ``KillMode=control-group``) reaches a child twice,
+directly and forwarded: a child (``FLEET_CHILD_VARIABLE``) therefore drains on any number of
+SIGTERM and SIGINT, and forces only on ``FORCE_SIGNAL``, which only the parent sends.
+
+In burst mode a child that exits 3 or 4 (the API rejected the token, or is unreachable) is not
+restarted: the parent exits with that code once the others are done. A child that fails
+``BURST_MAX_QUICK_EXITS`` times in a row is given up (exit 1).
 """
 from __future__ import annotations
 
@@ -20,12 +27,12 @@ import ctypes
 import glob
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +53,10 @@ RESTART_BASE_S = 1.0
 RESTART_CAP_S = 60.0
 POLL_S = 0.2
 BAD_SETTING_EXIT = 2  # the CLI's exit code for a bad setting: restarting cannot help
+BURST_FINAL_EXITS = (3, 4)  # burst: the API rejected the token, or is unreachable; a restart would only repeat it
+BURST_MAX_QUICK_EXITS = 5
+FLEET_CHILD_VARIABLE = "ANTENNA_WORKER_FLEET_CHILD"  # set in each child: it drains on SIGTERM/SIGINT only
+FORCE_SIGNAL = signal.SIGUSR2  # the parent's "force" to its children
 # systemd's notify variables belong to the parent (NotifyAccess=main ignores children).
 PARENT_ONLY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _PR_SET_PDEATHSIG = 1
@@ -107,6 +118,7 @@ def child_environ(base: Mapping[str, str], spec: ChildSpec, metrics_dir: Optiona
     env = {name: value for name, value in base.items() if name not in PARENT_ONLY_VARIABLES}
     env.update(AMI_WORKER_PROCESSES="1", AMI_MAX_MEMORY_BYTES=str(spec.max_memory_bytes),
                AMI_MEMORY_RESERVE_BYTES="0", AMI_MEMORY_SAFETY_FACTOR="1.0")
+    env[FLEET_CHILD_VARIABLE] = "1"
     if spec.cuda_device is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_device
     if metrics_dir is not None:
@@ -145,7 +157,7 @@ class Fleet:
         self.environ = dict(environ)
         self.stop = _StopState()
         self.exit_code = 0
-        self._wake = threading.Event()
+        self._wake_fd: Optional[int] = None  # the read end of the signal wake-up pipe
         self._stopping_announced = False
         self._metrics_dir: Optional[str] = None
         self._server = None
@@ -154,12 +166,32 @@ class Fleet:
     # --- signals: handlers only record
 
     def install_signal_handlers(self) -> None:
+        """Handlers that only record the signal (main thread only); the interpreter writes each
+        signal's number to a pipe (``signal.set_wakeup_fd``), which wakes the loop's ``select``.
+        An ``Event.set()`` in the handler could deadlock against the interrupted ``wait()`` or
+        ``clear()``, which hold the same lock."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._wake_fd = read_fd
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop.signals.append(signum)
-        self._wake.set()
+
+    def _sleep(self) -> None:
+        """Until a signal comes, or ``POLL_S``."""
+        if self._wake_fd is None:
+            time.sleep(POLL_S)
+            return
+        if select.select([self._wake_fd], [], [], POLL_S)[0]:
+            try:
+                while os.read(self._wake_fd, 512):
+                    pass
+            except BlockingIOError:
+                pass
 
     # --- the loop
 
@@ -180,8 +212,7 @@ class Fleet:
                     break
                 self._restart_due()
                 self._keepalive(notifier)
-                self._wake.wait(POLL_S)
-                self._wake.clear()
+                self._sleep()
         finally:
             # Every child may have ended in the reap that stopped the fleet (two children exiting 2
             # at once), before the loop handled the stop it queued: systemd still hears STOPPING=1.
@@ -234,6 +265,7 @@ class Fleet:
                 self._announce_stopping(notifier)
             else:
                 log.warning("fleet: second %s: the children force", signal.Signals(signum).name)
+                signum = FORCE_SIGNAL
             for child in self.children:
                 if child.restart_at_s is not None:  # dead, waiting for a restart that no longer comes
                     child.restart_at_s, child.finished = None, True
@@ -251,7 +283,14 @@ class Fleet:
             ran_s = time.monotonic() - child.started_s
             if self.stop.draining or self.stop.after_job or (self.burst and code == 0):
                 child.finished = True
-                log.info("fleet: child %d (pid %d) exited %d after %.1f s", child.spec.index, child.proc.pid, code, ran_s)
+                log.info("fleet: child %d (pid %d) exited %s after %.1f s", child.spec.index, child.proc.pid,
+                         _describe_exit(code), ran_s)
+                if code != 0:  # killed or failed while draining: what it held may be left
+                    self.exit_code = self.exit_code or 1
+            elif self.burst and code in BURST_FINAL_EXITS:
+                log.error("fleet: child %d exited %d in burst mode: not restarted", child.spec.index, code)
+                child.finished = True
+                self.exit_code = self.exit_code or code
             elif code == BAD_SETTING_EXIT:
                 log.error("fleet: child %d exited %d (a bad setting): stopping every child", child.spec.index, code)
                 child.finished = True
@@ -262,6 +301,12 @@ class Fleet:
 
     def _schedule_restart(self, child: _Child, code: int, ran_s: float) -> None:
         child.quick_exits = 1 if ran_s >= STABLE_RUN_S else child.quick_exits + 1
+        if self.burst and child.quick_exits >= BURST_MAX_QUICK_EXITS:
+            log.error("fleet: child %d (pid %d) exited %s, %d times in a row: given up (burst mode)",
+                      child.spec.index, child.proc.pid, _describe_exit(code), child.quick_exits)
+            child.finished = True
+            self.exit_code = self.exit_code or 1
+            return
         delay_s = backoff_delay_s(child.quick_exits, base_s=RESTART_BASE_S, cap_s=RESTART_CAP_S)
         child.restart_at_s = time.monotonic() + delay_s
         log.warning("fleet: child %d (pid %d) exited %s after %.1f s; restarting in %.1f s (exit %d in a row)",

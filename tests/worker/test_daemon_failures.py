@@ -179,3 +179,15 @@ def test_an_advisory_that_cannot_be_written_is_a_warning_not_a_traceback(antenna
     assert antenna.report(job).results_ok == 6
     assert f"job {job}: memory correction and advisory not saved under" in caplog.text
     assert not [record for record in caplog.records if record.exc_info], caplog.text[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_whose_listing_finds_the_api_unreachable_exits_4(antenna, settings_for, caplog):
+    """Before: exit 0, as if every job were done; a batch scheduler then saw a wrong
+    AMI_ANTENNA_API_BASE_URL as a job that completed."""
+    settings = settings_for(antenna, antenna_api_max_attempts=2)
+    worker = build_worker(settings, burst=True, middlewares=[])
+    antenna.stop()
+    caplog.set_level(logging.INFO)
+    assert worker.run() == 4
+    assert "burst: exiting 4, the API was unreachable: check AMI_ANTENNA_API_BASE_URL" in caplog.text

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import worker_env
+from tests.conftest import ROOT, worker_env
 from tests.worker.middleware.test_systemd import notify_socket  # noqa: F401 (a fixture)
 from tests.worker.worker_process import WorkerProcess
 from watchdog.sampler import Sampler
@@ -267,3 +268,125 @@ def test_one_child_per_visible_device_by_default_each_pinned_both_restarted_afte
         fleet.kill()
     assert restarts_before_usr1 == 2 and fleet.output.count("restarting in") == 2
     assert sum(1 for r in _records(fleet) if r["message"].startswith("shutdown complete")) == 2
+
+
+# --- stops and exit codes (each reproduced against the code before: see the commit)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every descendant."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _fleet_env(antenna, tmp_path, **extra: str) -> dict[str, str]:
+    return worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES="null", AMI_AUTOTUNE="false", AMI_LOG_FORMAT="json",
+                      AMI_MAX_MEMORY_BYTES=str(4 * GiB), AMI_ANTENNA_API_BATCH_SIZE="2",
+                      AMI_ANTENNA_API_DATALOADER_NUM_WORKERS="1", AMI_SHUTDOWN_GRACE_S="60", **extra)
+
+
+@pytest.mark.timeout(300)
+def test_a_sigterm_to_every_process_at_once_drains_the_children(antenna_factory, tiny_images, tmp_path):
+    """``scancel`` or a cgroup-wide SIGTERM reaches each child twice, directly and forwarded by the
+    parent. Before, a child took the second as "force" and left what it held for redelivery (8
+    tasks in the review's run), while the parent still exited 0."""
+    antenna = antenna_factory(reservation_timeout_s=600)
+    fleet = WorkerProcess(["run", "--processes", "2"], _fleet_env(antenna, tmp_path), tmp_path)
+    try:
+        _wait(lambda: len(_child_pids(fleet)) == 2, 60, "2 children", fleet)
+        fleet.wait_for(r"loaded pipeline null", 120)
+        antenna.set_network(latency_s=0.5)  # each child holds its tasks for a while
+        job = antenna.add_job(tiny_images[:40], "null")
+        _wait(lambda: len(_reserved_by(antenna, job)) == 2, 180, "both children reserving", fleet, 0.05)
+        for pid in _tree(fleet.proc.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        assert fleet.wait(timeout_s=180) == 0, fleet.output[-4000:]
+        report = antenna.report(job)
+        assert report.reserved == 0 and report.awaiting_redelivery == 0 and report.lost == 0, report
+        assert not [r for r in _records(fleet) if "the children force" in r["message"]]
+    finally:
+        fleet.kill()
+
+
+@pytest.mark.timeout(300)
+def test_a_child_killed_while_the_fleet_drains_makes_the_exit_1(antenna_factory, tiny_images, tmp_path):
+    """Before: "child 0 exited -9", then "stopped (exit 0)", with its tasks left held."""
+    antenna = antenna_factory(reservation_timeout_s=600)
+    fleet = WorkerProcess(["run", "--processes", "2"], _fleet_env(antenna, tmp_path), tmp_path)
+    try:
+        pids = _wait(lambda: len(_child_pids(fleet)) == 2 and _child_pids(fleet), 60, "2 children", fleet)
+        antenna.set_network(latency_s=0.5)
+        job = antenna.add_job(tiny_images[:40], "null")
+        _wait(lambda: _reserved_by(antenna, job), 180, "a reservation", fleet, 0.05)
+        fleet.send(signal.SIGTERM)
+        fleet.wait_for(r"draining 2 children", 30)
+        os.kill(pids[0], signal.SIGKILL)
+        assert fleet.wait(timeout_s=180) == 1, fleet.output[-4000:]
+        assert [r for r in _records(fleet) if f"pid {pids[0]}) exited on signal SIGKILL" in r["message"]]
+    finally:
+        fleet.kill()
+
+
+@pytest.mark.timeout(300)
+def test_a_burst_fleet_whose_token_is_rejected_exits_3_like_one_worker(antenna, tmp_path):
+    """Before: each child exited 3 and was restarted, with backoff, for ever."""
+    env = _fleet_env(antenna, tmp_path, AMI_ANTENNA_API_AUTH_TOKEN="wrong-token")
+    fleet = WorkerProcess(["run", "--burst", "--processes", "2"], env, tmp_path)
+    try:
+        assert fleet.wait(timeout_s=240) == 3, fleet.output[-4000:]
+        assert "restarting in" not in fleet.output
+    finally:
+        fleet.kill()
+
+
+STUBBORN_FLEET = """
+import os, sys
+from worker.fleet import Fleet, plan_children
+from worker.settings import load_settings
+settings = load_settings(env_file=None, metrics_addr="", shutdown_grace_s=600.0)
+child = [sys.executable, "-c", "import signal, time\\n"
+         "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2): signal.signal(s, signal.SIG_IGN)\\n"
+         "print('ignoring', flush=True)\\n"
+         "time.sleep(600)"]
+fleet = Fleet(settings, plan_children(2, [], 1 << 30), child, environ=dict(os.environ))
+fleet.install_signal_handlers()
+sys.exit(fleet.run())
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_storm_of_signals_never_deadlocks_the_parent(tmp_path):
+    """The parent's handler set a threading.Event, whose lock the interrupted loop may hold in its
+    own wait() or clear(): a hang (6 runs in 10 in the review). Now the handler only records. Two
+    children that ignore every signal; 2,000 SIGTERMs; the children SIGKILLed; the parent must
+    reap them and exit at once, in each of 3 runs."""
+    for run in range(3):
+        parent = subprocess.Popen([sys.executable, "-c", STUBBORN_FLEET], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert parent.stdout is not None
+            for _ in range(2):  # both children started and ignoring
+                assert parent.stdout.readline().strip() == "ignoring"
+            for _ in range(2000):
+                os.kill(parent.pid, signal.SIGTERM)
+            for pid in _tree(parent.pid)[1:]:
+                os.kill(pid, signal.SIGKILL)
+            assert parent.wait(timeout=20) == 1  # the children did not exit by themselves
+        finally:
+            parent.kill()
+            parent.wait()
+            parent.stdout.close()
