@@ -3,7 +3,8 @@
 ``fetch`` downloads every weights and labels file the chosen pipelines need into the cache (for
 compute nodes without internet: run it on a login node with the same ``AMI_MODELS_DIR``) and checks
 each checkpoint is whole. ``list`` says, per file, whether it is in the cache, in ADC's torch-hub
-cache, or missing; it never downloads.
+cache, missing, or bad (in the cache but not what its name says, e.g. an HTML page a wrong mirror
+sent to an older version; ``fetch`` replaces it); it never downloads.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional, TextIO
 
 from worker.pipelines.architectures import CheckpointError, check_checkpoint_file
 from worker.pipelines.catalog import ADC_SLUGS, ModelSpec, all_models
-from worker.pipelines.weights import ModelFileError, ModelStore, file_name
+from worker.pipelines.weights import ModelFileError, ModelStore, content_problem, file_name
 from worker.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def run_fetch(settings: Settings, requested: Optional[list[str]], out: TextIO) -
             if url == model.weights_url:
                 check_checkpoint_file(path)
         except (ModelFileError, CheckpointError) as error:
+            if error.problem == "cache_unwritable":  # every other file would fail the same way
+                raise SettingsError(str(error)) from None
             failed += 1
             print(f"FAILED  {file_name(url)}: {error}", file=out)
             continue
@@ -65,11 +68,14 @@ def run_fetch(settings: Settings, requested: Optional[list[str]], out: TextIO) -
 def run_list(settings: Settings, requested: Optional[list[str]], out: TextIO) -> int:
     store = model_store(settings)
     slugs = chosen_slugs(requested, settings)
-    missing = 0
+    missing = bad = 0
     for model, url in _files(all_models(slugs)):
         origin, path = store.locate(url)
         missing += origin == "absent"
+        bad += origin == "bad"
         size = f"{path.stat().st_size} bytes" if origin != "absent" else "-"
-        print(f"{'missing' if origin == 'absent' else origin:8} {size:>16}  {model.key:45} {path}", file=out)
-    print(f"{missing} missing; source {settings.models_base_url}", file=out)
-    return 1 if missing else 0
+        why = f" ({content_problem(path, url)})" if origin == "bad" else ""
+        print(f"{'missing' if origin == 'absent' else origin:8} {size:>16}  {model.key:45} {path}{why}", file=out)
+    print(f"{missing} missing" + (f", {bad} bad (`worker models fetch` replaces them)" if bad else "")
+          + f"; source {settings.models_base_url}", file=out)
+    return 1 if missing or bad else 0

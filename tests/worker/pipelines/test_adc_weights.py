@@ -1,12 +1,14 @@
 """Model files: mirror URLs, the cache, ADC's hub cache, downloads that never leave a partial file,
-one download for two processes, and `worker models fetch/list`."""
+one download for two processes, answers that are not model files, and `worker models fetch/list`."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[3]
 URL = ADC_MODELS_BASE_URL + "/moths/classification/blob.pth"
 RELATIVE = "moths/classification/blob.pth"
-BLOB = bytes(range(256)) * 4096  # 1 MiB
+BLOB = b"PK\x03\x04" + bytes(range(256)) * 4096  # 1 MiB that starts as torch's zip checkpoints do
+PORTAL_PAGE = b"<!DOCTYPE html>\n<html><body>Sign in to the guest Wi-Fi</body></html>"
 
 
 @pytest.fixture
@@ -30,6 +33,30 @@ def mirror(tmp_path):
     (root / RELATIVE).write_bytes(BLOB)
     with ModelMirror(root) as server:
         yield server
+
+
+class _PortalHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(PORTAL_PAGE)))
+        self.end_headers()
+        self.wfile.write(PORTAL_PAGE)
+
+
+@pytest.fixture
+def portal():
+    """A captive portal on loopback: every GET is answered 200 with the same HTML page. Yields the
+    URL to use for ADC's prefix."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PortalHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="portal", daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/ami-models"
+    server.shutdown()
+    server.server_close()
 
 
 def store(tmp_path: Path, base_url: str, **kwargs) -> ModelStore:
@@ -96,6 +123,63 @@ def test_a_404_fails_at_once_in_one_line(tmp_path, mirror):
 def test_a_file_mirror_is_copied_whole(tmp_path, mirror):
     path = store(tmp_path, "file://" + str(mirror.root)).fetch(URL)
     assert path.read_bytes() == BLOB and mirror.requests_for(RELATIVE) == 0
+
+
+@pytest.mark.parametrize("url, kind", [(URL, "checkpoint"), (BINARY.labels_url, "labels file")],
+                         ids=["weights", "labels"])
+def test_an_html_answer_leaves_nothing_in_the_cache_and_a_good_mirror_then_fills_it(
+        tmp_path, portal, mirror, url, kind):
+    (mirror.root / relative_path(BINARY.labels_url)).write_text('{"moth": 0, "nonmoth": 1}')
+    with pytest.raises(ModelFileError) as error:
+        store(tmp_path, portal).fetch(url)
+    message = str(error.value)
+    assert error.value.problem == "wrong_content" and "\n" not in message
+    assert store(tmp_path, portal).source_url(url) in message
+    assert f"an HTML page (text/html), not a {kind}" in message and "AMI_MODELS_BASE_URL" in message
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    good = store(tmp_path, mirror.base_url)
+    assert good.locate(url)[0] == "absent"
+    assert good.fetch(url).read_bytes() == (mirror.root / relative_path(url)).read_bytes()
+    assert mirror.requests_for(relative_path(url)) == 1
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("Service temporarily unavailable", "not a labels file (not JSON: Expecting value at line 1 column 1)"),
+    ('["moth", "nonmoth"]', "not a labels file (not a non-empty JSON object label -> index)")],
+    ids=["plain-text", "json-list"])
+def test_a_labels_file_that_is_not_adcs_json_is_refused(tmp_path, mirror, content, problem):
+    (mirror.root / relative_path(BINARY.labels_url)).write_text(content)
+    s = store(tmp_path, mirror.base_url)
+    with pytest.raises(ModelFileError) as error:
+        s.fetch(BINARY.labels_url)
+    assert problem in str(error.value) and "AMI_MODELS_BASE_URL" in str(error.value)
+    assert "\n" not in str(error.value) and s.locate(BINARY.labels_url)[0] == "absent"
+    assert not list((tmp_path / "cache").glob(".*.part"))
+
+
+def test_a_page_an_older_version_kept_in_the_cache_is_bad_and_fetched_again(tmp_path, mirror):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "blob.pth").write_bytes(PORTAL_PAGE)
+    s = store(tmp_path, mirror.base_url)
+    assert s.locate(URL) == ("bad", cache / "blob.pth")
+    assert s.fetch(URL).read_bytes() == BLOB and mirror.requests_for(RELATIVE) == 1
+    assert s.locate(URL) == ("cache", cache / "blob.pth")
+
+
+@pytest.mark.parametrize("models_dir", ["a-file", "a-file/models"])
+def test_worker_models_fetch_into_an_unusable_models_dir_is_one_line_and_exit_2(tmp_path, models_dir):
+    (tmp_path / "a-file").write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_")}
+    env.update({"PYTHONPATH": str(ROOT), "TORCH_HOME": str(tmp_path / "torch"),
+                "AMI_MODELS_DIR": str(tmp_path / models_dir), "AMI_MODELS_BASE_URL": "file://" + str(tmp_path)})
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "--env-file", os.devnull, "models", "fetch",
+                           "--pipelines", "moth_binary"], env=env, capture_output=True, text=True, timeout=100,
+                          cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"worker: AMI_MODELS_DIR={tmp_path / models_dir} "), lines
+    assert (tmp_path / "a-file").read_text() == "not a folder"
 
 
 FETCH_SCRIPT = """
@@ -172,6 +256,9 @@ def test_worker_models_fetch_then_list(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "cache" / Path(BINARY.weights_url).name).is_file()
     code, out, _ = worker("list", "--pipelines", "moth_binary")
     assert out.count("cache ") == 2 and "1 missing" in out
+    (tmp_path / "cache" / Path(BINARY.labels_url).name).write_bytes(PORTAL_PAGE)  # as an older version kept it
+    code, out, _ = worker("list", "--pipelines", "moth_binary")
+    assert code == 1 and "1 missing, 1 bad" in out and "an HTML page (starts with <), not a labels file" in out
     code, _, err = worker("fetch", "--pipelines", "nope")
     assert code == 2 and err.count("\n") == 1 and "nope" in err
 
