@@ -77,7 +77,7 @@ ADC_IGNORED_VARIABLES = {
     "AMI_PIPELINES": "set AMI_ANTENNA_PIPELINES instead",
     "AMI_IMAGE_BASE_PATH": "images come from each task's image URL, not a local folder",
     "AMI_IMAGE_BASE_URL": "images come from each task's image URL",
-    "AMI_MODEL_BASE_URL": "the built-in pipelines download no weights",
+    "AMI_MODEL_BASE_URL": "the weights' mirror is AMI_MODELS_BASE_URL (a copy of ADC's ami-models folder)",
 }
 
 
