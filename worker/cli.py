@@ -284,9 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
 PROCESS_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
 
 
+# Process variables (not AMI_ settings) an env file may carry: read before torch loads, below the
+# environment. ``worker tune --write-env`` writes OMP_NUM_THREADS into the file ``--env-file`` reads.
+ENV_FILE_PROCESS_VARIABLES = ("OMP_NUM_THREADS",)
+
+
 def apply_process_defaults() -> None:
     for name, value in PROCESS_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def apply_env_file_process_variables(env_file: str) -> None:
+    """``ENV_FILE_PROCESS_VARIABLES`` from ``env_file`` into this process's environment where it
+    does not set them already (torch reads OMP_NUM_THREADS once, when it loads)."""
+    if not os.path.isfile(env_file):
+        return
+    from dotenv import dotenv_values
+
+    for name, value in dotenv_values(env_file).items():
+        if name in ENV_FILE_PROCESS_VARIABLES and value:
+            os.environ.setdefault(name, value)
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -303,6 +320,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     apply_process_defaults()
     args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    apply_env_file_process_variables(getattr(args, "env_file", None) or ".env")
     try:
         return int(args.func(args) or 0)
     except SettingsError as error:

@@ -55,3 +55,21 @@ def test_the_default_env_file_is_read_where_it_exists_and_not_missed_where_it_do
     (tmp_path / ".env").write_text("AMI_ANTENNA_API_BATCH_SIZE=9\n")
     done = _worker("config", cwd=tmp_path)
     assert done.returncode == 0 and any(line.startswith("AMI_ANTENNA_API_BATCH_SIZE=9") for line in done.stdout.splitlines())
+
+
+@pytest.mark.timeout(60)
+def test_omp_num_threads_in_the_env_file_reaches_torch_below_the_environment(tmp_path):
+    """``worker tune --write-env FILE`` writes OMP_NUM_THREADS, and ``worker --env-file FILE``
+    ignored it before (a run then planned every core)."""
+    env_file = tmp_path / "tuned.env"
+    env_file.write_text("OMP_NUM_THREADS=1\nAMI_ANTENNA_API_BATCH_SIZE=4\n")
+    code = ("import sys, worker.cli; rc = worker.cli.main(['--env-file', sys.argv[1], 'config']); "
+            "import torch; print('threads', torch.get_num_threads(), file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMI_") and k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code, str(env_file)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "threads 1" in done.stderr, done.stderr[-2000:]
+    env["OMP_NUM_THREADS"] = "2"  # the environment outranks the file, as for every setting
+    done = subprocess.run([sys.executable, "-c", code, str(env_file)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "threads 2" in done.stderr, done.stderr[-2000:]
