@@ -23,6 +23,7 @@ from watchdog.sampler import Sampler
 from worker.testing.antenna_server import LocalAntenna
 from worker.pipelines import ReferencePipeline
 from worker.testing.synthetic import SyntheticImage, default_cache_dir, generate_preset, with_integer_ids
+from worker.settings import SettingsError
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -87,6 +88,9 @@ def interleave(small: list[SyntheticImage], large: list[SyntheticImage]) -> list
 
 def run_demo(*, small: int = 24, large: int = 8, data_dir: Optional[str] = None,
              extra_env: Optional[dict[str, str]] = None) -> int:
+    if small < 0 or large < 0 or small + large == 0:
+        raise SettingsError(f"--small {small} --large {large}: the demo needs at least one image, and no "
+                            "negative count")
     cache = Path(data_dir) if data_dir else default_cache_dir()
     log.info("generating %d small and %d large images in %s (cached across runs)", small, large, cache)
     # Integer ids, as Antenna's source images have: its save refuses any other.
@@ -109,7 +113,9 @@ def run_demo(*, small: int = 24, large: int = 8, data_dir: Optional[str] = None,
         lost=report.lost, unsaved=report.results_unsaved, specimens=total, specimens_found=found, worker_exit_code=exit_code,
     )
     print(summary.text(), flush=True)
-    return 0 if summary.passed else 1
+    if summary.passed:
+        return 0
+    return 2 if exit_code == 2 else 1  # 2: a bad setting (an --env value), which the worker said in one line
 
 
 def demo_env(base_url: str, token: str, scratch: Path, extra: dict[str, str]) -> dict[str, str]:
