@@ -23,7 +23,7 @@ PACKAGES = ("worker", "autotune", "watchdog")
 # only the commands that serve or demo may import it.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("worker", "worker.schema", "worker.results", "worker.settings", "worker.backoff", "worker.logs",
-     "worker.metrics"),
+     "worker.metrics", "worker.stops"),
     ("worker.antenna", "worker.imaging", "worker.loading", "worker.posting", "worker.release", "worker.pipelines"),
     ("worker.ingest", "worker.loader_server", "worker.hooks", "worker.head_start"),
     ("worker.probing",),

@@ -30,7 +30,6 @@ from watchdog.limits import Limits
 from watchdog.sampler import MemorySnapshot, Sampler
 from worker.antenna import AntennaClient, AntennaError, AntennaRejected, AntennaUnavailable, JobRef, client_info
 from worker.backoff import backoff_delay_s
-from worker.fleet import FLEET_CHILD_VARIABLE, FORCE_SIGNAL
 from worker.head_start import HeadStart
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
@@ -42,6 +41,7 @@ from worker.posting import ResultPoster
 from worker.release import TaskReleaser
 from worker.results import Failure, ImageResult
 from worker.settings import Settings
+from worker.stops import FLEET_CHILD_VARIABLE, FORCE_SIGNAL
 
 log = logging.getLogger(__name__)
 

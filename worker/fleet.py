@@ -14,8 +14,8 @@ child that dies (with ``backoff_delay_s``) and relays stop signals:
 Children run in their own session, so a terminal's Ctrl-C reaches them once (through the
 parent), and get SIGTERM from the kernel if the parent dies (PR_SET_PDEATHSIG). A stop sent to
 every process at once (``scancel``, systemd's ``KillMode=control-group``) reaches a child twice,
-directly and forwarded: a child (``FLEET_CHILD_VARIABLE``) therefore drains on any number of
-SIGTERM and SIGINT, and forces only on ``FORCE_SIGNAL``, which only the parent sends.
+directly and forwarded: a child therefore drains on any number of SIGTERM and SIGINT, and
+forces only on the parent's ``FORCE_SIGNAL`` (``worker.stops``).
 
 In burst mode a child that exits 3 or 4 (the API rejected the token, or is unreachable) is not
 restarted: the parent exits with that code once the others are done. A child that fails
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
 from worker.backoff import backoff_delay_s
+from worker.stops import FLEET_CHILD_VARIABLE, FORCE_SIGNAL
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -55,8 +56,6 @@ POLL_S = 0.2
 BAD_SETTING_EXIT = 2  # the CLI's exit code for a bad setting: restarting cannot help
 BURST_FINAL_EXITS = (3, 4)  # burst: the API rejected the token, or is unreachable; a restart would only repeat it
 BURST_MAX_QUICK_EXITS = 5
-FLEET_CHILD_VARIABLE = "ANTENNA_WORKER_FLEET_CHILD"  # set in each child: it drains on SIGTERM/SIGINT only
-FORCE_SIGNAL = signal.SIGUSR2  # the parent's "force" to its children
 # systemd's notify variables belong to the parent (NotifyAccess=main ignores children).
 PARENT_ONLY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _PR_SET_PDEATHSIG = 1
