@@ -306,8 +306,8 @@ def _pick_job(worker, job_id: Optional[int], slugs: Sequence[str]) -> Optional[J
     """The job to probe: ``job_id`` if it is an incomplete job of an offered pipeline, else the
     first such job. A job of a pipeline this worker does not offer is refused (``worker run``
     never takes it, and its results would be posted under the wrong pipeline); one not listed at
-    all (complete, not a pull-mode job, unknown) is left to the server to answer: a reserve
-    from it gets nothing, or an error."""
+    all (complete, not a pull-mode job, unknown) is left to the server to answer: its reserve
+    gets nothing, or an error."""
     jobs = worker.client.list_jobs(slugs, limit=1000, every_page=True)
     if job_id is None:
         return jobs[0] if jobs else None
