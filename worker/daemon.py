@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
 EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing, reserve or result post
-EXIT_API_UNREACHABLE = 4  # burst mode: the last listing found the API unreachable through every retry
+EXIT_API_UNREACHABLE = 4  # burst mode: the last listing failed through every retry (unreachable, 5xx, a bad body)
 AUTH_BACKOFF_CAP_S = 300.0
 # The server marks a pull-mode service offline after 60 s without an API call: keep a margin.
 KEEPALIVE_AFTER_S = 45.0
@@ -107,7 +107,7 @@ class Worker:
         self.auth_failures_in_row = 0
         self._auth_wait_s = 0.0
         self.reserve_rejected = False  # a loader's reserve met 401/403 in the last poll
-        self.listing_unreachable = False  # the last listing failed: the API was unreachable through every retry
+        self.listing_unavailable: Optional[str] = None  # why the last listing failed through every retry
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
@@ -266,9 +266,9 @@ class Worker:
             log.error("burst: exiting %d, the API rejected the token: check AMI_ANTENNA_API_AUTH_TOKEN",
                       EXIT_TOKEN_REJECTED)
             return EXIT_TOKEN_REJECTED
-        if self.burst and self.listing_unreachable:
-            log.error("burst: exiting %d, the API was unreachable: check AMI_ANTENNA_API_BASE_URL (%s) and the "
-                      "network", EXIT_API_UNREACHABLE, self.settings.antenna_api_base_url)
+        if self.burst and self.listing_unavailable is not None:
+            log.error("burst: exiting %d, the last job listing failed through every retry (%s): check "
+                      "AMI_ANTENNA_API_BASE_URL and the network", EXIT_API_UNREACHABLE, self.listing_unavailable)
             return EXIT_API_UNREACHABLE
         return 0
 
@@ -277,10 +277,10 @@ class Worker:
             jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None,
                                          every_page=self.burst)
         except AntennaError as error:
-            self.listing_unreachable = isinstance(error, AntennaUnavailable)
+            self.listing_unavailable = str(error).splitlines()[0][:200] if isinstance(error, AntennaUnavailable) else None
             self._listing_failed(error)
             return False
-        self.listing_unreachable = False
+        self.listing_unavailable = None
         self.reserve_rejected = False
         did_work = False
         rejecting = self.poster.rejected_jobs

@@ -190,4 +190,5 @@ def test_a_burst_whose_listing_finds_the_api_unreachable_exits_4(antenna, settin
     antenna.stop()
     caplog.set_level(logging.INFO)
     assert worker.run() == 4
-    assert "burst: exiting 4, the API was unreachable: check AMI_ANTENNA_API_BASE_URL" in caplog.text
+    assert "burst: exiting 4, the last job listing failed through every retry (GET /jobs/: " in caplog.text
+    assert "check AMI_ANTENNA_API_BASE_URL and the network" in caplog.text

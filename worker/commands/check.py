@@ -113,7 +113,7 @@ class Check:
 
 
 def check_api(settings: Settings) -> Check:
-    from worker.antenna import AntennaError, AntennaRejected
+    from worker.antenna import AntennaError, AntennaRejected, AntennaUnavailable
     from worker.app import offered_slugs
 
     if not settings.token:
@@ -129,6 +129,9 @@ def check_api(settings: Settings) -> Check:
                                        "check AMI_ANTENNA_API_AUTH_TOKEN")
         return Check("api", False, f"{url} answered HTTP {error.status}: check AMI_ANTENNA_API_BASE_URL")
     except AntennaError as error:
+        if isinstance(error, AntennaUnavailable) and error.reason == "bad_response":
+            return Check("api", False, f"{url} answered, but not as Antenna's API does ({_first_line(error)}): "
+                                       "check AMI_ANTENNA_API_BASE_URL (a proxy's or a login page?)")
         return Check("api", False, f"{url} unreachable: {_first_line(error)}")
     finally:
         client.close()

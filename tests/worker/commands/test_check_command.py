@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import re
 import resource
+import http.server
 import socket
 import subprocess
+import threading
 
 import pytest
 
@@ -201,6 +203,35 @@ def test_check_fails_on_a_wrong_token_and_an_unreachable_api(antenna, tmp_path):
     assert down.returncode == 1
     ok, detail = _check_lines(down.stdout)["api"]
     assert not ok and "unreachable" in detail and TOKEN not in down.stdout + down.stderr
+
+
+class _LoginPage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b"<html><body>Sign in to the proxy</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.timeout(90)
+def test_check_says_an_api_url_that_answers_a_page_answered(tmp_path):
+    """Before: "unreachable", for a server that answered at once (a proxy's or a login page)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LoginPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = _run(["check"], _env(AMI_ANTENNA_API_BASE_URL=f"http://127.0.0.1:{server.server_address[1]}/api/v2",
+                                    AMI_ANTENNA_API_AUTH_TOKEN=TOKEN, AMI_ANTENNA_PIPELINES="null"), tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1
+    ok, detail = _check_lines(done.stdout)["api"]
+    assert not ok and "answered, but not as Antenna's API does" in detail and "unreachable" not in detail, detail
 
 
 @pytest.mark.timeout(90)
