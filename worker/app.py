@@ -119,17 +119,15 @@ def check_user_data_path(path: Path) -> None:
     """A path that cannot be a folder is a bad setting (a typo, a path under a file); an existing
     folder that is not writable (a read-only mount) is one ERROR line, and the worker goes on: its
     results still post, only what the API cannot take is not spooled."""
-    spool = path / "spool"
-    try:
-        spool.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        if not path.is_dir():
-            raise SettingsError(f"AMI_USER_DATA_PATH={path} cannot be created ({error.strerror or error}); "
-                                "set it to a writable folder (the result spool, corrections, advisories)") from None
-    if not (spool.is_dir() and os.access(spool, os.W_OK)):
-        log.error("AMI_USER_DATA_PATH=%s is not writable: results the API cannot take will not be spooled "
-                  "(their tasks are redelivered after the reservation timeout), and memory corrections and "
-                  "advisories are not kept", path)
+    error = Spool(path / "spool").unwritable()
+    if error is None:
+        return
+    if not path.is_dir():
+        raise SettingsError(f"AMI_USER_DATA_PATH={path} cannot be created ({error.strerror or error}); "
+                            "set it to a writable folder (the result spool, corrections, advisories)")
+    log.error("AMI_USER_DATA_PATH=%s is not writable: results the API cannot take will not be spooled "
+              "(their tasks are redelivered after the reservation timeout), and memory corrections and "
+              "advisories are not kept", path)
 
 
 def build_worker(settings: Settings, *, burst: bool = False, middlewares: list[Middleware] | None = None,

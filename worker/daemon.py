@@ -277,7 +277,8 @@ class Worker:
             jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None,
                                          every_page=self.burst)
         except AntennaError as error:
-            self.listing_unavailable = str(error).splitlines()[0][:200] if isinstance(error, AntennaUnavailable) else None
+            unavailable = isinstance(error, AntennaUnavailable)
+            self.listing_unavailable = str(error).splitlines()[0][:200] if unavailable else None
             self._listing_failed(error)
             return False
         self.listing_unavailable = None

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 import uuid
@@ -146,6 +147,16 @@ class Spool:
             raise
         _fsync_directory(self.directory)  # the rename itself survives a power cut
         return path
+
+    def unwritable(self) -> Optional[OSError]:
+        """Why no file can be written here now (None: one can): the folder is created as a write
+        would, and a file made and removed in it."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".probe-"):
+                return None
+        except OSError as error:
+            return error
 
     def files(self) -> list[Path]:
         return sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []

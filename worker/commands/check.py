@@ -271,19 +271,14 @@ def check_spool(settings: Settings) -> Check:
     """The spool must be writable (created as the start would); fails on unreadable files (moved to
     ``corrupt/``) and on jobs whose every result the server rejected (their results are held until
     the cause is fixed)."""
-    import tempfile
-
     from worker.posting import Spool, SpoolCorrupt
 
     directory = settings.user_data_path / "spool"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".check-"):
-            pass
-    except OSError as error:
+    spool = Spool(directory)
+    error = spool.unwritable()
+    if error is not None:
         return Check("spool", False, f"{directory} is not writable ({error.strerror}): fix its owner or set "
                                      "AMI_USER_DATA_PATH")
-    spool = Spool(directory)
     files, items = spool.files(), 0
     for path in files:
         try:
