@@ -148,10 +148,13 @@ def head_start_size(worker: "Worker", pipeline: Pipeline) -> tuple[int, int]:
     """(tasks, bytes held) of a job's head start: ``AMI_AUTOTUNE_HEAD_START_TASKS``, fewer where the
     pipeline's start-up time per image says the main process could not handle them within
     ``HEAD_START_TIMEOUT_SHARE`` of the reservation timeout, none where that time was not measured
-    (a pipeline whose start-up measuring was cut short); bytes: ``HEAD_START_BUDGET_SHARE`` of the
-    memory budget, at most ``HEAD_START_MAX_BYTES``."""
+    (a pipeline whose start-up measuring was cut short), at most ``AMI_ANTENNA_API_BATCH_SIZE``
+    where the operator set it (ADC's tasks per reserve, which the lanes' reserves keep to); bytes:
+    ``HEAD_START_BUDGET_SHARE`` of the memory budget, at most ``HEAD_START_MAX_BYTES``."""
     settings = worker.settings
     wanted = settings.autotune_head_start_tasks
+    if "AMI_ANTENNA_API_BATCH_SIZE" in settings.explicitly_set():
+        wanted = min(wanted, settings.antenna_api_batch_size)
     per_image_s = one_image_s(pipeline)
     if wanted <= 0 or per_image_s is None:
         return 0, 0

@@ -227,3 +227,32 @@ def test_a_slow_pipeline_gets_a_smaller_head_start_and_an_unmeasured_one_none(se
     assert tasks == 64 and 0 < bytes_ <= HEAD_START_MAX_BYTES
     _ONE_IMAGE_S[pipeline] = 2.0  # 4 x 2 s per image within 30 s of the 300 s timeout: 3 tasks
     assert head_start_size(worker, pipeline)[0] == 3
+
+
+def test_a_pinned_reserve_size_caps_the_head_start(settings_for, antenna):
+    """AMI_ANTENNA_API_BATCH_SIZE is ADC's tasks per reserve: set, the head start's reserve, like
+    the lanes', asks for at most that many."""
+    from types import SimpleNamespace
+
+    from worker.pipelines import NullPipeline
+    from worker.pipelines.base import _ONE_IMAGE_S
+    from worker.planning import head_start_size
+
+    pipeline = NullPipeline(torch.device("cpu"))
+    _ONE_IMAGE_S[pipeline] = 0.001
+    pinned = settings_for(antenna, autotune_head_start_tasks=64, antenna_api_batch_size=5)
+    assert head_start_size(SimpleNamespace(settings=pinned, limits=None), pipeline)[0] == 5
+    unpinned = settings_for(antenna, autotune_head_start_tasks=64)
+    assert head_start_size(SimpleNamespace(settings=unpinned, limits=None), pipeline)[0] == 64
+
+
+@pytest.mark.timeout(180)
+def test_with_a_pinned_reserve_size_no_reserve_asks_for_more(antenna, settings_for, tiny_images):
+    job_id = antenna.add_job(tiny_images[:30], PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3,
+                            autotune_head_start_tasks=16, antenna_api_batch_size=4)
+    assert build_worker(settings, burst=True).run() == 0
+    report = antenna.report(job_id)
+    assert (report.results_ok, report.results_error, report.lost) == (30, 0, 0)
+    sizes = [reservation["batch_size"] for reservation in antenna.reservations]
+    assert sizes and max(sizes) <= 4, sizes

@@ -85,6 +85,9 @@ class TuneReport:
     constraints: PlanConstraints
     tasks_probed: int
     results_posted: int
+    # What `worker run` plans with autotune on: the operator's pinned knobs kept, the rest chosen.
+    # None when nothing is pinned (then it is the recommended plan).
+    at_run: Optional[PlanDecision] = None
 
     def env_lines(self) -> list[str]:
         """``NAME=value`` for the static plan (booleans as ``true``/``false``)."""
@@ -107,6 +110,12 @@ class TuneReport:
                f"             {self.recommended.rate.describe()}",
                f"current      {self.current.plan.describe()}",
                f"             {self.current.rate.describe()}", ""]
+        if self.at_run is not None:
+            out[-1:] = [f"with your pins {self.at_run.plan.describe()}",
+                        f"             {self.at_run.rate.describe()}; predicted peak "
+                        f"{self.at_run.memory.total_bytes / MiB:,.0f} MiB",
+                        "             (what `worker run` plans with AMI_AUTOTUNE=true: your pinned knobs as "
+                        "given, the rest chosen)", ""]
         out.extend(self._over_budget_lines())
         out.extend(["", "Recommended env lines (a static plan settings can express: one batch size for reserve "
                     f"and inference; predicted {self.static.rate.pipeline_images_per_s:.2f} images/s, "
@@ -115,7 +124,7 @@ class TuneReport:
         out.append("# or keep AMI_AUTOTUNE=true (the default) and leave these unset: the worker then plans per job")
         if c.pinned:
             out.append("# note: your settings pin " + ", ".join(f"{k}={v}" for k, v in sorted(c.pinned.items()))
-                       + "; at run time autotune keeps those as given")
+                       + "; at run time autotune keeps those as given (the 'with your pins' plan above)")
         out.extend(["", self._tasks_line()])
         return "\n".join(out) + "\n"
 
@@ -173,7 +182,9 @@ def tune_report(worker, probe: Probe, source: str, tasks_probed: int, results_po
     recommended = choose_plan(probe, free, calibration, correction)
     current = price_plan(plan_from_settings(settings, cuda=worker.cuda), probe, free, calibration, correction)
     static = static_decision(probe, free, calibration, correction)
-    return TuneReport(source, probe, recommended, static, current, constraints, tasks_probed, results_posted)
+    at_run = choose_plan(probe, constraints, calibration, correction) if constraints.pinned else None
+    return TuneReport(source, probe, recommended, static, current, constraints, tasks_probed, results_posted,
+                      at_run)
 
 
 def tune_job(worker, job: JobRef, probe_tasks: int) -> Optional[TuneReport]:

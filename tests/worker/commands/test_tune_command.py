@@ -76,14 +76,20 @@ def test_tune_flags_current_settings_over_the_budget(antenna, large_images, tmp_
     folder.mkdir()
     shutil.copy(large_images[0].path, folder / large_images[0].path.name)
     # 2 GiB of memory: ADC-sized batches of 36 MiB images (24 x (1 + 4 workers x prefetch 4)) cannot fit.
+    # and one knob pinned: the plan `worker run` would use is the planner's choice around that pin
     env = worker_env(antenna, tmp_path, AMI_ANTENNA_PIPELINES=PIPELINE, AMI_MAX_MEMORY_BYTES=str(2 * 1024**3),
-                     AMI_MEMORY_RESERVE_BYTES=str(256 * 1024**2))
+                     AMI_MEMORY_RESERVE_BYTES=str(256 * 1024**2), AMI_ANTENNA_API_DATALOADER_DOWNLOAD_THREADS="3")
     done = tune(env, tmp_path, "--images", str(folder))
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Current settings EXCEED the budget by" in done.stdout
     assert "batches assembling/queued" in done.stdout.split("EXCEED", 1)[1]
     assert "AMI_ANTENNA_API_DATALOADER_PREFETCH_FACTOR" in done.stdout.split("EXCEED", 1)[1]
+    at_run = re.search(r"^with your pins (tasks_per_reserve=.*)\n +[0-9.]+ images/s.*; predicted peak ([0-9,]+) MiB$",
+                       done.stdout, re.MULTILINE)
+    assert at_run, done.stdout
+    assert "download_threads=3 " in at_run.group(1) and "source=autotune" in at_run.group(1)
+    assert int(at_run.group(2).replace(",", "")) <= (2048 - 256) * 0.85  # the budget the current settings exceed
 
 
 @pytest.mark.timeout(180)
