@@ -49,10 +49,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from worker.app import build_worker
-
-    settings = _settings(args)
+    settings = _settings(args)  # first: a bad setting is answered before torch loads (seconds)
     _logging(settings)
+    from worker.app import build_worker
     from worker.fleet import fleet_size, run_fleet
 
     environ = dict(os.environ)
@@ -74,10 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from worker.commands.tune import run_tune
-
     settings = _settings(args)
     _logging(settings)
+    from worker.commands.tune import run_tune
+
     return run_tune(settings, job_id=args.job, images=args.images or [], pipeline=args.pipeline,
                     write_env=Path(args.write_env) if args.write_env else None, out=sys.stdout,
                     probe_tasks=args.probe_tasks, environ=dict(os.environ))
@@ -120,10 +119,10 @@ def _pipeline_config(load, slug: str) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from worker.commands.models import run_fetch, run_list
-
     settings = _settings(args)
     _logging(settings)
+    from worker.commands.models import run_fetch, run_list
+
     action = run_fetch if args.models_command == "fetch" else run_list
     return action(settings, args.pipelines, sys.stdout)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -173,3 +174,17 @@ def test_a_value_that_failed_only_later_is_one_line_exit_2(tmp_path, variable, v
     done = _run(["check"], _env(AMI_ANTENNA_API_AUTH_TOKEN=TOKEN, **{variable: value}), tmp_path)
     line = _one_error_line(done)
     assert done.returncode == 2 and f"{variable}={value}" in line, done.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [["run"], ["run", "--processes", "2"], ["tune"], ["models", "list"]])
+def test_a_bad_setting_is_answered_before_torch_loads(tmp_path, command):
+    """Torch takes seconds to load: a typo in a setting is answered without it."""
+    code = ("import sys; from worker.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "--env-file", os.devnull, *command],
+                          env=_env(AMI_ANTENNA_API_BATCH_SIZE="lots"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    line = _one_error_line(done)
+    assert done.returncode == 2 and "AMI_ANTENNA_API_BATCH_SIZE=lots" in line, done.stderr[-2000:]
+    assert done.stdout.strip() == "torch not loaded"
