@@ -15,7 +15,7 @@ from Slurm's own records that:
 - the array submitted again (with ``--burst``) finished the job, with 0 tasks lost.
 
 The one change to the scripts: the ``--gres=gpu:1`` line is dropped, as this node has no GPU.
-Slurm checks time limits about every 30 s, so this takes minutes (155 s here with the packages
+Slurm checks time limits about every 30 s, so this takes minutes (77 s here with the packages
 installed, docs/deployment.md records the figures); ANTENNA_TEST_SLURM=0 (``SLURM_FLAG``) skips it.
 """
 from __future__ import annotations
@@ -43,9 +43,10 @@ SINGLE_SCRIPT = ROOT / "deploy" / "slurm" / "antenna-worker.sbatch"
 IMAGES = 600
 TIME_LIMIT = "2:30"  # mm:ss
 TIME_LIMIT_S = 150
-# --signal=B:TERM@60: slurmctld looks at time limits about every 30 s, so the warning comes when
-# 60 s or less are left, up to ~30 s after that (with @10 it once came 8 s after the limit).
-WARNING_S = 60
+# --signal=B:TERM@105: slurmctld looks at time limits about every 30 s, so the warning comes when
+# 105 s or less are left, up to ~30 s after that (with @10 it once came 8 s after the limit): 45-75 s
+# after the start, when every worker has taken tasks, and the round ends well before the limit.
+WARNING_S = 105
 GRACE_S = 30
 KILL_WAIT_S = 30  # SLURM_CONF's KillWait: the KILL comes this long after the limit's TERM
 DAEMONS_UP_S = 30.0
