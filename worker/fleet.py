@@ -30,6 +30,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -345,7 +346,9 @@ class Fleet:
 
         from worker.middleware.prometheus import MetricsServer
 
-        self._metrics_dir = tempfile.mkdtemp(prefix="antenna-worker-metrics-")
+        for path in remove_stale_metrics_dirs():
+            log.info("fleet: removed %s, left by a parent that was killed", path)
+        self._metrics_dir = make_metrics_dir()
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self._metrics_dir)
         registry.register(_FleetCollector(self))
@@ -364,6 +367,43 @@ class Fleet:
             self._server.stop()
         if self._metrics_dir is not None:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+
+METRICS_DIR_PREFIX = "antenna-worker-metrics-"
+
+
+def make_metrics_dir(root: Optional[str] = None) -> str:
+    """The children's multiprocess metrics folder, named by this parent's pid."""
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=root)
+
+
+def remove_stale_metrics_dirs(root: Optional[str] = None) -> list[str]:
+    """Remove the metrics folders of parents that no longer run (SIGKILL or the OOM killer leave
+    no time for ``_stop_metrics``); returns their paths."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(root or tempfile.gettempdir(), METRICS_DIR_PREFIX + "*-*"))):
+        pid = os.path.basename(path)[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            info = os.lstat(path)  # a real folder of this user's, not a link to elsewhere
+        except OSError:
+            continue
+        if not pid.isdigit() or info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
+            continue
+        if _process_exists(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class _FleetCollector:

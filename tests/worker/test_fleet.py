@@ -390,3 +390,22 @@ def test_a_storm_of_signals_never_deadlocks_the_parent(tmp_path):
             parent.kill()
             parent.wait()
             parent.stdout.close()
+
+
+def test_a_metrics_folder_left_by_a_killed_parent_is_removed_by_the_next_one(tmp_path):
+    """A SIGKILLed or OOM-killed parent cannot remove its multiprocess metrics folder; the next
+    parent removes those whose parent is gone, and leaves a live parent's alone."""
+    from worker.fleet import make_metrics_dir, remove_stale_metrics_dirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process
+    stale = tmp_path / f"antenna-worker-metrics-{gone.pid}-x1y2"
+    stale.mkdir()
+    (stale / "counter_123.db").write_bytes(b"\0" * 4096)
+    live = Path(make_metrics_dir(root=str(tmp_path)))  # this process's own
+    unrelated = tmp_path / "antenna-worker-metrics-notapid"
+    unrelated.mkdir()
+
+    assert remove_stale_metrics_dirs(root=str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.is_dir() and unrelated.is_dir()
+    assert live.name.startswith(f"antenna-worker-metrics-{os.getpid()}-")
