@@ -158,8 +158,7 @@ class SharedControl:
 
     def mark_consumed(self, batch: Batch) -> None:
         for item in batch.items:
-            slot = item.worker_id + 1  # slot 0: the main process (num_workers=0)
-            self.consumed[slot] += 1
+            self.consumed[slot_of(item.worker_id)] += 1
 
     def close(self) -> None:
         self.ledger.remove()
@@ -317,7 +316,7 @@ class TaskStream(IterableDataset):
                 del future
                 # Counted before the yield: the decoded image is held from now on, while the
                 # DataLoader ships it only once its batch is full.
-                self.control.produced[worker_id + 1] += 1
+                self.control.produced[slot_of(worker_id)] += 1
                 yield item
                 del item
         finally:
@@ -354,7 +353,8 @@ class TaskStream(IterableDataset):
         if self.control.stop.value != RUN:
             return []
         wanted = max(1, int(self.control.tasks_per_reserve.value))
-        slot = _slot()
+        info = get_worker_info()
+        slot = slot_of(info.id if info is not None else -1)
         with self.control.reserving.get_lock():
             self.control.reserving[slot] += 1
         try:
@@ -382,7 +382,7 @@ class TaskStream(IterableDataset):
         a partial batch is under ``batch_size``, so a worker only waits while it has a full batch
         out, which the main process will receive.
         """
-        slot = worker_id + 1
+        slot = slot_of(worker_id)
         while self.control.stop.value != ABANDON:
             waiting = self.control.produced[slot] - self.control.consumed[slot]
             if waiting < self.control.prefetch_depth.value * self.plan.batch_size:
@@ -639,14 +639,14 @@ class LoaderFailed(RuntimeError):
     """The DataLoader broke (a loader worker process died); the job can go on with a new one."""
 
 
-def _slot() -> int:
-    """This process's slot in ``SharedControl``'s per-worker arrays (0: the main process)."""
-    info = get_worker_info()
-    return info.id + 1 if info is not None else 0
+def slot_of(worker_id: int) -> int:
+    """A loader worker's slot in ``SharedControl``'s per-worker arrays: its id + 1; slot 0 is the
+    main process (worker_id -1, num_workers=0)."""
+    return worker_id + 1
 
 
 def init_loader_worker(main_pid: int, log_setup: LogSetup, pids: Any, worker_id: int) -> None:
-    """``worker_init_fn`` of every loader worker: note its pid in ``pids[worker_id + 1]`` (the
+    """``worker_init_fn`` of every loader worker: note its pid in ``pids[slot_of(worker_id)]`` (the
     Loader kills a worker that outlives its deadline), log as the main process does, ignore stop
     signals, exit with the main process.
 
@@ -662,7 +662,7 @@ def init_loader_worker(main_pid: int, log_setup: LogSetup, pids: Any, worker_id:
     process while any worker holds its pipe. So each worker watches the main process and exits
     when it is gone; what it held is redelivered after the reservation timeout, as after any crash.
     """
-    pids[worker_id + 1] = os.getpid()
+    pids[slot_of(worker_id)] = os.getpid()
     apply_setup(log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
