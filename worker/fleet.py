@@ -64,11 +64,13 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """One worker process: its index, the CUDA device it sees (None: not pinned) and its memory."""
+    """One worker process: its index, the CUDA device it sees (None: not pinned), its memory and,
+    on a GPU it shares with other children, its AMI_GPU_MEMORY_FRACTION (None: the operator's)."""
 
     index: int
     cuda_device: Optional[str]
     max_memory_bytes: int
+    gpu_memory_fraction: Optional[float] = None
 
 
 def visible_cuda_devices(environ: Mapping[str, str],
@@ -107,10 +109,18 @@ def memory_share_bytes(budget_bytes: int, reserve_bytes: int, safety_factor: flo
     return share
 
 
-def plan_children(processes: int, devices: Sequence[str], share_bytes: int) -> list[ChildSpec]:
-    """One spec per process; devices are dealt round-robin (more processes than GPUs share them)."""
-    return [ChildSpec(index, devices[index % len(devices)] if devices else None, share_bytes)
-            for index in range(processes)]
+def plan_children(processes: int, devices: Sequence[str], share_bytes: int,
+                  gpu_memory_fraction: float = 1.0) -> list[ChildSpec]:
+    """One spec per process; devices are dealt round-robin. More processes than GPUs share them,
+    and the children on one GPU split ``gpu_memory_fraction`` of it (AMI_GPU_MEMORY_FRACTION) as
+    the host's memory is split: each child's torch caps its allocations and autotune plans its
+    batches for its part of the card, not the whole of it."""
+    assigned = [devices[index % len(devices)] if devices else None for index in range(processes)]
+    specs = []
+    for index, device in enumerate(assigned):
+        sharing = assigned.count(device) if device is not None else 1
+        specs.append(ChildSpec(index, device, share_bytes, gpu_memory_fraction / sharing if sharing > 1 else None))
+    return specs
 
 
 def child_environ(base: Mapping[str, str], spec: ChildSpec, metrics_dir: Optional[str]) -> dict[str, str]:
@@ -121,6 +131,8 @@ def child_environ(base: Mapping[str, str], spec: ChildSpec, metrics_dir: Optiona
     env[FLEET_CHILD_VARIABLE] = "1"
     if spec.cuda_device is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_device
+    if spec.gpu_memory_fraction is not None:
+        env["AMI_GPU_MEMORY_FRACTION"] = f"{spec.gpu_memory_fraction:.6g}"
     if metrics_dir is not None:
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     return env
@@ -475,7 +487,12 @@ def run_fleet(settings: "Settings", count: int, *, env_file: Optional[str], burs
     log.info("fleet: %d worker processes; memory (%.0f MiB from %s - %.0f MiB reserve) x %.2f / %d = %.0f MiB each; "
              "CUDA devices %s", count, limits.effective_limit_bytes / MIB, limits.limit_source,
              settings.memory_reserve_bytes / MIB, settings.memory_safety_factor, count, share / MIB, devices or "none")
-    fleet = Fleet(settings, plan_children(count, devices, share), child_command(env_file, burst), burst=burst,
-                  environ=environ)
+    specs = plan_children(count, devices, share, settings.gpu_memory_fraction)
+    for device in sorted({s.cuda_device for s in specs if s.gpu_memory_fraction is not None}):
+        shared = [s for s in specs if s.cuda_device == device]
+        log.info("fleet: CUDA device %s is shared by %d worker processes: AMI_GPU_MEMORY_FRACTION %.3g x 1/%d "
+                 "= %.3g each", device, len(shared), settings.gpu_memory_fraction, len(shared),
+                 shared[0].gpu_memory_fraction)
+    fleet = Fleet(settings, specs, child_command(env_file, burst), burst=burst, environ=environ)
     fleet.install_signal_handlers()
     return fleet.run()

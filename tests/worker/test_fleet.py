@@ -60,6 +60,18 @@ def test_each_child_gets_its_own_device_round_robin_and_its_share():
     assert plan_children(2, [], GiB) == [ChildSpec(0, None, GiB), ChildSpec(1, None, GiB)]
 
 
+def test_children_sharing_a_gpu_split_its_memory_fraction():
+    """More processes than GPUs: each child's torch would otherwise plan its batches for, and
+    allocate up to, the whole card it shares."""
+    specs = plan_children(3, ["0", "1"], 2 * GiB, gpu_memory_fraction=0.9)
+    assert [(s.cuda_device, s.gpu_memory_fraction) for s in specs] == [("0", 0.45), ("1", None), ("0", 0.45)]
+    env = child_environ({"AMI_GPU_MEMORY_FRACTION": "0.9"}, specs[0], None)
+    assert env["AMI_GPU_MEMORY_FRACTION"] == "0.45"
+    assert child_environ({"AMI_GPU_MEMORY_FRACTION": "0.9"}, specs[1], None)["AMI_GPU_MEMORY_FRACTION"] == "0.9"
+    assert all(s.gpu_memory_fraction is None for s in plan_children(2, ["0", "1"], GiB))
+    assert [s.gpu_memory_fraction for s in plan_children(4, ["7"], GiB)] == [0.25] * 4
+
+
 def test_a_child_plans_against_its_share_and_never_talks_to_systemd():
     base = {"AMI_MAX_MEMORY_BYTES": str(8 * GiB), "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000",
             "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/usr/bin"}
