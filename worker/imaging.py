@@ -336,18 +336,38 @@ def _allocate_private(height: int, width: int) -> torch.Tensor:
 
 
 def _decode_jpeg(data: bytes, max_pixels: int, allocate: Allocate) -> torch.Tensor:
+    """simplejpeg into ``allocate``'s buffer; a JPEG it refuses goes through Pillow, ADC's decoder.
+
+    Strict decoding refuses what libjpeg only warns about (stray bytes before a marker, a damaged
+    data segment), which Pillow decodes as ADC's worker does; a JPEG that Pillow refuses too
+    (truncated, corrupt) fails with simplejpeg's reason."""
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as error:
-        raise ImageError(f"not a decodable JPEG: {error}", "not_an_image") from None
+        return torch.from_numpy(_pillow_instead(data, max_pixels, ImageError(f"not a decodable JPEG: {error}",
+                                                                              "not_an_image")))
     _check_pixels(width, height, max_pixels)
     hwc = allocate(height, width)
     try:
         simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=hwc.numpy())
         return hwc
     except ValueError as error:
-        # Corrupt or truncated data; Pillow is no better at it, so this image fails alone.
-        raise ImageError(f"corrupt JPEG: {error}", "corrupt") from None
+        refused = ImageError(f"corrupt JPEG: {error}", "corrupt")
+    pixels = _pillow_instead(data, max_pixels, refused)
+    if tuple(pixels.shape) != tuple(hwc.shape):
+        return torch.from_numpy(pixels)
+    hwc.numpy()[...] = pixels
+    return hwc
+
+
+def _pillow_instead(data: bytes | bytearray | memoryview, max_pixels: int, refused: ImageError) -> np.ndarray:
+    """Pillow's RGB pixels of a JPEG simplejpeg refused; ``refused`` where Pillow fails as well."""
+    try:
+        return _decode_pillow(data, max_pixels)
+    except ImageError as error:
+        if error.reason == "too_many_pixels":
+            raise
+        raise refused from None
 
 
 def _decode_pillow(data: bytes | bytearray | memoryview, max_pixels: int) -> np.ndarray:

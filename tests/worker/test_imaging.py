@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from worker.imaging import ImageError, decode
@@ -38,6 +39,41 @@ def test_a_floating_point_image_is_an_error_result_not_a_guess():
     with pytest.raises(ImageError) as raised:
         decode(buffer.getvalue(), max_pixels=10**6)
     assert raised.value.reason == "not_an_image" and "F" in str(raised.value)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    """What ADC's worker makes of the bytes: Pillow, then ``convert("RGB")``."""
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_a_jpeg_with_a_recoverable_flaw_decodes_as_pillow_decodes_it():
+    """Stray bytes before the end marker are a libjpeg warning: Pillow ignores it, so ADC's worker
+    classifies such an image; the pixels are all there."""
+    rgb = np.random.default_rng(3).integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    whole = _jpeg(Image.fromarray(rgb))
+    assert whole.endswith(b"\xff\xd9")
+    data = whole[:-2] + b"\x00\x11\x22\x33" + whole[-2:]
+    buffers: list[torch.Tensor] = []
+    decoded = decode(data, max_pixels=10**6,
+                     allocate=lambda height, width: buffers.append(torch.zeros((height, width, 3), dtype=torch.uint8))
+                     or buffers[-1])
+    assert np.array_equal(decoded.tensor.permute(1, 2, 0).numpy(), _pillow_rgb(data))
+    assert decoded.tensor.data_ptr() == buffers[0].data_ptr()  # still in the loader's shared buffer
+    assert np.array_equal(decoded.tensor.numpy(), decode(whole, max_pixels=10**6).tensor.numpy())
+
+
+def test_a_truncated_jpeg_is_still_a_corrupt_image():
+    rgb = np.random.default_rng(4).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    data = _jpeg(Image.fromarray(rgb))
+    with pytest.raises(ImageError) as raised:
+        decode(data[: len(data) // 2], max_pixels=10**6)
+    assert raised.value.reason == "corrupt"
 
 
 # --- download rules, against the real local server and a small redirecting server on loopback
