@@ -65,6 +65,25 @@ def test_reference_detector_finds_generated_specimens_and_results_follow_the_con
     assert found / total >= 0.9, f"{found}/{total} specimens found at IoU >= 0.5"
 
 
+
+def test_float_images_in_0_1_find_the_specimens_their_uint8_pixels_show(tiny_images):
+    """The benchmark-only float32 ingest (AMI_BENCHMARK_PLAN_JSON, ADC's loader) hands float [0,1]
+    images: the reference pipeline finds in them what it finds in their uint8 pixels, so the
+    benchmark's ADC configuration runs the same workload as the others."""
+    images = [item.image for item in items_for(tiny_images[:4])]
+    pipeline = ReferencePipeline(CPU)
+    expected = pipeline.infer(images)
+    floats = [image.float().div(255.0) for image in images]
+    before = [image.clone() for image in floats]
+    found = pipeline.infer(floats)
+    assert sum(len(r) for r in expected) >= 4
+    for wanted, got in zip(expected, found):
+        assert len(got) == len(wanted)
+        for a, b in zip(wanted, got):
+            assert iou((a.x1, a.y1, a.x2, a.y2), (b.x1, b.y1, b.x2, b.y2)) > 0.8
+    assert all(torch.equal(image, copy) for image, copy in zip(floats, before))
+
+
 def test_null_pipeline_and_error_items_pass_through(tiny_images):
     items = items_for(tiny_images[:3])
     items[1].image, items[1].error = None, Failure("not_found", "download failed: HTTP 404")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.pipelines.architectures import check_checkpoint_file, detector_input_size, load_model
-from worker.pipelines.base import Classification, Detection, ModelInput, Pipeline, call_peak_bytes
+from worker.pipelines.base import Classification, Detection, ModelInput, Pipeline, call_peak_bytes, unit_float
 from worker.pipelines.catalog import (
     DETECTOR_SCORE_THRESHOLD,
     MOTH_LABEL,
@@ -324,7 +324,7 @@ class ADCPipeline(Pipeline):
 
     def _detect(self, detector: nn.Module, images: list[torch.Tensor]) -> list[list[tuple[Box, float]]]:
         def forward(chunk: list[torch.Tensor]) -> list[list[tuple[Box, float]]]:
-            outputs = detector([image.float().div_(255.0) for image in chunk])
+            outputs = detector([unit_float(image) for image in chunk])
             return [_kept_boxes(output) for output in outputs]
 
         return run_chunked(forward, images, self.localization_batch_size, "detector batch",
@@ -374,7 +374,7 @@ def _kept_boxes(output: dict) -> list[tuple[Box, float]]:
 def _crop(image: torch.Tensor, box: Box, size_px: int) -> torch.Tensor:
     """(1,3,size,size) float in [0,1]: the box's pixels of the uint8 image, stretched to a square."""
     x1, y1, x2, y2 = box
-    region = image[:, y1:y2, x1:x2].float().div_(255.0)
+    region = unit_float(image[:, y1:y2, x1:x2])
     return F.interpolate(region[None], size=(size_px, size_px), mode="bilinear", align_corners=False, antialias=True)
 
 

@@ -1,11 +1,11 @@
 """The pipeline contract, and ``run_batch``, which turns one ingest batch into one typed result
 per image.
 
-A pipeline takes uint8 (3,H,W) images and returns, per image, its ``Detection``s with their
-``Classification``s (boxes in original-image pixels, no EXIF rotation). ``run_batch`` wraps any
-pipeline: images that failed to load pass through as error results; an exception on a batch (CUDA
-out-of-memory included) splits the batch and retries the halves, so only the image that really
-fails is reported failed.
+A pipeline takes uint8 (3,H,W) images (or float ones in [0,1]: ``unit_float``) and returns, per
+image, its ``Detection``s with their ``Classification``s (boxes in original-image pixels, no EXIF
+rotation). ``run_batch`` wraps any pipeline: images that failed to load pass through as error
+results; an exception on a batch (CUDA out-of-memory included) splits the batch and retries the
+halves, so only the image that really fails is reported failed.
 """
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ from worker.schema import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def unit_float(image: torch.Tensor) -> torch.Tensor:
+    """``image`` as float in [0,1]: uint8 pixels divided by 255 into a new tensor; a floating-point
+    image is taken as already in [0,1] (as ADC's loader makes them, and the benchmark-only float32
+    ingest hands them on) and returned as it is: callers never write into the result."""
+    if image.is_floating_point():
+        return image.float()
+    return image.float().div_(255.0)
 
 
 @dataclass(frozen=True)

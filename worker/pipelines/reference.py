@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.pipelines.base import Classification, Detection, ModelInput, Pipeline
+from worker.pipelines.base import Classification, Detection, ModelInput, Pipeline, unit_float
 from worker.schema import AlgorithmReference
 
 DETECT_SIZE = (384, 512)  # (height, width) the detector's backbone sees; boxes are scaled back
@@ -39,11 +39,11 @@ class NullPipeline(Pipeline):
 
 
 def _to_device_resized(image: torch.Tensor, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """uint8 (3,H,W) -> float (3,h,w) in [0,1] on ``device`` without a full-size float copy on the host."""
+    """uint8 (3,H,W), or float in [0,1], -> float (3,h,w) in [0,1] on ``device``; a uint8 image gets
+    no full-size float copy on the host."""
     if device.type == "cpu":
-        small = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
-        return small.float().div_(255.0)
-    on_device = image.to(device, non_blocking=True).float().div_(255.0)
+        return unit_float(F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0])
+    on_device = unit_float(image.to(device, non_blocking=True))
     return F.interpolate(on_device[None], size=size, mode="bilinear", antialias=True)[0]
 
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from worker.pipelines.base import Detection, Pipeline
+from worker.pipelines.base import Detection, Pipeline, unit_float
 from worker.schema import AlgorithmReference
 
 
@@ -33,7 +33,7 @@ class TorchScriptPipeline(Pipeline):
     def infer(self, images: Sequence[torch.Tensor]) -> list[list[Detection]]:
         out: list[list[Detection]] = []
         for start in range(0, len(images), self.localization_batch_size):
-            chunk = [image.to(self.device).float().div_(255.0) for image in images[start:start + self.localization_batch_size]]
+            chunk = [unit_float(image.to(self.device)) for image in images[start:start + self.localization_batch_size]]
             for prediction in self.model(chunk):
                 boxes = prediction["boxes"].cpu().tolist()
                 scores = prediction["scores"].cpu().tolist()

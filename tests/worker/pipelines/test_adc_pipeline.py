@@ -254,6 +254,27 @@ def test_results_validate_as_antenna_results():
     assert first.detections[0].bbox.x1 == 20.0
 
 
+
+def test_float_images_in_0_1_are_taken_as_they_are_and_left_unchanged():
+    """ADC's loader hands its models float [0,1] images, and so does the benchmark-only float32
+    ingest (AMI_BENCHMARK_PLAN_JSON): they give the results of their uint8 pixels, not those of
+    an image divided by 255 once more, and the caller's tensors are not written to."""
+    images = [make_image(1), make_image(2), make_image(4, 400, 400)]
+    floats = [image.float().div(255.0) for image in images]
+    before = [image.clone() for image in floats]
+    tasks = [Task(id=f"t{i}", image_id=str(i), image_url=f"http://x/{i}.jpg", reply_subject=f"r{i}") for i in range(3)]
+    uint8_source, float_source = DoubleSource(), DoubleSource()
+    expected = run_batch(pipeline(source=uint8_source), [_Loaded(t, i) for t, i in zip(tasks, images)])
+    found = run_batch(pipeline(source=float_source), [_Loaded(t, i) for t, i in zip(tasks, floats)])
+    assert all(r.ok for r in found), [r.failure for r in found]
+    assert [[(d.bbox, [c.classification for c in d.classifications]) for d in r.result.detections] for r in found] \
+        == [[(d.bbox, [c.classification for c in d.classifications]) for d in r.result.detections] for r in expected]
+    for seen, wanted in zip(float_source.species.batches + float_source.binary.batches,
+                            uint8_source.species.batches + uint8_source.binary.batches):
+        assert torch.allclose(seen, wanted, atol=1e-5)
+    assert all(torch.equal(image, copy) for image, copy in zip(floats, before))
+
+
 def test_registration_is_adcs_body_from_labels_alone():
     source = DoubleSource()
     config = pipeline(source=source).config()
