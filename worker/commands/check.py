@@ -183,8 +183,11 @@ def check_shm(settings: Settings, path: str = SHM_PATH) -> Check:
 
 
 def check_reserve(settings: Settings) -> Check:
-    """Whether the token may reserve tasks, without reserving any: a reserve of batch_size 0 is
-    refused with 403 by the permission check and with 400 by the body's validation after it."""
+    """Whether the token may reserve tasks, without reserving any: an empty result post to a waiting
+    job. The task and result endpoints check the same job permission, and the empty post's body is
+    valid, so a server reaches that check whatever order it validates in: 403 without it, 200 with
+    nothing queued with it. A reserve of batch_size 0 cannot tell: Antenna validates a reserve's
+    body before the permission, so it answers 400 to any token."""
     from worker.antenna import AntennaError, AntennaRejected
     from worker.app import offered_slugs
 
@@ -195,20 +198,18 @@ def check_reserve(settings: Settings) -> Check:
         jobs = client.list_jobs(offered_slugs(settings), limit=1)
         if not jobs:
             return Check("reserve", True, "not checked: no job of the offered pipelines is waiting")
-        client.reserve_tasks(jobs[0].id, 0)
+        client.post_results(jobs[0].id, [])
     except AntennaRejected as error:
-        if error.status == 400:
-            return Check("reserve", True, f"the token may reserve tasks (job {jobs[0].id}, probed with "
-                                          "batch_size 0: nothing reserved)")
         if error.status == 403:
-            return Check("reserve", False, f"HTTP 403 reserving from job {jobs[0].id}: the server grants tasks "
+            return Check("reserve", False, f"HTTP 403 posting to job {jobs[0].id}: the server grants tasks "
                                            "and results to superusers only; use a superuser's token")
         return Check("reserve", False, f"not checked: {_first_line(error)}")
     except AntennaError as error:
         return Check("reserve", False, f"not checked: {_first_line(error)}")
     finally:
         client.close()
-    return Check("reserve", True, f"the server accepted a reserve of 0 tasks from job {jobs[0].id}")
+    return Check("reserve", True, f"the token may reserve tasks (job {jobs[0].id}, probed with an empty "
+                                  "result post: nothing reserved or posted)")
 
 
 def check_device(settings: Settings) -> tuple[Check, Optional["torch.device"]]:

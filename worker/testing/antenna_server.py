@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/api/v2"
 # Endpoints (fault names of ROUTES) the real server grants only to superusers (antenna-protocol.md).
 SUPERUSER_ENDPOINTS = frozenset({"tasks", "result"})
+# Of those, the endpoints whose body is validated before the permission check (Antenna's view order).
+BODY_FIRST_ENDPOINTS = frozenset({"tasks"})
 PROJECTS_PAGE_SIZE = 10
 MEDIA_PREFIX = "/media"
 CONTROL_PREFIX = "/_control"
@@ -527,7 +529,9 @@ class LocalAntenna:
     ``project_count`` projects (ids from ``project_id`` up) are listed 10 per page, as the real
     server pages ``GET /projects/``; jobs belong to the first. ``reader_tokens`` are valid tokens
     of users who are not superusers: like the real server, it answers them 403 on the task and
-    result endpoints, before looking at the body.
+    result endpoints; on the result endpoint before looking at the body, on the task endpoint once
+    the body's ``batch_size`` is valid (Antenna's reserve validates its body before the job's
+    permission, so a bad ``batch_size`` is 400 to any token).
 
     Results are saved as Antenna saves them (``pipeline_registry``): a result for a registered
     pipeline must pass its checks or its task is never acknowledged. ``require_registration``
@@ -778,9 +782,7 @@ class LocalAntenna:
         return summary
 
     def api_reserve(self, job_id: int, body: Any) -> dict[str, Any]:
-        batch_size = body.get("batch_size") if isinstance(body, dict) else None
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ApiError(400, {"detail": f"batch_size must be an integer >= 1, got {batch_size!r}."})
+        batch_size = _reserve_batch_size(body)
         tasks = self._ledger.reserve(job_id, batch_size)
         with self._ledger.lock:
             self.reservations.append({"job_id": job_id, "batch_size": batch_size,
@@ -863,6 +865,14 @@ def _check_job_args(images: Sequence[Any], faults: Mapping[str, str], dispatch_m
     missing = sorted(set(faults) - {image.image_id for image in images})
     if missing:
         raise ValueError(f"image_faults name images not in the job: {missing}")
+
+
+def _reserve_batch_size(body: Any) -> int:
+    """A reserve body's ``batch_size``; ``ApiError`` 400 unless it is an integer >= 1."""
+    batch_size = body.get("batch_size") if isinstance(body, dict) else None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ApiError(400, {"detail": f"batch_size must be an integer >= 1, got {batch_size!r}."})
+    return batch_size
 
 
 def _flag(query: Mapping[str, list[str]], name: str) -> bool:
@@ -995,8 +1005,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if authorization == f"Token {self.antenna.token}":
             self.antenna.service_calls_s.append(time.monotonic())
-        if authorization in readers and route[2] in SUPERUSER_ENDPOINTS:
-            self._send_json(403, {"detail": "You do not have permission to perform this action."})
+        forbidden = authorization in readers and route[2] in SUPERUSER_ENDPOINTS
+        if forbidden and route[2] not in BODY_FIRST_ENDPOINTS:
+            self._send_forbidden()
             return
         try:
             body = json.loads(body_bytes, parse_constant=_reject_constant) if body_bytes else {}
@@ -1004,11 +1015,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"detail": f"JSON parse error - {exc}"})
             return
         try:
+            if forbidden:
+                _reserve_batch_size(body)  # the one body-first endpoint: a bad batch_size is 400 first
+                self._send_forbidden()
+                return
             payload = route[3](self.antenna, match, parse_qs(query), body)
         except ApiError as exc:
             self._send_json(exc.status, exc.payload)
             return
         _answer_with_faults(self, route[2], route[4], payload)
+
+    def _send_forbidden(self) -> None:
+        self._send_json(403, {"detail": "You do not have permission to perform this action."})
 
     def _route(self, method: str, sub_path: str) -> tuple[Optional[_ApiRoute], Optional[re.Match[str]]]:
         for route in self.ROUTES:

@@ -174,6 +174,23 @@ def test_check_fails_on_a_token_that_may_not_reserve_a_busy_port_a_bad_spool_and
     assert antenna.reservations == []
 
 
+@pytest.mark.timeout(30)
+def test_the_reserve_check_tells_a_superusers_token_from_another_whatever_order_the_server_checks_in(
+        antenna_factory, settings_for, tiny_images):
+    """Antenna validates a reserve's body before the job's permission, so a reserve of batch_size 0 is
+    400 to any token: read as "may reserve", it passed a token that then got 403 on every task call."""
+    from worker.commands.check import check_reserve
+
+    antenna = antenna_factory(reader_tokens=["reader-token-456"])
+    job = antenna.add_job(tiny_images[:2], "null")
+    reader = check_reserve(settings_for(antenna, antenna_api_auth_token="reader-token-456", antenna_pipelines="null"))
+    assert not reader.ok and "HTTP 403" in reader.detail and "superuser" in reader.detail, reader.detail
+    superuser = check_reserve(settings_for(antenna, antenna_pipelines="null"))
+    assert superuser.ok and "may reserve tasks" in superuser.detail, superuser.detail
+    report = antenna.report(job)
+    assert antenna.reservations == [] and report.delivered == report.results_ok == report.results_error == 0
+
+
 @pytest.mark.timeout(90)
 def test_check_fails_on_cuda_asked_for_without_cuda(antenna, tmp_path):
     import torch

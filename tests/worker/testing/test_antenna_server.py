@@ -114,6 +114,24 @@ def test_api_needs_the_token_and_media_does_not(antenna: LocalAntenna, images: l
         assert anonymous.get(url + "nothing/here.jpg").status_code == 404
 
 
+def test_a_reader_token_gets_403_on_tasks_and_results_after_the_reserve_body_is_validated(
+        make_antenna: Callable[..., LocalAntenna], images: list) -> None:
+    """As Antenna's views: the reserve validates ``batch_size`` before the job's permission (400 to any
+    token), the result endpoint checks the permission before its body (403 whatever the body)."""
+    antenna = make_antenna(reader_tokens=["reader"])
+    job_id = antenna.add_job(images[:1], SLUG)
+    with requests.Session() as reader:
+        reader.headers["Authorization"] = "Token reader"
+        tasks_url, result_url = (f"{antenna.base_url}/jobs/{job_id}/{name}/" for name in ("tasks", "result"))
+        statuses = [reader.post(tasks_url, json={"batch_size": 0}).status_code,
+                    reader.post(tasks_url, json={"batch_size": 1}).status_code,
+                    reader.post(result_url, json={"results": []}).status_code,
+                    reader.post(result_url, json={"bad": True}).status_code,
+                    reader.get(f"{antenna.base_url}/jobs/", params=_jobs_query()).status_code]
+    assert statuses == [400, 403, 403, 403, 200]
+    assert antenna.report(job_id).delivered == 0 and antenna.reservations == []
+
+
 def test_jobs_without_trailing_slash_redirects_with_the_query(antenna: LocalAntenna, api, images) -> None:
     antenna.add_job(images[:1], SLUG)
     response = api.get(f"{antenna.base_url}/jobs", params=_jobs_query(), allow_redirects=False)
