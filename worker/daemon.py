@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
 EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing, reserve or result post
-EXIT_API_UNREACHABLE = 4  # burst mode: the last listing failed through every retry (unreachable, 5xx, a bad body)
+# burst mode: the last listing failed through every retry (unreachable, 5xx, a bad body) or was refused
+# other than for the token (a 404 from a wrong path in AMI_ANTENNA_API_BASE_URL)
+EXIT_API_UNREACHABLE = 4
 AUTH_BACKOFF_CAP_S = 300.0
 # The server marks a pull-mode service offline after 60 s without an API call: keep a margin.
 KEEPALIVE_AFTER_S = 45.0
@@ -107,7 +109,7 @@ class Worker:
         self.auth_failures_in_row = 0
         self._auth_wait_s = 0.0
         self.reserve_rejected = False  # a loader's reserve met 401/403 in the last poll
-        self.listing_unavailable: Optional[str] = None  # why the last listing failed through every retry
+        self.listing_failure: Optional[str] = None  # how the last listing failed, unless for the token
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
         self.default_inference_threads = torch.get_num_threads()
@@ -266,9 +268,9 @@ class Worker:
             log.error("burst: exiting %d, the API rejected the token: check AMI_ANTENNA_API_AUTH_TOKEN",
                       EXIT_TOKEN_REJECTED)
             return EXIT_TOKEN_REJECTED
-        if self.burst and self.listing_unavailable is not None:
-            log.error("burst: exiting %d, the last job listing failed through every retry (%s): check "
-                      "AMI_ANTENNA_API_BASE_URL and the network", EXIT_API_UNREACHABLE, self.listing_unavailable)
+        if self.burst and self.listing_failure is not None:
+            log.error("burst: exiting %d, the last job listing %s: check AMI_ANTENNA_API_BASE_URL and the network",
+                      EXIT_API_UNREACHABLE, self.listing_failure)
             return EXIT_API_UNREACHABLE
         return 0
 
@@ -277,11 +279,10 @@ class Worker:
             jobs = self.client.list_jobs(self.pipeline_slugs, limit=BURST_LIST_LIMIT if self.burst else None,
                                          every_page=self.burst)
         except AntennaError as error:
-            unavailable = isinstance(error, AntennaUnavailable)
-            self.listing_unavailable = str(error).splitlines()[0][:200] if unavailable else None
+            self.listing_failure = _listing_failure(error)
             self._listing_failed(error)
             return False
-        self.listing_unavailable = None
+        self.listing_failure = None
         self.reserve_rejected = False
         did_work = False
         rejecting = self.poster.rejected_jobs
@@ -536,3 +537,12 @@ class Worker:
                 getattr(middleware, hook)(self, *args)
             except Exception:
                 log.exception("%s.%s failed", type(middleware).__name__, hook)
+
+
+def _listing_failure(error: AntennaError) -> Optional[str]:
+    """How a listing failed, for ``--burst``'s exit line; None when the token was rejected (that
+    has its own exit code)."""
+    if isinstance(error, AntennaRejected) and error.auth:
+        return None
+    how = "failed through every retry" if isinstance(error, AntennaUnavailable) else "was refused"
+    return f"{how} ({str(error).splitlines()[0][:200]})"

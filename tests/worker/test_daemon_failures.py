@@ -192,3 +192,16 @@ def test_a_burst_whose_listing_finds_the_api_unreachable_exits_4(antenna, settin
     assert worker.run() == 4
     assert "burst: exiting 4, the last job listing failed through every retry (GET /jobs/: " in caplog.text
     assert "check AMI_ANTENNA_API_BASE_URL and the network" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_whose_listing_is_refused_404_exits_4_not_0(antenna, settings_for, tiny_images, caplog):
+    """A base URL whose path is wrong (here /api/v1) reaches a server that answers the listing 404:
+    before, the burst exited 0, as if every job were done."""
+    antenna.add_job(tiny_images[:2], "null")
+    settings = settings_for(antenna, antenna_api_base_url=antenna.origin + "/api/v1")
+    worker = build_worker(settings, burst=True, middlewares=[])
+    caplog.set_level(logging.INFO)
+    assert worker.run() == 4
+    assert "burst: exiting 4, the last job listing was refused (HTTP 404: GET /jobs/: " in caplog.text
+    assert "check AMI_ANTENNA_API_BASE_URL" in caplog.text
