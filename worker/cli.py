@@ -94,6 +94,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     load = pipeline_loader(settings, select_device(settings.device))
     configs = [_pipeline_config(load, slug) for slug in offered_slugs(settings)]
     projects = [args.project] if args.project else [int(p["id"]) for p in client.list_projects()]
+    if not projects:  # else nothing is registered and the command still ends well
+        print("worker: the token sees no project (GET /projects/ listed none), so nothing was registered: "
+              "use a token of a member of the projects, or name one with --project", file=sys.stderr)
+        return 1
     exit_code = 0
     for project_id in projects:
         try:

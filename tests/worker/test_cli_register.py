@@ -51,6 +51,17 @@ def test_a_registration_the_server_refuses_is_one_line_and_exit_3(antenna_factor
 
 
 @pytest.mark.timeout(120)
+def test_a_token_that_sees_no_project_registers_nothing_and_says_so(antenna_factory, tmp_path):
+    """Before: no line and exit 0, as if every project had the pipelines."""
+    server = antenna_factory(project_count=0, require_registration=True)
+    done = run_register(server, tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    line = [text for text in done.stderr.splitlines() if text.startswith("worker:")]
+    assert len(line) == 1 and "no project" in line[0] and "--project" in line[0], done.stderr[-2000:]
+    assert server.registered == [] and done.stdout == ""
+
+
+@pytest.mark.timeout(120)
 def test_without_registration_a_strict_server_saves_nothing(antenna_factory, settings_for, tiny_images):
     """What an operator who skips `worker register` sees on Antenna: every POST answered 200, the
     run ends well, and no result is saved; the tasks wait for redelivery (then are lost, as the

@@ -527,7 +527,8 @@ class LocalAntenna:
     generates images (default: ``worker.testing.synthetic.default_cache_dir()``).
     ``max_request_bytes`` makes API POSTs over that size answer 413, like a proxy.
     ``project_count`` projects (ids from ``project_id`` up) are listed 10 per page, as the real
-    server pages ``GET /projects/``; jobs belong to the first. ``reader_tokens`` are valid tokens
+    server pages ``GET /projects/``; jobs belong to the first (0: the token sees no project, and jobs
+    belong to a project ``project_id`` it cannot see). ``reader_tokens`` are valid tokens
     of users who are not superusers: like the real server, it answers them 403 on the task and
     result endpoints; on the result endpoint before looking at the body, on the task endpoint once
     the body's ``batch_size`` is valid (Antenna's reserve validates its body before the job's
@@ -549,8 +550,8 @@ class LocalAntenna:
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
-        if project_count < 1:
-            raise ValueError("project_count must be >= 1")
+        if project_count < 0:
+            raise ValueError("project_count must be >= 0")
         self.host = host
         self.port = port
         self.token = token
