@@ -176,26 +176,15 @@ class AntennaClient:
     def _pages(self, path: str, parse: Callable[[requests.Response], dict],
                params: Optional[dict[str, Any]] = None) -> Iterator[dict]:
         """Each page of a paginated listing (``parse``d: a page that cannot be read is retried and
-        then unavailable, as any call), following ``next`` (it carries the query) under the base
-        URL, at most ``MAX_PAGES`` of them and never one page twice."""
+        then unavailable, as any call), following ``next`` (it carries the query), at most
+        ``MAX_PAGES`` of them and never one page twice."""
         page: Optional[str] = path
         seen: set[str] = set()
         while page and page not in seen and len(seen) < MAX_PAGES:
             seen.add(page)
             body = self._call("GET", page, parse=parse, params=params if page == path else None)
             yield body
-            page = self._under_base(body.get("next"))
-
-    def _under_base(self, link: Optional[str]) -> Optional[str]:
-        """A ``next`` link as a path under the base URL: the token only ever goes to the configured
-        origin and scheme, whatever host or scheme a proxy-confused server writes into the link."""
-        if not link:
-            return None
-        parts, base_path = urlsplit(link), urlsplit(self.base_url).path.rstrip("/")
-        if not parts.path.startswith(base_path + "/"):
-            log.warning("not following a page link outside the API base URL: %s", parts.path)
-            return None
-        return parts.path[len(base_path):] + (f"?{parts.query}" if parts.query else "")
+            page = _next_page(path, body.get("next"))
 
     def register_pipelines(self, project_id: int, service_name: str, pipelines: list[dict]) -> dict:
         payload = {"processing_service_name": f"{service_name} ({socket.gethostname()})", "pipelines": pipelines}
@@ -341,6 +330,22 @@ def _page(response: requests.Response) -> dict:
     body = _json_object(response)
     body["results"] = _rows(body, "results")
     return body
+
+
+def _next_page(path: str, link: Optional[str]) -> Optional[str]:
+    """A listing's ``next`` link as ``path`` (under the configured base URL) with the link's query.
+
+    Page links keep the listing's path and change only the query, but the server writes them as it
+    sees itself: behind a proxy another scheme or host, or no path prefix where the proxy adds one
+    (``https://host/antenna/api/v2`` proxied to a server at ``/api/v2``). Only the query is taken,
+    so the token only ever goes to the configured origin. A link to another listing is not followed."""
+    if not link:
+        return None
+    parts = urlsplit(link)
+    if not parts.path.endswith(path):
+        log.warning("not following a page link to another path than %s: %s", path, parts.path)
+        return None
+    return path + (f"?{parts.query}" if parts.query else "")
 
 
 def _error_text(response: requests.Response) -> str:

@@ -534,6 +534,11 @@ class LocalAntenna:
     the body's ``batch_size`` is valid (Antenna's reserve validates its body before the job's
     permission, so a bad ``batch_size`` is 400 to any token).
 
+    ``proxy_prefix`` (e.g. ``/antenna``) stands for a reverse proxy that serves the API under that
+    prefix and strips it: a request under the prefix is served as without it, while the server's
+    own links (pages' ``next``, redirects) carry no prefix, as Django's do behind such a proxy
+    without SCRIPT_NAME.
+
     Results are saved as Antenna saves them (``pipeline_registry``): a result for a registered
     pipeline must pass its checks or its task is never acknowledged. ``require_registration``
     decides what happens to a pipeline slug nobody registered: True (as Antenna) its results are
@@ -546,7 +551,7 @@ class LocalAntenna:
         reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
         data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
         rng_seed: Optional[int] = None, reader_tokens: Sequence[str] = (), project_count: int = 1,
-        require_registration: bool = False,
+        require_registration: bool = False, proxy_prefix: str = "",
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
@@ -556,6 +561,7 @@ class LocalAntenna:
         self.port = port
         self.token = token
         self.reader_tokens = frozenset(reader_tokens)
+        self.proxy_prefix = proxy_prefix.rstrip("/")
         self.project_id = project_id
         self.project_ids = list(range(project_id, project_id + project_count))
         self.registered_projects: list[int] = []
@@ -967,6 +973,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
+        prefix = self.antenna.proxy_prefix
+        if prefix and url.path.startswith(prefix + "/"):
+            url = url._replace(path=url.path[len(prefix):])
         path = unquote(url.path)
         if path.startswith(CONTROL_PREFIX + "/"):
             self._control(method, path[len(CONTROL_PREFIX):])
