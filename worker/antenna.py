@@ -327,7 +327,11 @@ def _tasks(response: requests.Response) -> list[Task]:
 
 
 def _page(response: requests.Response) -> dict:
+    """A listing page; one without ``results`` (an empty body, a proxy's object) is not a page of no
+    rows: a burst would take it for an empty queue."""
     body = _json_object(response)
+    if "results" not in body:
+        raise _BadResponse("a listing page has no 'results'")
     body["results"] = _rows(body, "results")
     return body
 

@@ -160,8 +160,9 @@ def test_a_reset_mid_response_on_a_listing_is_retried(antenna, tiny_images):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kind", ["malformed", "misshapen"])
+@pytest.mark.parametrize("kind", ["malformed", "misshapen", "empty"])
 def test_a_broken_listing_is_unavailable_never_a_crash(antenna, tiny_images, kind):
+    """"empty" (a 200 with no body): before, read as a listing of no job, so a burst exited 0."""
     antenna.add_job(tiny_images[:1], "synthetic-moths")
     sleeps: list[float] = []
     antenna.set_response_faults("jobs", [kind] * 2)

@@ -724,9 +724,10 @@ class LocalAntenna:
 
     def set_response_faults(self, endpoint: str, kinds: Sequence[str]) -> None:
         """The next ``len(kinds)`` calls to ``endpoint`` are done (the ledger changes) and then answered
-        broken: ``reset`` (half the body, then a TCP reset), ``malformed`` (truncated JSON) or
-        ``misshapen`` (valid JSON of the wrong shape); or answered whole but ``LATE_ANSWER_S``
-        late (``late``), or as usual (``none``: a call to let through before the next fault)."""
+        broken: ``reset`` (half the body, then a TCP reset), ``malformed`` (truncated JSON),
+        ``misshapen`` (valid JSON of the wrong shape) or ``empty`` (the status, no body); or
+        answered whole but ``LATE_ANSWER_S`` late (``late``), or as usual (``none``: a call to let
+        through before the next fault)."""
         self.response_faults.set(endpoint, kinds)
 
     def delete_job(self, job_id: int, *, after_results: int = 0) -> None:
@@ -1320,7 +1321,7 @@ def _control_call(antenna: LocalAntenna, method: str, sub_path: str, body: Any) 
 # Faults of the reliability suite (tests/faults): the server does its work, then answers broken; or a
 # job disappears or rejects every result. Kept apart from the status faults above.
 
-RESPONSE_FAULTS = ("reset", "malformed", "misshapen", "late", "none")
+RESPONSE_FAULTS = ("reset", "malformed", "misshapen", "empty", "late", "none")
 LATE_ANSWER_S = 2.0  # "late": the whole answer, this long after the work is done
 _MISSHAPEN = {"results": [{"unexpected": True}], "tasks": [{"unexpected": True}], "status": "accepted"}
 
@@ -1398,6 +1399,8 @@ def _answer_with_faults(handler: _Handler, endpoint: str, status: int, payload: 
     data = json.dumps(payload).encode()
     if fault == "misshapen":
         handler._send_json(status, _MISSHAPEN)
+    elif fault == "empty":
+        handler._send_bytes(status, b"", "application/json")
     elif fault == "malformed":
         handler._send_bytes(status, data[: max(1, len(data) // 2)], "application/json")
     else:  # reset: the client has the headers and part of the body, then the connection dies
