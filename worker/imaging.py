@@ -340,19 +340,23 @@ def _decode_jpeg(data: bytes, max_pixels: int, allocate: Allocate) -> torch.Tens
 
     Strict decoding refuses what libjpeg only warns about (stray bytes before a marker, a damaged
     data segment), which Pillow decodes as ADC's worker does; a JPEG that Pillow refuses too
-    (truncated, corrupt) fails with simplejpeg's reason."""
+    (truncated, corrupt) fails with simplejpeg's reason. CMYK and YCCK JPEGs go to Pillow at once:
+    libjpeg-turbo's conversion to RGB rounds otherwise (most pixels one level off ADC's)."""
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as error:
         return torch.from_numpy(_pillow_instead(data, max_pixels, ImageError(f"not a decodable JPEG: {error}",
                                                                               "not_an_image")))
     _check_pixels(width, height, max_pixels)
     hwc = allocate(height, width)
-    try:
-        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=hwc.numpy())
-        return hwc
-    except ValueError as error:
-        refused = ImageError(f"corrupt JPEG: {error}", "corrupt")
+    if colorspace in ("CMYK", "YCCK"):
+        refused = ImageError(f"not a decodable {colorspace} JPEG", "corrupt")
+    else:
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, buffer=hwc.numpy())
+            return hwc
+        except ValueError as error:
+            refused = ImageError(f"corrupt JPEG: {error}", "corrupt")
     pixels = _pillow_instead(data, max_pixels, refused)
     if tuple(pixels.shape) != tuple(hwc.shape):
         return torch.from_numpy(pixels)

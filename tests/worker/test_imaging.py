@@ -52,6 +52,16 @@ def _pillow_rgb(data: bytes) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def test_a_cmyk_jpeg_decodes_to_pillows_rgb_pixels():
+    """libjpeg-turbo's CMYK-to-RGB conversion rounds otherwise than Pillow's (ADC's decoder): most
+    pixels came out one level apart."""
+    rgb = np.random.default_rng(2).integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    data = _jpeg(Image.fromarray(rgb).convert("CMYK"))
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    decoded = decode(data, max_pixels=10**6)
+    assert np.array_equal(decoded.tensor.permute(1, 2, 0).numpy(), _pillow_rgb(data))
+
+
 def test_a_jpeg_with_a_recoverable_flaw_decodes_as_pillow_decodes_it():
     """Stray bytes before the end marker are a libjpeg warning: Pillow ignores it, so ADC's worker
     classifies such an image; the pixels are all there."""
