@@ -128,6 +128,24 @@ def test_listings_follow_next_behind_a_proxy_that_adds_a_path_prefix(antenna_fac
     assert [j.id for j in client.list_jobs(["null"], limit=1000, every_page=True)] == jobs
 
 
+@pytest.mark.timeout(30)
+def test_a_post_redirected_into_a_get_is_refused_naming_where_it_was_sent(antenna_factory, tiny_images):
+    """A base URL the server redirects (a moved site, http to https): a GET follows the 301, but a
+    POST followed there becomes a GET. Before, a reserve or result post failed as HTTP 405 'Method
+    GET not allowed', naming neither the redirect nor the setting."""
+    antenna = antenna_factory(proxy_prefix="/moved", redirect_api_to="/moved")  # /api/v2 -> /moved/api/v2
+    job = antenna.add_job(tiny_images[:1], "null")
+    client = AntennaClient(antenna.base_url, TOKEN, timeout_s=5.0, sleep=lambda s: None)
+    assert [j.id for j in client.list_jobs(["null"])] == [job]
+    for call in (lambda: client.reserve_tasks(job, 1), lambda: client.post_results(job, [])):
+        with pytest.raises(AntennaRejected) as rejected:
+            call()
+        text = str(rejected.value)
+        assert rejected.value.status == 301 and f"/moved/api/v2/jobs/{job}/" in text, text
+        assert "AMI_ANTENNA_API_BASE_URL" in text and len(text.splitlines()) == 1
+    assert antenna.reservations == [] and antenna.result_posts == []
+
+
 def test_register_registers_with_projects_on_every_page(antenna_factory, tmp_path):
     import subprocess
 

@@ -537,7 +537,9 @@ class LocalAntenna:
     ``proxy_prefix`` (e.g. ``/antenna``) stands for a reverse proxy that serves the API under that
     prefix and strips it: a request under the prefix is served as without it, while the server's
     own links (pages' ``next``, redirects) carry no prefix, as Django's do behind such a proxy
-    without SCRIPT_NAME.
+    without SCRIPT_NAME. ``redirect_api_to`` (a URL prefix, such as ``/moved`` with that
+    ``proxy_prefix``) answers every API call made outside ``proxy_prefix`` 301 to the same path
+    under it, as a site that moved its API, or an http-to-https redirect, does.
 
     Results are saved as Antenna saves them (``pipeline_registry``): a result for a registered
     pipeline must pass its checks or its task is never acknowledged. ``require_registration``
@@ -551,7 +553,7 @@ class LocalAntenna:
         reservation_timeout_s: float = 300.0, max_deliveries: int = 2, project_id: int = 1,
         data_dir: Optional[Path] = None, max_request_bytes: Optional[int] = None,
         rng_seed: Optional[int] = None, reader_tokens: Sequence[str] = (), project_count: int = 1,
-        require_registration: bool = False, proxy_prefix: str = "",
+        require_registration: bool = False, proxy_prefix: str = "", redirect_api_to: Optional[str] = None,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
@@ -562,6 +564,7 @@ class LocalAntenna:
         self.token = token
         self.reader_tokens = frozenset(reader_tokens)
         self.proxy_prefix = proxy_prefix.rstrip("/")
+        self.redirect_api_to = redirect_api_to.rstrip("/") if redirect_api_to else None
         self.project_id = project_id
         self.project_ids = list(range(project_id, project_id + project_count))
         self.registered_projects: list[int] = []
@@ -975,7 +978,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         prefix = self.antenna.proxy_prefix
-        if prefix and url.path.startswith(prefix + "/"):
+        proxied = bool(prefix) and url.path.startswith(prefix + "/")
+        if proxied:
             url = url._replace(path=url.path[len(prefix):])
         path = unquote(url.path)
         if path.startswith(CONTROL_PREFIX + "/"):
@@ -989,6 +993,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.antenna.stopping.wait(latency_s)
         if path.startswith(MEDIA_PREFIX + "/") and method == "GET":
             self._media(url.path)
+        elif path.startswith(API_PREFIX + "/") and self.antenna.redirect_api_to and not proxied:
+            self._drain_body()
+            self._send_bytes(301, b"", "text/plain", {"Location": self.antenna.redirect_api_to + self.path})
         elif path.startswith(API_PREFIX + "/"):
             self._api(method, path[len(API_PREFIX):], url.query)
         else:
