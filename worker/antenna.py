@@ -8,8 +8,8 @@ reservation can have happened: the connection was refused or never opened, or th
 answered 429 or 503. After a read timeout, a reset, a broken body or a 500/502/504 the server may
 have reserved tasks whose answer was lost; a retry would orphan them (each then costs one of its
 two deliveries), so the reserve fails at once. Other 4xx raise ``AntennaRejected`` at once, and so
-does a POST that a redirect would turn into a GET (a wrong base URL). Every failure carries a reason
-code. The token lives only in the session's headers and is never logged.
+does a redirect that would turn a POST into a GET or lead to another origin (a wrong base URL).
+Every failure carries a reason code. The token lives only in the session's headers and is never logged.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ class AntennaClient:
             try:
                 response = self._session.request(method, url, timeout=self.timeout_s, **kwargs)
                 self._attempted(method, path, str(response.status_code))
-                _raise_if_method_lost(method, path, response)
+                _raise_if_redirected_away(method, path, response)
                 if response.status_code < 400:
                     value = parse(response)
                     self.auth_rejected = False
@@ -259,17 +259,23 @@ class _BadResponse(Exception):
     """A 2xx whose body is not what the contract says."""
 
 
-def _raise_if_method_lost(method: str, path: str, response: requests.Response) -> None:
-    """Refuse an answer reached through a redirect that turned ``method`` into another (a 301, 302 or
-    303 to a POST is followed as a GET): the call was never made. POST endpoints are not redirected
-    on a right base URL, so the redirect names the URL to configure."""
-    if not response.history or response.request.method == method:
+def _raise_if_redirected_away(method: str, path: str, response: requests.Response) -> None:
+    """Refuse an answer reached through a redirect that changed the call: one that turned ``method``
+    into another (a 301, 302 or 303 to a POST is followed as a GET), or one to another origin, where
+    the token is not sent (its 401 there says nothing of the token). Either way the call was never
+    made as meant, and the redirect names the URL to configure."""
+    if not response.history:
+        return
+    if response.request.method != method:
+        where = f"where it would be a {response.request.method}"
+    elif "Authorization" not in response.request.headers:
+        where = "another origin, where the token is not sent"
+    else:
         return
     first = response.history[0]
-    location = first.headers.get("Location", "?")
-    raise AntennaRejected(first.status_code, f"{method} {path}: redirected to {location}, where it would be a "
-                                             f"{response.request.method}: set AMI_ANTENNA_API_BASE_URL to the "
-                                             "URL the server redirects to")
+    raise AntennaRejected(first.status_code, f"{method} {path}: redirected to {first.headers.get('Location', '?')}, "
+                                             f"{where}: set AMI_ANTENNA_API_BASE_URL to the URL the server "
+                                             "redirects to")
 
 
 def _transport_failure(error: requests.RequestException) -> tuple[UnavailableReason, str]:

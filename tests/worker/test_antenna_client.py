@@ -146,6 +146,23 @@ def test_a_post_redirected_into_a_get_is_refused_naming_where_it_was_sent(antenn
     assert antenna.reservations == [] and antenna.result_posts == []
 
 
+@pytest.mark.timeout(30)
+def test_a_redirect_to_another_origin_is_refused_naming_it_not_blamed_on_the_token(antenna_factory, tiny_images):
+    """The client sends the token to the configured origin only, so a redirect to another one is
+    answered 401 there. Before, that read as 'the API rejected the token' (an auth failure, the
+    token backoff, --burst exit 3) for a token that was never sent."""
+    real = antenna_factory()
+    real.add_job(tiny_images[:1], "null")
+    moved = antenna_factory(redirect_api_to=real.origin)
+    client = AntennaClient(moved.base_url, TOKEN, timeout_s=5.0, sleep=lambda s: None)
+    with pytest.raises(AntennaRejected) as rejected:
+        client.list_jobs(["null"])
+    text = str(rejected.value)
+    assert rejected.value.status == 301 and not rejected.value.auth, text
+    assert f"{real.base_url}/jobs/" in text and "AMI_ANTENNA_API_BASE_URL" in text
+    assert not client.auth_rejected and client.auth_failures_total == 0
+
+
 def test_register_registers_with_projects_on_every_page(antenna_factory, tmp_path):
     import subprocess
 

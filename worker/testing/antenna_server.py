@@ -537,9 +537,9 @@ class LocalAntenna:
     ``proxy_prefix`` (e.g. ``/antenna``) stands for a reverse proxy that serves the API under that
     prefix and strips it: a request under the prefix is served as without it, while the server's
     own links (pages' ``next``, redirects) carry no prefix, as Django's do behind such a proxy
-    without SCRIPT_NAME. ``redirect_api_to`` (a URL prefix, such as ``/moved`` with that
-    ``proxy_prefix``) answers every API call made outside ``proxy_prefix`` 301 to the same path
-    under it, as a site that moved its API, or an http-to-https redirect, does.
+    without SCRIPT_NAME. ``redirect_api_to`` (a URL prefix: another origin, or a path such as
+    ``/moved`` with that ``proxy_prefix``) answers every API call made outside ``proxy_prefix`` 301
+    to the same path under it, as a site that moved its API, or an http-to-https redirect, does.
 
     Results are saved as Antenna saves them (``pipeline_registry``): a result for a registered
     pipeline must pass its checks or its task is never acknowledged. ``require_registration``
