@@ -10,6 +10,13 @@ SIGTERM/SIGINT drain (no new reserves, finish and post in-flight work, exit 0 wi
 A listing, or a loader's reserve, rejected for auth (401/403) is an ERROR and backs off (up to
 ``AUTH_BACKOFF_CAP_S``); ``run`` in burst mode then returns ``EXIT_TOKEN_REJECTED`` (also when
 result posts were rejected).
+
+A pipeline's models are loaded (``Pipeline.ensure_loaded``) before any task of its job is
+reserved. Where they cannot be, the job is skipped with an ERROR and the load is tried again with
+a backoff (up to ``PIPELINE_BACKOFF_CAP_S``): an error result would mark each image failed for
+good, and a reserve would spend one of each task's deliveries. Should the load fail inside a job,
+its tasks are given back (``TaskReleaser``) and the job left. ``run`` in burst mode then returns
+``EXIT_PIPELINE_UNAVAILABLE``.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from worker.head_start import HeadStart
 from worker.hooks import JobContext, Middleware
 from worker.ingest import Batch, IngestSource, Loader, LoaderFailed
 from worker.loading import image_timeout_s
-from worker.pipelines import Pipeline, run_batch
+from worker.pipelines import Pipeline, PipelineUnavailable, run_batch
 from worker.planning import Planner, SettingsPlanner
 from worker.probing import cpu_count
 from worker.posting import ResultPoster
@@ -52,6 +59,8 @@ EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last list
 # other than for the token (a 404 from a wrong path in AMI_ANTENNA_API_BASE_URL)
 EXIT_API_UNREACHABLE = 4
 AUTH_BACKOFF_CAP_S = 300.0
+EXIT_PIPELINE_UNAVAILABLE = 1  # burst mode: a job was left because its pipeline's models could not be loaded
+PIPELINE_BACKOFF_CAP_S = 300.0
 # The server marks a pull-mode service offline after 60 s without an API call: keep a margin.
 KEEPALIVE_AFTER_S = 45.0
 KEEPALIVE_POLL_S = 5.0
@@ -109,6 +118,8 @@ class Worker:
         self.auth_failures_in_row = 0
         self._auth_wait_s = 0.0
         self.reserve_rejected = False  # a loader's reserve met 401/403 in the last poll
+        # pipeline slug -> (failed loads in a row, monotonic time of the next try)
+        self.unavailable_pipelines: dict[str, tuple[int, float]] = {}
         self.listing_failure: Optional[str] = None  # how the last listing failed, unless for the token
         # torch's intra-op threads as the process started (CPU count or OMP_NUM_THREADS): what
         # probes time at, and what a plan with inference_threads=0 runs with.
@@ -272,6 +283,11 @@ class Worker:
             log.error("burst: exiting %d, the last job listing %s: check AMI_ANTENNA_API_BASE_URL and the network",
                       EXIT_API_UNREACHABLE, self.listing_failure)
             return EXIT_API_UNREACHABLE
+        if self.burst and self.unavailable_pipelines:
+            log.error("burst: exiting %d, the models of pipeline %s could not be loaded: their jobs were left "
+                      "unreserved (see the lines above; `worker check` tries every pipeline)",
+                      EXIT_PIPELINE_UNAVAILABLE, ", ".join(sorted(self.unavailable_pipelines)))
+            return EXIT_PIPELINE_UNAVAILABLE
         return 0
 
     def _poll_once(self) -> bool:
@@ -292,10 +308,39 @@ class Worker:
             if job.id in rejecting:  # its results could not be posted: a reservation would only burn a delivery
                 log.debug("job %d: skipped, the server rejects every result of it (%s)", job.id, rejecting[job.id])
                 continue
+            if not self._pipeline_ready(job):  # nothing could be done with its tasks: none is reserved
+                continue
             did_work = self.process_job(job) > 0 or did_work
         if not self.reserve_rejected:
             self.auth_failures_in_row, self._auth_wait_s = 0, 0.0
         return did_work
+
+    def _pipeline_ready(self, job: JobRef) -> bool:
+        """Whether the job's pipeline has its models loaded (loading them now if needed); False,
+        without trying, while a failed load's backoff runs."""
+        slug = job.pipeline_slug
+        down = self.unavailable_pipelines.get(slug)
+        if down is not None and time.monotonic() < down[1]:
+            log.debug("job %d: skipped, pipeline %s is unavailable (next load in %.0f s)", job.id, slug,
+                      down[1] - time.monotonic())
+            return False
+        try:
+            self.pipelines(slug).ensure_loaded()
+        except PipelineUnavailable as error:
+            self._pipeline_failed(slug, error)
+            return False
+        if down is not None:
+            del self.unavailable_pipelines[slug]
+            log.info("pipeline %s: models loaded after %d failed tries; its jobs are taken again", slug, down[0])
+        return True
+
+    def _pipeline_failed(self, slug: str, error: PipelineUnavailable) -> None:
+        failures = self.unavailable_pipelines.get(slug, (0, 0.0))[0] + 1
+        idle_s = self.settings.antenna_idle_sleep_seconds
+        wait_s = backoff_delay_s(failures, base_s=max(idle_s, 1.0), cap_s=PIPELINE_BACKOFF_CAP_S)
+        self.unavailable_pipelines[slug] = (failures, time.monotonic() + wait_s)
+        log.error("%s; no task of its jobs is reserved until they load (failed %d in a row; next try in %.0f s)",
+                  error, failures, wait_s)
 
     def _listing_failed(self, error: AntennaError) -> None:
         if not (isinstance(error, AntennaRejected) and error.auth):
@@ -322,10 +367,10 @@ class Worker:
         self._call("on_job_start", ctx)
         head_start = self._plan(ctx)
         for attempt in range(MAX_LOADER_REBUILDS_PER_JOB + 1):
-            if self.stopping:  # a stop came while planning: no loader, so nothing more is reserved
+            if self.stopping or ctx.pipeline_unavailable:  # no loader, so nothing more is reserved
                 break
             self._run_loader(ctx, head_start)
-            if (ctx.rebuild_reason is None or ctx.results_rejected or self.stopping
+            if (ctx.rebuild_reason is None or ctx.results_rejected or self.stopping or ctx.pipeline_unavailable
                     or attempt == MAX_LOADER_REBUILDS_PER_JOB):
                 break
             log.warning("job %d: rebuilding the loader with the minimal plan (%s)", job.id, ctx.rebuild_reason)
@@ -381,10 +426,13 @@ class Worker:
             del batch
             if loader is not None and self._check_stop(ctx, loader):
                 break
+            if ctx.pipeline_unavailable:
+                break
         if head_start.done:
             head_start.close()
             return
-        self._release_head_start(ctx, head_start, "head start not processed before the worker was forced to stop")
+        self._release_head_start(ctx, head_start, ctx.pipeline_unavailable
+                                 or "head start not processed before the worker was forced to stop")
 
     def _release_head_start(self, ctx: JobContext, head_start: HeadStart, why: str) -> None:
         left = head_start.abandon()
@@ -459,16 +507,30 @@ class Worker:
             loader.stop_reserving()
         if ctx.rebuild_reason is not None:
             loader.abandon()  # batches already decoded still arrive and get posted
+        if ctx.pipeline_unavailable:
+            loader.abandon()  # what it holds is given back once it has stopped
+            return True
         return False
 
     def handle_batch(self, ctx: JobContext, batch: Batch) -> None:
         """Infer ``batch``, hand its results to the poster, count them, call ``after_batch``.
 
         The loop's one batch path: the planner's probe batch and every loader batch come here.
-        Whatever the pipeline raises, every item ends as a result (an error result where it failed).
+        Whatever the pipeline raises, every item ends as a result (an error result where it failed),
+        except where its models cannot be loaded: then no image was tried, and the tasks are given
+        back (``ctx.pipeline_unavailable``), as are those of every later batch of the job.
         """
+        if ctx.pipeline_unavailable:  # the models could not be loaded in this job: give the tasks back
+            self._give_back(ctx, batch)
+            return
         started_s, started_cpu_s = time.perf_counter(), time.process_time()
-        results = self._infer(ctx, batch)
+        try:
+            results = self._infer(ctx, batch)
+        except PipelineUnavailable as error:
+            ctx.pipeline_unavailable = f"its pipeline's models could not be loaded ({error})"
+            self._pipeline_failed(ctx.job.pipeline_slug, error)
+            self._give_back(ctx, batch)
+            return
         ctx.stats.last_inference_s = time.perf_counter() - started_s
         ctx.stats.last_inference_cpu_s = time.process_time() - started_cpu_s
         self.poster.submit(ctx.job.id, results)
@@ -489,9 +551,17 @@ class Worker:
         ctx.stats.batches += 1
         self._call("after_batch", ctx, batch, results)
 
+    def _give_back(self, ctx: JobContext, batch: Batch) -> None:
+        """No result for ``batch``'s tasks: released (or left for the reservation timeout)."""
+        tasks = [item.task for item in batch.items]
+        ctx.stats.tasks_stranded += len(tasks)
+        self.releaser.release(ctx.job.id, tasks, ctx.pipeline_unavailable or "not processed")
+
     def _infer(self, ctx: JobContext, batch: Batch) -> list[ImageResult]:
         try:
             return run_batch(ctx.pipeline, batch.items, ctx.job.pipeline_slug)
+        except PipelineUnavailable:
+            raise
         except Exception as error:  # a pipeline that breaks its contract costs this batch, not the job
             log.exception("job %d: pipeline %s failed on a batch of %d images: each gets an error result",
                           ctx.job.id, ctx.job.pipeline_slug, len(batch.items))

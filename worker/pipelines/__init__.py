@@ -18,6 +18,7 @@ from worker.pipelines.base import (
     Detection,
     ModelInput,
     Pipeline,
+    PipelineUnavailable,
     batch_overhead_s,
     inference_peaks,
     one_image_s,
@@ -32,7 +33,7 @@ from worker.settings import SettingsError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ADC_SLUGS", "ADCOptions", "OVERHEAD_REPEATS", "Classification", "Detection", "ModelInput", "NullPipeline", "Pipeline", "ReferencePipeline",
+    "ADC_SLUGS", "ADCOptions", "OVERHEAD_REPEATS", "Classification", "Detection", "ModelInput", "NullPipeline", "Pipeline", "PipelineUnavailable", "ReferencePipeline",
     "TorchScriptPipeline", "batch_overhead_s", "inference_peaks", "load_pipeline", "one_image_s", "run_batch", "select_device", "warm_up",
 ]
 

@@ -41,8 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.pipelines.architectures import check_checkpoint_file, detector_input_size, load_model
-from worker.pipelines.base import Classification, Detection, ModelInput, Pipeline, call_peak_bytes, unit_float
+from worker.pipelines.architectures import CheckpointError, check_checkpoint_file, detector_input_size, load_model
+from worker.pipelines.base import (
+    Classification,
+    Detection,
+    ModelInput,
+    Pipeline,
+    PipelineUnavailable,
+    call_peak_bytes,
+    unit_float,
+)
 from worker.pipelines.catalog import (
     DETECTOR_SCORE_THRESHOLD,
     MOTH_LABEL,
@@ -94,11 +102,28 @@ class StoreSource:
             model = _SHARED.get(key)
             if model is None:
                 started_s = time.perf_counter()
-                model = load_model(spec.architecture, path, device, num_classes)
+                try:
+                    model = load_model(spec.architecture, path, device, num_classes)
+                except CheckpointError as error:
+                    self._set_aside(error)
+                    raise
                 _SHARED[key] = model
                 log.info("built %s (%s, %d classes) on %s in %.2f s", spec.name, spec.architecture,
                          num_classes, device, time.perf_counter() - started_s)
             return model
+
+    def _set_aside(self, error: CheckpointError) -> None:
+        """A file of our cache that torch cannot read (cut short, overwritten) is renamed
+        ``*.unreadable``, so the next load fetches it again; ADC's hub cache is never touched."""
+        if error.problem != "unreadable" or error.path.parent != self.store.models_dir:
+            return
+        aside = error.path.with_name(error.path.name + ".unreadable")
+        try:
+            error.path.replace(aside)
+        except OSError as move_error:
+            log.warning("%s is unreadable and could not be set aside (%s)", error.path, move_error)
+            return
+        log.warning("%s is unreadable: set aside as %s, to be fetched again at the next load", error.path, aside.name)
 
 
 @dataclass(frozen=True)
@@ -241,10 +266,23 @@ class ADCPipeline(Pipeline):
             self.source.prepare(model)
 
     def loaded_models(self) -> LoadedModels:
+        """The models, loaded now if they are not; raises ``PipelineUnavailable`` when they cannot be."""
         with self._lock:
             if self._models is None:
-                self._models = self._load()
+                try:
+                    self._models = self._load()
+                except Exception as error:  # a file gone bad or missing, its source down, a card out of memory
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    detail = (str(error).splitlines() or [""])[0][:300]
+                    raise PipelineUnavailable(f"pipeline {self.slug}: its models could not be loaded "
+                                              f"({type(error).__name__}: {detail})") from error
             return self._models
+
+    def ensure_loaded(self) -> None:
+        with self._lock:
+            self._last_used_s = time.monotonic()  # loaded for a job: not idle
+        self.loaded_models()
 
     def is_loaded(self) -> bool:
         return self._models is not None

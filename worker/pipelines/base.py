@@ -83,6 +83,12 @@ class ModelInput:
         return self.float_copies * width * height * 3 * 4
 
 
+class PipelineUnavailable(RuntimeError):
+    """The pipeline's models could not be loaded (a weights file gone bad, a card out of memory):
+    no image was tried. ``run_batch`` passes it on rather than failing each image, and the loop
+    reserves nothing of the pipeline's jobs until a load succeeds. ``str()`` is one line."""
+
+
 class Pipeline:
     """Base class. ``infer`` takes uint8 (3,H,W) tensors and returns detections per image."""
 
@@ -116,6 +122,10 @@ class Pipeline:
         """Make sure everything ``infer`` needs is at hand (files fetched and whole); called at
         start-up so a missing file fails the start, not a job. Raises with a one-line message."""
 
+    def ensure_loaded(self) -> None:
+        """Load the models now if they are not (a pipeline drops them after an idle spell), before
+        any task of a job is reserved; raises ``PipelineUnavailable``. Default: nothing to load."""
+
     def config(self) -> dict:
         """A PipelineConfigResponse body for ``POST /projects/{id}/pipelines/``: the detector only."""
         return {"name": self.name, "slug": self.slug, "version": 1, "description": self.description,
@@ -141,7 +151,8 @@ def run_batch(pipeline: Pipeline, items: Sequence, pipeline_slug: Optional[str] 
 
     ``items`` are ``LoadedImage``-like (``task``, ``image``, ``error``: a ``Failure``). Download and
     decode failures become error results; inference failures split the batch until the failing
-    image is alone.
+    image is alone. Models that cannot be loaded raise ``PipelineUnavailable``: an error result
+    would mark each image failed for good, for a fault of this worker's.
     """
     slug = pipeline_slug or pipeline.slug
     results: list[ImageResult] = []
@@ -181,6 +192,8 @@ def _infer_splitting(pipeline: Pipeline, items: list) -> list:
         detections = pipeline.infer([item.image for item in items])
         if len(detections) != len(items):
             raise ValueError(f"{type(pipeline).__name__}.infer returned {len(detections)} results for {len(items)} images")
+    except PipelineUnavailable:  # no image was tried: the loop gives the tasks back
+        raise
     except Exception as error:  # CUDA OOM included: torch.cuda.OutOfMemoryError is a RuntimeError
         if len(items) == 1:
             log.warning("image %s failed inference: %s", items[0].task.image_id, error)
