@@ -366,9 +366,12 @@ class Worker:
         self.current = ctx
         self._call("on_job_start", ctx)
         head_start = self._plan(ctx)
+        if ctx.nothing_deliverable and head_start is None:
+            log.debug("job %d: nothing deliverable now (the planner's reserve answered []): no loader this poll",
+                      job.id)
         for attempt in range(MAX_LOADER_REBUILDS_PER_JOB + 1):
-            if self.stopping or ctx.pipeline_unavailable:  # no loader, so nothing more is reserved
-                break
+            if self.stopping or ctx.pipeline_unavailable or (ctx.nothing_deliverable and head_start is None):
+                break  # no loader, so nothing more is reserved
             self._run_loader(ctx, head_start)
             if (ctx.rebuild_reason is None or ctx.results_rejected or self.stopping or ctx.pipeline_unavailable
                     or attempt == MAX_LOADER_REBUILDS_PER_JOB):

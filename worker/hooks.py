@@ -92,6 +92,7 @@ class JobContext:
     rebuild_reason: Optional[str] = None  # set (with a reason) to rebuild the loader with the minimal plan
     results_rejected: bool = False  # the server rejects every result of the job: the loop reserves it no more
     pipeline_unavailable: Optional[str] = None  # its models could not be loaded: what is held is given back
+    nothing_deliverable: bool = False  # the planner's reserve answered []: no loader for the job this poll
 
     def request_rebuild(self, reason: str) -> None:
         """Ask the loop to end this loader and go on with the minimal plan. Any thread may call it;

@@ -175,7 +175,8 @@ class Planner:
       ctx)``, whose tasks (if any) the loop handles once the loader's lanes are started (or
       releases, if planning failed).
 
-    A planner may set ``ctx.tuning``; it never writes ``ctx.plan`` itself.
+    A planner may set ``ctx.tuning`` and ``ctx.nothing_deliverable`` (its reserve answered []: the
+    loop then builds no loader for the job this poll); it never writes ``ctx.plan`` itself.
     """
 
     def start(self, worker: "Worker") -> None:
@@ -254,6 +255,9 @@ class AutotunePlanner(Planner):
             log.warning("job %d: the probe's reserve failed (%s); planning without a probe", ctx.job.id, error)
             return None
         self._samples[ctx.job.id] = sample
+        # [] : every task out with other workers, a job not running yet, or none left: a loader's
+        # reserves would get the same, so the loop builds none and the next poll probes again.
+        ctx.nothing_deliverable = sample.batch is None
         if sample.head_start is not None:
             self._head_starts[ctx.job.id] = sample.head_start
         return sample.batch

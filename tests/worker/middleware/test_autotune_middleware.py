@@ -331,9 +331,11 @@ def test_planning_is_a_loop_step_and_an_autotuned_job_counts_one_plan_change(ant
 @pytest.mark.timeout(180)
 def test_a_job_the_probe_cannot_sample_gets_the_last_measured_plan_else_the_minimal_one(antenna, settings_for,
                                                                                         tiny_images, caplog):
-    """Every task out with another worker: the probe gets []. With nothing measured yet the loader
-    gets the minimal plan, never the settings' (ADC's 24/4/prefetch 4); after a measured job of the
-    same pipeline, that job's plan."""
+    """Every task out with another worker: the probe gets []. With nothing measured yet the plan is
+    the minimal plan, never the settings' (ADC's 24/4/prefetch 4); after a measured job of the
+    same pipeline, that job's plan. No loader is built for such a job: its reserve said nothing is
+    deliverable now, and the next poll probes again (before, every idle poll started and stopped
+    a loader and its worker processes for it)."""
     from worker.antenna import AntennaClient, JobRef
     from tests.conftest import TOKEN
 
@@ -345,15 +347,18 @@ def test_a_job_the_probe_cannot_sample_gets_the_last_measured_plan_else_the_mini
     assert len(other_worker.reserve_tasks(busy_later, 10)) == 4
     worker = build_worker(settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE), burst=True,
                           middlewares=[])
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="worker")
     plans = []
     for job_id in (busy_first, measured, busy_later):
         worker.process_job(JobRef(id=job_id, pipeline_slug=PIPELINE))
-        plans.append(next(line for line in reversed(loader_plans(caplog)) if f"job {job_id}:" in line))
+        chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job_id}: ")
+                  and ("autotune probe got 0 tasks" in r.getMessage() or ": loader plan " in r.getMessage())]
+        plans.append(chosen[-1].split("plan ", 1)[1] if "loader plan" in chosen[-1] else chosen[-1].split("plan ")[-1])
     assert "source=minimal" in plans[0] and "tasks_per_reserve=1 " in plans[0]
     assert "source=autotune" in plans[1] and "source=settings" not in "".join(plans)
-    assert plans[2].split("loader plan ")[1] == plans[1].split("loader plan ")[1]
+    assert plans[2] == plans[1]
     assert antenna.report(measured).results_ok == 6
+    assert [line.split(":")[0] for line in loader_plans(caplog)] == [f"job {measured}"]
 
 
 def test_the_observed_peak_counts_a_mapped_and_touched_shared_segment_once_under_a_cgroup():
