@@ -277,9 +277,10 @@ def _unwritable(folder: Path, error: OSError) -> ModelFileError:
 
 
 def read_labels(path: Path) -> tuple[str, ...]:
-    """ADC's labels file: a JSON object label -> index, indices exactly 0..N-1. Labels in index order."""
+    """ADC's labels file: a JSON object label -> index, indices exactly 0..N-1 (an index given twice
+    keeps its last label, as ADC's inversion does). Labels in index order."""
     try:
-        return _labels_in_order(path.read_text(encoding="utf-8"))
+        return _labels_in_order(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelFileError("bad_labels", f"{path}: labels file is unreadable ({type(error).__name__}); "
                              "delete it and run `worker models fetch`") from None
@@ -287,15 +288,20 @@ def read_labels(path: Path) -> tuple[str, ...]:
         raise ModelFileError("bad_labels", f"{path}: labels file: {error}") from None
 
 
-def _labels_in_order(text: str) -> tuple[str, ...]:
-    """Raises ``ValueError`` (``json.JSONDecodeError`` is one) saying what is wrong."""
+def _labels_in_order(text: str, source: Optional[str] = None) -> tuple[str, ...]:
+    """Raises ``ValueError`` (``json.JSONDecodeError`` is one) saying what is wrong; a repeated
+    index is logged naming ``source`` (None: a check of a download, which stays quiet)."""
     mapping = json.loads(text)
     if not isinstance(mapping, dict) or not mapping:
         raise ValueError("not a non-empty JSON object label -> index")
     by_index: dict[int, str] = {}
     for label, index in mapping.items():
-        if isinstance(index, bool) or not isinstance(index, int) or index in by_index:
-            raise ValueError(f"label {label!r} has index {index!r}: indices must be distinct integers")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"label {label!r} has index {index!r}: indices must be integers")
+        # ADC inverts the file to index -> label: the last label of an index wins
+        if index in by_index and source is not None:
+            log.warning("%s: index %d has labels %r and %r; %r is kept, as ADC does",
+                        source, index, by_index[index], label, label)
         by_index[index] = label
     if sorted(by_index) != list(range(len(by_index))):
         raise ValueError(f"indices are not exactly 0..{len(by_index) - 1}")

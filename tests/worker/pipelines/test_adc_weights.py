@@ -3,6 +3,7 @@ one download for two processes, answers that are not model files, and `worker mo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -213,13 +214,23 @@ def test_two_processes_fetching_at_once_download_once(tmp_path, mirror):
 
 @pytest.mark.parametrize("content, problem", [
     ("[1, 2]", "not a non-empty JSON object"), ('{"a": 0, "b": 2}', "not exactly 0..1"),
-    ('{"a": 0, "b": 0}', "distinct"), ('{"a": 0', "unreadable")])
+    ('{"a": 0, "b": "1"}', "integer"), ('{"a": 0, "b": 0, "c": 2}', "not exactly 0..1"), ('{"a": 0', "unreadable")])
 def test_bad_labels_files_are_one_line(tmp_path, content, problem):
     path = tmp_path / "labels.json"
     path.write_text(content)
     with pytest.raises(ModelFileError) as error:
         read_labels(path)
     assert problem in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_repeated_index_keeps_its_last_label_as_adc_does_and_says_so(tmp_path, caplog):
+    """ADC inverts the file (index -> label), so the last label of an index wins; a file ADC's
+    worker serves must not stop this one from starting (before: refused, the pipeline unusable)."""
+    path = tmp_path / "labels.json"
+    path.write_text('{"Agrotis": 0, "nonmoth": 1, "Agrotis ipsilon": 0}')
+    with caplog.at_level(logging.WARNING):
+        assert read_labels(path) == ("Agrotis ipsilon", "nonmoth")
+    assert "index 0" in caplog.text and "'Agrotis'" in caplog.text and "'Agrotis ipsilon'" in caplog.text
 
 
 def test_labels_come_back_in_index_order(tmp_path):
