@@ -83,12 +83,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _logging(settings)
     from worker.antenna import AntennaError
     from worker.app import make_client, offered_slugs, pipeline_loader
     from worker.pipelines import select_device
 
-    settings = _settings(args)
-    _logging(settings)
     settings.require_token()
     client = make_client(settings)
     load = pipeline_loader(settings, select_device(settings.device))

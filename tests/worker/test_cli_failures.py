@@ -177,7 +177,7 @@ def test_a_value_that_failed_only_later_is_one_line_exit_2(tmp_path, variable, v
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("command", [["run"], ["run", "--processes", "2"], ["tune"], ["models", "list"]])
+@pytest.mark.parametrize("command", [["run"], ["run", "--processes", "2"], ["tune"], ["models", "list"], ["register"]])
 def test_a_bad_setting_is_answered_before_torch_loads(tmp_path, command):
     """Torch takes seconds to load: a typo in a setting is answered without it."""
     code = ("import sys; from worker.cli import main; rc = main(sys.argv[1:]); "
