@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
 from worker.backoff import backoff_delay_s
-from worker.stops import FLEET_CHILD_VARIABLE, FORCE_SIGNAL
+from worker.stops import FLEET_CHILD_VARIABLE, FORCE_SIGNAL, process_exists
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -401,21 +401,11 @@ def remove_stale_metrics_dirs(root: Optional[str] = None) -> list[str]:
             continue
         if not pid.isdigit() or info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
             continue
-        if _process_exists(int(pid)):
+        if process_exists(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class _FleetCollector:

@@ -55,6 +55,7 @@ from worker.imaging import fix_mmap_threshold, image_session
 from worker.loading import Fetched, ImageLoader, LoadedImage, failed, loaded
 from worker.logs import LogSetup, apply_setup, current_setup
 from worker.schema import Task
+from worker.stops import process_exists
 from worker.threads import DaemonThreads
 
 log = logging.getLogger(__name__)
@@ -683,19 +684,9 @@ def _exit_when_gone(pid: int) -> None:
     if descriptor is not None:
         select.select([descriptor], [], [])
     else:
-        while _alive(pid):
+        while process_exists(pid):
             time.sleep(1.0)
     os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 FORK_SERVER_PRELOAD = ["worker.loader_server"]
@@ -941,7 +932,7 @@ class Loader:
     def _kill_workers(self, why: str, *, spare_reserving: bool = False) -> None:
         for slot in range(1, self.plan.num_workers + 1):
             pid = int(self.control.pids[slot])
-            if pid <= 0 or pid in self.killed_pids or not _alive(pid):
+            if pid <= 0 or pid in self.killed_pids or not process_exists(pid):
                 continue
             if spare_reserving and self.control.reserving[slot] > 0:
                 continue

@@ -7,7 +7,20 @@ its environment) drains on any number of SIGTERM and SIGINT, and forces only on
 """
 from __future__ import annotations
 
+import os
 import signal
 
 FLEET_CHILD_VARIABLE = "ANTENNA_WORKER_FLEET_CHILD"
 FORCE_SIGNAL = signal.SIGUSR2
+
+
+def process_exists(pid: int) -> bool:
+    """Whether ``pid`` names a process (another user's included): how a loader worker watches the
+    main process, and a fleet parent tells the folders of parents still running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
