@@ -49,13 +49,18 @@ def test_every_head_start_task_gets_one_result_and_the_reserve_follows_the_probe
     assert len(posted) == len(set(posted)) == 40
 
 
+def _burst_with_probe_of_3(antenna, settings_for, images, **overrides):
+    """A job of ``images``, one autotuned burst run (a probe of 3 tasks) with ``overrides``; the job's report."""
+    job_id = antenna.add_job(images, PIPELINE)
+    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3, **overrides)
+    assert build_worker(settings, burst=True).run() == 0
+    return antenna.report(job_id)
+
+
 @pytest.mark.timeout(180)
 def test_no_head_start_when_it_is_set_to_zero(antenna, settings_for, tiny_images):
-    job_id = antenna.add_job(tiny_images[:20], PIPELINE)
-    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3,
-                            autotune_head_start_tasks=0, antenna_api_batch_size=5)
-    assert build_worker(settings, burst=True).run() == 0
-    report = antenna.report(job_id)
+    report = _burst_with_probe_of_3(antenna, settings_for, tiny_images[:20], autotune_head_start_tasks=0,
+                                    antenna_api_batch_size=5)
     assert (report.results_ok, report.lost) == (20, 0)
     # after the probe's reserve, only the loader's lanes reserve (at the pinned 5 tasks)
     assert {reservation["batch_size"] for reservation in antenna.reservations[1:]} == {5}
@@ -248,11 +253,8 @@ def test_a_pinned_reserve_size_caps_the_head_start(settings_for, antenna):
 
 @pytest.mark.timeout(180)
 def test_with_a_pinned_reserve_size_no_reserve_asks_for_more(antenna, settings_for, tiny_images):
-    job_id = antenna.add_job(tiny_images[:30], PIPELINE)
-    settings = settings_for(antenna, autotune=True, antenna_pipelines=PIPELINE, autotune_probe_tasks=3,
-                            autotune_head_start_tasks=16, antenna_api_batch_size=4)
-    assert build_worker(settings, burst=True).run() == 0
-    report = antenna.report(job_id)
+    report = _burst_with_probe_of_3(antenna, settings_for, tiny_images[:30], autotune_head_start_tasks=16,
+                                    antenna_api_batch_size=4)
     assert (report.results_ok, report.results_error, report.lost) == (30, 0, 0)
     sizes = [reservation["batch_size"] for reservation in antenna.reservations]
     assert sizes and max(sizes) <= 4, sizes
