@@ -336,11 +336,14 @@ class Worker:
 
     def _pipeline_failed(self, slug: str, error: PipelineUnavailable) -> None:
         failures = self.unavailable_pipelines.get(slug, (0, 0.0))[0] + 1
-        idle_s = self.settings.antenna_idle_sleep_seconds
-        wait_s = backoff_delay_s(failures, base_s=max(idle_s, 1.0), cap_s=PIPELINE_BACKOFF_CAP_S)
+        wait_s = self._poll_backoff_s(failures, PIPELINE_BACKOFF_CAP_S)
         self.unavailable_pipelines[slug] = (failures, time.monotonic() + wait_s)
         log.error("%s; no task of its jobs is reserved until they load (failed %d in a row; next try in %.0f s)",
                   error, failures, wait_s)
+
+    def _poll_backoff_s(self, failures: int, cap_s: float) -> float:
+        """The wait after ``failures`` in a row: from max(idle sleep, 1 s), doubling to ``cap_s``."""
+        return backoff_delay_s(failures, base_s=max(self.settings.antenna_idle_sleep_seconds, 1.0), cap_s=cap_s)
 
     def _listing_failed(self, error: AntennaError) -> None:
         if not (isinstance(error, AntennaRejected) and error.auth):
@@ -353,9 +356,8 @@ class Worker:
         in burst mode exit ``EXIT_TOKEN_REJECTED``. A reserve made in a loader worker is seen here
         only through the loader (the worker logged the server's answer and the superuser hint)."""
         self.auth_failures_in_row += 1
-        idle_s = self.settings.antenna_idle_sleep_seconds
-        self._auth_wait_s = max(idle_s, backoff_delay_s(self.auth_failures_in_row, base_s=max(idle_s, 1.0),
-                                                        cap_s=AUTH_BACKOFF_CAP_S))
+        self._auth_wait_s = max(self.settings.antenna_idle_sleep_seconds,
+                                self._poll_backoff_s(self.auth_failures_in_row, AUTH_BACKOFF_CAP_S))
         log.error("%s: the API rejected the token (%d in a row); check AMI_ANTENNA_API_AUTH_TOKEN "
                   "(reserving tasks needs a superuser's); next try in %.1f s", what, self.auth_failures_in_row,
                   self._auth_wait_s)
