@@ -116,8 +116,7 @@ class ModelMirror:
         self.stats = MirrorStats()
         self._cuts: dict[str, _Cut] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _MirrorHandler)
-        self._server.daemon_threads = True
+        self._server = _MirrorServer(("127.0.0.1", 0), _MirrorHandler)
         self._server.mirror = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._server.serve_forever, name="model-mirror", daemon=True)
 
@@ -159,6 +158,11 @@ class ModelMirror:
                 return None
             cut.times -= 1
             return cut
+
+
+class _MirrorServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # as the local Antenna: no SYN dropped while the accept thread waits
 
 
 class _MirrorHandler(BaseHTTPRequestHandler):

@@ -911,6 +911,10 @@ def _limit(query: Mapping[str, list[str]]) -> Optional[int]:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: a burst of lanes connecting while the accept thread
+    # waits for the GIL lost its sixth SYN, and the client's retry came 1 s later. Real servers
+    # listen with hundreds (nginx 511); the kernel caps this at net.core.somaxconn.
+    request_queue_size = 512
 
     def __init__(self, address: tuple[str, int], handler: type, antenna: LocalAntenna) -> None:
         self.antenna = antenna

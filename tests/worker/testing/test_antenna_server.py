@@ -25,6 +25,8 @@ from worker.testing.antenna_server import (
     TASK_QUEUE_DOWN,
     ImageSource,
     LocalAntenna,
+    _Handler,
+    _HTTPServer,
 )
 from worker.testing.synthetic import SyntheticImage, generate_preset
 
@@ -608,3 +610,24 @@ def test_reject_all_results_answers_400_for_every_post_until_cleared(antenna: Lo
     assert api.post(f"{antenna.base_url}/jobs/{job_id}/result/", json={"results": items}).status_code == 200
     report = antenna.report(job_id)
     assert report.rejected_posts == 3 and report.results_error == 2
+
+
+def test_a_burst_of_connections_waits_in_the_backlog_while_the_server_is_busy(tmp_path: Path) -> None:
+    """Many lanes connect at once; a server thread busy for a moment must not drop their SYNs.
+
+    socketserver's default backlog of 5 drops the sixth SYN, and the client's retry comes after
+    1 s: a download with a 1 s connect timeout then failed as a timeout (seen in CI). The server
+    here is built but not yet serving, so nothing is accepted while 32 clients connect."""
+    server = _HTTPServer(("127.0.0.1", 0), _Handler, LocalAntenna())
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(32):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client.settimeout(0.5)
+            clients.append(client)
+            client.connect(server.server_address)  # raises TimeoutError once the backlog is full
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
+    assert len(clients) == 32
