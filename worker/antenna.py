@@ -340,11 +340,61 @@ def _job_rows(rows: list) -> list[JobRef]:
 
 
 def _tasks(response: requests.Response) -> list[Task]:
-    rows = _rows(_json_object(response), "tasks")
-    try:
-        return [Task.model_validate(row) for row in rows]
-    except ValidationError as error:
-        raise _BadResponse(f"a task is malformed ({error.error_count()} errors)") from None
+    """The reserved tasks. A row with a broken field is not a broken response: the server has
+    reserved every row, so refusing them all held the good ones until their reservation timed
+    out, and each came back with the same row until its deliveries ran out. A row that can be
+    answered (it has a ``reply_subject``) becomes a task that fails as a bad URL, so its image gets
+    an error result; one that cannot stays held, and is logged."""
+    body = _json_object(response)
+    if "tasks" not in body:  # a proxy's or a wrong endpoint's object is not "nothing deliverable"
+        raise _BadResponse("a reserve answer has no 'tasks'")
+    rows = body["tasks"]
+    if not isinstance(rows, list):
+        raise _BadResponse("'tasks' is not a list")
+    tasks = []
+    for row in rows:
+        try:
+            tasks.append(Task.model_validate(row))
+        except ValidationError as error:
+            task = _answerable(row, error)
+            if task is not None:
+                tasks.append(task)
+    if rows and not tasks:
+        raise _BadResponse(f"none of its {len(rows)} task rows has a reply_subject")
+    return tasks
+
+
+def _answerable(row: Any, error: ValidationError) -> Optional[Task]:
+    """A malformed task row as a task whose image URL fails (the field's problem logged), or None
+    where the row has no ``reply_subject`` to answer it by."""
+    fields = row if isinstance(row, dict) else {}
+    subject = fields.get("reply_subject")
+    if not isinstance(subject, str) or not subject:
+        log.error("a reserved task row has no reply_subject, so no result can answer it; the server "
+                  "redelivers it after its reservation timeout: %.200r", row)
+        return None
+    image_id, url = fields.get("image_id"), fields.get("image_url")
+    problem = "; ".join(f"{name} {_field_problem(fields, name)}" for name in ("id", "image_id", "image_url")
+                        if _field_problem(fields, name)) or f"{error.error_count()} validation errors"
+    log.warning("task row with image_id %r: %s; it gets an error result", image_id, problem)
+    # With no id its reply subject stands in: task ids key what a head start has handed on.
+    return Task(id=_as_text(fields.get("id")) or subject, image_id=_as_text(image_id),
+                image_url=url if isinstance(url, str) else "", reply_subject=subject,
+                problem=f"the server sent this task malformed: {problem}")
+
+
+def _field_problem(fields: dict, name: str) -> str:
+    """What is wrong with a task row's string field, '' when nothing."""
+    if name not in fields:
+        return "is missing"
+    value = fields[name]
+    if value is None:
+        return "is null"
+    return "" if isinstance(value, str) else f"is not a string ({value!r:.60})"
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
 
 
 def _page(response: requests.Response) -> dict:

@@ -262,6 +262,8 @@ def check_image_url(url: str, *, block_private_hosts: bool = False) -> None:
     ``block_private_hosts`` one whose host resolves to a loopback, private, link-local or other
     non-global address (cloud metadata services live there). The check resolves the name itself,
     so a host whose DNS answer changes between this check and the connection is not caught."""
+    if not url:
+        raise ImageError("the task has no image URL", "bad_url")
     parts = urlsplit(url)
     if parts.scheme not in ALLOWED_SCHEMES or not parts.hostname:
         raise ImageError(f"image URL {url!r} is not an http(s) URL with a host", "bad_url")

@@ -391,7 +391,7 @@ class TaskStream(IterableDataset):
             time.sleep(WAIT_POLL_S)
 
     def _fetch(self, session, task: Task, bodies: "BodyBuffers") -> Fetched:
-        return self.images.fetch(session, task.image_url, body_buffer=bodies.take)
+        return self.images.fetch_task(session, task, body_buffer=bodies.take)
 
     def _next_download(self, pending: deque, reserving: Optional[Future]) -> object:
         """Take the first of ``pending`` to finish, whatever order they started in; ``RESERVED``

@@ -112,6 +112,12 @@ class ImageLoader:
         except Exception as error:
             raise _unexpected(source, error) from None
 
+    def fetch_task(self, session: requests.Session, task: Task, **options: Any) -> Fetched:
+        """``fetch`` of the task's image; a task the server sent malformed fails with its problem."""
+        if task.problem is not None:
+            raise ImageError(task.problem, "bad_task")
+        return self.fetch(session, task.image_url, **options)
+
     def fetch_alone(self, source: str, **options: Any) -> Fetched | ImageError:
         """``fetch`` on a connection of its own (a session opened and closed here), or why not;
         ``options``: ``fetch``'s."""
@@ -135,7 +141,7 @@ class ImageLoader:
     def load(self, session: requests.Session, task: Task, *, worker_id: int = -1) -> LoadedImage:
         """Fetch and decode ``task``'s image on this thread; never raises: a fault is an error item."""
         try:
-            fetched = self.fetch(session, task.image_url)
+            fetched = self.fetch_task(session, task)
             decoded = self.decode(fetched)
         except ImageError as error:
             return failed(task, error, worker_id=worker_id)

@@ -22,6 +22,7 @@ FailureReason = Literal[
     "connection",       # the connection failed or was reset
     "timeout",          # the download exceeded its deadline
     "bad_url",          # a URL the worker will not fetch (scheme, redirects, blocked host)
+    "bad_task",         # a task row the server sent malformed (a field missing, null or not text)
     "inference",        # the pipeline raised on this image alone
     "pipeline",         # the pipeline broke its contract on the whole batch (a bug, flagged in the log)
     "rejected",         # the server rejected this result as invalid
@@ -50,7 +51,7 @@ class ImageResult:
 
     @classmethod
     def error(cls, task: Task, failure: Failure) -> "ImageResult":
-        return cls(task, PipelineResultsError(error=failure.message, image_id=task.image_id), failure)
+        return cls(task, PipelineResultsError(error=failure.message, image_id=task.image_id or None), failure)
 
     @property
     def ok(self) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def utc_now_iso() -> str:
@@ -28,6 +28,15 @@ class Task(_Model):
     image_id: str
     image_url: str
     reply_subject: str
+    # Set by the client on a row it could not read whole (``worker.antenna``): the task is answered
+    # with this as its error, never fetched.
+    problem: Optional[str] = None
+
+    @field_validator("id", "image_id", mode="before")
+    @classmethod
+    def _integer_ids_as_text(cls, value: object) -> object:
+        """Ids sent as numbers (the server's keys are integers) are read as their text."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class AlgorithmReference(_Model):
@@ -81,7 +90,9 @@ class PipelineResultsResponse(_Model):
 
 class PipelineResultsError(_Model):
     error: str
-    image_id: str
+    # Optional in the contract, but without it the server never marks the image failed: always set,
+    # except for a task the server sent with no image id.
+    image_id: Optional[str] = None
 
 
 class ResultItem(_Model):

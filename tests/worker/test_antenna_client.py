@@ -1,9 +1,12 @@
 """The API client against the real local server: contract calls, retries, token hygiene."""
 from __future__ import annotations
 
+import http.server
+import json
 import logging
 import os
 import random
+import threading
 import time
 
 import pytest
@@ -294,3 +297,59 @@ def test_a_netrc_entry_for_the_antenna_host_does_not_replace_the_token(antenna, 
     client = client_for(antenna)
     assert len(client.reserve_tasks(job, 1)) == 1
     client.close()
+
+
+def _reserve_answered(body: object, caplog) -> list:
+    """``reserve_tasks`` against a one-route server that answers every reserve with ``body``."""
+    payload = json.dumps(body).encode()
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    caplog.set_level(logging.WARNING, logger="worker.antenna")
+    try:
+        client = AntennaClient(f"http://127.0.0.1:{server.server_address[1]}/api/v2", TOKEN, timeout_s=5,
+                               max_attempts=1, sleep=lambda s: None)
+        return client.reserve_tasks(1, 4)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_reserve_keeps_its_good_rows_and_answers_the_broken_ones_it_can(caplog):
+    good = {"id": "1", "image_id": "10", "image_url": "http://x/a.jpg", "reply_subject": "$JS.ACK.a"}
+    tasks = _reserve_answered({"tasks": [
+        good,
+        {"id": 2, "image_id": 20, "image_url": "http://x/b.jpg", "reply_subject": "$JS.ACK.b"},  # numbers: read as text
+        {"id": "3", "image_id": "30", "image_url": None, "reply_subject": "$JS.ACK.c"},
+        {"id": "4", "image_url": "http://x/d.jpg", "reply_subject": "$JS.ACK.d"},
+        {"id": None, "image_id": "60", "image_url": "http://x/f.jpg", "reply_subject": "$JS.ACK.f"},
+        {"id": "5", "image_id": "50", "image_url": "http://x/e.jpg"},  # nothing to answer it by
+        "not a row",
+    ]}, caplog)
+    assert [(t.id, t.image_id, t.image_url, t.reply_subject) for t in tasks] == [
+        ("1", "10", "http://x/a.jpg", "$JS.ACK.a"), ("2", "20", "http://x/b.jpg", "$JS.ACK.b"),
+        ("3", "30", "", "$JS.ACK.c"), ("4", "", "http://x/d.jpg", "$JS.ACK.d"),
+        ("$JS.ACK.f", "60", "http://x/f.jpg", "$JS.ACK.f")]
+    assert "task row with image_id '30': image_url is null" in caplog.text
+    assert "task row with image_id None: image_id is missing" in caplog.text
+    assert "task row with image_id '60': id is null" in caplog.text
+    assert caplog.text.count("has no reply_subject, so no result can answer it") == 2
+
+
+@pytest.mark.parametrize("body", [{"tasks": [{"id": "5", "image_url": None}]}, {"status": "ok"}, {"tasks": {}}])
+def test_a_reserve_answer_with_no_answerable_row_is_a_bad_response(body, caplog):
+    with pytest.raises(AntennaUnavailable) as unavailable:
+        _reserve_answered(body, caplog)
+    assert unavailable.value.reason == "bad_response"

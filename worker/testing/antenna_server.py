@@ -337,7 +337,8 @@ class _Ledger:
 
 def _check_image_ids(index: int, result: Any, task: _Task) -> None:
     if isinstance(result, PipelineResultsError):
-        if result.image_id != task.image_id:
+        # image_id is optional in the contract (a task sent with no image id has none to give).
+        if result.image_id is not None and result.image_id != task.image_id:
             raise ApiError(400, {"detail": f"results[{index}]: error image_id {result.image_id!r} "
                                            f"is not the task's image {task.image_id!r}."})
         return
