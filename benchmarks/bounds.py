@@ -11,6 +11,14 @@ process of its own (so the benchmark's server thread does not share its interpre
 reads each body whole and keeps none. What it reaches is what the link (latency, per-connection
 bandwidth, the server) allows at that many connections; the worker also spends its CPU on
 decoding, this downloader does not.
+
+together: the same plain downloader that also decodes each body as it arrives (the decode bound's
+call), in one process per core with the threads split between them, all started at one instant:
+what the link and the CPUs give at once with no worker around them, no loader, no queues, no
+results. On a host where the image server shares the cores (the benchmarks' local server) the
+decode bound and the link bound cannot both be had: each is measured with the other idle.
+
+    python -m benchmarks.bounds download URLS_FILE --threads 32 --decode --start-at EPOCH_S
 """
 from __future__ import annotations
 
@@ -24,11 +32,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 LINK_THREADS = 64
 LINK_TIMEOUT_S = 600
+TOGETHER_IMPORT_S = 8.0  # a child's interpreter start and imports (torch, through worker.imaging), with margin
 
 
 def decode_bound(paths: Sequence[Path], cores: int) -> tuple[float, float]:
@@ -66,9 +75,47 @@ def link_bound(urls: Sequence[str], threads: int = LINK_THREADS) -> dict[str, fl
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def download_all(urls: Sequence[str], threads: int) -> dict[str, float]:
-    """Download every URL once on ``threads`` threads (a session each); images/s over the whole run."""
+def together_bound(urls: Sequence[str], threads: int = LINK_THREADS,
+                   processes: Optional[int] = None) -> dict[str, float]:
+    """Download and decode every URL once: ``processes`` downloaders (default: one per core) with
+    ``--decode``, each on its share of the URLs and of the threads, started at one instant; the
+    figures summed, images/s over the start to the last one's end."""
+    processes = processes or os.cpu_count() or 1
+    listings = []
+    for index in range(processes):
+        with tempfile.NamedTemporaryFile("w", suffix=".urls", delete=False) as handle:
+            handle.write("\n".join(urls[index::processes]))
+            listings.append(handle.name)
+    start_at_s = time.time() + TOGETHER_IMPORT_S  # every child has imported and waits for it
+    try:
+        children = [subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bounds", "download", listing, "--threads",
+             str(max(1, threads // processes)), "--decode", "--start-at", f"{start_at_s:.3f}"],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True) for listing in listings]
+        outputs = [child.communicate(timeout=LINK_TIMEOUT_S)[0] for child in children]
+    finally:
+        for listing in listings:
+            os.unlink(listing)
+    if any(child.returncode for child in children):
+        raise RuntimeError(f"a together downloader failed: exit codes {[c.returncode for c in children]}")
+    parts = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+    late_s = max(part["started_at_s"] for part in parts) - start_at_s
+    wall_s = max(part["ended_at_s"] for part in parts) - start_at_s
+    images = sum(part["images"] for part in parts)
+    return {"threads": threads, "processes": processes, "images": images,
+            "failures": sum(part["failures"] for part in parts), "wall_s": wall_s, "late_start_s": late_s,
+            "images_per_s": images / wall_s if wall_s > 0 else 0.0}
+
+
+def download_all(urls: Sequence[str], threads: int, *, decode: bool = False,
+                 start_at_s: Optional[float] = None) -> dict[str, float]:
+    """Download every URL once on ``threads`` threads (a session each); images/s over the whole run.
+    ``decode``: each body is decoded as it arrives. ``start_at_s``: wait until that wall-clock time."""
     import requests
+
+    decoder = None
+    if decode:
+        from worker.imaging import decode as decoder
 
     todo: "queue.Queue[str]" = queue.Queue()
     for url in urls:
@@ -88,6 +135,8 @@ def download_all(urls: Sequence[str], threads: int) -> dict[str, float]:
                     response = session.get(url, timeout=120)
                     response.raise_for_status()
                     size = len(response.content)
+                    if decoder is not None:
+                        decoder(bytearray(response.content), max_pixels=80_000_000)
                 except Exception as error:  # counted, reported: a bound with failures is no bound
                     with lock:
                         failures.append(f"{url}: {error}")
@@ -95,7 +144,9 @@ def download_all(urls: Sequence[str], threads: int) -> dict[str, float]:
                 with lock:
                     sizes.append(size)
 
-    started_s = time.monotonic()
+    if start_at_s is not None:
+        time.sleep(max(0.0, start_at_s - time.time()))
+    started_at_s, started_s = time.time(), time.monotonic()
     workers = [threading.Thread(target=run, daemon=True) for _ in range(min(threads, len(urls)))]
     for worker in workers:
         worker.start()
@@ -104,7 +155,8 @@ def download_all(urls: Sequence[str], threads: int) -> dict[str, float]:
     wall_s = time.monotonic() - started_s
     return {"threads": threads, "images": len(sizes), "failures": len(failures), "wall_s": wall_s,
             "images_per_s": len(sizes) / wall_s if wall_s > 0 else 0.0,
-            "bytes_per_s": sum(sizes) / wall_s if wall_s > 0 else 0.0}
+            "bytes_per_s": sum(sizes) / wall_s if wall_s > 0 else 0.0,
+            "started_at_s": started_at_s, "ended_at_s": started_at_s + wall_s}
 
 
 def main() -> int:
@@ -113,9 +165,12 @@ def main() -> int:
     download = commands.add_parser("download", help="download every URL in a file (one per line) once")
     download.add_argument("urls", type=Path)
     download.add_argument("--threads", type=int, default=LINK_THREADS)
+    download.add_argument("--decode", action="store_true", help="decode each body as it arrives")
+    download.add_argument("--start-at", type=float, default=None, metavar="EPOCH_S",
+                          help="start the downloads at this wall-clock time (after the imports)")
     args = parser.parse_args()
     urls = [line.strip() for line in args.urls.read_text().splitlines() if line.strip()]
-    print(json.dumps(download_all(urls, args.threads)))
+    print(json.dumps(download_all(urls, args.threads, decode=args.decode, start_at_s=args.start_at)))
     return 0
 
 

@@ -246,7 +246,11 @@ def regimes_section(meta: dict, sections: dict) -> str:
              "distinct image decoded once, measured before every draw, the median taken), the "
              "link bound (a plain 64-connection downloader, its own process, pulling every image of the job once "
              "from the same server under the same shaping) and the worker's images/s (autotune; the median of the "
-             "draws). `null-*` workloads run the null pipeline (inference costs nothing: the stand-in for a GPU "
+             "draws). A fourth, together: the same downloader decoding each body as it arrives, one process per "
+             "core with the 64 connections split between them, all started at once: what download and decode "
+             "give at the same time on these cores with no worker around them (the decode bound is measured with "
+             "the link idle and the link bound with the decoder idle; here the local image server shares the "
+             "worker's cores, as it cannot on a real deployment). `null-*` workloads run the null pipeline (inference costs nothing: the stand-in for a GPU "
              "host), the others the reference pipeline on CPU. images/s: from the worker's first job listing to "
              "its last accepted result; first to last: from the first accepted result to the last (the job rate "
              "as the ingest issue defines it); steady: from 25% of the job on; with close: to the worker's exit. The "
@@ -258,10 +262,10 @@ def regimes_section(meta: dict, sections: dict) -> str:
              "Predicted MiB: the plan line's expected peak and, in brackets, its bound (every queue full: the "
              "figure the planner holds against the memory budget).",
              "",
-             "| workload | decode bound | link bound | worker images/s (draws) | / min bound | first to last "
-             "| / min bound | steady | with close "
+             "| workload | decode bound | link bound | together | worker images/s (draws) | / min bound "
+             "| / together | first to last | / min bound | steady | with close "
              "| predicted (bound) | predicted / steady | task latency p50 / p99 s | peak MiB | predicted MiB (bound) | plan |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     checks, starts = [], []
     for entry in sections["workloads"]:
         bounds = entry.get("bounds")
@@ -276,9 +280,12 @@ def regimes_section(meta: dict, sections: dict) -> str:
         predicted = statistics.median(r.predicted_images_per_s for r in runs)
         low = min(bounds["decode_per_s"], bounds["link_per_s"])
         first = runs[0]
+        together = bounds.get("together_per_s")
         lines.append(
-            f"| {w.name} | {bounds['decode_per_s']:.1f} | {bounds['link_per_s']:.1f} | {whole:.2f} "
-            f"({', '.join(f'{r.images_per_s:.2f}' for r in runs)}) | {whole / low:.2f} | {first_last:.2f} | "
+            f"| {w.name} | {bounds['decode_per_s']:.1f} | {bounds['link_per_s']:.1f} | "
+            f"{f'{together:.1f}' if together else '-'} | {whole:.2f} "
+            f"({', '.join(f'{r.images_per_s:.2f}' for r in runs)}) | {whole / low:.2f} | "
+            f"{f'{whole / together:.2f}' if together else '-'} | {first_last:.2f} | "
             f"{first_last / low:.2f} | {steady:.2f} | {close:.2f} | "
             f"{predicted:.2f} ({first.bottleneck}) | {predicted / steady if steady else 0:.2f} | "
             f"{first.task_latency_s.get('p50', 0):.2f} / {first.task_latency_s.get('p99', 0):.2f} | {_mib(first.peak_bytes)} | "
@@ -289,6 +296,10 @@ def regimes_section(meta: dict, sections: dict) -> str:
                           f"link {bounds['link_per_s']:.1f}) -> {'PASS' if whole >= 0.75 * low else 'MISS'} (>= 0.75); "
                           f"first to last result {first_last:.2f} = {first_last / low:.2f} x -> "
                           f"{'PASS' if first_last >= 0.75 * low else 'MISS'}")
+            if together:
+                checks.append(f"- {w.name}: download and decode together (no worker) {together:.1f} images/s = "
+                              f"{together / low:.2f} x min(decode, link); the worker {whole / together:.2f} x it "
+                              f"(first to last {first_last / together:.2f} x)")
         harness = [r for r in runs if r.harness_cpu_s > 0]
         if harness:
             share = statistics.median(r.harness_share(meta["cores"]) for r in harness)

@@ -609,7 +609,7 @@ def workload_images(workload: Workload) -> list:
 
 def measure_bounds(workload: Workload, images: list) -> dict[str, Any]:
     """The decode bound and the link bound of ``workload`` (``benchmarks/bounds.py``), measured now."""
-    from benchmarks.bounds import LINK_THREADS, decode_bound, link_bound
+    from benchmarks.bounds import LINK_THREADS, decode_bound, link_bound, together_bound
 
     decode, single = decode_bound([image.path for image in images], cores())
     with TimedAntenna(token=secrets.token_hex(12)) as server:
@@ -617,10 +617,14 @@ def measure_bounds(workload: Workload, images: list) -> dict[str, Any]:
                            jitter_s=workload.jitter_s)
         job_id = server.add_job(images, workload.pipeline)
         link = link_bound(server.image_urls(job_id), LINK_THREADS)
+        together = together_bound(server.image_urls(job_id), LINK_THREADS)
     bounds = {"decode_per_s": decode, "single_core_decode_per_s": single, "cores": cores(),
-              "link_per_s": link["images_per_s"], "link": link}
+              "link_per_s": link["images_per_s"], "link": link,
+              "together_per_s": together["images_per_s"], "together": together}
     print(f"  {workload.name:<6}bounds: decode {decode:.1f} ({cores()} x {single:.1f}), link {link['images_per_s']:.1f} "
-          f"images/s ({LINK_THREADS} connections, {link['failures']} failures)", flush=True)
+          f"images/s ({LINK_THREADS} connections, {link['failures']} failures); download and decode together "
+          f"{together['images_per_s']:.1f} ({together['processes']} processes, {together['failures']} failures)",
+          flush=True)
     return bounds
 
 

@@ -76,6 +76,13 @@ def test_regimes_are_checked_against_the_lower_bound_the_prediction_and_the_peak
     # 1.8 / (10 s x 2 cores) = 9.0%
     assert ("- null-small-far: the benchmark process (local server and meter, on the worker's cores) took 9.00 ms "
             "per image, the meter 3.00 of them: 9.0% of the cores over the job") in text
+    assert "download and decode together" not in text  # no together figure in these bounds
+    entry["bounds"]["together_per_s"] = 40.0
+    text = regimes_section(meta, {"workloads": [entry]})
+    # 40 / min(80, 60) = 0.67; the worker's 44 / 40 = 1.10
+    assert "- null-small-far: download and decode together (no worker) 40.0 images/s = 0.67 x min(decode, link); " \
+           "the worker 1.10 x it" in text
+    assert "| null-small-far | 80.0 | 60.0 | 40.0 | 44.00 (44.00, 46.00, 40.00) | 0.73 | 1.10 |" in text
 
 
 def test_the_start_of_each_workload_is_reported_from_the_first_draw():
@@ -132,3 +139,14 @@ def test_the_plain_downloader_pulls_every_image_once(antenna, tiny_images):
     figures = link_bound(antenna.image_urls(job), threads=4)
     assert figures["images"] == 6 and figures["failures"] == 0 and figures["threads"] == 4
     assert figures["bytes_per_s"] > 0
+
+
+def test_the_together_bound_downloads_and_decodes_every_image_once_across_its_processes(antenna, tiny_images):
+    """Download and decode together, against the real local server: the URLs split between the
+    processes, every image fetched and decoded once; a body that cannot be decoded is a failure."""
+    from benchmarks.bounds import together_bound
+
+    job = antenna.add_job(tiny_images[:5], "synthetic-moths", image_faults={tiny_images[4].image_id: "corrupt"})
+    figures = together_bound(antenna.image_urls(job), threads=4, processes=2)
+    assert (figures["images"], figures["failures"], figures["processes"]) == (4, 1, 2)
+    assert figures["images_per_s"] > 0 and figures["late_start_s"] < 1.0
