@@ -105,11 +105,28 @@ def cmd_register(args: argparse.Namespace) -> int:
         except AntennaError as error:  # refused (400, 413 from a proxy...) or unreachable: say so, go on
             exit_code = exit_code or _api_exit_code(error) or EXIT_API_UNREACHABLE
             text = " ".join(str(error).split())[:400]
-            print(f"worker: registering with project {project_id} failed: {text}", file=sys.stderr)
+            print(f"worker: registering with project {project_id} failed: {text}{_too_large_hint(error, configs)}",
+                  file=sys.stderr)
             continue
         print(f"registered {len(configs)} pipelines with project {project_id}: "
               + ", ".join(c["slug"] for c in configs))
     return exit_code
+
+
+def _too_large_hint(error: Exception, configs: list[dict]) -> str:
+    """For a 413: how big the body was and what caps it. The category maps of ADC's wide
+    classifiers make registration bodies of megabytes; nginx's default cap is 1 MB."""
+    from worker.antenna import AntennaRejected
+
+    if not (isinstance(error, AntennaRejected) and error.status == 413):
+        return ""
+    import json
+
+    size = len(json.dumps({"pipelines": configs}).encode())
+    widest = max(configs, key=lambda c: len(json.dumps(c)), default=None)
+    return (f"; the registration body was {size:,} bytes ({widest['slug']!r} the largest): raise the body limit "
+            "of the proxy in front of Antenna (nginx: client_max_body_size), or offer fewer pipelines "
+            "(AMI_ANTENNA_PIPELINES)") if widest else ""
 
 
 def _pipeline_config(load, slug: str) -> dict:

@@ -75,3 +75,15 @@ def test_without_registration_a_strict_server_saves_nothing(antenna_factory, set
     assert (report.results_ok, report.results_unsaved, report.rejected_posts) == (0, 3, 0)
     assert (report.reserved, report.complete) == (3, False)
     assert "'synthetic-moths' is not registered" in report.unsaved_reasons[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_registration_over_the_proxys_body_cap_says_how_big_it_was_and_what_to_raise(antenna_factory, tmp_path):
+    """ADC's wide classifiers make registration bodies of megabytes; nginx's default cap is 1 MB."""
+    server = antenna_factory(require_registration=True, max_request_bytes=300)
+    done = run_register(server, tmp_path)
+    assert done.returncode == 3, done.stderr[-2000:]
+    line = [text for text in done.stderr.splitlines() if text.startswith("worker:")]
+    assert len(line) == 1 and "HTTP 413" in line[0], done.stderr[-2000:]
+    assert "the registration body was" in line[0] and "client_max_body_size" in line[0]
+    assert server.registered == []
