@@ -12,10 +12,13 @@ reads each body whole and keeps none. What it reaches is what the link (latency,
 bandwidth, the server) allows at that many connections; the worker also spends its CPU on
 decoding, this downloader does not.
 
-together: the same plain downloader that also decodes each body as it arrives (the decode bound's
-call), in one process per core with the threads split between them, all started at one instant:
-what the link and the CPUs give at once with no worker around them, no loader, no queues, no
-results. On a host where the image server shares the cores (the benchmarks' local server) the
+together: threads that download each image with the worker's own call (``worker.imaging.download``,
+an image session each) and decode it as it arrives (``decode``, the decode bound's call), in one
+process per core with the threads split between them, all started at one instant: what the link
+and the CPUs give at once to the worker's per-image work with nothing around it, no loader, no
+queues, no results. (The plain downloader's ``response.content`` costs this host about three times
+the CPU per image of the worker's reads, ``benchmarks/server_cost.py`` against
+``benchmarks/download_cost.py``, so it would understate this.) On a host where the image server shares the cores (the benchmarks' local server) the
 decode bound and the link bound cannot both be had: each is measured with the other idle.
 
     python -m benchmarks.bounds download URLS_FILE --threads 32 --decode --start-at EPOCH_S
@@ -110,12 +113,16 @@ def together_bound(urls: Sequence[str], threads: int = LINK_THREADS,
 def download_all(urls: Sequence[str], threads: int, *, decode: bool = False,
                  start_at_s: Optional[float] = None) -> dict[str, float]:
     """Download every URL once on ``threads`` threads (a session each); images/s over the whole run.
-    ``decode``: each body is decoded as it arrives. ``start_at_s``: wait until that wall-clock time."""
+    ``decode``: each image is fetched with the worker's download call and decoded as it arrives. ``start_at_s``: wait until that wall-clock time."""
     import requests
 
-    decoder = None
+    fetch, decoder = None, None
     if decode:
         from worker.imaging import decode as decoder
+        from worker.imaging import download, image_session
+
+        def fetch(session: "requests.Session", url: str) -> bytearray | memoryview:
+            return download(session, url, max_bytes=1 << 30, timeout_s=120)
 
     todo: "queue.Queue[str]" = queue.Queue()
     for url in urls:
@@ -125,18 +132,22 @@ def download_all(urls: Sequence[str], threads: int, *, decode: bool = False,
     lock = threading.Lock()
 
     def run() -> None:
-        with requests.Session() as session:
+        with (image_session(1) if fetch is not None else requests.Session()) as session:
             while True:
                 try:
                     url = todo.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    response = session.get(url, timeout=120)
-                    response.raise_for_status()
-                    size = len(response.content)
-                    if decoder is not None:
-                        decoder(bytearray(response.content), max_pixels=80_000_000)
+                    if fetch is not None:
+                        body = fetch(session, url)
+                        size = len(body)
+                        decoder(body, max_pixels=80_000_000)
+                        del body
+                    else:
+                        response = session.get(url, timeout=120)
+                        response.raise_for_status()
+                        size = len(response.content)
                 except Exception as error:  # counted, reported: a bound with failures is no bound
                     with lock:
                         failures.append(f"{url}: {error}")
