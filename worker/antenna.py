@@ -343,8 +343,8 @@ def _tasks(response: requests.Response) -> list[Task]:
     """The reserved tasks. A row with a broken field is not a broken response: the server has
     reserved every row, so refusing them all held the good ones until their reservation timed
     out, and each came back with the same row until its deliveries ran out. A row that can be
-    answered (it has a ``reply_subject``) becomes a task that fails as a bad URL, so its image gets
-    an error result; one that cannot stays held, and is logged."""
+    answered (it has a ``reply_subject``) becomes a task carrying its problem, never fetched, so
+    its image gets an error result (``bad_task``); one that cannot stays held, and is logged."""
     body = _json_object(response)
     if "tasks" not in body:  # a proxy's or a wrong endpoint's object is not "nothing deliverable"
         raise _BadResponse("a reserve answer has no 'tasks'")
@@ -353,6 +353,8 @@ def _tasks(response: requests.Response) -> list[Task]:
         raise _BadResponse("'tasks' is not a list")
     tasks = []
     for row in rows:
+        if isinstance(row, dict) and "problem" in row:  # the worker's own field, never the server's
+            row = {key: value for key, value in row.items() if key != "problem"}
         try:
             tasks.append(Task.model_validate(row))
         except ValidationError as error:

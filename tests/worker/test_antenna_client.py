@@ -328,7 +328,8 @@ def _reserve_answered(body: object, caplog) -> list:
 
 
 def test_a_reserve_keeps_its_good_rows_and_answers_the_broken_ones_it_can(caplog):
-    good = {"id": "1", "image_id": "10", "image_url": "http://x/a.jpg", "reply_subject": "$JS.ACK.a"}
+    good = {"id": "1", "image_id": "10", "image_url": "http://x/a.jpg", "reply_subject": "$JS.ACK.a",
+            "problem": "a field of the server's own"}  # not read as the worker's own field
     tasks = _reserve_answered({"tasks": [
         good,
         {"id": 2, "image_id": 20, "image_url": "http://x/b.jpg", "reply_subject": "$JS.ACK.b"},  # numbers: read as text
@@ -342,6 +343,9 @@ def test_a_reserve_keeps_its_good_rows_and_answers_the_broken_ones_it_can(caplog
         ("1", "10", "http://x/a.jpg", "$JS.ACK.a"), ("2", "20", "http://x/b.jpg", "$JS.ACK.b"),
         ("3", "30", "", "$JS.ACK.c"), ("4", "", "http://x/d.jpg", "$JS.ACK.d"),
         ("$JS.ACK.f", "60", "http://x/f.jpg", "$JS.ACK.f")]
+    assert [t.problem for t in tasks] == [None, None, "the server sent this task malformed: image_url is null",
+                                          "the server sent this task malformed: image_id is missing",
+                                          "the server sent this task malformed: id is null"]
     assert "task row with image_id '30': image_url is null" in caplog.text
     assert "task row with image_id None: image_id is missing" in caplog.text
     assert "task row with image_id '60': id is null" in caplog.text
