@@ -56,7 +56,8 @@ BURST_LIST_LIMIT = 1000
 MAX_LOADER_REBUILDS_PER_JOB = 3
 EXIT_TOKEN_REJECTED = 3  # burst mode: the API answered 401/403 to the last listing, reserve or result post
 # burst mode: the last listing failed through every retry (unreachable, 5xx, a bad body) or was refused
-# other than for the token (a 404 from a wrong path in AMI_ANTENNA_API_BASE_URL)
+# other than for the token (a 404 from a wrong path in AMI_ANTENNA_API_BASE_URL); or in the last poll
+# a job's reserve was refused other than for the token or a deleted job (a 400: a request it will not take)
 EXIT_API_UNREACHABLE = 4
 AUTH_BACKOFF_CAP_S = 300.0
 EXIT_PIPELINE_UNAVAILABLE = 1  # burst mode: a job was left because its pipeline's models could not be loaded
@@ -118,6 +119,7 @@ class Worker:
         self.auth_failures_in_row = 0
         self._auth_wait_s = 0.0
         self.reserve_rejected = False  # a loader's reserve met 401/403 in the last poll
+        self.reserve_refusals: dict[int, int] = {}  # job id -> a loader's reserve's other 4xx, last poll
         # pipeline slug -> (failed loads in a row, monotonic time of the next try)
         self.unavailable_pipelines: dict[str, tuple[int, float]] = {}
         self.listing_failure: Optional[str] = None  # how the last listing failed, unless for the token
@@ -283,6 +285,12 @@ class Worker:
             log.error("burst: exiting %d, the last job listing %s: check AMI_ANTENNA_API_BASE_URL and the network",
                       EXIT_API_UNREACHABLE, self.listing_failure)
             return EXIT_API_UNREACHABLE
+        if self.burst and self.reserve_refusals:
+            job_id, status = next(iter(self.reserve_refusals.items()))
+            log.error("burst: exiting %d, the API refused the reserve of job %d (HTTP %d; see the loader's WARNING "
+                      "above), %d job(s) in all: check AMI_ANTENNA_API_BASE_URL and that the server speaks this "
+                      "worker's API version", EXIT_API_UNREACHABLE, job_id, status, len(self.reserve_refusals))
+            return EXIT_API_UNREACHABLE
         if self.burst and self.unavailable_pipelines:
             log.error("burst: exiting %d, the models of pipeline %s could not be loaded: their jobs were left "
                       "unreserved (see the lines above; `worker check` tries every pipeline)",
@@ -300,6 +308,7 @@ class Worker:
             return False
         self.listing_failure = None
         self.reserve_rejected = False
+        self.reserve_refusals = {}
         did_work = False
         rejecting = self.poster.rejected_jobs
         for job in jobs:
@@ -479,10 +488,12 @@ class Worker:
             ctx.loader = None
         # After close, not before: an abandoned loader's workers may still be inside a reserve
         # call or have ledger entries in flight; close() joins them and collects the ledger.
-        rejected_status = loader.reserve_auth_status()
-        if rejected_status is not None:
+        refused_status = loader.reserve_refused_status()
+        if refused_status in (401, 403):
             self.reserve_rejected = True
-            self._token_rejected(f"the loader's reserve for job {ctx.job.id} got HTTP {rejected_status}")
+            self._token_rejected(f"the loader's reserve for job {ctx.job.id} got HTTP {refused_status}")
+        elif refused_status is not None and refused_status != 404:  # 404: the job was deleted, its end
+            self.reserve_refusals[ctx.job.id] = refused_status
         stranded = loader.stranded()
         if stranded:
             ctx.stats.tasks_stranded += len(stranded)

@@ -147,9 +147,9 @@ class SharedControl:
         # Reserves on the wire per slot: a worker is not killed while the server may be handing it
         # tasks its ledger has not recorded yet.
         self.reserving = context.Array("i", MAX_LOADER_WORKERS + 1)
-        # The HTTP status of a reserve the API rejected for the token (401/403), 0 if none: the
-        # reserving process stops, and only the main process can act on it (exit code, backoff).
-        self.reserve_auth_status = context.Value("i", 0, lock=False)
+        # The HTTP status of a reserve the API refused (a 4xx: 401/403 for the token), 0 if none:
+        # the reserving process stops, and only the main process can act on it (exit code, backoff).
+        self.reserve_refused_status = context.Value("i", 0, lock=False)
         self.ledger = ReservationLedger()
 
     def set_limits(self, *, tasks_per_reserve: int, prefetch_depth: int, admit: bool) -> None:
@@ -363,8 +363,8 @@ class TaskStream(IterableDataset):
                 tasks = client.reserve_tasks(self.source.job_id, wanted, self.source.client_info)
             except AntennaError as error:
                 log.warning("job %d: reserve failed, this loader worker stops: %s", self.source.job_id, error)
-                if isinstance(error, AntennaRejected) and error.auth:
-                    self.control.reserve_auth_status.value = error.status
+                if isinstance(error, AntennaRejected) and not self.control.reserve_refused_status.value:
+                    self.control.reserve_refused_status.value = error.status
                 return []
             if tasks:
                 with self.control.reserved_total.get_lock():
@@ -882,9 +882,9 @@ class Loader:
         if self._deadline_s is None or now_s < self._deadline_s:
             self._deadline_s = now_s
 
-    def reserve_auth_status(self) -> Optional[int]:
-        """The HTTP status (401/403) of a reserve the API rejected for the token, if one was."""
-        return self.control.reserve_auth_status.value or None
+    def reserve_refused_status(self) -> Optional[int]:
+        """The HTTP status (4xx; 401/403: the token) of the first reserve the API refused, if one was."""
+        return self.control.reserve_refused_status.value or None
 
     def stranded(self) -> list[Task]:
         """Tasks a worker reserved that never reached the main process (after a crash or abort).

@@ -205,3 +205,30 @@ def test_a_burst_whose_listing_is_refused_404_exits_4_not_0(antenna, settings_fo
     assert worker.run() == 4
     assert "burst: exiting 4, the last job listing was refused (HTTP 404: GET /jobs/: " in caplog.text
     assert "check AMI_ANTENNA_API_BASE_URL" in caplog.text
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_burst_whose_every_reserve_is_refused_exits_4_not_0(antenna, settings_for, tiny_images, caplog,
+                                                                num_workers):
+    """A reserve refused 400 (the server will not take this worker's request: a version it does not
+    speak) left every task where it was, and the burst exited 0 as if the job were done."""
+    job = antenna.add_job(tiny_images[:4], "null")
+    antenna.set_faults("tasks", [400] * 100)
+    worker = build_worker(settings_for(antenna, antenna_api_dataloader_num_workers=num_workers), burst=True,
+                          middlewares=[])
+    caplog.set_level(logging.INFO)
+    assert worker.run() == 4
+    assert f"burst: exiting 4, the API refused the reserve of job {job} (HTTP 400; " in caplog.text
+    assert antenna.report(job).pending == 4
+
+
+@pytest.mark.timeout(120)
+def test_a_job_deleted_under_the_burst_is_not_an_api_failure(antenna, settings_for, tiny_images, caplog):
+    """A reserve answered 404 (the job was deleted after the listing) is the end of that job."""
+    job = antenna.add_job(tiny_images[:4], "null")
+    antenna.add_job(tiny_images[4:6], "null")
+    antenna.delete_job(job, after_results=2)
+    worker = build_worker(settings_for(antenna, antenna_api_dataloader_num_workers=0, antenna_api_batch_size=2,
+                                       autotune=False), burst=True, middlewares=[])
+    assert worker.run() == 0
