@@ -113,16 +113,13 @@ def together_bound(urls: Sequence[str], threads: int = LINK_THREADS,
 def download_all(urls: Sequence[str], threads: int, *, decode: bool = False,
                  start_at_s: Optional[float] = None) -> dict[str, float]:
     """Download every URL once on ``threads`` threads (a session each); images/s over the whole run.
-    ``decode``: each image is fetched with the worker's download call and decoded as it arrives. ``start_at_s``: wait until that wall-clock time."""
+    ``decode``: each image is fetched with the worker's download call and decoded as it arrives.
+    ``start_at_s``: wait until that wall-clock time."""
     import requests
 
-    fetch, decoder = None, None
-    if decode:
+    if decode:  # before the start: the import of torch is no part of the run
         from worker.imaging import decode as decoder
         from worker.imaging import download, image_session
-
-        def fetch(session: "requests.Session", url: str) -> bytearray | memoryview:
-            return download(session, url, max_bytes=1 << 30, timeout_s=120)
 
     todo: "queue.Queue[str]" = queue.Queue()
     for url in urls:
@@ -132,15 +129,15 @@ def download_all(urls: Sequence[str], threads: int, *, decode: bool = False,
     lock = threading.Lock()
 
     def run() -> None:
-        with (image_session(1) if fetch is not None else requests.Session()) as session:
+        with (image_session(1) if decode else requests.Session()) as session:
             while True:
                 try:
                     url = todo.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    if fetch is not None:
-                        body = fetch(session, url)
+                    if decode:
+                        body = download(session, url, max_bytes=1 << 30, timeout_s=120)
                         size = len(body)
                         decoder(body, max_pixels=80_000_000)
                         del body

@@ -363,7 +363,9 @@ class TaskStream(IterableDataset):
                 tasks = client.reserve_tasks(self.source.job_id, wanted, self.source.client_info)
             except AntennaError as error:
                 log.warning("job %d: reserve failed, this loader worker stops: %s", self.source.job_id, error)
-                if isinstance(error, AntennaRejected) and not self.control.reserve_refused_status.value:
+                # The first refusal is kept, unless a later one is the token's (the main process
+                # backs off and a burst exits 3 for those).
+                if isinstance(error, AntennaRejected) and (error.auth or not self.control.reserve_refused_status.value):
                     self.control.reserve_refused_status.value = error.status
                 return []
             if tasks:
