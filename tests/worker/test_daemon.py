@@ -51,7 +51,7 @@ def test_burst_run_posts_a_result_for_every_task_including_each_failure_kind(
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_task_row_with_a_broken_field_fails_only_its_own_image(antenna, settings_for, tiny_images,
-                                                                 num_workers, caplog, capfd):
+                                                                 num_workers):
     """A row with a field null or not text is one error result, not a refused reserve: refused,
     every task of that reserve stayed held until its reservation timed out, and came back with the
     same row until its deliveries ran out. A malformed row is not fetched even where its URL works
@@ -60,13 +60,12 @@ def test_a_task_row_with_a_broken_field_fails_only_its_own_image(antenna, settin
               ImageSource(None, f"{antenna.mount(tiny_images[3].path.parent)}/{tiny_images[3].path.name}")]
     job = antenna.add_job(images, "synthetic-moths")
     settings = settings_for(antenna, antenna_api_dataloader_num_workers=num_workers, antenna_api_batch_size=8)
-    caplog.set_level(logging.WARNING)
     assert build_worker(settings, burst=True, middlewares=[]).run() == 0
     report = antenna.report(job)
     assert (report.results_ok, report.results_error, report.lost, report.redeliveries, report.reserved) == (
         3, 3, 0, 0, 0)
-    logged = caplog.text + capfd.readouterr().err  # loader workers log to their stderr
-    assert "task row with image_id 'no-url': image_url is null; it gets an error result" in logged
+    # Each row's WARNING line is checked in test_antenna_client: here the probe or a loader worker
+    # may read the rows, and a worker's log handler is not the test's.
     errors = {item["result"].get("image_id"): item["result"]["error"]
               for post in antenna.result_posts for item in post["results"] if "error" in item["result"]}
     assert errors == {"no-url": "the server sent this task malformed: image_url is null",
